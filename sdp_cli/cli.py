@@ -1,0 +1,154 @@
+"""Typer commands only: parse, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from sdp_cli.errors import NotYetAvailableError, SdpError
+
+app = typer.Typer(
+    name="sdp",
+    help="Segment-wise decoupled PPO: asynchronous RL for language models on vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="conf=NAME_OR_PATH (a config in sdp_cli/conf/ or a YAML file) and Hydra "
+        "overrides key=value, e.g. rollout.max_staleness=4",
+        show_default=False,
+    ),
+]
+
+
+def user_errors(func: F) -> F:
+    """Turn SdpError into a short red message and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SdpError as exc:
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(args: list[str] | None):  # -> SdpConfig
+    from sdp_cli.config import load_config, split_conf_arg
+
+    conf, overrides = split_conf_arg(list(args or []))
+    return load_config(conf, overrides)
+
+
+@app.command()
+@user_errors
+def train(
+    args: OverridesArg = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the resolved config and capacity plan, then exit."),
+    ] = False,
+) -> None:
+    """Launch vLLM servers, run the async rollout executor and the trainer."""
+    cfg = _load(args)
+    if dry_run:
+        from sdp_cli.plan import print_dry_run
+
+        print_dry_run(cfg, Console())
+        return
+    raise NotYetAvailableError(
+        "`sdp train` (the training loop) has not landed yet; use `sdp train --dry-run`."
+    )
+
+
+@app.command("launch-servers")
+@user_errors
+def launch_servers(args: OverridesArg = None) -> None:
+    """Run vLLM servers on their own, supervised, with a registry file."""
+    from sdp_cli.launcher.command import check_vllm_installed
+    from sdp_cli.model import ensure_model_dir
+
+    cfg = _load(args)
+    check_vllm_installed()
+    ensure_model_dir(cfg.model)
+    raise NotYetAvailableError("`sdp launch-servers` has not landed yet.")
+
+
+@app.command("inspect-staleness")
+@user_errors
+def inspect_staleness(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory holding events.jsonl.")],
+) -> None:
+    """Show what happened to staleness, capacity and drops in a run."""
+    raise NotYetAvailableError("`sdp inspect-staleness` has not landed yet.")
+
+
+@app.command()
+@user_errors
+def simulate(args: OverridesArg = None) -> None:
+    """Run the real executor against simulated servers and trainer (capacity planning)."""
+    _load(args)
+    raise NotYetAvailableError("`sdp simulate` has not landed yet.")
+
+
+@app.command("init-model")
+@user_errors
+def init_model(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Optional target DIR, then conf=... and model.* overrides.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Create the built-in tiny model (deterministic from model.init_seed); a no-op if present."""
+    from sdp_cli.model import TinyModelSpec, init_tiny_model, resolve_model_path
+
+    items = list(args or [])
+    dirs = [a for a in items if "=" not in a]
+    if len(dirs) > 1:
+        raise SdpError(f"init-model takes at most one DIR (got {dirs})")
+    cfg = _load([a for a in items if "=" in a])
+    target = Path(dirs[0]) if dirs else resolve_model_path(cfg.model)
+    path, created = init_tiny_model(TinyModelSpec.from_config(cfg.model), target)
+    Console().print(f"{'created' if created else 'already present'}: {path}", highlight=False)
+
+
+@config_app.command("show")
+@user_errors
+def config_show(args: OverridesArg = None) -> None:
+    """Print the fully resolved config as YAML."""
+    from sdp_cli.config import config_to_yaml
+
+    sys.stdout.write(config_to_yaml(_load(args)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

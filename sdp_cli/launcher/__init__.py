@@ -1,0 +1,1 @@
+"""vLLM servers: command line, process groups, health, supervision, registry file."""

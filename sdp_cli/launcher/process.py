@@ -1,0 +1,134 @@
+"""Spawning a server process in its own process group, and stopping the whole group.
+
+`ProcessBackend` is the small interface the supervisor uses, so a Ray backend can replace the
+local one without touching supervision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class LaunchSpec:
+    index: int
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int
+
+
+@dataclass
+class ServerProcess:
+    spec: LaunchSpec
+    pid: int
+    pgid: int
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def poll(self) -> int | None:
+        """Exit code, or None while it runs."""
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if pid_alive(self.pid) else -1
+
+
+class ProcessBackend(Protocol):
+    def start(self, spec: LaunchSpec) -> ServerProcess: ...
+
+    def stop(self, proc: ServerProcess, grace_s: float) -> None: ...
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalProcessBackend:
+    """Servers as child processes of this one, each the leader of a new session/process group
+    so that one signal reaches vLLM's engine-core children too."""
+
+    def start(self, spec: LaunchSpec) -> ServerProcess:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with spec.log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                spec.command,
+                env=spec.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return ServerProcess(spec=spec, pid=popen.pid, pgid=popen.pid, popen=popen)
+
+    def stop(self, proc: ServerProcess, grace_s: float) -> None:
+        stop_process_group(proc.pgid, grace_s)
+        if proc.popen is not None:
+            # Reap the child; the group is already signalled, so a timeout only means a zombie.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=max(grace_s, 1.0))
+
+
+def stop_process_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM the group, wait up to `grace_s`, then SIGKILL whatever is left."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5.0
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def free_port(host: str = "127.0.0.1", start: int = 0, taken: set[int] | None = None) -> int:
+    """A port nothing listens on. With start=0 the OS picks; otherwise the first free one from
+    `start` upwards, skipping `taken` (ports handed to servers that have not bound yet)."""
+    taken = taken or set()
+    if start == 0:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port not in taken:
+                return port
+    for port in range(start, 65536):
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port from {start}")

@@ -1,0 +1,165 @@
+"""Create the built-in tiny model deterministically from a seed.
+
+A random-init `LlamaForCausalLM` (float32, head_dim 64 by default) plus a character-level
+WordLevel tokenizer saved as `PreTrainedTokenizerFast`. Both are written to a temporary directory
+and renamed into place, so a reader never sees a half-written model and a second call is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sdp_cli.config.schema import BUILTIN_MODEL, ModelConfig
+from sdp_cli.errors import ConfigError
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+# Covers the built-in tasks: digits, lowercase words, arithmetic and a few separators.
+ALPHABET = string.digits + string.ascii_lowercase + " +-*/=?.,:;()[]<>!#|_"
+VOCAB_MULTIPLE = 64
+SPEC_FILE = "sdp_model_spec.json"
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    init_seed: int = 0
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> TinyModelSpec:
+        return cls(
+            hidden_size=model.hidden_size,
+            num_layers=model.num_layers,
+            num_heads=model.num_heads,
+            intermediate_size=model.intermediate_size,
+            max_position_embeddings=model.max_position_embeddings,
+            init_seed=model.init_seed,
+        )
+
+    def fingerprint(self) -> str:
+        text = json.dumps({"alphabet": ALPHABET, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SDP_CACHE_DIR", Path.home() / ".cache" / "sdp"))
+
+
+def vocabulary() -> dict[str, int]:
+    tokens = SPECIAL_TOKENS + list(ALPHABET)
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def padded_vocab_size(n_tokens: int) -> int:
+    return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_tokenizer():  # -> PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
+    # One token per character; decoding concatenates them back without separators.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _write_model(spec: TinyModelSpec, target: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    vocab = vocabulary()
+    config = LlamaConfig(
+        vocab_size=padded_vocab_size(len(vocab)),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(spec.init_seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD]
+    )
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    (target / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))
+
+
+def init_tiny_model(spec: TinyModelSpec, directory: Path | None = None) -> tuple[Path, bool]:
+    """Create the model in `directory` (default: the cache). Returns (path, created)."""
+    target = directory or default_cache_dir() / "models" / f"tiny-{spec.fingerprint()}"
+    if (target / SPEC_FILE).is_file():
+        return target, False
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(
+            "model.path",
+            f"'{target}' exists and is not an sdp tiny model",
+            "choose an empty directory",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_model(spec, tmp)
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except FileExistsError:
+        # A concurrent call won the race; its model is identical.
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, True
+
+
+def resolve_model_path(model: ModelConfig) -> Path:
+    """The directory a config's model lives in, without creating anything."""
+    if model.path == BUILTIN_MODEL:
+        base = Path(model.cache_dir) if model.cache_dir else default_cache_dir()
+        return base / "models" / f"tiny-{TinyModelSpec.from_config(model).fingerprint()}"
+    return Path(model.path).expanduser()
+
+
+def ensure_model_dir(model: ModelConfig) -> Path:
+    """The model directory, creating the built-in model on first use; a missing local
+    directory is a config error."""
+    path = resolve_model_path(model)
+    if model.path == BUILTIN_MODEL:
+        init_tiny_model(TinyModelSpec.from_config(model), path)
+        return path
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            "model.path",
+            f"model directory '{path}' not found (no config.json)",
+            "pass a local Hugging Face model directory, or model.path=builtin:tiny",
+        )
+    return path

@@ -1,0 +1,1 @@
+"""Trajectories, staleness control, strategies, the rollout executor, proximal recompute."""
