@@ -1,0 +1,105 @@
+"""The sample types that flow from the workflow through the executor to the trainer.
+
+A `Trajectory` is one completion; a `RolloutGroup` is the `n_samples` completions of one prompt.
+Capacity, acceptance and staleness are decided per group (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+NOT_RECOMPUTED = -1
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    # μ_t: logprob of each output token under the weights that sampled it.
+    behav_logprobs: list[float]
+    # Version of the weights that sampled each output token.
+    versions: list[int]
+    # p_t per output token after a proximal recompute; None means p = μ everywhere.
+    prox_logprobs: list[float] | None = None
+    # Version under which prox_logprobs were recomputed; NOT_RECOMPUTED if never.
+    recompute_version: int = NOT_RECOMPUTED
+    reward: float = 0.0
+    finish_reason: str = ""
+    # Number of segments (runs of tokens under one version) the completion was generated in.
+    n_segments: int = 1
+
+    def __post_init__(self) -> None:
+        n = len(self.output_ids)
+        if len(self.behav_logprobs) != n or len(self.versions) != n:
+            raise ValueError(
+                f"trajectory lengths differ: {n} ids, {len(self.behav_logprobs)} logprobs, "
+                f"{len(self.versions)} versions"
+            )
+        if self.prox_logprobs is not None and len(self.prox_logprobs) != n:
+            raise ValueError("prox_logprobs must have one entry per output token")
+
+    @property
+    def head_version(self) -> int | None:
+        """Oldest version among the output tokens (None for an empty completion)."""
+        return min(self.versions) if self.versions else None
+
+    @property
+    def tail_version(self) -> int | None:
+        """Newest version among the output tokens."""
+        return max(self.versions) if self.versions else None
+
+    def proximal_logprobs(self) -> list[float]:
+        return (
+            list(self.prox_logprobs)
+            if self.prox_logprobs is not None
+            else list(self.behav_logprobs)
+        )
+
+
+@dataclass
+class RolloutGroup:
+    rollout_id: int
+    samples: list[Trajectory]
+    # Version the executor was at when the rollout was submitted.
+    submit_version: int = 0
+    submitted_at: float = 0.0
+    finished_at: float = 0.0
+    # Task data (prompt text, reference answer...) the reward function needs.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def _all_versions(self) -> list[int]:
+        return [v for s in self.samples for v in s.versions]
+
+    @property
+    def head_version(self) -> int | None:
+        versions = self._all_versions()
+        return min(versions) if versions else None
+
+    @property
+    def tail_version(self) -> int | None:
+        versions = self._all_versions()
+        return max(versions) if versions else None
+
+    @property
+    def recompute_version(self) -> int:
+        """Newest recompute among the samples; NOT_RECOMPUTED if no token was ever recomputed."""
+        return max((s.recompute_version for s in self.samples), default=NOT_RECOMPUTED)
+
+    def head_lag(self, version: int) -> int:
+        head = self.head_version
+        return 0 if head is None else version - head
+
+    def tail_lag(self, version: int) -> int:
+        tail = self.tail_version
+        return 0 if tail is None else version - tail
+
+    def tokens_by_lag(self, version: int) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for v in self._all_versions():
+            counts[version - v] = counts.get(version - v, 0) + 1
+        return counts
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
