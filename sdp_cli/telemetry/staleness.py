@@ -1,0 +1,642 @@
+"""What happened to staleness in a run, computed from its event log alone (no rendering here).
+
+`summarize(events)` is the pure entry point; `StalenessAccumulator` is the same computation fed
+event by event, so `sdp inspect-staleness --follow` does not re-read a growing log.
+
+Counting rules (DESIGN §3):
+- a rollout is dropped at most once: `sample_dropped` events are keyed by rollout id, and a
+  `rollout_finished` with `accepted: false` and a staleness reason counts as a drop at "finish"
+  unless a `sample_dropped` for the same rollout says more;
+- any other `accepted: false` finish is a rejection (the workflow refused the sample);
+- per-version numbers are attributed to the executor version an event was logged at;
+- trained lags come from `batch_taken` (one head/tail lag per consumed rollout group).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sdp_cli.telemetry.fields import (
+    as_float,
+    as_float_map,
+    as_int,
+    as_int_list,
+    as_lag_counts,
+    as_str,
+)
+
+DROP_REASONS = ("head_lag", "no_recompute")
+KNOWN_EVENT_TYPES = frozenset(
+    {
+        "run_started",
+        "rollout_submitted",
+        "rollout_finished",
+        "sample_dropped",
+        "batch_taken",
+        "capacity",
+        "weight_update",
+        "server_state",
+        "train_step",
+        "run_finished",
+    }
+)
+# The formula's terms, as the `capacity` event names them.
+CAPACITY_TERMS = (
+    "max_concurrent",
+    "running",
+    "accepted_live",
+    "staleness_limit",
+    "concurrency_room",
+    "staleness_room",
+    "capacity",
+)
+EXECUTOR_COUNTERS = ("submitted", "rejected", "dropped_total", "consumed", "queue_size")
+
+# The trainer waiting for samples this share of its busy time means generation cannot keep up.
+TIGHT_WAIT_SHARE = 0.3
+# Throwing away this share of submitted rollouts wastes generation on samples never trained.
+LOOSE_DROP_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    submitted: int
+    accepted: int
+    rejected: int
+    dropped_by_reason: dict[str, int]
+    consumed: int
+    head_lag_mean: float | None
+    head_lag_max: int | None
+    tail_lag_mean: float | None
+    tail_lag_max: int | None
+    # The formula's terms as last logged at this version (None if no capacity event).
+    capacity: dict[str, int] | None
+    peak_running: int | None
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "submitted": self.submitted,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "dropped": self.dropped,
+            "dropped_by_reason": dict(self.dropped_by_reason),
+            "consumed": self.consumed,
+            "head_lag_mean": self.head_lag_mean,
+            "head_lag_max": self.head_lag_max,
+            "tail_lag_mean": self.tail_lag_mean,
+            "tail_lag_max": self.tail_lag_max,
+            "capacity": dict(self.capacity) if self.capacity is not None else None,
+            "peak_running": self.peak_running,
+        }
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Where the trainer's time went: waiting for a batch, training, updating weights."""
+
+    wait_s: float
+    train_s: float
+    weight_update_s: float
+    wall_s: float | None
+
+    @property
+    def busy_s(self) -> float:
+        return self.wait_s + self.train_s + self.weight_update_s
+
+    def share(self, seconds: float) -> float | None:
+        return seconds / self.busy_s if self.busy_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wait_s": self.wait_s,
+            "train_s": self.train_s,
+            "weight_update_s": self.weight_update_s,
+            "wall_s": self.wall_s,
+            "wait_share": self.share(self.wait_s),
+            "train_share": self.share(self.train_s),
+            "weight_update_share": self.share(self.weight_update_s),
+        }
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A warning about the staleness bound, naming the config keys to change."""
+
+    kind: str  # "tight" | "loose" | "bound_exceeded"
+    message: str
+    knobs: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "knobs": list(self.knobs)}
+
+
+@dataclass(frozen=True)
+class CapacityPoint:
+    t: float  # seconds since the first event of the log
+    version: int | None
+    capacity: int | None
+    running: int | None
+    accepted_live: int | None
+    concurrency_room: int | None
+    staleness_room: int | None
+
+
+@dataclass(frozen=True)
+class StalenessSummary:
+    run: dict[str, Any]
+    finished: bool
+    steps: int
+    planned_steps: int | None
+    batches: int
+    submitted: int
+    accepted: int
+    rejected: int
+    dropped_by_reason: dict[str, int]
+    dropped_by_point: dict[str, int]
+    # reason → point → count
+    drop_matrix: dict[str, dict[str, int]]
+    consumed: int
+    lag_histogram: dict[int, int]
+    tail_lag_histogram: dict[int, int]
+    tokens_by_lag: dict[int, int]
+    per_version: list[VersionRow]
+    time: TimeSplit
+    weight_updates: int
+    weight_update_phases: dict[str, float]
+    # Capacity events with no room left, by the term that was exhausted (both may be).
+    capacity_exhausted: dict[str, int]
+    last_capacity: dict[str, int] | None
+    capacity_series: list[CapacityPoint]
+    advice: list[Advice]
+    events: int
+    known_events: int
+    skipped_lines: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped_by_reason.values())
+
+    @property
+    def max_trained_lag(self) -> int | None:
+        return max(self.lag_histogram) if self.lag_histogram else None
+
+    @property
+    def max_trained_tail_lag(self) -> int | None:
+        return max(self.tail_lag_histogram) if self.tail_lag_histogram else None
+
+    @property
+    def max_staleness(self) -> int | None:
+        return as_int(self.run.get("max_staleness"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: histogram keys become strings, as JSON objects require."""
+        return {
+            "run": dict(self.run),
+            "finished": self.finished,
+            "steps": self.steps,
+            "planned_steps": self.planned_steps,
+            "batches": self.batches,
+            "submitted": self.submitted,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "dropped_total": self.dropped_total,
+            "dropped_by_reason": dict(self.dropped_by_reason),
+            "dropped_by_point": dict(self.dropped_by_point),
+            "drops": {r: dict(points) for r, points in self.drop_matrix.items()},
+            "consumed": self.consumed,
+            "max_trained_lag": self.max_trained_lag,
+            "max_trained_tail_lag": self.max_trained_tail_lag,
+            "lag_histogram": _string_keys(self.lag_histogram),
+            "tail_lag_histogram": _string_keys(self.tail_lag_histogram),
+            "tokens_by_lag": _string_keys(self.tokens_by_lag),
+            "trained_tokens": sum(self.tokens_by_lag.values()),
+            "per_version": [row.to_dict() for row in self.per_version],
+            "time": self.time.to_dict(),
+            "weight_updates": self.weight_updates,
+            "weight_update_phases": dict(self.weight_update_phases),
+            "capacity_exhausted": dict(self.capacity_exhausted),
+            "last_capacity": dict(self.last_capacity) if self.last_capacity else None,
+            "warnings": [a.to_dict() for a in self.advice],
+            "events": self.events,
+            "known_events": self.known_events,
+            "skipped_lines": self.skipped_lines,
+        }
+
+
+def summarize(events: Iterable[Mapping[str, Any]], *, skipped_lines: int = 0) -> StalenessSummary:
+    accumulator = StalenessAccumulator()
+    accumulator.add_all(events)
+    return accumulator.summary(skipped_lines=skipped_lines)
+
+
+@dataclass
+class _VersionTally:
+    submitted: int = 0
+    accepted: int = 0
+    consumed: int = 0
+    head_lags: list[int] = field(default_factory=list)
+    tail_lags: list[int] = field(default_factory=list)
+    capacity: dict[str, int] | None = None
+    peak_running: int | None = None
+
+
+@dataclass(frozen=True)
+class _Drop:
+    reason: str
+    point: str
+    version: int | None
+
+
+class StalenessAccumulator:
+    """Folds events into the numbers of a `StalenessSummary`. Not thread-safe (one reader)."""
+
+    def __init__(self) -> None:
+        self._run: dict[str, Any] = {}
+        self._finished = False
+        self._train_steps = 0
+        self._batches = 0
+        self._versions: dict[int, _VersionTally] = {}
+        self._unversioned = _VersionTally()
+        self._drops: dict[Any, _Drop] = {}
+        self._rejected: dict[Any, int | None] = {}
+        self._lag_histogram: Counter[int] = Counter()
+        self._tail_lag_histogram: Counter[int] = Counter()
+        self._tokens_by_lag: Counter[int] = Counter()
+        self._wait_s = 0.0
+        self._train_s = 0.0
+        self._update_s = 0.0
+        self._wall_s: float | None = None
+        self._weight_updates = 0
+        self._phases: Counter[str] = Counter()
+        self._exhausted: Counter[str] = Counter()
+        self._last_capacity: dict[str, int] | None = None
+        self._series: list[CapacityPoint] = []
+        self._first_ts: float | None = None
+        self._last_ts: float | None = None
+        self._events = 0
+        self._known = 0
+        self._anonymous = 0
+
+    def add_all(self, events: Iterable[Mapping[str, Any]]) -> None:
+        for event in events:
+            self.add(event)
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        self._events += 1
+        kind = event.get("type")
+        if kind not in KNOWN_EVENT_TYPES:
+            return
+        self._known += 1
+        ts = as_float(event.get("ts"))
+        if ts is not None:
+            self._first_ts = ts if self._first_ts is None else min(self._first_ts, ts)
+            self._last_ts = ts if self._last_ts is None else max(self._last_ts, ts)
+        getattr(self, f"_on_{kind}")(event)
+
+    # --- one handler per event type ---------------------------------------------------------
+
+    def _on_run_started(self, event: Mapping[str, Any]) -> None:
+        self._run = {k: v for k, v in event.items() if k not in ("ts", "type")}
+
+    def _on_run_finished(self, event: Mapping[str, Any]) -> None:
+        self._finished = True
+        self._wall_s = as_float(event.get("wall_s"))
+
+    def _on_rollout_submitted(self, event: Mapping[str, Any]) -> None:
+        self._tally(as_int(event.get("version"))).submitted += 1
+
+    def _on_rollout_finished(self, event: Mapping[str, Any]) -> None:
+        version = as_int(event.get("version"))
+        if event.get("accepted") is True:
+            self._tally(version).accepted += 1
+            return
+        key = self._rollout_key(event)
+        reason = as_str(event.get("reason"))
+        if reason in DROP_REASONS:
+            if key not in self._drops:
+                self._drops[key] = _Drop(reason, "finish", version)
+        else:
+            self._rejected[key] = version
+
+    def _on_sample_dropped(self, event: Mapping[str, Any]) -> None:
+        reason = as_str(event.get("reason")) or "unknown"
+        point = as_str(event.get("point")) or "unknown"
+        # The dedicated drop event is the authority: it replaces a drop inferred from the finish.
+        self._drops[self._rollout_key(event)] = _Drop(reason, point, as_int(event.get("version")))
+
+    def _on_batch_taken(self, event: Mapping[str, Any]) -> None:
+        self._batches += 1
+        tally = self._tally(as_int(event.get("version")))
+        head_lags = as_int_list(event.get("head_lags"))
+        tail_lags = as_int_list(event.get("tail_lags"))
+        rollout_ids = event.get("rollout_ids")
+        consumed = len(rollout_ids) if isinstance(rollout_ids, list) else len(head_lags)
+        tally.consumed += consumed
+        tally.head_lags.extend(head_lags)
+        tally.tail_lags.extend(tail_lags)
+        self._lag_histogram.update(head_lags)
+        self._tail_lag_histogram.update(tail_lags)
+        self._tokens_by_lag.update(as_lag_counts(event.get("tokens_by_lag")))
+        self._wait_s += as_float(event.get("wait_s")) or 0.0
+
+    def _on_capacity(self, event: Mapping[str, Any]) -> None:
+        terms = {k: n for k in CAPACITY_TERMS if (n := as_int(event.get(k))) is not None}
+        counters = {k: n for k in EXECUTOR_COUNTERS if (n := as_int(event.get(k))) is not None}
+        version = as_int(event.get("version"))
+        tally = self._tally(version)
+        tally.capacity = terms
+        running = terms.get("running")
+        if running is not None:
+            tally.peak_running = max(running, tally.peak_running or 0)
+        self._last_capacity = {**terms, **counters}
+        if version is not None:
+            self._last_capacity["version"] = version
+        self._count_exhausted(terms)
+        ts = as_float(event.get("ts"))
+        self._series.append(
+            CapacityPoint(
+                t=ts if ts is not None else (self._last_ts or 0.0),
+                version=version,
+                capacity=terms.get("capacity"),
+                running=running,
+                accepted_live=terms.get("accepted_live"),
+                concurrency_room=terms.get("concurrency_room"),
+                staleness_room=terms.get("staleness_room"),
+            )
+        )
+
+    def _on_weight_update(self, event: Mapping[str, Any]) -> None:
+        self._weight_updates += 1
+        phases = as_float_map(event.get("phases"))
+        self._phases.update(phases)
+        total = as_float(event.get("total_s"))
+        self._update_s += total if total is not None else sum(phases.values())
+
+    def _on_server_state(self, event: Mapping[str, Any]) -> None:
+        return None  # the dashboard's business; staleness does not depend on it
+
+    def _on_train_step(self, event: Mapping[str, Any]) -> None:
+        self._train_steps += 1
+        self._train_s += as_float(event.get("step_s")) or 0.0
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _tally(self, version: int | None) -> _VersionTally:
+        # Events without a version cannot be placed in the per-version table; inventing one
+        # would mislead, so they only count in the totals.
+        if version is None:
+            return self._unversioned
+        return self._versions.setdefault(version, _VersionTally())
+
+    def _rollout_key(self, event: Mapping[str, Any]) -> Any:
+        rollout_id = event.get("rollout_id")
+        if isinstance(rollout_id, str | int) and not isinstance(rollout_id, bool):
+            return rollout_id
+        self._anonymous += 1
+        return ("anonymous", self._anonymous)
+
+    def _count_exhausted(self, terms: Mapping[str, int]) -> None:
+        capacity = terms.get("capacity")
+        if capacity is None or capacity > 0:
+            return
+        if terms.get("concurrency_room", 1) <= 0:
+            self._exhausted["concurrency"] += 1
+        if terms.get("staleness_room", 1) <= 0:
+            self._exhausted["staleness"] += 1
+
+    # --- the result ---------------------------------------------------------------------------
+
+    def summary(self, *, skipped_lines: int = 0) -> StalenessSummary:
+        dropped_by_reason = Counter(d.reason for d in self._drops.values())
+        dropped_by_point = Counter(d.point for d in self._drops.values())
+        rejected = sum(1 for key in self._rejected if key not in self._drops)
+        wall_s = self._wall_s
+        if wall_s is None and self._first_ts is not None and self._last_ts is not None:
+            wall_s = self._last_ts - self._first_ts
+        time = TimeSplit(self._wait_s, self._train_s, self._update_s, wall_s)
+        tallies = [*self._versions.values(), self._unversioned]
+        partial = StalenessSummary(
+            run=dict(self._run),
+            finished=self._finished,
+            steps=self._train_steps,
+            planned_steps=as_int(self._run.get("steps")),
+            batches=self._batches,
+            submitted=sum(t.submitted for t in tallies),
+            accepted=sum(t.accepted for t in tallies),
+            rejected=rejected,
+            dropped_by_reason=_ordered_reasons(dropped_by_reason),
+            dropped_by_point=dict(sorted(dropped_by_point.items())),
+            drop_matrix=self._drop_matrix(),
+            consumed=sum(t.consumed for t in tallies),
+            lag_histogram=dict(sorted(self._lag_histogram.items())),
+            tail_lag_histogram=dict(sorted(self._tail_lag_histogram.items())),
+            tokens_by_lag=dict(sorted(self._tokens_by_lag.items())),
+            per_version=self._version_rows(),
+            time=time,
+            weight_updates=self._weight_updates,
+            weight_update_phases=dict(self._phases),
+            capacity_exhausted=dict(sorted(self._exhausted.items())),
+            last_capacity=dict(self._last_capacity) if self._last_capacity else None,
+            capacity_series=self._relative_series(),
+            advice=[],
+            events=self._events,
+            known_events=self._known,
+            skipped_lines=skipped_lines,
+        )
+        return _with_advice(partial)
+
+    def _drop_matrix(self) -> dict[str, dict[str, int]]:
+        matrix: dict[str, Counter[str]] = {}
+        for drop in self._drops.values():
+            matrix.setdefault(drop.reason, Counter())[drop.point] += 1
+        ordered = _ordered_reasons({r: sum(c.values()) for r, c in matrix.items()})
+        return {r: dict(sorted(matrix[r].items())) for r in ordered}
+
+    def _version_rows(self) -> list[VersionRow]:
+        drops_by_version: dict[int | None, Counter[str]] = {}
+        for drop in self._drops.values():
+            drops_by_version.setdefault(drop.version, Counter())[drop.reason] += 1
+        rejected_by_version = Counter(
+            v for key, v in self._rejected.items() if key not in self._drops
+        )
+        versions = sorted(
+            set(self._versions)
+            | {v for v in drops_by_version if v is not None}
+            | {v for v in rejected_by_version if v is not None}
+        )
+        rows = []
+        for version in versions:
+            tally = self._versions.get(version, _VersionTally())
+            rows.append(
+                VersionRow(
+                    version=version,
+                    submitted=tally.submitted,
+                    accepted=tally.accepted,
+                    rejected=rejected_by_version.get(version, 0),
+                    dropped_by_reason=_ordered_reasons(drops_by_version.get(version, Counter())),
+                    consumed=tally.consumed,
+                    head_lag_mean=_mean(tally.head_lags),
+                    head_lag_max=max(tally.head_lags, default=None),
+                    tail_lag_mean=_mean(tally.tail_lags),
+                    tail_lag_max=max(tally.tail_lags, default=None),
+                    capacity=dict(tally.capacity) if tally.capacity is not None else None,
+                    peak_running=tally.peak_running,
+                )
+            )
+        return rows
+
+    def _relative_series(self) -> list[CapacityPoint]:
+        origin = self._first_ts or 0.0
+        return [
+            CapacityPoint(
+                p.t - origin,
+                p.version,
+                p.capacity,
+                p.running,
+                p.accepted_live,
+                p.concurrency_room,
+                p.staleness_room,
+            )
+            for p in self._series
+        ]
+
+
+# --- advice -----------------------------------------------------------------------------------
+
+
+def _with_advice(summary: StalenessSummary) -> StalenessSummary:
+    tight = _tight_advice(summary)
+    loose = _loose_advice(summary, also_tight=tight is not None)
+    advice = [a for a in (tight, loose, _bound_exceeded_advice(summary)) if a is not None]
+    return replace(summary, advice=advice)
+
+
+def _tight_advice(summary: StalenessSummary) -> Advice | None:
+    wait_share = summary.time.share(summary.time.wait_s)
+    if summary.batches == 0 or wait_share is None or wait_share < TIGHT_WAIT_SHARE:
+        return None
+    eta, max_concurrent = _knob_values(summary)
+    by_concurrency = summary.capacity_exhausted.get("concurrency", 0)
+    by_staleness = summary.capacity_exhausted.get("staleness", 0)
+    head = (
+        f"bound is tight: the trainer waited for samples {wait_share:.0%} of its time "
+        f"({summary.time.wait_s:.1f} s of {summary.time.busy_s:.1f} s)"
+    )
+    if by_staleness > by_concurrency:
+        return Advice(
+            "tight",
+            f"{head}; admission was mostly stopped by the staleness bound "
+            f"({by_staleness} times): raise rollout.max_staleness (now {eta}) so more rollouts "
+            f"may run ahead of the trainer.",
+            ("rollout.max_staleness",),
+        )
+    if by_concurrency > 0:
+        return Advice(
+            "tight",
+            f"{head}; admission was mostly stopped by the concurrency bound "
+            f"({by_concurrency} times): raise rollout.max_concurrent (now {max_concurrent}) or "
+            f"server.count; rollout.max_staleness (now {eta}) also limits how far ahead "
+            f"generation may run.",
+            ("rollout.max_concurrent", "server.count", "rollout.max_staleness"),
+        )
+    return Advice(
+        "tight",
+        f"{head}, though admission always had room: generation itself is too slow; "
+        f"raise server.count (more inference servers) or rollout.max_concurrent "
+        f"(now {max_concurrent}).",
+        ("server.count", "rollout.max_concurrent"),
+    )
+
+
+def _loose_advice(summary: StalenessSummary, *, also_tight: bool) -> Advice | None:
+    denominator = summary.submitted or (summary.accepted + summary.rejected + summary.dropped_total)
+    if not summary.dropped_total or not denominator:
+        return None
+    share = summary.dropped_total / denominator
+    if share < LOOSE_DROP_SHARE:
+        return None
+    eta, max_concurrent = _knob_values(summary)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in summary.dropped_by_reason.items())
+    head = (
+        f"bound is loose: {summary.dropped_total} of {denominator} rollouts "
+        f"({share:.0%}) were generated and then dropped as stale ({reasons})"
+    )
+    mostly_no_recompute = summary.dropped_by_reason.get(
+        "no_recompute", 0
+    ) > summary.dropped_by_reason.get("head_lag", 0)
+    if mostly_no_recompute:
+        return Advice(
+            "loose",
+            f"{head}; most had no proximal recompute and tail lag > 1: use "
+            f"train.prox_mode=loglinear or train.prox_mode=recompute, or lower "
+            f"rollout.max_concurrent (now {max_concurrent}).",
+            ("train.prox_mode", "rollout.max_concurrent"),
+        )
+    if also_tight:
+        # Lowering max_concurrent would starve the trainer further; only η helps both.
+        return Advice(
+            "loose",
+            f"{head}; since the trainer also waits, raise rollout.max_staleness (now {eta}) "
+            f"rather than lowering concurrency.",
+            ("rollout.max_staleness",),
+        )
+    return Advice(
+        "loose",
+        f"{head}: lower rollout.max_concurrent (now {max_concurrent}) so fewer rollouts go "
+        f"stale in flight, or raise rollout.max_staleness (now {eta}).",
+        ("rollout.max_concurrent", "rollout.max_staleness"),
+    )
+
+
+def _bound_exceeded_advice(summary: StalenessSummary) -> Advice | None:
+    eta = summary.max_staleness
+    max_lag = summary.max_trained_lag
+    if eta is None or max_lag is None or max_lag <= eta:
+        return None
+    beyond = sum(n for lag, n in summary.lag_histogram.items() if lag > eta)
+    strategy = summary.run.get("strategy")
+    if strategy == "standard":
+        return Advice(
+            "bound_exceeded",
+            f"{beyond} trained samples had head lag above η={eta} (max {max_lag}): "
+            f"rollout.strategy=standard admits by capacity only and never drops; use "
+            f"rollout.strategy=segment_wise to enforce the bound.",
+            ("rollout.strategy",),
+        )
+    return Advice(
+        "bound_exceeded",
+        f"{beyond} trained samples had head lag above η={eta} (max {max_lag}) under "
+        f"strategy {strategy}: the executor let stale samples through; this is a bug, "
+        f"please report it with this log.",
+        (),
+    )
+
+
+def _knob_values(summary: StalenessSummary) -> tuple[str, str]:
+    def value(key: str) -> str:
+        number = as_int(summary.run.get(key))
+        return str(number) if number is not None else "?"
+
+    return value("max_staleness"), value("max_concurrent")
+
+
+def _ordered_reasons(counts: Mapping[str, int]) -> dict[str, int]:
+    known = {r: counts[r] for r in DROP_REASONS if counts.get(r)}
+    return {**known, **{r: n for r, n in sorted(counts.items()) if r not in known and n}}
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _string_keys(counts: Mapping[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in counts.items()}
