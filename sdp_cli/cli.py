@@ -100,10 +100,29 @@ def launch_servers(args: OverridesArg = None) -> None:
 @app.command("inspect-staleness")
 @user_errors
 def inspect_staleness(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory holding events.jsonl.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory holding events.jsonl (or the log itself).")
+    ],
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep re-reading and refreshing until Ctrl-C."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the numbers as one JSON object.")
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            help="Also write lag histograms and capacity over time as a PNG (needs matplotlib).",
+        ),
+    ] = None,
 ) -> None:
     """Show what happened to staleness, capacity and drops in a run."""
-    raise NotYetAvailableError("`sdp inspect-staleness` has not landed yet.")
+    from sdp_cli.telemetry.report import inspect_run
+
+    inspect_run(run_dir, follow=follow, as_json=as_json, plot=plot)
 
 
 @app.command()
