@@ -1,0 +1,263 @@
+"""The synchronous core of the executor: manager + strategy + output buffer + events.
+
+Everything here is plain method calls with no awaiting, so the asyncio executor stays a thin
+shell around it and property tests can drive any interleaving of submit / finish / version
+change / take deterministically. The executor calls it only from its event-loop thread;
+`snapshot()` is safe from any thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from sdp_cli.rollout.staleness import StalenessManager
+from sdp_cli.rollout.strategy import Buffered, Dropped, DropPoint, StalenessStrategy
+from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.telemetry.events import EventSink, NullEventLog
+
+
+class RejectReason:
+    no_group = "no_group"
+    error = "error"
+    cancelled = "cancelled"
+
+
+class StalenessControl:
+    def __init__(
+        self,
+        manager: StalenessManager,
+        strategy: StalenessStrategy,
+        events: EventSink | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.strategy = strategy
+        self.events: EventSink = events if events is not None else NullEventLog()
+        self._clock = clock or (lambda: 0.0)
+        self._buffer: deque[Buffered] = deque()
+        self._submitted_at: dict[int, tuple[int, float]] = {}
+        # Groups the last take() dropped (the executor wakes admission when > 0).
+        self.last_take_dropped = 0
+
+    @property
+    def version(self) -> int:
+        return self.manager.version
+
+    @property
+    def buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def buffered(self) -> list[Buffered]:
+        return list(self._buffer)
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def admit(self) -> int | None:
+        """A new rollout id if capacity allows, else None. (Pausing is the executor's job.)"""
+        rollout_id = self.manager.try_admit()
+        if rollout_id is not None:
+            version = self.manager.version
+            self._submitted_at[rollout_id] = (version, self._clock())
+            self.events.emit("rollout_submitted", rollout_id=rollout_id, version=version)
+        return rollout_id
+
+    # ---- finish ---------------------------------------------------------------------------
+
+    def finish(self, rollout_id: int, group: RolloutGroup | None, error: str | None = None) -> bool:
+        """Record a finished rollout; True if it entered the buffer."""
+        submit_version, submitted_at = self._submitted_at.pop(rollout_id, (self.version, 0.0))
+        if group is None or not group.samples:
+            reason = RejectReason.error if error else RejectReason.no_group
+            self.manager.reject(rollout_id, reason)
+            self._emit_finished(rollout_id, None, accepted=False, reason=reason, error=error)
+            return False
+        group.rollout_id = rollout_id
+        group.submit_version = submit_version
+        group.submitted_at = submitted_at
+        group.finished_at = self._clock()
+        item = Buffered.of(group)
+        drop = self.strategy.drop_reason(item, self.version)
+        if drop is not None:
+            self.manager.drop_at_finish(rollout_id, drop)
+            self._emit_finished(rollout_id, item, accepted=False, reason=drop)
+            self._emit_dropped(item, drop, DropPoint.finish)
+            return False
+        self.manager.accept(rollout_id)
+        self._buffer.append(item)
+        self._emit_finished(rollout_id, item, accepted=True, reason=None)
+        return True
+
+    def cancel(self, rollout_id: int) -> None:
+        """An in-flight rollout cancelled at shutdown: it produced no group."""
+        self._submitted_at.pop(rollout_id, None)
+        self.manager.reject(rollout_id, RejectReason.cancelled)
+        self._emit_finished(rollout_id, None, accepted=False, reason=RejectReason.cancelled)
+
+    # ---- version change -------------------------------------------------------------------
+
+    def set_version(self, version: int) -> int:
+        """Move to `version` and purge the whole buffer; returns how many were dropped."""
+        self.manager.set_version(version)
+        if self.strategy.never_drops or not self._buffer:
+            return 0
+        kept, dropped = self.strategy.partition(self._buffer, version)
+        if dropped:
+            self._buffer = deque(kept)
+            self._record_buffer_drops(dropped, DropPoint.purge)
+        return len(dropped)
+
+    def refresh_recompute_versions(self, items: list[Buffered]) -> None:
+        for item in items:
+            item.refresh_recompute_version()
+
+    # ---- take -----------------------------------------------------------------------------
+
+    def take(self, batch_size: int, wait_s: float = 0.0) -> list[RolloutGroup] | None:
+        """The oldest `batch_size` groups that pass the strategy at the current version, or
+        None if fewer are buffered (the valid ones stay at the front, in order)."""
+        self.last_take_dropped = 0
+        if len(self._buffer) < batch_size:
+            return None
+        version = self.version
+        taken: list[Buffered] = []
+        dropped: list[Dropped] = []
+        buffer = self._buffer
+        while buffer and len(taken) < batch_size:
+            item = buffer.popleft()
+            reason = self.strategy.drop_reason(item, version)
+            if reason is None:
+                taken.append(item)
+            else:
+                dropped.append((item, reason))
+        if dropped:
+            self.last_take_dropped = len(dropped)
+            self._record_buffer_drops(dropped, DropPoint.take)
+        if len(taken) < batch_size:
+            buffer.extendleft(reversed(taken))
+            return None
+        self.manager.consume(item.rollout_id for item in taken)
+        self._emit_batch_taken(taken, version, wait_s)
+        return [item.group for item in taken]
+
+    def drain(self) -> list[RolloutGroup]:
+        """Hand back every buffered group (shutdown), in order."""
+        items = list(self._buffer)
+        self._buffer.clear()
+        self.manager.drain(item.rollout_id for item in items)
+        return [item.group for item in items]
+
+    def restore(self, version: int) -> None:
+        """Resume at `version`; the manager refuses unless nothing is running or buffered."""
+        self.manager.restore(version)
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self.manager.snapshot(),
+            "strategy": self.strategy.name,
+            "queue_size": len(self._buffer),
+        }
+
+    def capacity_fields(self) -> dict[str, Any]:
+        """The `capacity` event: every term of the formula and the counters."""
+        snap = self.manager.snapshot()
+        keys = (
+            "version",
+            "max_concurrent",
+            "running",
+            "accepted_live",
+            "staleness_limit",
+            "concurrency_room",
+            "staleness_room",
+            "capacity",
+            "submitted",
+            "rejected",
+            "dropped_total",
+            "consumed",
+        )
+        return {**{key: snap[key] for key in keys}, "queue_size": len(self._buffer)}
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def _record_buffer_drops(self, dropped: list[Dropped], point: DropPoint) -> None:
+        by_reason: dict[str, list[int]] = {}
+        for item, reason in dropped:
+            by_reason.setdefault(reason, []).append(item.rollout_id)
+        for reason, ids in by_reason.items():
+            self.manager.drop_buffered(ids, reason)
+        for item, reason in dropped:
+            self._emit_dropped(item, reason, point)
+
+    def _emit_dropped(self, item: Buffered, reason: str, point: DropPoint) -> None:
+        version = self.version
+        self.events.emit(
+            "sample_dropped",
+            rollout_id=item.rollout_id,
+            reason=str(reason),
+            point=str(point),
+            head_lag=item.head_lag(version),
+            tail_lag=item.tail_lag(version),
+            version=version,
+            head_version=item.head,
+            tail_version=item.tail,
+        )
+
+    def _emit_finished(
+        self,
+        rollout_id: int,
+        item: Buffered | None,
+        *,
+        accepted: bool,
+        reason: str | None,
+        error: str | None = None,
+    ) -> None:
+        version = self.version
+        fields: dict[str, Any] = {
+            "rollout_id": rollout_id,
+            "version": version,
+            "accepted": accepted,
+            "reason": None if reason is None else str(reason),
+        }
+        if item is None:
+            fields.update(
+                head_version=None,
+                tail_version=None,
+                head_lag=None,
+                tail_lag=None,
+                n_tokens=0,
+                n_segments=0,
+                reward=None,
+            )
+        else:
+            samples = item.group.samples
+            fields.update(
+                head_version=item.head,
+                tail_version=item.tail,
+                head_lag=item.head_lag(version),
+                tail_lag=item.tail_lag(version),
+                n_tokens=sum(len(s.output_ids) for s in samples),
+                # Segments of the most interrupted completion in the group.
+                n_segments=max(s.n_segments for s in samples),
+                reward=sum(s.reward for s in samples) / len(samples),
+            )
+        if error is not None:
+            fields["error"] = error
+        self.events.emit("rollout_finished", **fields)
+
+    def _emit_batch_taken(self, taken: list[Buffered], version: int, wait_s: float) -> None:
+        tokens_by_lag: dict[str, int] = {}
+        for item in taken:
+            for lag, count in item.group.tokens_by_lag(version).items():
+                tokens_by_lag[str(lag)] = tokens_by_lag.get(str(lag), 0) + count
+        self.events.emit(
+            "batch_taken",
+            version=version,
+            rollout_ids=[item.rollout_id for item in taken],
+            head_lags=[item.head_lag(version) for item in taken],
+            tail_lags=[item.tail_lag(version) for item in taken],
+            tokens_by_lag=tokens_by_lag,
+            wait_s=wait_s,
+        )

@@ -1,0 +1,489 @@
+"""The rollout executor (DESIGN §3): an asyncio loop in its own thread that submits rollouts
+while capacity allows, applies the staleness strategy and serves batches to the trainer.
+
+The trainer's thread uses the blocking methods (`take`, `pause`, `set_version`, ...); each one
+runs its `*_async` twin on the executor loop and waits for it, so all state is touched by one
+thread. A coroutine already running on the loop (the simulated trainer) may await the `*_async`
+methods directly. Nothing here blocks the loop: the only lock shared with other threads is the
+manager's, held for a few counter updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.errors import SdpError
+from sdp_cli.rollout.control import StalenessControl
+from sdp_cli.rollout.recompute import ProximalRecomputer, RecomputeStats, Scorer
+from sdp_cli.rollout.staleness import StalenessManager
+from sdp_cli.rollout.strategy import make_strategy
+from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.telemetry.events import EventSink, NullEventLog
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Awaited by a workflow before each generation segment; returns at once unless paused.
+Gate = Callable[[], Awaitable[None]]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class Workflow(Protocol):
+    async def run(
+        self, rollout_id: int, executor_version: int, gate: Gate
+    ) -> RolloutGroup | None: ...
+
+
+class ExecutorError(SdpError):
+    """The executor cannot do what was asked (not started, failed, no scorer)."""
+
+
+class ExecutorStopped(ExecutorError):
+    """The executor was stopped while the call waited."""
+
+
+class TakeTimeout(ExecutorError):
+    """`take` waited `timeout` seconds without a full batch."""
+
+
+class RolloutExecutor:
+    def __init__(
+        self,
+        workflow: Workflow,
+        rollout: RolloutConfig,
+        prox_mode: ProxMode = ProxMode.segment,
+        *,
+        events: EventSink | None = None,
+        scorer: Scorer | None = None,
+        loop_factory: LoopFactory | None = None,
+        capacity_interval_s: float = 0.5,
+        max_consecutive_errors: int = 100,
+    ) -> None:
+        self._workflow = workflow
+        self._batch_size = rollout.batch_size
+        self._take_timeout_s = rollout.take_timeout_s
+        self._events: EventSink = events if events is not None else NullEventLog()
+        self._recomputer = (
+            ProximalRecomputer(scorer, rollout.recompute_concurrency) if scorer else None
+        )
+        self._loop_factory: LoopFactory = loop_factory or asyncio.new_event_loop
+        self._capacity_interval_s = capacity_interval_s
+        self._max_consecutive_errors = max_consecutive_errors
+        self._consecutive_errors = 0
+        manager = StalenessManager(
+            max_staleness=rollout.max_staleness,
+            batch_size=rollout.batch_size,
+            max_concurrent=rollout.max_concurrent,
+        )
+        strategy = make_strategy(rollout.strategy, rollout.max_staleness, prox_mode)
+        self._control = StalenessControl(manager, strategy, self._events, clock=self._now)
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._paused = False
+        self._stopping = False
+        self._stopped = False
+        self._failure: BaseException | None = None
+        self._startup_error: BaseException | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._submitter: asyncio.Task[None] | None = None
+        self._pending_takes: list[int] = []
+        # Created on the loop thread in _thread_main.
+        self._gate_open: asyncio.Event
+        self._wake: asyncio.Event
+        self._buffer_grew: asyncio.Event
+        self._buffer_lock: asyncio.Lock
+        self._capacity_handle: asyncio.TimerHandle | None = None
+        self._capacity_last_at = float("-inf")
+        self._capacity_last: dict[str, Any] | None = None
+
+    # ---- lifecycle (any thread) -----------------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        """Start the loop thread; with `paused=True` nothing is submitted until `resume()`."""
+        if self._thread is not None:
+            raise ExecutorError("the executor was already started")
+        self._paused = paused
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="sdp-rollout-executor", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            raise ExecutorError(f"the executor loop did not start: {self._startup_error!r}")
+
+    def stop(self, timeout: float = 60.0) -> list[RolloutGroup]:
+        """Cancel in-flight rollouts, stop the loop and return the accepted groups the trainer
+        has not taken (in order). Idempotent: a second call returns []."""
+        if self._thread is None or self._stopped:
+            return self._control.drain() if not self._stopped else []
+        loop = self._loop
+        assert loop is not None
+        leftovers = asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout)
+        self._stopped = True
+        return leftovers
+
+    def __enter__(self) -> RolloutExecutor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- trainer API (blocking, from any thread but the loop's) ---------------------------
+
+    def take(
+        self, batch_size: int | None = None, timeout: float | None = None
+    ) -> list[RolloutGroup]:
+        """Block until `batch_size` (default B) groups pass the strategy; raise TakeTimeout
+        after `timeout` seconds (default rollout.take_timeout_s)."""
+        return self._call(self.take_async(batch_size, timeout))
+
+    def pause(self) -> None:
+        self._call(self.pause_async())
+
+    def resume(self) -> None:
+        self._call(self.resume_async())
+
+    def set_version(self, version: int) -> int:
+        """Move to `version` and purge the buffer; returns how many groups were dropped."""
+        return self._call(self.set_version_async(version))
+
+    def recompute_proximal(self, version: int) -> RecomputeStats:
+        return self._call(self.recompute_async(version))
+
+    def drain(self) -> list[RolloutGroup]:
+        """Remove and return every buffered group."""
+        if self._thread is None:
+            return self._control.drain()
+        if self._stopped:
+            return []
+        return self._call(self.drain_async())
+
+    def restore(self, version: int) -> None:
+        """Resume at `version` with accepted_live = v·B. Call before `start()`, or while
+        paused with nothing in flight."""
+        if self._thread is None:
+            self._control.restore(version)
+            return
+        self._call(self.restore_async(version))
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the executor loop and wait for its result (the trainer's weight-update
+        protocol uses this). On timeout the coroutine is cancelled and TimeoutError raised."""
+        future = self._submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"coroutine did not finish within {timeout} s") from None
+        except concurrent.futures.CancelledError:
+            raise ExecutorStopped("the executor stopped before the call finished") from None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, capacity terms, queue size, version, paused. Cheap; any thread."""
+        return {
+            **self._control.snapshot(),
+            "paused": self._paused,
+            "running_tasks": len(self._tasks),
+            "stopped": self._stopped,
+        }
+
+    @property
+    def version(self) -> int:
+        return self._control.version
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # ---- the same operations as coroutines on the loop ------------------------------------
+
+    async def take_async(
+        self, batch_size: int | None = None, timeout: float | None = None
+    ) -> list[RolloutGroup]:
+        wanted = self._batch_size if batch_size is None else batch_size
+        if wanted < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {wanted})")
+        limit = self._take_timeout_s if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + limit
+        self._pending_takes.append(wanted)
+        try:
+            while True:
+                self._raise_if_unusable()
+                async with self._buffer_lock:
+                    batch = self._control.take(wanted, wait_s=loop.time() - started)
+                if self._control.last_take_dropped:
+                    # Dropped groups gave their slots back.
+                    self._wake.set()
+                    self._capacity_changed()
+                if batch is not None:
+                    self._capacity_changed()
+                    return batch
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TakeTimeout(self._timeout_message(wanted, limit))
+                self._buffer_grew.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._buffer_grew.wait(), remaining)
+        finally:
+            self._pending_takes.remove(wanted)
+
+    async def pause_async(self) -> None:
+        self._paused = True
+        self._gate_open.clear()
+
+    async def resume_async(self) -> None:
+        self._paused = False
+        self._gate_open.set()
+        self._wake.set()
+
+    async def set_version_async(self, version: int) -> int:
+        async with self._buffer_lock:
+            dropped = self._control.set_version(version)
+        self._capacity_changed()
+        return dropped
+
+    async def recompute_async(self, version: int) -> RecomputeStats:
+        if self._recomputer is None:
+            raise ExecutorError(
+                "proximal recompute needs a scorer: pass scorer= to RolloutExecutor"
+            )
+        # Holding the buffer lock keeps take and purge from handing out or dropping a group
+        # whose logprobs are half rewritten.
+        async with self._buffer_lock:
+            items = self._control.buffered()
+            stats = await self._recomputer.recompute([item.group for item in items], version)
+            self._control.refresh_recompute_versions(items)
+        self._events.emit("proximal_recompute", **stats.as_dict())
+        return stats
+
+    async def drain_async(self) -> list[RolloutGroup]:
+        async with self._buffer_lock:
+            groups = self._control.drain()
+        self._capacity_changed()
+        return groups
+
+    async def restore_async(self, version: int) -> None:
+        self._control.restore(version)
+        self._wake.set()
+        self._capacity_changed()
+
+    # ---- loop internals -------------------------------------------------------------------
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        try:
+            loop = self._loop_factory()
+        except Exception as exc:
+            self._startup_error = exc
+            ready.set()
+            return
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._gate_open = asyncio.Event()
+        if not self._paused:
+            self._gate_open.set()
+        self._wake = asyncio.Event()
+        self._buffer_grew = asyncio.Event()
+        self._buffer_lock = asyncio.Lock()
+        self._submitter = loop.create_task(self._submit_loop())
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            _cancel_remaining_tasks(loop)
+            loop.close()
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    async def _gate(self) -> None:
+        if not self._gate_open.is_set():
+            await self._gate_open.wait()
+
+    async def _submit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        control = self._control
+        while True:
+            admitted = False
+            while not self._paused and self._failure is None:
+                try:
+                    rollout_id = control.admit()
+                except Exception as exc:
+                    self._fail(exc)
+                    break
+                if rollout_id is None:
+                    break
+                admitted = True
+                self._tasks[rollout_id] = loop.create_task(
+                    self._run_rollout(rollout_id, control.version)
+                )
+            if admitted:
+                self._capacity_changed()
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _run_rollout(self, rollout_id: int, version: int) -> None:
+        group: RolloutGroup | None = None
+        error: str | None = None
+        try:
+            group = await self._workflow.run(rollout_id, version, self._gate)
+        except asyncio.CancelledError:
+            self._tasks.pop(rollout_id, None)
+            self._record(lambda: self._control.cancel(rollout_id))
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self._note_workflow_error(rollout_id, error)
+        else:
+            self._consecutive_errors = 0
+        self._tasks.pop(rollout_id, None)
+        accepted = self._record(lambda: self._control.finish(rollout_id, group, error))
+        if (
+            accepted
+            and self._pending_takes
+            and self._control.buffer_size >= min(self._pending_takes)
+        ):
+            self._buffer_grew.set()
+        self._wake.set()
+        self._capacity_changed()
+
+    def _note_workflow_error(self, rollout_id: int, error: str) -> None:
+        """A failing rollout frees its slot at once, so a workflow that always raises would
+        resubmit in a tight loop; after enough failures in a row the executor gives up."""
+        self._consecutive_errors += 1
+        if self._consecutive_errors == 1:
+            log.warning("rollout %d failed: %s", rollout_id, error)
+        if self._consecutive_errors >= self._max_consecutive_errors:
+            self._fail(
+                ExecutorError(
+                    f"the workflow failed {self._consecutive_errors} times in a row; "
+                    f"last error: {error}"
+                )
+            )
+
+    def _record(self, action: Callable[[], T]) -> T | None:
+        try:
+            return action()
+        except Exception as exc:
+            self._fail(exc)
+            return None
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop admitting and make every take() raise: an accounting error is a bug, and a
+        workflow that keeps failing will not recover by retrying."""
+        if self._failure is None:
+            log.error("rollout executor failed: %r", exc)
+            self._failure = exc
+        self._buffer_grew.set()
+
+    def _raise_if_unusable(self) -> None:
+        if self._failure is not None:
+            raise ExecutorError(f"the rollout executor failed: {self._failure}")
+        if self._stopping:
+            raise ExecutorStopped("the rollout executor was stopped")
+
+    async def _shutdown(self) -> list[RolloutGroup]:
+        self._stopping = True
+        in_flight = dict(self._tasks)
+        tasks = list(in_flight.values())
+        if self._submitter is not None:
+            tasks.append(self._submitter)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # A task cancelled before its first step never ran its own handler.
+        for rollout_id in in_flight:
+            if self._control.manager.is_running(rollout_id):
+                self._record(lambda rid=rollout_id: self._control.cancel(rid))
+        self._tasks.clear()
+        # Wake any take() so it raises ExecutorStopped instead of waiting for its timeout.
+        self._buffer_grew.set()
+        async with self._buffer_lock:
+            leftovers = self._control.drain()
+        if self._capacity_handle is not None:
+            self._capacity_handle.cancel()
+            self._capacity_handle = None
+        self._emit_capacity()
+        return leftovers
+
+    def _capacity_changed(self) -> None:
+        """Emit a `capacity` event now, or once the rate limit allows; at most one pending."""
+        if self._capacity_handle is not None or self._loop is None:
+            return
+        due = self._capacity_last_at + self._capacity_interval_s
+        if self._loop.time() >= due:
+            self._emit_capacity()
+        else:
+            self._capacity_handle = self._loop.call_at(due, self._emit_scheduled_capacity)
+
+    def _emit_scheduled_capacity(self) -> None:
+        self._capacity_handle = None
+        self._emit_capacity()
+
+    def _emit_capacity(self) -> None:
+        fields = self._control.capacity_fields()
+        if fields == self._capacity_last:
+            return
+        self._capacity_last = fields
+        self._capacity_last_at = self._now()
+        self._events.emit("capacity", **fields)
+
+    def _timeout_message(self, wanted: int, timeout: float) -> str:
+        snap = self.snapshot()
+        return (
+            f"no batch of {wanted} rollouts within {timeout:g} s at version {snap['version']} "
+            f"(paused={snap['paused']}, queue={snap['queue_size']}, capacity={snap['capacity']}, "
+            f"submitted={snap['submitted']}, running={snap['running']}, "
+            f"accepted_live={snap['accepted_live']}, rejected={snap['rejected']}, "
+            f"dropped={snap['dropped']}, consumed={snap['consumed']})"
+        )
+
+    # ---- calling the loop from other threads ----------------------------------------------
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        loop = self._loop
+        if self._thread is None or loop is None:
+            coro.close()
+            raise ExecutorError("the executor is not started: call start() first")
+        if self._stopped or self._stopping:
+            coro.close()
+            raise ExecutorStopped("the rollout executor was stopped")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise ExecutorError(
+                "blocking executor call from the executor's own loop; await the *_async method"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Wait without a deadline: the coroutines called this way bound their own waits."""
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ExecutorStopped("the rollout executor stopped before the call finished") from None
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still pending when the loop stops, so callers waiting on it wake up."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

@@ -1,0 +1,147 @@
+"""Staleness strategies (DESIGN §3): which finished rollouts may still be trained on.
+
+`standard` admits by capacity only and never drops. `segment_wise` drops a group when
+
+- `head_lag > η` (its oldest token is more than η versions old), or
+- in `prox_mode=segment`, no token was ever recomputed and `tail_lag > 1` (every behaviour
+  weight would be 1, so the decoupled correction would do nothing).
+
+The same check runs at three points: when a rollout finishes, over the whole buffer when the
+version changes, and on the groups the trainer takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+from sdp_cli.config.schema import ProxMode, Strategy
+from sdp_cli.rollout.trajectory import NOT_RECOMPUTED, RolloutGroup
+
+
+class DropReason(StrEnum):
+    head_lag = "head_lag"
+    no_recompute = "no_recompute"
+
+
+class DropPoint(StrEnum):
+    finish = "finish"
+    purge = "purge"
+    take = "take"
+
+
+@dataclass(slots=True)
+class Buffered:
+    """A finished group with its token-version bounds cached: versions never change after
+    finish, and the purge over a large buffer must not rescan every token."""
+
+    group: RolloutGroup
+    head: int | None
+    tail: int | None
+    recompute_version: int
+
+    @classmethod
+    def of(cls, group: RolloutGroup) -> Buffered:
+        head = tail = None
+        for sample in group.samples:
+            if sample.versions:
+                low, high = min(sample.versions), max(sample.versions)
+                head = low if head is None else min(head, low)
+                tail = high if tail is None else max(tail, high)
+        return cls(group, head, tail, group.recompute_version)
+
+    @property
+    def rollout_id(self) -> int:
+        return self.group.rollout_id
+
+    def refresh_recompute_version(self) -> None:
+        self.recompute_version = self.group.recompute_version
+
+    def head_lag(self, version: int) -> int:
+        return 0 if self.head is None else version - self.head
+
+    def tail_lag(self, version: int) -> int:
+        return 0 if self.tail is None else version - self.tail
+
+
+Dropped = tuple[Buffered, DropReason]
+
+
+class StalenessStrategy:
+    """Base: never drops. Subclasses override `drop_reason` and `partition`."""
+
+    name: ClassVar[str] = "standard"
+    never_drops: ClassVar[bool] = True
+
+    def drop_reason(self, item: Buffered, version: int) -> DropReason | None:
+        return None
+
+    def partition(
+        self, items: Iterable[Buffered], version: int
+    ) -> tuple[list[Buffered], list[Dropped]]:
+        """Split into (kept, dropped), both in their original order."""
+        return list(items), []
+
+
+class StandardStrategy(StalenessStrategy):
+    """AReaL's behaviour: lag beyond η is reported by telemetry, not prevented."""
+
+
+class SegmentWiseStrategy(StalenessStrategy):
+    name: ClassVar[str] = "segment_wise"
+    never_drops: ClassVar[bool] = False
+
+    def __init__(self, max_staleness: int, prox_mode: ProxMode) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 (got {max_staleness})")
+        self.max_staleness = max_staleness
+        self.needs_recompute = prox_mode == ProxMode.segment
+
+    def drop_reason(self, item: Buffered, version: int) -> DropReason | None:
+        if item.head is None:
+            return None
+        if version - item.head > self.max_staleness:
+            return DropReason.head_lag
+        if (
+            self.needs_recompute
+            and item.recompute_version == NOT_RECOMPUTED
+            and version - item.tail > 1  # type: ignore[operator]
+        ):
+            return DropReason.no_recompute
+        return None
+
+    def partition(
+        self, items: Iterable[Buffered], version: int
+    ) -> tuple[list[Buffered], list[Dropped]]:
+        # Thresholds on cached versions instead of per-item lag arithmetic: this runs over the
+        # whole buffer at every version change.
+        oldest_head = version - self.max_staleness
+        oldest_unrecomputed_tail = version - 1
+        check_recompute = self.needs_recompute
+        kept: list[Buffered] = []
+        dropped: list[Dropped] = []
+        for item in items:
+            head = item.head
+            if head is None:
+                kept.append(item)
+            elif head < oldest_head:
+                dropped.append((item, DropReason.head_lag))
+            elif (
+                check_recompute
+                and item.tail < oldest_unrecomputed_tail  # type: ignore[operator]
+                and item.recompute_version == NOT_RECOMPUTED
+            ):
+                dropped.append((item, DropReason.no_recompute))
+            else:
+                kept.append(item)
+        return kept, dropped
+
+
+def make_strategy(
+    strategy: Strategy | str, max_staleness: int, prox_mode: ProxMode | str
+) -> StalenessStrategy:
+    if Strategy(strategy) == Strategy.standard:
+        return StandardStrategy()
+    return SegmentWiseStrategy(max_staleness, ProxMode(prox_mode))

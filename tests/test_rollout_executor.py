@@ -1,0 +1,393 @@
+"""The threaded executor: the trainer-facing API, pause/resume, shutdown, events."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy
+from sdp_cli.rollout.executor import (
+    ExecutorError,
+    ExecutorStopped,
+    Gate,
+    RolloutExecutor,
+    TakeTimeout,
+)
+from sdp_cli.rollout.staleness import conservation_holds
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def emit(self, type: str, **fields: Any) -> None:
+        with self._lock:
+            self.events.append({"type": type, **fields})
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e["type"] == kind]
+
+
+def trajectory(versions: list[int], reward: float = 1.0) -> Trajectory:
+    return Trajectory(
+        prompt_ids=[1, 2],
+        output_ids=[7] * len(versions),
+        behav_logprobs=[-1.0] * len(versions),
+        versions=versions,
+        reward=reward,
+    )
+
+
+class SegmentedWorkflow:
+    """Each completion is `segments` segments; a segment takes `delay()` seconds and its tokens
+    carry the version the test's `current_version()` reports when it starts."""
+
+    def __init__(
+        self,
+        current_version: Callable[[], int],
+        segments: int = 1,
+        delay: Callable[[], float] = lambda: 0.0,
+        n_samples: int = 2,
+    ) -> None:
+        self.current_version = current_version
+        self.segments = segments
+        self.delay = delay
+        self.n_samples = n_samples
+        self.segments_started = 0
+
+    async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+        samples = []
+        for _ in range(self.n_samples):
+            versions: list[int] = []
+            for _ in range(self.segments):
+                await gate()
+                self.segments_started += 1
+                version = self.current_version()
+                wait = self.delay()
+                if wait:
+                    await asyncio.sleep(wait)
+                versions += [version, version]
+            samples.append(trajectory(versions))
+        return RolloutGroup(rollout_id=rollout_id, samples=samples)
+
+
+def rollout_cfg(**overrides: Any) -> RolloutConfig:
+    base: dict[str, Any] = {"max_staleness": 1, "batch_size": 2, "max_concurrent": 4}
+    return RolloutConfig(**{**base, **overrides})
+
+
+def executor_for(
+    workflow: Any,
+    sink: RecordingSink | None = None,
+    prox_mode: ProxMode = ProxMode.loglinear,
+    **cfg: Any,
+) -> RolloutExecutor:
+    return RolloutExecutor(workflow, rollout_cfg(**cfg), prox_mode, events=sink)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def started() -> Any:
+    executors: list[RolloutExecutor] = []
+
+    def start(executor: RolloutExecutor, paused: bool = False) -> RolloutExecutor:
+        executors.append(executor)
+        executor.start(paused=paused)
+        return executor
+
+    yield start
+    for executor in executors:
+        executor.stop()
+
+
+def test_take_serves_b_groups_in_order_and_stop_returns_the_untaken(started: Any) -> None:
+    sink = RecordingSink()
+    holder: dict[str, RolloutExecutor] = {}
+    workflow = SegmentedWorkflow(lambda: holder["ex"].version)
+    ex = holder["ex"] = executor_for(workflow, sink, max_staleness=1, batch_size=2)
+    started(ex)
+    batch = ex.take(2, timeout=5)
+    assert [g.rollout_id for g in batch] == [0, 1]
+    assert all(g.head_lag(0) == 0 for g in batch)
+    wait_until(lambda: ex.snapshot()["queue_size"] == 2)  # (η+1)·B − B more were admitted
+    leftovers = ex.stop()
+    snap = ex.snapshot()
+    assert [g.rollout_id for g in leftovers] == [2, 3]
+    assert snap["accepted_total"] == snap["consumed"] + snap["drained"] == 4
+    assert snap["running"] == 0
+    assert conservation_holds(snap)
+    assert ex.stop() == []
+    taken = sink.of("batch_taken")
+    assert taken[0]["rollout_ids"] == [0, 1]
+    assert taken[0]["tokens_by_lag"] == {"0": 8}
+    assert len(sink.of("rollout_submitted")) == 4
+
+
+def test_take_timeout_shows_the_counters(started: Any) -> None:
+    ex = started(executor_for(SegmentedWorkflow(lambda: 0)), paused=True)
+    started_at = time.monotonic()
+    with pytest.raises(TakeTimeout) as info:
+        ex.take(2, timeout=0.05)
+    assert time.monotonic() - started_at < 2
+    message = str(info.value)
+    for part in ("paused=True", "submitted=0", "queue=0", "capacity=4", "version 0"):
+        assert part in message
+
+
+def test_pause_stops_new_submissions_and_new_segments(started: Any) -> None:
+    workflow = SegmentedWorkflow(lambda: 0, segments=50, delay=lambda: 0.001, n_samples=1)
+    ex = started(executor_for(workflow, max_concurrent=3, batch_size=10, max_staleness=0))
+    wait_until(lambda: workflow.segments_started >= 5)
+    ex.pause()
+    submitted = ex.snapshot()["submitted"]
+    # A segment that passed its gate just before the pause may still be starting.
+    time.sleep(0.03)
+    segments = workflow.segments_started
+    time.sleep(0.05)
+    assert workflow.segments_started == segments
+    assert ex.snapshot()["submitted"] == submitted
+    assert ex.paused and ex.snapshot()["paused"]
+    ex.resume()
+    wait_until(lambda: workflow.segments_started > segments)
+
+
+def test_version_change_purges_stale_groups(started: Any) -> None:
+    sink = RecordingSink()
+    holder: dict[str, RolloutExecutor] = {}
+    workflow = SegmentedWorkflow(lambda: holder["ex"].version)
+    ex = holder["ex"] = executor_for(
+        workflow, sink, prox_mode=ProxMode.segment, max_staleness=0, batch_size=2
+    )
+    started(ex)
+    wait_until(lambda: ex.snapshot()["queue_size"] == 2)
+    ex.pause()
+    assert ex.set_version(1) == 2
+    dropped = sink.of("sample_dropped")
+    assert [(e["point"], e["reason"], e["head_lag"]) for e in dropped] == [
+        ("purge", "head_lag", 1),
+        ("purge", "head_lag", 1),
+    ]
+    ex.resume()
+    batch = ex.take(2, timeout=5)
+    assert all(v == 1 for g in batch for s in g.samples for v in s.versions)
+    assert conservation_holds(ex.snapshot())
+
+
+def test_recompute_proximal_runs_over_the_buffer(started: Any) -> None:
+    calls: list[threading.Thread] = []
+
+    async def scorer(prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        calls.append(threading.current_thread())
+        return [-3.0] * len(output_ids)
+
+    class TwoVersionWorkflow:
+        async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+            await gate()
+            return RolloutGroup(rollout_id, [trajectory([0, 1, 1])])
+
+    ex = RolloutExecutor(
+        TwoVersionWorkflow(),
+        rollout_cfg(max_staleness=2, batch_size=2, max_concurrent=2),
+        ProxMode.segment,
+        scorer=scorer,
+    )
+    ex.restore(1)
+    started(ex, paused=True)
+    ex.resume()
+    wait_until(lambda: ex.snapshot()["queue_size"] == 6)  # (η + v + 1)·B − v·B
+    ex.pause()
+    stats = ex.recompute_proximal(1)
+    assert (stats.samples, stats.tokens, stats.failures) == (6, 6, 0)
+    assert {t.name for t in calls} == {"sdp-rollout-executor"}
+    for group in ex.drain():
+        (sample,) = group.samples
+        assert sample.prox_logprobs == [-3.0, -1.0, -1.0]
+        assert sample.recompute_version == 1
+
+
+def test_recompute_without_a_scorer_is_an_error(started: Any) -> None:
+    ex = started(executor_for(SegmentedWorkflow(lambda: 0)), paused=True)
+    with pytest.raises(ExecutorError, match="scorer"):
+        ex.recompute_proximal(1)
+
+
+def test_run_sync_runs_coroutines_on_the_executor_loop(started: Any) -> None:
+    ex = started(executor_for(SegmentedWorkflow(lambda: 0)), paused=True)
+
+    async def where() -> str:
+        return threading.current_thread().name
+
+    assert ex.run_sync(where(), timeout=5) == "sdp-rollout-executor"
+    with pytest.raises(TimeoutError):
+        ex.run_sync(asyncio.sleep(10), timeout=0.05)
+
+
+def test_none_and_errors_are_rejected_and_the_rest_flows(started: Any) -> None:
+    class FlakyWorkflow:
+        async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> Any:
+            if rollout_id % 3 == 1:
+                return None
+            if rollout_id % 3 == 2:
+                raise RuntimeError("reward function crashed")
+            return RolloutGroup(rollout_id, [trajectory([executor_version])])
+
+    sink = RecordingSink()
+    ex = started(executor_for(FlakyWorkflow(), sink, batch_size=2, max_staleness=0))
+    batch = ex.take(2, timeout=5)
+    assert [g.rollout_id for g in batch] == [0, 3]
+    snap = ex.snapshot()
+    assert snap["rejected_by_reason"]["no_group"] >= 1
+    assert snap["rejected_by_reason"]["error"] >= 1
+    assert conservation_holds(snap)
+    errors = [e for e in sink.of("rollout_finished") if e["reason"] == "error"]
+    assert "reward function crashed" in errors[0]["error"]
+
+
+def test_a_workflow_that_always_fails_fails_take_fast(started: Any) -> None:
+    class BrokenWorkflow:
+        async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> Any:
+            raise ConnectionError("no servers")
+
+    ex = RolloutExecutor(BrokenWorkflow(), rollout_cfg(), max_consecutive_errors=5)
+    started(ex)
+    with pytest.raises(ExecutorError, match="5 times in a row"):
+        ex.take(2, timeout=30)
+    assert ex.snapshot()["submitted"] <= 5 + 4
+
+
+def test_stop_cancels_in_flight_rollouts_and_wakes_a_waiting_take(started: Any) -> None:
+    class HangingWorkflow:
+        async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> Any:
+            await asyncio.Event().wait()
+
+    ex = started(executor_for(HangingWorkflow(), max_concurrent=3))
+    wait_until(lambda: ex.snapshot()["running"] == 3)
+    outcome: list[BaseException] = []
+
+    def trainer() -> None:
+        try:
+            ex.take(2, timeout=60)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    time.sleep(0.02)
+    assert ex.stop() == []
+    thread.join(5)
+    assert isinstance(outcome[0], ExecutorStopped)
+    snap = ex.snapshot()
+    assert snap["running"] == 0
+    assert snap["rejected_by_reason"] == {"cancelled": 3}
+    assert conservation_holds(snap)
+    with pytest.raises(ExecutorStopped):
+        ex.take(1, timeout=1)
+
+
+def test_restore_continues_ids_and_bound(started: Any) -> None:
+    holder: dict[str, RolloutExecutor] = {}
+    ex = holder["ex"] = executor_for(
+        SegmentedWorkflow(lambda: holder["ex"].version), batch_size=3, max_staleness=1
+    )
+    ex.restore(4)
+    started(ex)
+    batch = ex.take(3, timeout=5)
+    assert [g.rollout_id for g in batch] == [12, 13, 14]
+    snap = ex.snapshot()
+    assert snap["version"] == 4
+    assert snap["staleness_limit"] == (1 + 4 + 1) * 3
+    with pytest.raises(Exception, match="restore"):
+        ex.restore(5)
+
+
+def test_capacity_events_carry_every_term_and_are_rate_limited(started: Any) -> None:
+    sink = RecordingSink()
+    workflow = SegmentedWorkflow(lambda: 0, delay=lambda: 0.001)
+    ex = RolloutExecutor(
+        workflow, rollout_cfg(max_staleness=50), events=sink, capacity_interval_s=60.0
+    )
+    started(ex)
+    wait_until(lambda: ex.snapshot()["accepted_total"] >= 20)
+    ex.stop()
+    events = sink.of("capacity")
+    # The first change, then (rate limited for 60 s) only the final state at shutdown.
+    assert len(events) == 2
+    assert events[-1]["accepted_live"] == ex.snapshot()["accepted_live"]
+    for key in ("staleness_limit", "concurrency_room", "staleness_room", "capacity", "queue_size"):
+        assert key in events[0]
+
+
+def test_random_schedule_keeps_the_bound_and_conservation(started: Any) -> None:
+    """A trainer thread running the weight-update protocol against rollouts of random length,
+    while another thread polls snapshots: every batch respects η, every snapshot conserves."""
+    rng = random.Random(7)
+    holder: dict[str, RolloutExecutor] = {}
+    workflow = SegmentedWorkflow(
+        lambda: holder["ex"].version, segments=3, delay=lambda: rng.random() * 0.002
+    )
+
+    async def scorer(prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        return [-2.0] * len(output_ids)
+
+    eta, batch_size = 1, 3
+    ex = holder["ex"] = RolloutExecutor(
+        workflow,
+        rollout_cfg(
+            max_staleness=eta,
+            batch_size=batch_size,
+            max_concurrent=5,
+            strategy=Strategy.segment_wise,
+        ),
+        ProxMode.segment,
+        scorer=scorer,
+    )
+    started(ex)
+    stop_polling = threading.Event()
+    broken: list[dict[str, Any]] = []
+
+    def poll() -> None:
+        while not stop_polling.is_set():
+            snap = ex.snapshot()
+            if not conservation_holds(snap):
+                broken.append(snap)
+            time.sleep(0.0002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    seen: set[int] = set()
+    try:
+        for _ in range(25):
+            version = ex.version
+            for group in ex.take(batch_size, timeout=10):
+                assert group.rollout_id not in seen
+                seen.add(group.rollout_id)
+                assert group.head_lag(version) <= eta
+            if rng.random() < 0.3:
+                ex.pause()
+                time.sleep(0.001)
+                ex.resume()
+            ex.pause()
+            ex.recompute_proximal(version)
+            ex.set_version(version + 1)
+            ex.resume()
+    finally:
+        stop_polling.set()
+        poller.join()
+    assert broken == []
+    assert ex.version == 25
