@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from sdp_cli.launcher import ServerFleet
 from sdp_cli.model import TinyModelSpec, init_tiny_model
 
 
@@ -26,3 +27,55 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path, _ = init_tiny_model(TinyModelSpec(), tmp_path_factory.mktemp("models") / "tiny")
     return path
+
+
+@pytest.fixture(scope="session")
+def write_tiny_weights(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Path]:
+    """`write(seed)` saves the tiny model with every weight perturbed by noise from `seed` into
+    a fresh directory (safetensors + config, as vLLM's reload_weights reads it) and returns it.
+    The same seed gives the same weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("weights")
+
+    def write(seed: int, scale: float = 0.05) -> Path:
+        target = root / f"seed-{seed}-{scale}"
+        if target.is_dir():
+            return target
+        model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+        tmp = root / f".seed-{seed}-{scale}.tmp"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(target)
+        return target
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerFleet]:
+    """Two supervised vLLM CPU servers with the tiny model, started once per session through
+    the launcher (`ServerFleet`); `vllm_fleet.pool` is what an InferenceClient routes over.
+    Tests share them: they may find them at any weight version (read `pool.target()`), and one
+    test kills and restarts a server."""
+    from sdp_cli.config import load_config
+    from sdp_cli.telemetry.events import EventLog
+
+    cfg = load_config(overrides=["server.count=2", "server.health_interval_s=1.0"])
+    run_dir = tmp_path_factory.mktemp("vllm-run")
+    events = EventLog(run_dir / "events.jsonl")
+    fleet = ServerFleet(cfg.server, tiny_model_dir, run_dir, events=events)
+    fleet.start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+        events.close()

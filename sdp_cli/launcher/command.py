@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 from sdp_cli.config.schema import Device, ServerConfig
+from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 
-SERVED_MODEL_NAME = "sdp-policy"
+__all__ = [
+    "SERVED_MODEL_NAME",
+    "check_vllm_installed",
+    "resolve_device",
+    "vllm_command",
+    "vllm_env",
+]
 
 
 def resolve_device(server: ServerConfig) -> Device:
@@ -61,7 +68,7 @@ def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
     return cmd + list(server.extra_args)
 
 
-def vllm_env(server: ServerConfig, cuda_devices: list[int] | None = None) -> dict[str, str]:
+def vllm_env(server: ServerConfig, cuda_devices: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # Enables /pause, /resume, /collective_rpc and /update_weight_version.
     env["VLLM_SERVER_DEV_MODE"] = "1"
@@ -70,7 +77,7 @@ def vllm_env(server: ServerConfig, cuda_devices: list[int] | None = None) -> dic
     if resolve_device(server) == Device.cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(server.cpu_kvcache_space_gb)
     if cuda_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in cuda_devices)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda_devices)
     return env
 
 

@@ -12,9 +12,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import psutil
 
 
 @dataclass
@@ -57,13 +60,29 @@ def pid_alive(pid: int) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: they are dead, and
+    an orphaned one may wait a while for its reaper."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return any(_is_running(proc) for proc in psutil.process_iter(["pid"]) if _pgid(proc) == pgid)
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class LocalProcessBackend:
@@ -84,30 +103,38 @@ class LocalProcessBackend:
         return ServerProcess(spec=spec, pid=popen.pid, pgid=popen.pid, popen=popen)
 
     def stop(self, proc: ServerProcess, grace_s: float) -> None:
-        stop_process_group(proc.pgid, grace_s)
+        stop_process_group(proc.pgid, grace_s, reap=proc.poll)
         if proc.popen is not None:
             # Reap the child; the group is already signalled, so a timeout only means a zombie.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=max(grace_s, 1.0))
 
 
-def stop_process_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM the group, wait up to `grace_s`, then SIGKILL whatever is left."""
+def stop_process_group(pgid: int, grace_s: float, reap: Callable[[], object] | None = None) -> None:
+    """SIGTERM the group, wait up to `grace_s`, then SIGKILL whatever is left. `reap` (the
+    leader's poll) is called while waiting so that our own child does not linger as a zombie."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return
-        time.sleep(0.1)
+    if _wait_for_group_exit(pgid, grace_s, reap):
+        return
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 5.0
-    while group_alive(pgid) and time.monotonic() < deadline:
+    _wait_for_group_exit(pgid, 5.0, reap)
+
+
+def _wait_for_group_exit(pgid: int, timeout_s: float, reap: Callable[[], object] | None) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if reap is not None:
+            reap()
+        if not group_alive(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
 
 

@@ -1,4 +1,4 @@
-"""Start one vLLM server and wait for it to be healthy."""
+"""Start one vLLM server, wait for it to be healthy, and explain why it was not."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from sdp_cli.errors import SdpError
 from sdp_cli.launcher.command import check_vllm_installed, vllm_command, vllm_env
 from sdp_cli.launcher.process import LaunchSpec, ProcessBackend, ServerProcess, free_port
 
+TAIL_LINES = 30
+
 
 class ServerStartError(SdpError):
     """A server did not become healthy; the message carries the tail of its log."""
+
+
+class PortTakenError(ServerStartError):
+    """The server could not bind its port (another process took it after it was picked)."""
 
 
 def server_address(host: str, port: int) -> str:
@@ -28,7 +34,7 @@ def launch_spec(
     log_dir: Path,
     port: int | None = None,
     taken_ports: set[int] | None = None,
-    cuda_devices: list[int] | None = None,
+    cuda_devices: list[str] | None = None,
 ) -> LaunchSpec:
     if port is None:
         start = server.base_port + index if server.base_port else 0
@@ -42,29 +48,54 @@ def launch_spec(
     )
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
+def log_size(path: Path) -> int:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return path.stat().st_size
     except FileNotFoundError:
+        return 0
+
+
+def read_log(path: Path, since: int = 0) -> str:
+    """The log text written after byte offset `since` (a restart appends to the same file)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(since)
+            return handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# Shutdown chatter of vLLM's native extensions that would push the real error out of the tail.
+_NOISE_PREFIXES = ("nanobind:", " - leaked", "See https://nanobind")
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
+    text = read_log(path, since)
+    if not text:
         return "(no log written)"
+    kept = [line for line in text.splitlines() if not line.startswith(_NOISE_PREFIXES)]
+    return "\n".join(kept[-lines:])
 
 
+_HEAD_SIZE = (
+    "unsupported head size: vLLM's CPU attention needs head_dim (hidden_size / num_heads) in "
+    "{32, 64, 80, 96, 112, 128}; change model.hidden_size or model.num_heads"
+)
 _USUAL_CAUSES = (
     (
         "No module named 'vllm'",
         "vLLM is not installed: run scripts/setup.sh or pip install 'sdp-cli[cpu]'",
     ),
     ("Address already in use", "the port is taken: set server.base_port=0 to pick free ports"),
+    ("Unsupported CPU attention configuration", _HEAD_SIZE),
+    ("head size", _HEAD_SIZE),
+    ("head_size", _HEAD_SIZE),
     (
-        "head size",
-        "unsupported head size: vLLM's CPU backend needs head_dim in {32, 64, 80, 96, 128}",
+        "does not appear to have a file named config.json",
+        "model directory missing or incomplete: model.path must hold config.json and weights",
     ),
-    (
-        "head_size",
-        "unsupported head size: vLLM's CPU backend needs head_dim in {32, 64, 80, 96, 128}",
-    ),
-    ("does not appear to have a file named config.json", "model directory missing or incomplete"),
-    ("Repo id must be", "model directory missing: model.path must be a local directory"),
+    ("Repo id must be", "model directory missing: model.path must be an existing local directory"),
+    ("No such file or directory", "a file the server needs is missing (model directory?)"),
 )
 
 
@@ -75,6 +106,20 @@ def explain_failure(log: str) -> str:
     return "see the server log above"
 
 
+def startup_failure(
+    index: int, address: str, log_path: Path, since: int, what: str
+) -> ServerStartError:
+    """The error for a server that did not come up: the usual cause (looked for in everything
+    it logged since it was spawned) and its last log lines."""
+    text = read_log(log_path, since)
+    cause = explain_failure(text)
+    error = PortTakenError if "Address already in use" in text else ServerStartError
+    return error(
+        f"vLLM server {index} at {address} {what} ({cause}).\n"
+        f"--- last {TAIL_LINES} lines of {log_path} ---\n{log_tail(log_path, since=since)}"
+    )
+
+
 def wait_until_healthy(proc: ServerProcess, address: str, timeout_s: float) -> float:
     """Poll /health until it answers 200. Returns seconds waited; raises ServerStartError with
     the last 30 log lines if the process exits or the deadline passes."""
@@ -82,8 +127,7 @@ def wait_until_healthy(proc: ServerProcess, address: str, timeout_s: float) -> f
     deadline = start + timeout_s
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
-            code = proc.poll()
-            if code is not None:
+            if proc.poll() is not None:
                 break
             try:
                 if client.get(f"{address}/health").status_code == 200:
@@ -91,12 +135,8 @@ def wait_until_healthy(proc: ServerProcess, address: str, timeout_s: float) -> f
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-    tail = log_tail(proc.spec.log_path)
     what = "exited" if proc.poll() is not None else f"was not healthy after {timeout_s:.0f} s"
-    raise ServerStartError(
-        f"vLLM server {proc.spec.index} at {address} {what} ({explain_failure(tail)}).\n"
-        f"--- last lines of {proc.spec.log_path} ---\n{tail}"
-    )
+    raise startup_failure(proc.spec.index, address, proc.spec.log_path, 0, what)
 
 
 def start_server(

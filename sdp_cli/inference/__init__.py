@@ -1,0 +1,39 @@
+"""Async client for the vLLM servers: segmented generation, prompt logprobs, weight updates,
+routing over a shared ServerPool. Independent of the launcher (the launcher imports this)."""
+
+from sdp_cli.inference.client import Gate, InferenceClient
+from sdp_cli.inference.errors import (
+    InferenceError,
+    NoServerAvailableError,
+    RequestFailedError,
+    RequestRejectedError,
+    ServerProtocolError,
+    WeightsDirError,
+    WeightUpdateError,
+)
+from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus, WeightsTarget
+from sdp_cli.inference.protocol import SERVED_MODEL_NAME, parse_version
+from sdp_cli.inference.types import Completion, SamplingParams, Segment
+from sdp_cli.inference.weights import check_weights_dir
+
+__all__ = [
+    "SERVED_MODEL_NAME",
+    "Completion",
+    "Gate",
+    "InferenceClient",
+    "InferenceError",
+    "NoServerAvailableError",
+    "RequestFailedError",
+    "RequestRejectedError",
+    "SamplingParams",
+    "Segment",
+    "ServerPool",
+    "ServerProtocolError",
+    "ServerState",
+    "ServerStatus",
+    "WeightUpdateError",
+    "WeightsDirError",
+    "WeightsTarget",
+    "check_weights_dir",
+    "parse_version",
+]

@@ -1,0 +1,343 @@
+"""Async client over the vLLM servers of a ServerPool: segmented generation, prompt logprobs,
+and the weight-update protocol on every server.
+
+Routing picks the ready server with the fewest in-flight requests. Connection errors, timeouts and
+5xx answers are retried on another server with exponential backoff; 4xx answers are not (the
+request itself is wrong). When no server is ready (all restarting) a request waits for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from sdp_cli.inference.errors import (
+    NoServerAvailableError,
+    RequestFailedError,
+    RequestRejectedError,
+    WeightUpdateError,
+)
+from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
+from sdp_cli.inference.protocol import (
+    ABORT_PATH,
+    COMPLETIONS_PATH,
+    GENERATE_PATH,
+    SERVED_MODEL_NAME,
+    GenerateAnswer,
+    generate_body,
+    parse_generate_answer,
+    parse_prompt_logprobs,
+    parse_version,
+    prompt_logprobs_body,
+)
+from sdp_cli.inference.types import Completion, SamplingParams
+from sdp_cli.inference.weights import (
+    PHASES,
+    PhaseTimings,
+    check_weights_dir,
+    server_version,
+    update_server_weights,
+)
+
+Gate = Callable[[], Awaitable[None]]
+BodyFactory = Callable[[], dict[str, Any]]
+
+# A segment that returns "abort" without a single new token this many times in a row means the
+# servers abort everything they get; give up rather than spin.
+MAX_EMPTY_ABORTS = 50
+
+
+class InferenceClient:
+    def __init__(
+        self,
+        pool: ServerPool,
+        request_timeout_s: float = 120.0,
+        *,
+        update_timeout_s: float = 120.0,
+        max_attempts: int = 8,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 4.0,
+        server_wait_s: float = 600.0,
+        max_model_len: int | None = None,
+        eos_token_id: int | None = None,
+        model_name: str = SERVED_MODEL_NAME,
+        max_connections: int = 1024,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.pool = pool
+        self.request_timeout_s = request_timeout_s
+        self.update_timeout_s = update_timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.server_wait_s = server_wait_s
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+        self.model_name = model_name
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._transport = transport
+        # httpx connections belong to the event loop that opened them; the trainer and the
+        # rollout executor may each call from their own loop.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._clients = weakref.WeakKeyDictionary()
+        self._clients_lock = threading.Lock()
+
+    async def __aenter__(self) -> InferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections this event loop opened."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        gate: Gate | None = None,
+    ) -> Completion:
+        """Generate up to `max_new_tokens` tokens after `prompt_ids`. A segment the server
+        aborts (a weight update paused it) keeps its tokens; the completion continues from
+        prompt + tokens so far on any ready server, after `gate()` allows it. `gate` is
+        awaited before every segment is sent."""
+        completion = Completion()
+        limit = await self._context_limit()
+        empty_aborts = 0
+        while True:
+            done = len(completion.output_ids)
+            budget = max_new_tokens - done
+            if limit is not None:
+                budget = min(budget, limit - len(prompt_ids) - done)
+            if budget <= 0:
+                completion.finish_reason = "length"
+                return completion
+            if gate is not None:
+                await gate()
+            answer, attempts = await self._generate_segment(
+                prompt_ids + completion.output_ids, sampling, budget, done
+            )
+            completion.n_requests += attempts
+            completion.append(answer.token_ids, answer.logprobs, answer.versions)
+            if answer.finish_reason != "abort":
+                completion.finish_reason = answer.finish_reason
+                return completion
+            if self._ends_on_stop_token(completion, sampling):
+                completion.finish_reason = "stop"
+                return completion
+            empty_aborts = 0 if answer.token_ids else empty_aborts + 1
+            if empty_aborts >= MAX_EMPTY_ABORTS:
+                raise RequestFailedError(
+                    f"servers aborted a segment {MAX_EMPTY_ABORTS} times without producing a token"
+                )
+
+    async def _generate_segment(
+        self, token_ids: list[int], sampling: SamplingParams, budget: int, done: int
+    ) -> tuple[GenerateAnswer, int]:
+        """One segment's answer and the HTTP attempts it took."""
+        fields = sampling.request_fields(budget, done)
+
+        def body() -> dict[str, Any]:
+            # A fresh id per attempt: a retried request may land on the same server while its
+            # first attempt is still being torn down.
+            return generate_body(f"sdp-{uuid.uuid4().hex}", token_ids, fields)
+
+        payload, attempts = await self._with_retries("POST", GENERATE_PATH, body)
+        return parse_generate_answer(payload), attempts
+
+    def _ends_on_stop_token(self, completion: Completion, sampling: SamplingParams) -> bool:
+        """An abort can race with the sampling of a stop token; the completion is then over."""
+        if not completion.output_ids or len(completion.output_ids) < sampling.min_tokens:
+            return False
+        last = completion.output_ids[-1]
+        if last in sampling.stop_token_ids:
+            return True
+        return not sampling.ignore_eos and last == self.eos_token_id
+
+    async def _context_limit(self) -> int | None:
+        """max_model_len of the servers, asked once from /v1/models when not given."""
+        if self.max_model_len is None:
+            with contextlib.suppress(Exception):
+                payload, _ = await self._with_retries("GET", "/v1/models", None)
+                self.max_model_len = int(payload["data"][0]["max_model_len"])
+        return self.max_model_len
+
+    # ---- logprobs -----------------------------------------------------------------------
+
+    async def prompt_logprobs(self, ids: list[int], start: int) -> list[float]:
+        """Logprob of ids[i] given ids[:i] for every i >= start, under the weights the serving
+        server holds now."""
+        if not 1 <= start <= len(ids):
+            raise ValueError(f"start must be in [1, {len(ids)}], got {start}")
+        if start == len(ids):
+            return []
+        payload, _ = await self._with_retries(
+            "POST", COMPLETIONS_PATH, lambda: prompt_logprobs_body(list(ids), self.model_name)
+        )
+        return parse_prompt_logprobs(payload, ids, start)
+
+    async def score(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        """Logprob of each output token given the prompt and the output before it."""
+        return await self.prompt_logprobs(list(prompt_ids) + list(output_ids), len(prompt_ids))
+
+    # ---- weights ------------------------------------------------------------------------
+
+    async def update_weights(self, weights_dir: str, version: int) -> dict[str, float]:
+        """Load `weights_dir` as `version` on every ready server at once (pause with abort →
+        reload_weights → update_weight_version → resume, each server within update_timeout_s).
+        The pool records the target first, so a server that is restarting, or that fails here
+        and is handed to the supervisor for a restart, is given these weights before it serves
+        again. Returns the slowest server's seconds per phase, the total, and server counts."""
+        path = str(check_weights_dir(weights_dir))
+        self.pool.set_target_weights(path, version)
+        targets = [s for s in self.pool.snapshot() if s.state == ServerState.ready]
+        if not targets and self.pool.all_dead():
+            raise NoServerAvailableError("no server to update: all servers are dead")
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(self._update_one(server, path, version) for server in targets)
+        )
+        timings = {f"{phase}_s": 0.0 for phase in PHASES}
+        for result in results:
+            if result is not None:
+                for key, value in result.as_dict().items():
+                    timings[key] = max(timings[key], value)
+        failed = sum(result is None for result in results)
+        if targets and failed == len(targets):
+            raise WeightUpdateError(
+                f"loading '{path}' as version {version} failed on all {failed} servers"
+            )
+        timings["total_s"] = time.perf_counter() - start
+        timings["servers"] = float(len(targets) - failed)
+        timings["failed"] = float(failed)
+        return timings
+
+    async def _update_one(
+        self, server: ServerStatus, path: str, version: int
+    ) -> PhaseTimings | None:
+        http = self._http()
+        try:
+            timings = await update_server_weights(
+                http, server.address, path, version, self.update_timeout_s
+            )
+        except (httpx.HTTPError, OSError) as exc:
+            # Unpause it in case it can still serve, then let the supervisor restart it: its
+            # weights are unknown now.
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                await http.post(f"{server.address}/resume", timeout=5.0)
+            self.pool.request_restart(server.index, f"weight update failed: {exc!r}")
+            return None
+        self.pool.set_version(server.index, version)
+        return timings
+
+    async def server_versions(self) -> dict[str, int]:
+        """The version each non-dead server reports on /weight_info."""
+        http = self._http()
+        live = [s for s in self.pool.snapshot() if s.state != ServerState.dead]
+        names = await asyncio.gather(
+            *(server_version(http, s.address, self.request_timeout_s) for s in live)
+        )
+        return {s.address: parse_version(name) for s, name in zip(live, names, strict=True)}
+
+    # ---- transport ----------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                client = httpx.AsyncClient(
+                    limits=self._limits,
+                    timeout=httpx.Timeout(self.request_timeout_s, connect=10.0),
+                    transport=self._transport,
+                )
+                self._clients[loop] = client
+            return client
+
+    async def _acquire(self, avoid: set[int]) -> ServerStatus:
+        """A routable server, waiting (up to server_wait_s) while all are starting or
+        restarting."""
+        deadline = time.monotonic() + self.server_wait_s
+        delay = 0.02
+        while True:
+            server = self.pool.acquire(avoid)
+            if server is not None:
+                return server
+            if len(self.pool) == 0 or self.pool.all_dead():
+                raise NoServerAvailableError("no inference server is alive")
+            if time.monotonic() > deadline:
+                raise NoServerAvailableError(
+                    f"no inference server became ready within {self.server_wait_s:.0f} s"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+
+    async def _with_retries(
+        self, method: str, path: str, body: BodyFactory | None
+    ) -> tuple[dict[str, Any], int]:
+        """The JSON answer and the number of attempts it took."""
+        http = self._http()
+        avoid: set[int] = set()
+        errors: list[str] = []
+        for attempt in range(self.max_attempts):
+            server = await self._acquire(avoid)
+            payload = body() if body is not None else None
+            try:
+                # httpx's own timeouts bound each socket operation; this bounds the request.
+                async with asyncio.timeout(self.request_timeout_s):
+                    response = await http.request(method, server.address + path, json=payload)
+            except (TimeoutError, httpx.TimeoutException):
+                errors.append(f"{server.address}: no answer within {self.request_timeout_s} s")
+                await self._abort_quietly(http, server.address, payload)
+            except httpx.TransportError as exc:
+                errors.append(f"{server.address}: {type(exc).__name__} {exc}")
+                self.pool.report_unreachable(server.index)
+            else:
+                if response.status_code < 400:
+                    return response.json(), attempt + 1
+                if response.status_code < 500:
+                    raise RequestRejectedError(
+                        f"{server.address}{path} rejected the request "
+                        f"({response.status_code}): {response.text[:500]}"
+                    )
+                errors.append(f"{server.address}: HTTP {response.status_code}")
+            finally:
+                self.pool.release(server.index)
+            avoid.add(server.index)
+            await asyncio.sleep(self._backoff(attempt))
+        raise RequestFailedError(
+            f"{path} failed {self.max_attempts} times: " + "; ".join(errors[-3:])
+        )
+
+    async def _abort_quietly(
+        self, http: httpx.AsyncClient, address: str, payload: dict[str, Any] | None
+    ) -> None:
+        """Stop a timed-out generation on its server so it does not keep a slot busy."""
+        request_id = (payload or {}).get("request_id")
+        if request_id is None:
+            return
+        # The server names the request `generate-tokens-<id>` internally; send both forms.
+        ids = [request_id, f"generate-tokens-{request_id}"]
+        with contextlib.suppress(httpx.HTTPError, OSError):
+            await http.post(f"{address}{ABORT_PATH}", json={"request_ids": ids}, timeout=5.0)

@@ -1,0 +1,216 @@
+"""Shared state of the inference servers: addresses, states, versions and in-flight counts.
+
+The launcher's supervisor writes states and versions; the client routes over the pool and counts
+its in-flight requests. Both may run on different threads, so every access takes one lock, and
+listeners (the registry writer, the event log) are called outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+
+class ServerState(StrEnum):
+    starting = "starting"
+    ready = "ready"
+    restarting = "restarting"
+    dead = "dead"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A snapshot of one server's entry in the pool."""
+
+    index: int
+    address: str
+    state: ServerState
+    version: int
+    in_flight: int = 0
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class WeightsTarget:
+    """The weights every ready server must hold: what a restarted server is loaded with."""
+
+    version: int
+    weights_dir: str | None = None
+
+
+Listener = Callable[[ServerStatus], None]
+
+# How long the client steers other requests away from a server that refused a connection,
+# giving the supervisor's health check time to take it out of routing.
+SUSPECT_S = 2.0
+
+
+@dataclass
+class _Entry:
+    status: ServerStatus
+    restart_reason: str | None = None
+    suspect_until: float = 0.0
+
+
+class ServerPool:
+    def __init__(
+        self,
+        addresses: Sequence[str] = (),
+        state: ServerState = ServerState.ready,
+        version: int = 0,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[_Entry] = []
+        self._listeners: list[Listener] = []
+        self._target = WeightsTarget(version=version)
+        for address in addresses:
+            self.add(address, state=state, version=version)
+
+    # ---- membership and listeners -------------------------------------------------------
+
+    def add(self, address: str, state: ServerState = ServerState.starting, version: int = 0) -> int:
+        """Register a server; returns its index (stable for the pool's lifetime)."""
+        with self._lock:
+            index = len(self._entries)
+            status = ServerStatus(index=index, address=address, state=state, version=version)
+            self._entries.append(_Entry(status=status))
+        self._notify(status)
+        return index
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener` with the new status whenever a server's address, state, version or
+        restart count changes (not on in-flight changes, which happen on every request)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def status(self, index: int) -> ServerStatus:
+        with self._lock:
+            return self._entries[index].status
+
+    def snapshot(self) -> list[ServerStatus]:
+        with self._lock:
+            return [entry.status for entry in self._entries]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [status.address for status in self.snapshot()]
+
+    def ready_addresses(self) -> list[str]:
+        return [s.address for s in self.snapshot() if s.state == ServerState.ready]
+
+    def all_dead(self) -> bool:
+        with self._lock:
+            return all(e.status.state == ServerState.dead for e in self._entries)
+
+    # ---- supervisor side ----------------------------------------------------------------
+
+    def set_state(self, index: int, state: ServerState) -> None:
+        self._update(index, state=state)
+        if state != ServerState.ready:
+            return
+        with self._lock:
+            self._entries[index].suspect_until = 0.0
+
+    def set_version(self, index: int, version: int) -> None:
+        self._update(index, version=version)
+
+    def set_address(self, index: int, address: str) -> None:
+        self._update(index, address=address)
+
+    def count_restart(self, index: int) -> int:
+        with self._lock:
+            restarts = self._entries[index].status.restarts + 1
+        self._update(index, restarts=restarts)
+        return restarts
+
+    def request_restart(self, index: int, reason: str) -> None:
+        """Take a server out of routing and ask the supervisor to restart and resync it (used
+        when it failed the weight-update protocol)."""
+        with self._lock:
+            entry = self._entries[index]
+            if entry.status.state == ServerState.dead:
+                return
+            entry.restart_reason = reason
+        self._update(index, state=ServerState.restarting)
+
+    def take_restart_request(self, index: int) -> str | None:
+        """The reason a restart was requested, once; None if none is pending."""
+        with self._lock:
+            entry = self._entries[index]
+            reason, entry.restart_reason = entry.restart_reason, None
+            return reason
+
+    def set_target_weights(self, weights_dir: str | None, version: int) -> None:
+        with self._lock:
+            self._target = WeightsTarget(version=version, weights_dir=weights_dir)
+
+    def target(self) -> WeightsTarget:
+        with self._lock:
+            return self._target
+
+    def mark_ready_if_current(self, index: int, version: int) -> bool:
+        """Mark a freshly synced server ready, unless the target moved on while it was being
+        synced (then the caller syncs again). Returns whether it was marked ready."""
+        with self._lock:
+            if self._target.version != version:
+                return False
+        self._update(index, state=ServerState.ready, version=version)
+        return True
+
+    # ---- client side --------------------------------------------------------------------
+
+    def acquire(self, avoid: Collection[int] = ()) -> ServerStatus | None:
+        """Pick the routable server with the fewest in-flight requests and count one more
+        request on it; None if no server is routable now. Servers in `avoid` (they just
+        failed this request) and suspects are used only when nothing else is routable."""
+        now = time.monotonic()
+        with self._lock:
+            routable = [
+                e
+                for e in self._entries
+                if e.status.state == ServerState.ready and e.restart_reason is None
+            ]
+            if not routable:
+                return None
+            preferred = [
+                e for e in routable if e.status.index not in avoid and e.suspect_until <= now
+            ]
+            chosen = min(preferred or routable, key=lambda e: e.status.in_flight)
+            chosen.status = replace(chosen.status, in_flight=chosen.status.in_flight + 1)
+            return chosen.status
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            entry = self._entries[index]
+            entry.status = replace(entry.status, in_flight=max(0, entry.status.in_flight - 1))
+
+    def report_unreachable(self, index: int) -> None:
+        """A connection to this server failed: prefer the others for a moment."""
+        with self._lock:
+            self._entries[index].suspect_until = time.monotonic() + SUSPECT_S
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _update(self, index: int, **changes: object) -> None:
+        with self._lock:
+            entry = self._entries[index]
+            new = replace(entry.status, **changes)  # type: ignore[arg-type]
+            changed = new != entry.status
+            entry.status = new
+        if changed:
+            self._notify(new)
+
+    def _notify(self, status: ServerStatus) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(status)

@@ -1,0 +1,117 @@
+"""The vLLM 0.32 HTTP protocol sdp speaks (DESIGN §5): request bodies and answer parsing.
+
+Kept free of I/O so the parsing rules are unit-testable against recorded answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sdp_cli.inference.errors import ServerProtocolError
+
+# The name the launcher serves the policy under; /v1/completions requests must name it.
+SERVED_MODEL_NAME = "sdp-policy"
+# vLLM reports this before the first /update_weight_version call: the initial weights.
+INITIAL_VERSION_NAME = "default"
+
+GENERATE_PATH = "/inference/v1/generate"
+ABORT_PATH = "/inference/v1/abort_requests"
+COMPLETIONS_PATH = "/v1/completions"
+
+
+def parse_version(name: str | int | None) -> int:
+    """A server's weight version string as sdp's integer version."""
+    if name is None or name == INITIAL_VERSION_NAME:
+        return 0
+    try:
+        return int(name)
+    except (TypeError, ValueError):
+        raise ServerProtocolError(
+            f"server reported weight version {name!r}; sdp versions are integers"
+        ) from None
+
+
+@dataclass
+class GenerateAnswer:
+    """The one choice of a /inference/v1/generate answer."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str
+
+
+def generate_body(request_id: str, token_ids: list[int], sampling: dict[str, Any]) -> dict:
+    return {
+        "request_id": request_id,
+        "token_ids": token_ids,
+        "return_token_ids": True,
+        "stream": False,
+        "output_mode": "tokens",
+        "sampling_params": sampling,
+    }
+
+
+def versions_from_spans(spans: list[dict[str, Any]] | None, n_tokens: int) -> list[int]:
+    """Per-token versions from `weight_versions` spans [{"version","start","end"}]; the spans
+    must cover every output token, since sdp never guesses a token's version."""
+    versions: list[int | None] = [None] * n_tokens
+    for span in spans or []:
+        version = parse_version(span["version"])
+        for position in range(int(span["start"]), min(int(span["end"]), n_tokens)):
+            versions[position] = version
+    if any(v is None for v in versions):
+        raise ServerProtocolError(
+            f"weight_versions spans {spans} do not cover all {n_tokens} output tokens"
+        )
+    return [v for v in versions if v is not None]
+
+
+def parse_generate_answer(payload: dict[str, Any]) -> GenerateAnswer:
+    try:
+        choice = payload["choices"][0]
+        token_ids = list(choice.get("token_ids") or [])
+        content = (choice.get("logprobs") or {}).get("content") or []
+        logprobs = [float(entry["logprob"]) for entry in content]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ServerProtocolError(f"unexpected generate answer: {exc!r}") from None
+    if len(logprobs) != len(token_ids):
+        raise ServerProtocolError(
+            f"generate answer has {len(token_ids)} tokens but {len(logprobs)} logprobs"
+        )
+    return GenerateAnswer(
+        token_ids=token_ids,
+        logprobs=logprobs,
+        versions=versions_from_spans(choice.get("weight_versions"), len(token_ids)),
+        finish_reason=str(choice.get("finish_reason") or "stop"),
+    )
+
+
+def prompt_logprobs_body(token_ids: list[int], model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": token_ids,
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "seed": 0,
+        "prompt_logprobs": 0,
+        "logprobs": None,
+        "echo": False,
+        "stream": False,
+    }
+
+
+def parse_prompt_logprobs(payload: dict[str, Any], token_ids: list[int], start: int) -> list[float]:
+    """Logprob of token_ids[i] given token_ids[:i], for i >= start. Entry i of vLLM's
+    `prompt_logprobs` is keyed by the token id as a string (entry 0 is null)."""
+    try:
+        entries = payload["choices"][0]["prompt_logprobs"]
+        return [
+            float(entries[i][str(token_ids[i])]["logprob"]) for i in range(start, len(token_ids))
+        ]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ServerProtocolError(f"unexpected prompt_logprobs answer: {exc!r}") from None

@@ -1,0 +1,86 @@
+"""What goes into a generation request and what comes out of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one completion. Every field is sent to vLLM explicitly, because the
+    servers run with `--generation-config vllm` and must not fill anything from the model."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    # None leaves sampling unseeded; a continuation segment uses seed + tokens so far, so that
+    # it does not replay the random stream of the first segment.
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def request_fields(self, max_tokens: int, tokens_so_far: int) -> dict[str, Any]:
+        """The `sampling_params` object of a /inference/v1/generate request for a segment that
+        continues after `tokens_so_far` output tokens and may add `max_tokens` more."""
+        return {
+            "n": 1,
+            "max_tokens": max_tokens,
+            "min_tokens": max(0, min(self.min_tokens - tokens_so_far, max_tokens)),
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": None if self.seed is None else self.seed + tokens_so_far,
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logprobs": 0,
+            "prompt_logprobs": None,
+            "detokenize": False,
+            "skip_special_tokens": False,
+        }
+
+
+# (version, start, end): output tokens [start, end) were sampled by weights of `version`.
+Segment = tuple[int, int, int]
+
+
+@dataclass
+class Completion:
+    """One completion, possibly joined from several segments generated under different
+    weights. `versions` holds, per output token, the version the serving vLLM reported."""
+
+    output_ids: list[int] = field(default_factory=list)
+    # μ_t: logprob of each token under the weights that sampled it.
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    segments: list[Segment] = field(default_factory=list)
+    # HTTP requests it took: one per segment, plus retries after connection errors/timeouts.
+    n_requests: int = 0
+
+    @property
+    def n_segments(self) -> int:
+        """Runs of consecutive tokens produced under one version."""
+        return len(self.segments)
+
+    def append(self, ids: list[int], logprobs: list[float], versions: list[int]) -> None:
+        """Add the tokens of one server answer, merging runs of equal version into segments."""
+        for token, logprob, version in zip(ids, logprobs, versions, strict=True):
+            position = len(self.output_ids)
+            self.output_ids.append(token)
+            self.logprobs.append(logprob)
+            self.versions.append(version)
+            if self.segments and self.segments[-1][0] == version:
+                last = self.segments[-1]
+                self.segments[-1] = (last[0], last[1], position + 1)
+            else:
+                self.segments.append((version, position, position + 1))

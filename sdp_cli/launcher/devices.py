@@ -1,0 +1,47 @@
+"""Which CUDA devices each server gets: `server.count` servers × `tensor_parallel_size` devices,
+taken in order from the visible devices."""
+
+from __future__ import annotations
+
+import os
+
+from sdp_cli.errors import SdpError
+
+
+class DeviceAllocationError(SdpError):
+    """Not enough CUDA devices for the requested servers."""
+
+
+def visible_cuda_devices() -> list[str]:
+    """Device names a child may be given in CUDA_VISIBLE_DEVICES: the parent's own list when it
+    has one (indices or GPU UUIDs), else 0..n-1 for the devices torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def split_devices(count: int, tensor_parallel_size: int, devices: list[str]) -> list[list[str]]:
+    """Disjoint groups of `tensor_parallel_size` devices, one per server, in device order."""
+    if count < 1 or tensor_parallel_size < 1:
+        raise DeviceAllocationError(
+            f"server.count ({count}) and server.tensor_parallel_size ({tensor_parallel_size}) "
+            "must be at least 1"
+        )
+    needed = count * tensor_parallel_size
+    if needed > len(devices):
+        shown = ",".join(devices) if devices else "none"
+        raise DeviceAllocationError(
+            f"server.count={count} × server.tensor_parallel_size={tensor_parallel_size} needs "
+            f"{needed} CUDA devices, but {len(devices)} are visible ({shown}).\n"
+            "  fix: lower server.count or server.tensor_parallel_size, or set "
+            "CUDA_VISIBLE_DEVICES to more devices"
+        )
+    return [
+        devices[i * tensor_parallel_size : (i + 1) * tensor_parallel_size] for i in range(count)
+    ]

@@ -1,0 +1,134 @@
+"""`sdp launch-servers`: run a supervised fleet in the foreground with a live status table until
+Ctrl-C (exit 130) or SIGTERM (exit 0); either way every server process group is stopped."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.inference.pool import ServerState
+from sdp_cli.launcher.fleet import ServerFleet
+from sdp_cli.launcher.server import ServerStartError
+from sdp_cli.telemetry.events import EventLog
+
+_STATE_STYLE = {
+    ServerState.starting: "yellow",
+    ServerState.ready: "green",
+    ServerState.restarting: "yellow",
+    ServerState.dead: "red",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: shut down cleanly and exit 0. A BaseException, like KeyboardInterrupt,
+    so no `except Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into a Terminated exception in the main thread while inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Shield a clean shutdown from a second Ctrl-C or SIGTERM, which would otherwise cut it
+    short and leave servers behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def status_table(fleet: ServerFleet) -> Table:
+    table = Table(title=f"vLLM servers — registry {fleet.registry_path}", title_justify="left")
+    for column in ("#", "address", "state", "version", "in-flight", "restarts", "pid"):
+        table.add_column(column, justify="right" if column in ("#", "version") else "left")
+    for status in fleet.pool.snapshot():
+        pid = fleet.pid(status.index)
+        in_flight = fleet.loads.get(status.index, status.in_flight)
+        style = _STATE_STYLE[status.state]
+        table.add_row(
+            str(status.index),
+            status.address,
+            f"[{style}]{status.state.value}[/]",
+            str(status.version),
+            str(in_flight),
+            str(status.restarts),
+            str(pid) if pid else "-",
+        )
+    return table
+
+
+def run_foreground(cfg: SdpConfig, console: Console | None = None) -> int:
+    """Start `cfg.server.count` servers, show their status until interrupted, stop them.
+    Returns the exit code for SIGTERM (0); Ctrl-C propagates as KeyboardInterrupt (130)."""
+    from sdp_cli.launcher.command import check_vllm_installed
+    from sdp_cli.model import ensure_model_dir
+
+    console = console or Console()
+    check_vllm_installed()
+    model_dir = ensure_model_dir(cfg.model)
+    run_dir = Path(cfg.run.dir)
+    registry = Path(cfg.server.registry) if cfg.server.registry else run_dir / "servers.json"
+    events = EventLog(run_dir / "events.jsonl")
+    fleet = ServerFleet(
+        cfg.server, model_dir, run_dir, registry_path=registry, events=events, observe_servers=True
+    )
+    try:
+        with sigterm_raises():
+            try:
+                console.print(
+                    f"starting {cfg.server.count} vLLM server(s) for {model_dir} "
+                    f"(logs in {fleet.log_dir})",
+                    highlight=False,
+                )
+                fleet.start()
+                console.print(f"ready; registry: {registry}", highlight=False)
+                _show_until_interrupted(fleet, console)
+            except Terminated:
+                return 0
+            finally:
+                with signals_ignored():
+                    console.print("stopping servers…", highlight=False)
+                    fleet.stop()
+    finally:
+        events.close()
+    return 0
+
+
+def _show_until_interrupted(fleet: ServerFleet, console: Console) -> None:
+    idle = threading.Event()
+    with Live(status_table(fleet), console=console, refresh_per_second=2) as live:
+        while True:
+            idle.wait(1.0)
+            live.update(status_table(fleet))
+            if fleet.pool.all_dead():
+                raise ServerStartError(
+                    f"all servers are dead (restarts exhausted); see {fleet.log_dir}"
+                )

@@ -1,0 +1,415 @@
+"""InferenceClient and ServerPool against fake servers (httpx.MockTransport): fault injection for
+routing, retries, backoff, timeouts, segment joining and the weight-update call sequence.
+Real behaviour on vLLM is in test_inference_vllm.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sdp_cli.inference import (
+    InferenceClient,
+    NoServerAvailableError,
+    RequestFailedError,
+    RequestRejectedError,
+    SamplingParams,
+    ServerPool,
+    ServerProtocolError,
+    ServerState,
+    WeightsDirError,
+    WeightUpdateError,
+)
+from sdp_cli.inference.protocol import parse_prompt_logprobs, versions_from_spans
+from sdp_cli.inference.types import Completion
+
+A, B = "http://a:1", "http://b:2"
+
+
+def answer(tokens: list[int], finish: str, spans: list[tuple[str, int, int]]) -> dict[str, Any]:
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": finish,
+                "token_ids": tokens,
+                "logprobs": {
+                    "content": [
+                        {"token_id": t, "logprob": -0.1 * (i + 1)} for i, t in enumerate(tokens)
+                    ]
+                },
+                "weight_versions": [{"version": v, "start": s, "end": e} for v, s, e in spans],
+            }
+        ]
+    }
+
+
+@dataclass
+class FakeServers:
+    """Routes each request to `handler(address, path, body)`; records every call."""
+
+    handler: Callable[[str, str, dict[str, Any]], Any]
+    calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        address = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        body = json.loads(request.content) if request.content else {}
+        if request.url.params:
+            body = {**body, **dict(request.url.params)}
+        self.calls.append((address, request.url.path, body))
+        result = self.handler(address, request.url.path, body)
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, httpx.Response):
+            return result
+        return httpx.Response(200, json=result)
+
+    def paths(self, address: str | None = None) -> list[str]:
+        return [p for a, p, _ in self.calls if address is None or a == address]
+
+
+def make_client(pool: ServerPool, fake: FakeServers, **kwargs: Any) -> InferenceClient:
+    options: dict[str, Any] = {"backoff_s": 0.001, "max_model_len": 256, "server_wait_s": 5.0}
+    options.update(kwargs)
+    return InferenceClient(pool, transport=httpx.MockTransport(fake), **options)
+
+
+# ---- protocol parsing -------------------------------------------------------------------
+
+
+def test_initial_version_name_is_version_zero_and_spans_give_per_token_versions() -> None:
+    spans = [{"version": "default", "start": 0, "end": 2}, {"version": "3", "start": 2, "end": 5}]
+    assert versions_from_spans(spans, 5) == [0, 0, 3, 3, 3]
+
+
+def test_spans_that_miss_a_token_are_a_protocol_error() -> None:
+    with pytest.raises(ServerProtocolError):
+        versions_from_spans([{"version": "1", "start": 0, "end": 2}], 3)
+
+
+def test_prompt_logprobs_are_read_by_token_id_from_start() -> None:
+    payload = {
+        "choices": [{"prompt_logprobs": [None, {"7": {"logprob": -1.5}}, {"9": {"logprob": -2.5}}]}]
+    }
+    assert parse_prompt_logprobs(payload, [1, 7, 9], 1) == [-1.5, -2.5]
+    assert parse_prompt_logprobs(payload, [1, 7, 9], 2) == [-2.5]
+
+
+def test_every_sampling_field_is_sent_and_continuations_shift_seed_and_min_tokens() -> None:
+    sampling = SamplingParams(
+        temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=11, stop_token_ids=(3,), min_tokens=8
+    )
+    first = sampling.request_fields(max_tokens=20, tokens_so_far=0)
+    assert first["max_tokens"] == 20 and first["min_tokens"] == 8 and first["seed"] == 11
+    assert first["logprobs"] == 0 and first["ignore_eos"] is False
+    assert first["stop_token_ids"] == [3]
+    assert {"temperature", "top_p", "top_k", "min_p", "n", "repetition_penalty"} <= set(first)
+    later = sampling.request_fields(max_tokens=14, tokens_so_far=6)
+    assert later["min_tokens"] == 2 and later["seed"] == 17
+
+
+def test_completion_merges_runs_of_one_version_into_segments() -> None:
+    completion = Completion()
+    completion.append([5, 6], [-1.0, -1.0], [0, 0])
+    completion.append([7], [-1.0], [0])
+    completion.append([8, 9], [-1.0, -1.0], [1, 1])
+    assert completion.segments == [(0, 0, 3), (1, 3, 5)]
+    assert completion.n_segments == 2
+
+
+# ---- pool ---------------------------------------------------------------------------
+
+
+def test_pool_routes_to_fewest_in_flight_among_ready_servers() -> None:
+    pool = ServerPool([A, B, "http://c:3"])
+    pool.set_state(2, ServerState.restarting)
+    first = pool.acquire()
+    second = pool.acquire()
+    third = pool.acquire()
+    assert first is not None and second is not None and third is not None
+    assert {first.index, second.index} == {0, 1}
+    assert third.index in (0, 1)
+    assert [s.in_flight for s in pool.snapshot()] in ([2, 1, 0], [1, 2, 0])
+    pool.release(third.index)
+    assert [s.in_flight for s in pool.snapshot()] == [1, 1, 0]
+
+
+def test_pool_listeners_hear_state_changes_but_not_in_flight_counts() -> None:
+    pool = ServerPool([A])
+    heard: list[ServerState] = []
+    pool.subscribe(lambda status: heard.append(status.state))
+    server = pool.acquire()
+    assert server is not None
+    pool.release(server.index)
+    pool.set_state(0, ServerState.restarting)
+    pool.set_state(0, ServerState.restarting)
+    assert heard == [ServerState.restarting]
+
+
+def test_a_server_handed_over_for_restart_is_not_routed_to() -> None:
+    pool = ServerPool([A, B])
+    pool.request_restart(0, "weight update failed")
+    assert pool.status(0).state == ServerState.restarting
+    assert {pool.acquire().index for _ in range(3)} == {1}  # type: ignore[union-attr]
+    assert pool.take_restart_request(0) == "weight update failed"
+    assert pool.take_restart_request(0) is None
+
+
+def test_marking_ready_fails_when_the_target_moved_on_during_a_sync() -> None:
+    pool = ServerPool([A], state=ServerState.restarting)
+    pool.set_target_weights("/w/v2", 2)
+    assert not pool.mark_ready_if_current(0, 1)
+    assert pool.status(0).state == ServerState.restarting
+    assert pool.mark_ready_if_current(0, 2)
+    assert pool.status(0).state == ServerState.ready and pool.status(0).version == 2
+
+
+# ---- generation ---------------------------------------------------------------------
+
+
+def test_aborted_segment_continues_from_prompt_plus_tokens_after_the_gate() -> None:
+    requests: list[dict[str, Any]] = []
+
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        requests.append(body)
+        if len(requests) == 1:
+            return answer([10, 11, 12], "abort", [("4", 0, 3)])
+        return answer([13, 14], "length", [("5", 0, 2)])
+
+    gate_calls: list[int] = []
+
+    async def gate() -> None:
+        gate_calls.append(len(requests))
+
+    async def run() -> Completion:
+        client = make_client(ServerPool([A]), FakeServers(handler))
+        return await client.generate([1, 2], SamplingParams(seed=3), 5, gate=gate)
+
+    completion = asyncio.run(run())
+    assert completion.output_ids == [10, 11, 12, 13, 14]
+    assert completion.versions == [4, 4, 4, 5, 5]
+    assert completion.segments == [(4, 0, 3), (5, 3, 5)]
+    assert completion.finish_reason == "length" and completion.n_requests == 2
+    assert completion.logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.1, -0.2])
+    assert requests[1]["token_ids"] == [1, 2, 10, 11, 12]
+    assert requests[1]["sampling_params"]["max_tokens"] == 2
+    assert requests[1]["sampling_params"]["seed"] == 6
+    assert gate_calls == [0, 1]
+
+
+def test_abort_right_after_a_stop_token_ends_the_completion() -> None:
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        return answer([10, 3], "abort", [("1", 0, 2)])
+
+    async def run() -> Completion:
+        client = make_client(ServerPool([A]), FakeServers(handler))
+        return await client.generate([1], SamplingParams(stop_token_ids=(3,)), 10)
+
+    completion = asyncio.run(run())
+    assert completion.output_ids == [10, 3] and completion.finish_reason == "stop"
+
+
+def test_budget_is_capped_by_the_context_length() -> None:
+    fake = FakeServers(
+        lambda a, p, b: answer(
+            [9] * b["sampling_params"]["max_tokens"],
+            "length",
+            [("0", 0, b["sampling_params"]["max_tokens"])],
+        )
+    )
+
+    async def run() -> Completion:
+        client = make_client(ServerPool([A]), fake, max_model_len=10)
+        return await client.generate([1] * 6, SamplingParams(), 50)
+
+    completion = asyncio.run(run())
+    assert len(completion.output_ids) == 4
+    assert fake.calls[0][2]["sampling_params"]["max_tokens"] == 4
+
+
+def test_connection_error_is_retried_on_another_server() -> None:
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        if address == A:
+            raise httpx.ConnectError("refused")
+        return answer([5], "length", [("0", 0, 1)])
+
+    fake = FakeServers(handler)
+    pool = ServerPool([A, B])
+
+    async def run() -> Completion:
+        return await make_client(pool, fake).generate([1], SamplingParams(), 1)
+
+    completion = asyncio.run(run())
+    assert completion.output_ids == [5] and completion.n_requests == 2
+    assert [a for a, _, _ in fake.calls] == [A, B]
+    # The failed server is avoided by the next request too, and no request is left counted.
+    assert pool.acquire().index == 1  # type: ignore[union-attr]
+    assert [s.in_flight for s in pool.snapshot()] == [0, 1]
+
+
+def test_retries_back_off_exponentially_and_give_up_after_max_attempts() -> None:
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        raise httpx.ConnectError("refused")
+
+    fake = FakeServers(handler)
+    client = make_client(ServerPool([A]), fake, max_attempts=4, backoff_s=0.05)
+    start = time.monotonic()
+    with pytest.raises(RequestFailedError, match="failed 4 times"):
+        asyncio.run(client.generate([1], SamplingParams(), 1))
+    # 0.05 + 0.1 + 0.2 + 0.4 seconds of backoff between and after the four attempts.
+    assert time.monotonic() - start >= 0.7
+    assert len(fake.calls) == 4
+
+
+def test_server_errors_are_retried_but_rejections_are_not() -> None:
+    statuses = iter([500, 200])
+
+    def flaky(address: str, path: str, body: dict[str, Any]) -> Any:
+        code = next(statuses)
+        return answer([5], "length", [("0", 0, 1)]) if code == 200 else httpx.Response(code)
+
+    fake = FakeServers(flaky)
+    assert asyncio.run(
+        make_client(ServerPool([A]), fake).generate([1], SamplingParams(), 1)
+    ).output_ids == [5]
+    assert len(fake.calls) == 2
+
+    rejecting = FakeServers(lambda a, p, b: httpx.Response(400, text="too long"))
+    with pytest.raises(RequestRejectedError, match="too long"):
+        asyncio.run(make_client(ServerPool([A]), rejecting).generate([1], SamplingParams(), 1))
+    assert len(rejecting.calls) == 1
+
+
+def test_a_request_past_its_timeout_is_aborted_there_and_retried_elsewhere() -> None:
+    async def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        if path.endswith("abort_requests"):
+            return {}
+        if address == A:
+            await asyncio.sleep(5.0)
+        return answer([5], "length", [("0", 0, 1)])
+
+    fake = FakeServers(handler)
+
+    async def run() -> Completion:
+        return await make_client(ServerPool([A, B]), fake, request_timeout_s=0.2).generate(
+            [1], SamplingParams(), 1
+        )
+
+    start = time.monotonic()
+    assert asyncio.run(run()).output_ids == [5]
+    assert time.monotonic() - start < 2.0
+    assert fake.paths(A) == ["/inference/v1/generate", "/inference/v1/abort_requests"]
+    timed_out_id = fake.calls[0][2]["request_id"]
+    assert timed_out_id in fake.calls[1][2]["request_ids"]
+
+
+def test_a_request_waits_while_every_server_restarts() -> None:
+    pool = ServerPool([A], state=ServerState.restarting)
+    fake = FakeServers(lambda a, p, b: answer([5], "length", [("2", 0, 1)]))
+
+    async def run() -> Completion:
+        async def come_back() -> None:
+            await asyncio.sleep(0.3)
+            pool.set_state(0, ServerState.ready)
+
+        task = asyncio.create_task(come_back())
+        completion = await make_client(pool, fake).generate([1], SamplingParams(), 1)
+        await task
+        return completion
+
+    start = time.monotonic()
+    assert asyncio.run(run()).versions == [2]
+    assert time.monotonic() - start >= 0.3
+
+
+def test_no_live_server_is_an_error_not_a_hang() -> None:
+    pool = ServerPool([A], state=ServerState.dead)
+    client = make_client(pool, FakeServers(lambda a, p, b: {}))
+    with pytest.raises(NoServerAvailableError, match="alive"):
+        asyncio.run(client.generate([1], SamplingParams(), 1))
+
+
+def test_score_is_prompt_logprobs_of_the_output_given_the_prompt() -> None:
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        entries = [None] + [{str(t): {"logprob": -float(t)}} for t in body["prompt"][1:]]
+        return {"choices": [{"prompt_logprobs": entries}]}
+
+    fake = FakeServers(handler)
+    client = make_client(ServerPool([A]), fake, model_name="m")
+    assert asyncio.run(client.score([1, 2], [3, 4])) == [-3.0, -4.0]
+    _, path, body = fake.calls[0]
+    assert path == "/v1/completions"
+    assert body["model"] == "m" and body["max_tokens"] == 1 and body["prompt_logprobs"] == 0
+
+
+# ---- weight updates -----------------------------------------------------------------
+
+
+def weights_dir(tmp_path: Path) -> Path:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_weight_update_runs_the_protocol_on_every_ready_server(tmp_path: Path) -> None:
+    fake = FakeServers(lambda a, p, b: {"results": [None]} if p == "/collective_rpc" else {})
+    pool = ServerPool([A, B, "http://c:3"])
+    pool.set_state(2, ServerState.restarting)
+    timings = asyncio.run(make_client(pool, fake).update_weights(str(weights_dir(tmp_path)), 7))
+    for address in (A, B):
+        assert fake.paths(address) == [
+            "/pause",
+            "/collective_rpc",
+            "/update_weight_version",
+            "/resume",
+        ]
+    assert fake.paths("http://c:3") == []
+    pause, reload, version, _resume = [body for a, _, body in fake.calls if a == A]
+    assert pause == {"mode": "abort", "clear_cache": "true"}
+    assert reload == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path)}}
+    assert version == {"new_version": "7"}
+    assert [s.version for s in pool.snapshot()] == [7, 7, 0]
+    assert pool.target().version == 7 and pool.target().weights_dir == str(tmp_path)
+    assert set(timings) >= {"pause_s", "reload_s", "version_s", "resume_s", "total_s"}
+    assert timings["servers"] == 2 and timings["failed"] == 0
+
+
+def test_a_server_failing_the_update_is_handed_to_the_supervisor(tmp_path: Path) -> None:
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        if address == A and path == "/collective_rpc":
+            return httpx.Response(500)
+        return {}
+
+    pool = ServerPool([A, B])
+    timings = asyncio.run(
+        make_client(pool, FakeServers(handler)).update_weights(str(weights_dir(tmp_path)), 1)
+    )
+    assert timings["failed"] == 1 and timings["servers"] == 1
+    assert pool.status(0).state == ServerState.restarting
+    assert pool.take_restart_request(0) is not None
+    assert pool.status(1).version == 1
+
+
+def test_update_fails_loudly_when_every_server_fails(tmp_path: Path) -> None:
+    fake = FakeServers(lambda a, p, b: httpx.Response(500))
+    with pytest.raises(WeightUpdateError):
+        asyncio.run(
+            make_client(ServerPool([A]), fake).update_weights(str(weights_dir(tmp_path)), 1)
+        )
+
+
+def test_an_incomplete_weights_dir_is_refused_before_any_server_is_touched(tmp_path: Path) -> None:
+    fake = FakeServers(lambda a, p, b: {})
+    client = make_client(ServerPool([A]), fake)
+    with pytest.raises(WeightsDirError, match="safetensors"):
+        asyncio.run(client.update_weights(str(tmp_path), 1))
+    with pytest.raises(WeightsDirError, match="does not exist"):
+        asyncio.run(client.update_weights(str(tmp_path / "missing"), 1))
+    assert fake.calls == []

@@ -1,0 +1,220 @@
+"""The inference client against real vLLM CPU servers (the session's `vllm_fleet`, two servers
+with the tiny model): generation, stop tokens, weight updates in the middle of completions,
+reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from sdp_cli.inference import Completion, InferenceClient, SamplingParams
+from sdp_cli.launcher import ServerFleet
+
+pytestmark = pytest.mark.vllm
+
+EOS = 2
+PROMPT = [1, 5, 6, 7, 8]
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@dataclass
+class Reported:
+    """One /inference/v1/generate exchange as the server answered it."""
+
+    request_ids: list[int]
+    answer_ids: list[int]
+    spans: list[dict[str, Any]]
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """Passes requests through and keeps each generate answer, to compare the client's joined
+    completion with what the servers themselves reported."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.reports: list[Reported] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/generate"):
+            return response
+        content = await response.aread()
+        choice = json.loads(content)["choices"][0]
+        self.reports.append(
+            Reported(
+                request_ids=json.loads(request.content)["token_ids"],
+                answer_ids=choice["token_ids"],
+                spans=choice["weight_versions"] or [],
+            )
+        )
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def versions_reported_for(
+    prompt: list[int], completion: Completion, reports: list[Reported]
+) -> list[int]:
+    """Per-token versions rebuilt from the raw answers of the requests that produced this
+    completion: each request's token_ids is the prompt plus the completion's tokens so far."""
+    versions: list[int] = []
+    while len(versions) < len(completion.output_ids):
+        sent = prompt + completion.output_ids[: len(versions)]
+        report = next(r for r in reports if r.request_ids == sent and r.answer_ids)
+        segment = [0] * len(report.answer_ids)
+        for span in report.spans:
+            for i in range(span["start"], span["end"]):
+                segment[i] = 0 if span["version"] == "default" else int(span["version"])
+        versions += segment
+    return versions
+
+
+def current_version(fleet: ServerFleet) -> int:
+    return fleet.pool.target().version
+
+
+def test_generation_returns_matching_ids_logprobs_and_versions(vllm_fleet: ServerFleet) -> None:
+    version = current_version(vllm_fleet)
+
+    async def go() -> tuple[Completion, list[float]]:
+        async with InferenceClient(vllm_fleet.pool) as client:
+            completion = await client.generate(PROMPT, SamplingParams(seed=7), 24)
+            return completion, await client.score(PROMPT, completion.output_ids)
+
+    completion, scored = run(go())
+    n = len(completion.output_ids)
+    assert 1 <= n <= 24
+    assert len(completion.logprobs) == n and len(completion.versions) == n
+    assert completion.versions == [version] * n
+    assert completion.segments == [(version, 0, n)] and completion.n_segments == 1
+    if completion.finish_reason == "length":
+        assert n == 24
+    else:
+        assert completion.finish_reason == "stop" and completion.output_ids[-1] == EOS
+    assert all(lp <= 0.0 for lp in completion.logprobs)
+    assert completion.logprobs == pytest.approx(scored, abs=1e-3)
+
+
+def test_stop_tokens_and_eos_end_completions(vllm_fleet: ServerFleet) -> None:
+    stop = tuple(range(20, 40))
+
+    async def go() -> tuple[list[Completion], list[Completion]]:
+        async with InferenceClient(vllm_fleet.pool) as client:
+            stopped = await asyncio.gather(
+                *(
+                    client.generate(PROMPT, SamplingParams(seed=s, stop_token_ids=stop), 64)
+                    for s in range(8)
+                )
+            )
+            # EOS has probability ~1/64 per token under the random model: over 16 × 96 tokens
+            # some completions sample it, and each must end right there.
+            free = await asyncio.gather(
+                *(client.generate(PROMPT, SamplingParams(seed=100 + s), 96) for s in range(16))
+            )
+            return list(stopped), list(free)
+
+    stopped, free = run(go())
+    for completion in stopped:
+        assert completion.finish_reason == "stop"
+        assert completion.output_ids[-1] in stop
+        assert not set(completion.output_ids[:-1]) & set(stop)
+    ended_on_eos = [c for c in free if c.finish_reason == "stop"]
+    assert ended_on_eos, "no completion sampled EOS; the seeds should make some"
+    for completion in free:
+        assert EOS not in completion.output_ids[:-1]
+        assert (completion.output_ids[-1] == EOS) == (completion.finish_reason == "stop")
+
+
+def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
+    vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
+) -> None:
+    first, second = write_tiny_weights(1), write_tiny_weights(2)
+    recorder = RecordingTransport()
+    prompts = [[1, 5 + i, 6, 7] for i in range(6)]
+    length = 240
+
+    async def go() -> tuple[int, list[Completion], list[list[float]], list[list[float]]]:
+        async with InferenceClient(vllm_fleet.pool, transport=recorder) as client:
+            old = current_version(vllm_fleet) + 1
+            await client.update_weights(str(first), old)
+            tasks = [
+                asyncio.create_task(
+                    client.generate(p, SamplingParams(seed=i, min_tokens=length), length)
+                )
+                for i, p in enumerate(prompts)
+            ]
+            # Let every completion get some tokens under `old`, then switch weights under them.
+            await asyncio.sleep(0.5)
+            await client.update_weights(str(second), old + 1)
+            completions = await asyncio.gather(*tasks)
+            under_second = [
+                await client.score(p, c.output_ids)
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+            # Load the first weights again (as a new version) to score the old tokens.
+            await client.update_weights(str(first), old + 2)
+            under_first = [
+                await client.score(p, c.output_ids)
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+            return old, list(completions), under_second, under_first
+
+    old, completions, under_second, under_first = run(go())
+    split = [c for c in completions if c.n_segments == 2]
+    assert split, "no completion was interrupted by the update"
+    for prompt, completion, second_lp, first_lp in zip(
+        prompts, completions, under_second, under_first, strict=True
+    ):
+        assert len(completion.output_ids) == length and completion.finish_reason == "length"
+        assert completion.versions == versions_reported_for(prompt, completion, recorder.reports)
+        assert set(completion.versions) <= {old, old + 1}
+        assert completion.versions == sorted(completion.versions)
+        for version, start, end in completion.segments:
+            assert completion.versions[start:end] == [version] * (end - start)
+        for i, version in enumerate(completion.versions):
+            expected = first_lp[i] if version == old else second_lp[i]
+            assert completion.logprobs[i] == pytest.approx(expected, abs=1e-3)
+    # The check discriminates: tokens sampled under the first weights do not fit the second.
+    old_tokens = [
+        abs(c.logprobs[i] - s[i])
+        for c, s in zip(completions, under_second, strict=True)
+        for i, v in enumerate(c.versions)
+        if v == old
+    ]
+    assert sum(old_tokens) / len(old_tokens) > 1e-2
+    assert any(c.n_requests >= 2 for c in split)
+
+
+def test_reload_changes_logprobs_and_weight_info(
+    vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
+) -> None:
+    sequence = [*PROMPT, 9, 10, 11, 12, 13, 14]
+
+    async def go() -> tuple[int, list[float], list[float], dict[str, int]]:
+        async with InferenceClient(vllm_fleet.pool) as client:
+            before = await client.prompt_logprobs(sequence, len(PROMPT))
+            version = current_version(vllm_fleet) + 1
+            timings = await client.update_weights(str(write_tiny_weights(3)), version)
+            assert timings["servers"] == 2 and timings["failed"] == 0
+            after = await client.prompt_logprobs(sequence, len(PROMPT))
+            return version, before, after, await client.server_versions()
+
+    version, before, after, reported = run(go())
+    assert len(before) == len(after) == 6
+    assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 1e-2
+    assert set(reported.values()) == {version}
+    for address in vllm_fleet.addresses:
+        assert httpx.get(f"{address}/weight_info").json() == {"weight_version": str(version)}
+    assert [s.version for s in vllm_fleet.pool.snapshot()] == [version, version]

@@ -1,0 +1,315 @@
+"""The supervisor with fake server processes, for faults that are hard to cause in vLLM on
+purpose: a hung server, one that cannot start again, a port taken before the server binds, a
+failed weight reload. Real vLLM restarts are in test_launcher_vllm.py.
+
+Run as a script, this file *is* the fake server: a small HTTP server that answers the endpoints
+the launcher uses and records what it was asked in a state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from sdp_cli.config import load_config
+from sdp_cli.inference import InferenceClient, ServerPool, ServerState
+from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
+from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
+from sdp_cli.telemetry.events import EventLog, read_events
+
+# ---- the fake server (runs in its own process) -------------------------------------------
+
+
+def serve_fake(port: int, index: int, state_dir: Path) -> None:
+    pid = os.getpid()
+    if (state_dir / f"fail-start-{index}").exists():
+        print((state_dir / f"fail-start-{index}").read_text(), flush=True)
+        sys.exit(1)
+    bind_fail = state_dir / f"bind-fail-once-{index}"
+    if bind_fail.exists():
+        bind_fail.unlink()
+        print("OSError: [Errno 98] Address already in use", flush=True)
+        sys.exit(1)
+    calls = state_dir / f"calls-{index}.jsonl"
+    version = {"name": "default"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            return None
+
+        def reply(self, payload: object, code: int = 200) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def record(self, body: object) -> None:
+            with calls.open("a") as handle:
+                handle.write(json.dumps({"pid": pid, "path": self.path, "body": body}) + "\n")
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                while (state_dir / f"hang-{pid}").exists():
+                    time.sleep(0.1)
+                self.reply({})
+            elif self.path == "/weight_info":
+                self.reply({"weight_version": version["name"]})
+            else:
+                self.reply({}, 404)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else {}
+            self.record(body)
+            if (
+                self.path.startswith("/collective_rpc")
+                and (state_dir / f"fail-reload-{pid}").exists()
+            ):
+                self.reply({"error": "reload failed"}, 500)
+            elif self.path.startswith("/update_weight_version"):
+                version["name"] = body["new_version"]
+                self.reply({"success": True})
+            elif self.path.startswith("/inference/v1/generate"):
+                n = body["sampling_params"]["max_tokens"]
+                self.reply(
+                    {
+                        "choices": [
+                            {
+                                "finish_reason": "length",
+                                "token_ids": [4] * n,
+                                "logprobs": {"content": [{"logprob": -1.0}] * n},
+                                "weight_versions": [
+                                    {"version": version["name"], "start": 0, "end": n}
+                                ],
+                            }
+                        ]
+                    }
+                )
+            else:
+                self.reply({"results": [None]})
+
+    print(f"fake server {index} pid {pid} on port {port}", flush=True)
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    args = parser.parse_args()
+    serve_fake(args.port, args.index, args.state_dir)
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+
+class FakeServerBackend(LocalProcessBackend):
+    """Spawns the fake server instead of vLLM, through the same process-group machinery."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def start(self, spec: LaunchSpec) -> ServerProcess:
+        command = [
+            sys.executable,
+            __file__,
+            "--port",
+            str(spec.port),
+            "--index",
+            str(spec.index),
+            "--state-dir",
+            str(self.state_dir),
+        ]
+        fake = LaunchSpec(spec.index, command, dict(os.environ), spec.log_path, spec.port)
+        return super().start(fake)
+
+
+def calls(state_dir: Path, index: int, pid: int) -> list[dict]:
+    path = state_dir / f"calls-{index}.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["pid"] == pid]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+FleetFactory = Callable[..., ServerFleet]
+
+
+@pytest.fixture
+def fake_fleet(tmp_path: Path, tiny_model_dir: Path) -> Iterator[FleetFactory]:
+    fleets: list[ServerFleet] = []
+    logs: list[EventLog] = []
+
+    def make(count: int = 2, max_restarts: int = 2) -> ServerFleet:
+        cfg = load_config(
+            overrides=[
+                f"server.count={count}",
+                f"server.max_restarts={max_restarts}",
+                "server.health_interval_s=0.1",
+                "server.ready_timeout_s=20",
+                "server.shutdown_grace_s=2",
+            ]
+        )
+        events = EventLog(tmp_path / "run" / "events.jsonl")
+        fleet = ServerFleet(
+            cfg.server,
+            tiny_model_dir,
+            tmp_path / "run",
+            backend=FakeServerBackend(tmp_path),
+            events=events,
+            restart_backoff_s=0.05,
+            hang_after_s=1.0,
+        )
+        fleets.append(fleet)
+        logs.append(events)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        fleet.stop()
+    for events in logs:
+        events.close()
+
+
+def test_an_exited_server_is_restarted_with_the_current_weights_and_version(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = fake_fleet()
+    fleet.start()
+    weights = tmp_path / "weights" / "v3"
+    fleet.set_current_weights(weights, 3)
+    old = fleet.process(0)
+    os.kill(old.pid, signal.SIGKILL)
+
+    wait_for(lambda: fleet.pool.status(0).restarts == 1 and fleet.pool.status(0).state == "ready")
+    new = fleet.process(0)
+    assert new.pid != old.pid
+    asked = [(c["path"], c["body"]) for c in calls(tmp_path, 0, new.pid)]
+    assert (
+        "/collective_rpc",
+        {"method": "reload_weights", "kwargs": {"weights_path": str(weights)}},
+    ) in asked
+    assert ("/update_weight_version", {"new_version": "3"}) in asked
+    assert fleet.pool.status(0).version == 3
+    # The other server was left alone.
+    assert fleet.pool.status(1).restarts == 0 and fleet.process(1).pid != new.pid
+
+    registry = read_registry(fleet.registry_path)
+    assert registry[0].pid == new.pid and registry[0].restarts == 1 and registry[0].state == "ready"
+    restarting = [
+        e for e in read_events(tmp_path / "run" / "events.jsonl") if e["state"] == "restarting"
+    ]
+    assert restarting and "exited" in restarting[0]["reason"]
+
+
+def test_a_hung_server_is_killed_and_restarted(fake_fleet: FleetFactory, tmp_path: Path) -> None:
+    fleet = fake_fleet(count=1)
+    fleet.start()
+    old = fleet.process(0)
+    (tmp_path / f"hang-{old.pid}").touch()
+
+    wait_for(lambda: fleet.pool.status(0).restarts == 1 and fleet.pool.status(0).state == "ready")
+    assert fleet.process(0).pid != old.pid
+    assert not group_alive(old.pgid)
+    reasons = [e.get("reason", "") for e in read_events(tmp_path / "run" / "events.jsonl")]
+    assert any("no answer on /health" in r for r in reasons)
+
+
+def test_a_server_that_cannot_come_back_is_dead_after_max_restarts(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = fake_fleet(count=2, max_restarts=2)
+    fleet.start()
+    (tmp_path / "fail-start-0").write_text("boom: cannot start")
+    os.kill(fleet.process(0).pid, signal.SIGKILL)
+
+    wait_for(lambda: fleet.pool.status(0).state == ServerState.dead)
+    assert fleet.pool.status(0).restarts == 2
+    assert fleet.pool.status(1).state == ServerState.ready
+    assert not fleet.pool.all_dead()
+    wait_for(lambda: read_registry(fleet.registry_path)[0].state == "dead")
+
+
+def test_a_port_taken_before_the_server_binds_is_retried_on_another(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "bind-fail-once-0").touch()
+    fleet = fake_fleet(count=1)
+    fleet.start()
+    assert fleet.pool.status(0).state == ServerState.ready
+    assert "Address already in use" in (tmp_path / "run" / "logs" / "server-0.log").read_text()
+    assert fleet.pool.status(0).restarts == 0
+
+
+def test_a_server_failing_a_weight_update_is_restarted_and_synced(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    import asyncio
+
+    fleet = fake_fleet(count=2)
+    fleet.start()
+    weights = tmp_path / "w5"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"")
+    (weights / "config.json").write_text("{}")
+    failing = fleet.process(0)
+    (tmp_path / f"fail-reload-{failing.pid}").touch()
+
+    async def update() -> dict[str, float]:
+        async with InferenceClient(fleet.pool) as client:
+            return await client.update_weights(str(weights), 5)
+
+    timings = asyncio.run(update())
+    assert timings["failed"] == 1
+    wait_for(lambda: fleet.pool.status(0).state == "ready" and fleet.pool.status(0).restarts == 1)
+    synced = [(c["path"], c["body"]) for c in calls(tmp_path, 0, fleet.process(0).pid)]
+    assert ("/update_weight_version", {"new_version": "5"}) in synced
+    assert [s.version for s in fleet.pool.snapshot()] == [5, 5]
+
+
+def test_a_server_failing_to_start_stops_the_fleet_and_explains_why(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "fail-start-1").write_text(
+        "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2"
+    )
+    fleet = fake_fleet(count=2)
+    with pytest.raises(ServerStartError) as info:
+        fleet.start()
+    message = str(info.value)
+    assert "server 1" in message and "exited" in message
+    assert "unsupported head size" in message
+    assert "Unsupported CPU attention configuration" in message  # from the log's tail
+    for index in (0, 1):
+        assert not group_alive(fleet.process(index).pgid)
+
+
+def test_stop_leaves_no_process_and_marks_the_registry_dead(fake_fleet: FleetFactory) -> None:
+    fleet = fake_fleet(count=2)
+    pool: ServerPool = fleet.start()
+    groups = [fleet.process(i).pgid for i in range(2)]
+    assert all(group_alive(g) for g in groups)
+    fleet.stop()
+    assert not any(group_alive(g) for g in groups)
+    assert [e.state for e in read_registry(fleet.registry_path)] == ["dead", "dead"]
+    assert pool.all_dead()
