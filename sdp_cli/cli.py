@@ -87,14 +87,10 @@ def train(
 @app.command("launch-servers")
 @user_errors
 def launch_servers(args: OverridesArg = None) -> None:
-    """Run vLLM servers on their own, supervised, with a registry file."""
-    from sdp_cli.launcher.command import check_vllm_installed
-    from sdp_cli.model import ensure_model_dir
+    """Run vLLM servers on their own, supervised, with a registry file (until Ctrl-C)."""
+    from sdp_cli.launcher.foreground import run_foreground
 
-    cfg = _load(args)
-    check_vllm_installed()
-    ensure_model_dir(cfg.model)
-    raise NotYetAvailableError("`sdp launch-servers` has not landed yet.")
+    raise typer.Exit(run_foreground(_load(args)))
 
 
 @app.command("inspect-staleness")
