@@ -189,6 +189,21 @@ def test_version_change_purges_stale_groups(started: Any) -> None:
     assert conservation_holds(ex.snapshot())
 
 
+def test_a_version_change_alone_reopens_admission(started: Any) -> None:
+    """After a take the staleness room is 0 and nothing runs; only the new version adds B.
+    If set_version did not wake the submitter, the next take would wait forever."""
+    holder: dict[str, RolloutExecutor] = {}
+    workflow = SegmentedWorkflow(lambda: holder["ex"].version)
+    ex = holder["ex"] = executor_for(workflow, max_staleness=0, batch_size=2)
+    started(ex)
+    ex.take(2, timeout=5)
+    wait_until(lambda: ex.snapshot()["running"] == 0)
+    assert ex.snapshot()["capacity"] == 0
+    ex.set_version(1)
+    batch = ex.take(2, timeout=5)
+    assert [g.submit_version for g in batch] == [1, 1]
+
+
 def test_recompute_proximal_runs_over_the_buffer(started: Any) -> None:
     calls: list[threading.Thread] = []
 

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from sdp_cli.rollout.staleness import StalenessManager
-from sdp_cli.rollout.strategy import Buffered, Dropped, DropPoint, StalenessStrategy
+from sdp_cli.rollout.strategy import (
+    Buffered,
+    Dropped,
+    DropPoint,
+    StalenessStrategy,
+)
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 
@@ -31,6 +36,7 @@ class StalenessControl:
         strategy: StalenessStrategy,
         events: EventSink | None = None,
         clock: Callable[[], float] | None = None,
+        defer_free: bool = False,
     ) -> None:
         self.manager = manager
         self.strategy = strategy
@@ -40,6 +46,11 @@ class StalenessControl:
         self._submitted_at: dict[int, tuple[int, float]] = {}
         # Groups the last take() dropped (the executor wakes admission when > 0).
         self.last_take_dropped = 0
+        # With defer_free, groups dropped from the buffer are kept here until
+        # release_dropped(): freeing tens of thousands of groups at once costs more than the
+        # purge itself, so the executor frees them in small chunks between other callbacks.
+        self._defer_free = defer_free
+        self._unreleased: list[list[Dropped]] = []
 
     @property
     def version(self) -> int:
@@ -82,7 +93,7 @@ class StalenessControl:
         if drop is not None:
             self.manager.drop_at_finish(rollout_id, drop)
             self._emit_finished(rollout_id, item, accepted=False, reason=drop)
-            self._emit_dropped(item, drop, DropPoint.finish)
+            self._emit_drops([(item, drop)], DropPoint.finish)
             return False
         self.manager.accept(rollout_id)
         self._buffer.append(item)
@@ -118,34 +129,36 @@ class StalenessControl:
         """The oldest `batch_size` groups that pass the strategy at the current version, or
         None if fewer are buffered (the valid ones stay at the front, in order)."""
         self.last_take_dropped = 0
-        if len(self._buffer) < batch_size:
+        buffer = self._buffer
+        if len(buffer) < batch_size:
             return None
         version = self.version
-        taken: list[Buffered] = []
-        dropped: list[Dropped] = []
-        buffer = self._buffer
-        while buffer and len(taken) < batch_size:
-            item = buffer.popleft()
-            reason = self.strategy.drop_reason(item, version)
-            if reason is None:
-                taken.append(item)
-            else:
-                dropped.append((item, reason))
+        taken, dropped = self.strategy.partition(buffer, version, keep_at_most=batch_size)
+        # The scanned prefix leaves the buffer; if the batch is not complete, the valid groups
+        # go back to the front in order.
+        if len(taken) + len(dropped) == len(buffer):
+            buffer.clear()
+        else:
+            for _ in range(len(taken) + len(dropped)):
+                buffer.popleft()
+        if len(taken) < batch_size:
+            buffer.extendleft(reversed(taken))
         if dropped:
             self.last_take_dropped = len(dropped)
             self._record_buffer_drops(dropped, DropPoint.take)
         if len(taken) < batch_size:
-            buffer.extendleft(reversed(taken))
             return None
-        self.manager.consume(item.rollout_id for item in taken)
-        self._emit_batch_taken(taken, version, wait_s)
-        return [item.group for item in taken]
+        groups = [item.group for item in taken]
+        rollout_ids = [group.rollout_id for group in groups]
+        self.manager.consume(rollout_ids)
+        self._emit_batch_taken(taken, rollout_ids, version, wait_s)
+        return groups
 
     def drain(self) -> list[RolloutGroup]:
         """Hand back every buffered group (shutdown), in order."""
         items = list(self._buffer)
         self._buffer.clear()
-        self.manager.drain(item.rollout_id for item in items)
+        self.manager.drain([item.group.rollout_id for item in items])
         return [item.group for item in items]
 
     def restore(self, version: int) -> None:
@@ -185,25 +198,42 @@ class StalenessControl:
     def _record_buffer_drops(self, dropped: list[Dropped], point: DropPoint) -> None:
         by_reason: dict[str, list[int]] = {}
         for item, reason in dropped:
-            by_reason.setdefault(reason, []).append(item.rollout_id)
+            by_reason.setdefault(reason, []).append(item.group.rollout_id)
         for reason, ids in by_reason.items():
             self.manager.drop_buffered(ids, reason)
-        for item, reason in dropped:
-            self._emit_dropped(item, reason, point)
+        self._emit_drops(dropped, point)
+        if self._defer_free:
+            self._unreleased.append(dropped)
 
-    def _emit_dropped(self, item: Buffered, reason: str, point: DropPoint) -> None:
+    def release_dropped(self, at_most: int = 2000) -> bool:
+        """Free up to `at_most` dropped groups kept by defer_free; True if more remain."""
+        while at_most > 0 and self._unreleased:
+            batch = self._unreleased[-1]
+            count = min(at_most, len(batch))
+            del batch[-count:]
+            at_most -= count
+            if not batch:
+                self._unreleased.pop()
+        return bool(self._unreleased)
+
+    def _emit_drops(self, dropped: list[Dropped], point: DropPoint) -> None:
+        # One event per drop; the loop is kept lean because a purge may drop thousands.
         version = self.version
-        self.events.emit(
-            "sample_dropped",
-            rollout_id=item.rollout_id,
-            reason=str(reason),
-            point=str(point),
-            head_lag=item.head_lag(version),
-            tail_lag=item.tail_lag(version),
-            version=version,
-            head_version=item.head,
-            tail_version=item.tail,
-        )
+        point_text = str(point)
+        emit = self.events.emit
+        for item, reason in dropped:
+            head, tail = item.head, item.tail
+            emit(
+                "sample_dropped",
+                rollout_id=item.group.rollout_id,
+                reason=reason,
+                point=point_text,
+                head_lag=0 if head is None else version - head,
+                tail_lag=0 if tail is None else version - tail,
+                version=version,
+                head_version=head,
+                tail_version=tail,
+            )
 
     def _emit_finished(
         self,
@@ -238,7 +268,7 @@ class StalenessControl:
                 tail_version=item.tail,
                 head_lag=item.head_lag(version),
                 tail_lag=item.tail_lag(version),
-                n_tokens=sum(len(s.output_ids) for s in samples),
+                n_tokens=item.n_tokens,
                 # Segments of the most interrupted completion in the group.
                 n_segments=max(s.n_segments for s in samples),
                 reward=sum(s.reward for s in samples) / len(samples),
@@ -247,17 +277,20 @@ class StalenessControl:
             fields["error"] = error
         self.events.emit("rollout_finished", **fields)
 
-    def _emit_batch_taken(self, taken: list[Buffered], version: int, wait_s: float) -> None:
-        tokens_by_lag: dict[str, int] = {}
+    def _emit_batch_taken(
+        self, taken: list[Buffered], rollout_ids: list[int], version: int, wait_s: float
+    ) -> None:
+        by_version: dict[int, int] = {}
         for item in taken:
-            for lag, count in item.group.tokens_by_lag(version).items():
-                tokens_by_lag[str(lag)] = tokens_by_lag.get(str(lag), 0) + count
+            for token_version, count in item.version_counts.items():
+                by_version[token_version] = by_version.get(token_version, 0) + count
+        tokens_by_lag = {str(version - v): n for v, n in sorted(by_version.items(), reverse=True)}
         self.events.emit(
             "batch_taken",
             version=version,
-            rollout_ids=[item.rollout_id for item in taken],
-            head_lags=[item.head_lag(version) for item in taken],
-            tail_lags=[item.tail_lag(version) for item in taken],
+            rollout_ids=rollout_ids,
+            head_lags=[0 if i.head is None else version - i.head for i in taken],
+            tail_lags=[0 if i.tail is None else version - i.tail for i in taken],
             tokens_by_lag=tokens_by_lag,
             wait_s=wait_s,
         )

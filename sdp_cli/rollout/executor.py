@@ -84,7 +84,10 @@ class RolloutExecutor:
             max_concurrent=rollout.max_concurrent,
         )
         strategy = make_strategy(rollout.strategy, rollout.max_staleness, prox_mode)
-        self._control = StalenessControl(manager, strategy, self._events, clock=self._now)
+        self._control = StalenessControl(
+            manager, strategy, self._events, clock=self._now, defer_free=True
+        )
+        self._releasing = False
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -229,6 +232,7 @@ class RolloutExecutor:
                     batch = self._control.take(wanted, wait_s=loop.time() - started)
                 if self._control.last_take_dropped:
                     # Dropped groups gave their slots back.
+                    self._release_dropped_soon()
                     self._wake.set()
                     self._capacity_changed()
                 if batch is not None:
@@ -255,6 +259,9 @@ class RolloutExecutor:
     async def set_version_async(self, version: int) -> int:
         async with self._buffer_lock:
             dropped = self._control.set_version(version)
+        if dropped:
+            self._release_dropped_soon()
+        self._wake.set()
         self._capacity_changed()
         return dropped
 
@@ -420,6 +427,19 @@ class RolloutExecutor:
             self._capacity_handle = None
         self._emit_capacity()
         return leftovers
+
+    def _release_dropped_soon(self) -> None:
+        """Free dropped groups a chunk per loop iteration, so a large purge does not hold the
+        loop for the whole deallocation."""
+        if not self._releasing and self._loop is not None:
+            self._releasing = True
+            self._loop.call_soon(self._release_dropped_chunk)
+
+    def _release_dropped_chunk(self) -> None:
+        if self._control.release_dropped() and self._loop is not None:
+            self._loop.call_soon(self._release_dropped_chunk)
+        else:
+            self._releasing = False
 
     def _capacity_changed(self) -> None:
         """Emit a `capacity` event now, or once the rate limit allows; at most one pending."""

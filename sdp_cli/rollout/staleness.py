@@ -107,37 +107,32 @@ class StalenessManager:
         """The workflow produced no usable group (returned None, raised, was cancelled)."""
         with self._lock:
             self._leave_running(rollout_id, "reject")
-            self._rejected[reason] += 1
+            self._rejected[str(reason)] += 1
 
     def drop_at_finish(self, rollout_id: int, reason: str) -> None:
         """Stale when it finished, before entering the buffer. It was never counted in
         accepted_live, so leaving `running` is the one slot it gives back."""
         with self._lock:
             self._leave_running(rollout_id, "drop at finish")
-            self._dropped[reason] += 1
+            self._dropped[str(reason)] += 1
 
     def drop_buffered(self, rollout_ids: Iterable[int], reason: str) -> None:
         """Stale in the buffer: each gives back its accepted_live slot once."""
         with self._lock:
-            for rollout_id in rollout_ids:
-                self._leave_buffer(rollout_id, "drop")
-                self._accepted_live -= 1
-                self._dropped[reason] += 1
+            count = self._leave_buffer(rollout_ids, "drop")
+            self._accepted_live -= count
+            self._dropped[str(reason)] += count
 
     def consume(self, rollout_ids: Iterable[int]) -> None:
         """Handed to the trainer. Stays in accepted_live: that is what moves the bound by B
         per version instead of letting the buffer refill without limit."""
         with self._lock:
-            for rollout_id in rollout_ids:
-                self._leave_buffer(rollout_id, "consume")
-                self._consumed += 1
+            self._consumed += self._leave_buffer(rollout_ids, "consume")
 
     def drain(self, rollout_ids: Iterable[int]) -> None:
         """Handed back to the caller at shutdown; like consumed, stays in accepted_live."""
         with self._lock:
-            for rollout_id in rollout_ids:
-                self._leave_buffer(rollout_id, "drain")
-                self._drained += 1
+            self._drained += self._leave_buffer(rollout_ids, "drain")
 
     def restore(self, version: int) -> None:
         """Resume from a checkpoint at `version`: as if v·B rollouts had been submitted,
@@ -164,11 +159,18 @@ class StalenessManager:
         except KeyError:
             raise LedgerError(f"{what}: rollout {rollout_id} is not running") from None
 
-    def _leave_buffer(self, rollout_id: int, what: str) -> None:
-        try:
-            self._buffered_ids.remove(rollout_id)
-        except KeyError:
-            raise LedgerError(f"{what}: rollout {rollout_id} is not buffered") from None
+    def _leave_buffer(self, rollout_ids: Iterable[int], what: str) -> int:
+        """Remove ids from the buffered set, all or none (set operations: the purge can drop
+        tens of thousands at once)."""
+        given = rollout_ids if isinstance(rollout_ids, list) else list(rollout_ids)
+        leaving = set(given)
+        if len(leaving) != len(given) or not leaving <= self._buffered_ids:
+            missing = sorted(leaving - self._buffered_ids)[:5]
+            raise LedgerError(
+                f"{what}: rollouts {missing or 'given twice'} are not buffered (or repeated)"
+            )
+        self._buffered_ids -= leaving
+        return len(leaving)
 
     # ---- reading --------------------------------------------------------------------------
 

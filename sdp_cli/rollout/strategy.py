@@ -12,9 +12,11 @@ version changes, and on the groups the trainer takes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import islice
 from typing import ClassVar
 
 from sdp_cli.config.schema import ProxMode, Strategy
@@ -26,6 +28,12 @@ class DropReason(StrEnum):
     no_recompute = "no_recompute"
 
 
+# Plain strings in the hot paths: enum attribute access costs more than the check itself when
+# a purge drops tens of thousands of groups.
+HEAD_LAG: str = DropReason.head_lag.value
+NO_RECOMPUTE: str = DropReason.no_recompute.value
+
+
 class DropPoint(StrEnum):
     finish = "finish"
     purge = "purge"
@@ -34,23 +42,25 @@ class DropPoint(StrEnum):
 
 @dataclass(slots=True)
 class Buffered:
-    """A finished group with its token-version bounds cached: versions never change after
-    finish, and the purge over a large buffer must not rescan every token."""
+    """A finished group with its token versions summarised once: versions never change after
+    finish, and neither the purge over a large buffer nor the batch_taken event should rescan
+    every token."""
 
     group: RolloutGroup
     head: int | None
     tail: int | None
     recompute_version: int
+    # Output tokens per version over the whole group.
+    version_counts: dict[int, int]
 
     @classmethod
     def of(cls, group: RolloutGroup) -> Buffered:
-        head = tail = None
+        counts: Counter[int] = Counter()
         for sample in group.samples:
-            if sample.versions:
-                low, high = min(sample.versions), max(sample.versions)
-                head = low if head is None else min(head, low)
-                tail = high if tail is None else max(tail, high)
-        return cls(group, head, tail, group.recompute_version)
+            counts.update(sample.versions)
+        head = min(counts) if counts else None
+        tail = max(counts) if counts else None
+        return cls(group, head, tail, group.recompute_version, dict(counts))
 
     @property
     def rollout_id(self) -> int:
@@ -65,8 +75,13 @@ class Buffered:
     def tail_lag(self, version: int) -> int:
         return 0 if self.tail is None else version - self.tail
 
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.version_counts.values())
 
-Dropped = tuple[Buffered, DropReason]
+
+# (group, DropReason value)
+Dropped = tuple[Buffered, str]
 
 
 class StalenessStrategy:
@@ -75,14 +90,16 @@ class StalenessStrategy:
     name: ClassVar[str] = "standard"
     never_drops: ClassVar[bool] = True
 
-    def drop_reason(self, item: Buffered, version: int) -> DropReason | None:
+    def drop_reason(self, item: Buffered, version: int) -> str | None:
         return None
 
     def partition(
-        self, items: Iterable[Buffered], version: int
+        self, items: Iterable[Buffered], version: int, keep_at_most: int | None = None
     ) -> tuple[list[Buffered], list[Dropped]]:
-        """Split into (kept, dropped), both in their original order."""
-        return list(items), []
+        """Split into (kept, dropped), both in their original order. With `keep_at_most`, stop
+        as soon as that many are kept (the take filter only scans as far as it needs); the
+        items scanned are then the first len(kept) + len(dropped)."""
+        return list(islice(items, keep_at_most)), []
 
 
 class StandardStrategy(StalenessStrategy):
@@ -99,41 +116,44 @@ class SegmentWiseStrategy(StalenessStrategy):
         self.max_staleness = max_staleness
         self.needs_recompute = prox_mode == ProxMode.segment
 
-    def drop_reason(self, item: Buffered, version: int) -> DropReason | None:
+    def drop_reason(self, item: Buffered, version: int) -> str | None:
         if item.head is None:
             return None
         if version - item.head > self.max_staleness:
-            return DropReason.head_lag
+            return HEAD_LAG
         if (
             self.needs_recompute
             and item.recompute_version == NOT_RECOMPUTED
             and version - item.tail > 1  # type: ignore[operator]
         ):
-            return DropReason.no_recompute
+            return NO_RECOMPUTE
         return None
 
     def partition(
-        self, items: Iterable[Buffered], version: int
+        self, items: Iterable[Buffered], version: int, keep_at_most: int | None = None
     ) -> tuple[list[Buffered], list[Dropped]]:
         # Thresholds on cached versions instead of per-item lag arithmetic: this runs over the
         # whole buffer at every version change.
         oldest_head = version - self.max_staleness
         oldest_unrecomputed_tail = version - 1
         check_recompute = self.needs_recompute
+        limit = -1 if keep_at_most is None else keep_at_most
         kept: list[Buffered] = []
         dropped: list[Dropped] = []
         for item in items:
+            if len(kept) == limit:
+                break
             head = item.head
             if head is None:
                 kept.append(item)
             elif head < oldest_head:
-                dropped.append((item, DropReason.head_lag))
+                dropped.append((item, HEAD_LAG))
             elif (
                 check_recompute
                 and item.tail < oldest_unrecomputed_tail  # type: ignore[operator]
                 and item.recompute_version == NOT_RECOMPUTED
             ):
-                dropped.append((item, DropReason.no_recompute))
+                dropped.append((item, NO_RECOMPUTE))
             else:
                 kept.append(item)
         return kept, dropped

@@ -1,0 +1,146 @@
+"""`sdp simulate`: the real executor, manager and strategy against simulated servers and a
+simulated trainer, for capacity planning."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from functools import reduce
+from typing import Any
+
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.errors import ConfigError, SdpError
+from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
+from sdp_cli.simulate.server import ServerPool
+from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
+from sdp_cli.simulate.workflow import SimulatedWorkflow
+from sdp_cli.telemetry.events import EventSink
+
+_NON_NEGATIVE = (
+    "token_latency_s",
+    "latency_jitter",
+    "train_step_s",
+    "update_s",
+    "time_scale",
+)
+
+
+def check_simulate_config(cfg: SdpConfig) -> None:
+    for name in _NON_NEGATIVE:
+        value = getattr(cfg.simulate, name)
+        if value < 0:
+            key = f"simulate.{name}"
+            raise ConfigError(key, f"must be >= 0 (got {value})", f"set {key}=0 or higher")
+
+
+def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:
+    """Run train.steps simulated steps; returns the summary `sdp simulate --json` prints."""
+    check_simulate_config(cfg)
+    sim = cfg.simulate
+    rng = random.Random(sim.seed)
+    sim_time = SimTime(sim.time_scale)
+    pool = ServerPool(cfg.server.count, sim, rng, sim_time)
+    workflow = SimulatedWorkflow(pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng)
+    executor = RolloutExecutor(
+        workflow,
+        cfg.rollout,
+        cfg.train.prox_mode,
+        events=events,
+        scorer=pool.score,
+        loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
+    )
+    trainer = SimulatedTrainer(executor, pool, cfg, sim_time)
+    wall_started = time.perf_counter()
+    cpu_started = time.process_time()
+    # Started paused: in virtual time nothing may happen before the trainer is on the loop.
+    executor.start(paused=True)
+    try:
+        report = executor.run_sync(trainer.run())
+    finally:
+        executor.stop()
+    wall_s = time.perf_counter() - wall_started
+    cpu_s = time.process_time() - cpu_started
+    return summarize(cfg, report, wall_s=wall_s, cpu_s=cpu_s)
+
+
+def summarize(
+    cfg: SdpConfig, report: TrainerReport, *, wall_s: float, cpu_s: float
+) -> dict[str, Any]:
+    snap = report.snapshot
+    elapsed = report.elapsed_s
+    submitted = snap["submitted"]
+    return {
+        "strategy": cfg.rollout.strategy.value,
+        "max_staleness": cfg.rollout.max_staleness,
+        "batch_size": cfg.rollout.batch_size,
+        "max_concurrent": cfg.rollout.max_concurrent,
+        "n_samples": cfg.rollout.n_samples,
+        "servers": cfg.server.count,
+        "prox_mode": cfg.train.prox_mode.value,
+        "steps": report.steps,
+        "versions": snap["version"],
+        "rollouts_submitted": submitted,
+        "accepted": snap["accepted_total"],
+        "accepted_live": snap["accepted_live"],
+        "rejected": snap["rejected"],
+        "dropped": dict(sorted(snap["dropped"].items())),
+        "dropped_total": snap["dropped_total"],
+        "consumed": snap["consumed"],
+        "running_at_end": snap["running"],
+        "buffered_at_end": snap["queue_size"],
+        "max_trained_lag": max(report.lag_histogram, default=0),
+        "lag_histogram": {str(lag): n for lag, n in sorted(report.lag_histogram.items())},
+        "tokens_by_lag": {str(lag): n for lag, n in sorted(report.tokens_by_lag.items())},
+        "trainer_idle_fraction": _fraction(report.waiting_s, elapsed),
+        "generator_idle_fraction": round(report.generator_idle_fraction, 4),
+        "samples_per_s": _rate(report.trained_rollouts, elapsed),
+        "tokens_per_s": _rate(report.trained_tokens, elapsed),
+        "tokens_generated": report.tokens_generated,
+        "segments_aborted": report.segments_aborted,
+        "recomputed_tokens": report.recompute_tokens,
+        "recompute_failures": report.recompute_failures,
+        "sim_time_s": round(elapsed, 6),
+        "wall_s": round(wall_s, 4),
+        "cpu_us_per_rollout": round(cpu_s / submitted * 1e6, 1) if submitted else None,
+    }
+
+
+def _fraction(part: float, whole: float) -> float:
+    return round(part / whole, 4) if whole > 0 else 0.0
+
+
+def _rate(count: float, seconds: float) -> float | None:
+    """Per simulated second; None when no simulated time passed (all latencies zero)."""
+    return round(count / seconds, 3) if seconds > 0 else None
+
+
+# ---- sweeps ---------------------------------------------------------------------------------
+
+
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """`KEY=V1,V2,...` → (KEY, [V1, V2, ...])."""
+    key, sep, values_text = spec.partition("=")
+    values = [v.strip() for v in values_text.split(",") if v.strip()]
+    if not sep or not key.strip() or not values:
+        raise SdpError(f"--sweep expects KEY=V1,V2,... (got '{spec}')")
+    return key.strip(), values
+
+
+def config_value(cfg: SdpConfig, key: str) -> Any:
+    value = reduce(getattr, key.split("."), cfg)
+    return getattr(value, "value", value)
+
+
+def run_sweep(
+    load: Callable[[list[str]], SdpConfig], key: str, values: list[str]
+) -> list[dict[str, Any]]:
+    """One simulation per value of `key`. Every config is loaded (and validated) first, so a
+    bad value fails before anything runs."""
+    configs = [load([f"{key}={value}"]) for value in values]
+    rows = []
+    for cfg in configs:
+        rows.append({"sweep": {key: config_value(cfg, key)}, **run_simulation(cfg)})
+    return rows

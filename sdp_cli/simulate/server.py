@@ -1,0 +1,190 @@
+"""Simulated inference servers that behave like vLLM where staleness is concerned.
+
+Each server decodes at most `server_batch` requests at once (the rest wait for a slot); a
+request's tokens each take a lognormal time with mean `token_latency_s`. A weight update pauses
+the server in abort mode: in-flight requests return at once with the tokens produced so far and
+`finish_reason="abort"`, requests that arrive while paused wait until resume, and everything
+decoded afterwards carries the new version. The client turns an abort into a new segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import random
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from sdp_cli.config.schema import SimulateConfig
+from sdp_cli.simulate.clock import SimTime
+
+# Stand-in values: the simulation tracks versions and timing, not text.
+_TOKEN_LOGPROB = -1.0
+_VOCAB = 64
+
+
+@dataclass
+class Segment:
+    token_ids: list[int]
+    logprobs: list[float]
+    version: int
+    finish_reason: str  # "length" or "abort"
+
+
+@dataclass(eq=False)
+class _Decoding:
+    """One request holding a decode slot."""
+
+    done: asyncio.Future[float | None]
+    timer: asyncio.TimerHandle
+    started: float
+    # Simulated seconds from `started` until each token is out.
+    token_done_at: list[float] = field(default_factory=list)
+
+
+class SimulatedServer:
+    def __init__(self, index: int, sim: SimulateConfig, rng: random.Random, time: SimTime):
+        self.index = index
+        self.version = 0
+        self._sim = sim
+        self._rng = rng
+        self._time = time
+        self._slots = asyncio.Semaphore(sim.server_batch)
+        self._open = asyncio.Event()
+        self._open.set()
+        # A dict, not a set: aborts must resolve in a reproducible order.
+        self._decoding: dict[_Decoding, None] = {}
+        # Requests waiting or decoding, for routing.
+        self.load = 0
+        self.busy_s = 0.0
+        self._busy_since: float | None = None
+        sigma = max(sim.latency_jitter, 0.0)
+        # Lognormal with the configured mean: E[exp(N(mu, σ²))] = exp(mu + σ²/2).
+        self._log_mu = math.log(sim.token_latency_s) - sigma**2 / 2 if sim.token_latency_s else 0.0
+        self._sigma = sigma
+        self.tokens_out = 0
+        self.aborted = 0
+
+    async def generate(self, max_tokens: int) -> Segment:
+        self.load += 1
+        try:
+            async with self._slots:
+                while not self._open.is_set():
+                    await self._open.wait()
+                return await self._decode(max_tokens)
+        finally:
+            self.load -= 1
+
+    async def _decode(self, max_tokens: int) -> Segment:
+        version = self.version
+        if self._sim.token_latency_s <= 0:
+            return self._segment(max_tokens, version, "length")
+        latencies = [self._rng.lognormvariate(self._log_mu, self._sigma) for _ in range(max_tokens)]
+        token_done_at = list(accumulate(latencies))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[float | None] = loop.create_future()
+        timer = loop.call_later(self._time.loop_seconds(token_done_at[-1]), _finish, done)
+        request = _Decoding(done, timer, self._time.now(), token_done_at)
+        self._start_busy(request)
+        try:
+            aborted_after = await done
+        finally:
+            timer.cancel()
+            self._end_busy(request)
+        if aborted_after is None:
+            return self._segment(max_tokens, version, "length")
+        produced = bisect.bisect_right(token_done_at, aborted_after)
+        return self._segment(produced, version, "abort")
+
+    def _segment(self, n_tokens: int, version: int, finish_reason: str) -> Segment:
+        self.tokens_out += n_tokens
+        offset = self.tokens_out
+        return Segment(
+            token_ids=[(offset + i) % _VOCAB for i in range(n_tokens)],
+            logprobs=[_TOKEN_LOGPROB] * n_tokens,
+            version=version,
+            finish_reason=finish_reason,
+        )
+
+    def pause_abort(self) -> None:
+        """`POST /pause?mode=abort`: in-flight requests return what they have so far."""
+        self._open.clear()
+        now = self._time.now()
+        for request in list(self._decoding):
+            if not request.done.done():
+                request.done.set_result(now - request.started)
+                self.aborted += 1
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def _start_busy(self, request: _Decoding) -> None:
+        if not self._decoding:
+            self._busy_since = self._time.now()
+        self._decoding[request] = None
+
+    def _end_busy(self, request: _Decoding) -> None:
+        self._decoding.pop(request, None)
+        if not self._decoding and self._busy_since is not None:
+            self.busy_s += self._time.now() - self._busy_since
+            self._busy_since = None
+
+    def busy_seconds(self, now: float) -> float:
+        """Simulated seconds with at least one request decoding, up to `now`."""
+        running = now - self._busy_since if self._busy_since is not None else 0.0
+        return self.busy_s + running
+
+
+def _finish(done: asyncio.Future[float | None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+class ServerPool:
+    """The simulated servers, routed least-loaded first, updated together."""
+
+    def __init__(self, count: int, sim: SimulateConfig, rng: random.Random, time: SimTime):
+        self.servers = [SimulatedServer(i, sim, rng, time) for i in range(count)]
+        self._sim = sim
+        self._time = time
+        self.version = 0
+
+    def _least_loaded(self) -> SimulatedServer:
+        return min(self.servers, key=lambda server: server.load)
+
+    async def generate(self, max_tokens: int) -> Segment:
+        return await self._least_loaded().generate(max_tokens)
+
+    async def score(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        """The proximal-recompute scorer: one prefill, costed as one token's latency."""
+        if self._sim.token_latency_s > 0:
+            await self._time.sleep(self._sim.token_latency_s)
+        return [_TOKEN_LOGPROB] * len(output_ids)
+
+    async def update_weights(self, version: int) -> None:
+        """DESIGN §5 steps 3–5 on every server: pause with abort, reload, set version, resume."""
+        for server in self.servers:
+            server.pause_abort()
+        if self._sim.update_s > 0:
+            await self._time.sleep(self._sim.update_s)
+        for server in self.servers:
+            server.version = version
+            server.resume()
+        self.version = version
+
+    def idle_fraction(self, start: float, now: float) -> float:
+        """Share of server time between `start` and `now` with nothing decoding."""
+        elapsed = (now - start) * len(self.servers)
+        if elapsed <= 0:
+            return 0.0
+        busy = sum(server.busy_seconds(now) for server in self.servers)
+        return max(0.0, 1.0 - busy / elapsed)
+
+    @property
+    def tokens_out(self) -> int:
+        return sum(server.tokens_out for server in self.servers)
+
+    @property
+    def aborted(self) -> int:
+        return sum(server.aborted for server in self.servers)

@@ -1,0 +1,106 @@
+"""The simulated trainer: takes B rollouts, "trains" for train_step_s, then runs the
+weight-update protocol of DESIGN §5 against the executor and the simulated servers.
+
+It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
+so in virtual time the whole simulation lives on one deterministic clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.simulate.clock import SimTime
+from sdp_cli.simulate.server import ServerPool
+
+
+@dataclass
+class TrainerReport:
+    steps: int = 0
+    trained_rollouts: int = 0
+    trained_tokens: int = 0
+    # Training version − head version of each trained rollout.
+    lag_histogram: Counter[int] = field(default_factory=Counter)
+    tokens_by_lag: Counter[int] = field(default_factory=Counter)
+    waiting_s: float = 0.0
+    recompute_tokens: int = 0
+    recompute_failures: int = 0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    generator_idle_fraction: float = 0.0
+    tokens_generated: int = 0
+    segments_aborted: int = 0
+    # The executor's counters at the moment the last step finished.
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.finished_at - self.started_at
+
+
+class SimulatedTrainer:
+    def __init__(
+        self, executor: RolloutExecutor, pool: ServerPool, cfg: SdpConfig, time: SimTime
+    ) -> None:
+        self._executor = executor
+        self._pool = pool
+        self._time = time
+        self._steps = cfg.train.steps
+        self._batch_size = cfg.rollout.batch_size
+        self._take_timeout_s = cfg.rollout.take_timeout_s
+        self._train_step_s = cfg.simulate.train_step_s
+        self._recompute = cfg.train.prox_mode == ProxMode.segment
+
+    async def run(self) -> TrainerReport:
+        report = TrainerReport(started_at=self._time.now())
+        await self._executor.resume_async()
+        for _ in range(self._steps):
+            version = self._executor.version
+            batch = await self._take(report)
+            self._record_batch(report, batch, version)
+            await self._time.sleep(self._train_step_s)
+            await self._update_weights(report, version)
+            report.steps += 1
+        # Pause and read everything here, on the loop, so the numbers do not depend on how
+        # long the caller's thread takes to notice the end.
+        await self._executor.pause_async()
+        report.finished_at = self._time.now()
+        report.snapshot = self._executor.snapshot()
+        report.generator_idle_fraction = self._pool.idle_fraction(
+            report.started_at, report.finished_at
+        )
+        report.tokens_generated = self._pool.tokens_out
+        report.segments_aborted = self._pool.aborted
+        return report
+
+    async def _take(self, report: TrainerReport) -> list[RolloutGroup]:
+        waited_from = self._time.now()
+        batch = await self._executor.take_async(
+            self._batch_size, timeout=self._time.loop_seconds(self._take_timeout_s)
+        )
+        report.waiting_s += self._time.now() - waited_from
+        return batch
+
+    def _record_batch(self, report: TrainerReport, batch: list[RolloutGroup], version: int) -> None:
+        for group in batch:
+            report.trained_rollouts += 1
+            report.lag_histogram[group.head_lag(version)] += 1
+            for lag, count in group.tokens_by_lag(version).items():
+                report.tokens_by_lag[lag] += count
+                report.trained_tokens += count
+
+    async def _update_weights(self, report: TrainerReport, version: int) -> None:
+        """pause → (segment mode) recompute at v → servers abort, reload, v+1, resume →
+        executor version v+1 and purge → resume."""
+        await self._executor.pause_async()
+        if self._recompute:
+            stats = await self._executor.recompute_async(version)
+            report.recompute_tokens += stats.tokens
+            report.recompute_failures += stats.failures
+        await self._pool.update_weights(version + 1)
+        await self._executor.set_version_async(version + 1)
+        await self._executor.resume_async()

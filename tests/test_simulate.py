@@ -1,0 +1,253 @@
+"""`sdp simulate`: virtual time, determinism, the staleness bound end to end, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+from sdp_cli.config import load_config
+from sdp_cli.simulate import parse_sweep, run_simulation
+from sdp_cli.simulate.clock import VirtualTimeLoop
+
+runner = CliRunner()
+
+REQUIRED_KEYS = (
+    "steps",
+    "versions",
+    "rollouts_submitted",
+    "accepted",
+    "rejected",
+    "dropped",
+    "consumed",
+    "max_trained_lag",
+    "lag_histogram",
+    "trainer_idle_fraction",
+    "generator_idle_fraction",
+    "samples_per_s",
+    "wall_s",
+)
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, type: str, **fields: Any) -> None:
+        self.events.append({"type": type, **fields})
+
+
+def simulate(*overrides: str, events: Any = None) -> dict[str, Any]:
+    return run_simulation(load_config(None, list(overrides)), events=events)
+
+
+def conserved(result: dict[str, Any]) -> bool:
+    return result["rollouts_submitted"] == (
+        result["running_at_end"]
+        + result["accepted_live"]
+        + result["rejected"]
+        + result["dropped_total"]
+    )
+
+
+def test_virtual_time_loop_jumps_to_the_next_timer() -> None:
+    loop = VirtualTimeLoop()
+    try:
+        started = time.perf_counter()
+        loop.run_until_complete(asyncio.sleep(3600))
+        assert time.perf_counter() - started < 1
+        assert loop.time() == pytest.approx(3600)
+    finally:
+        loop.close()
+
+
+def test_same_seed_same_run_other_seed_other_run() -> None:
+    def without_timing(result: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in result.items() if k not in ("wall_s", "cpu_us_per_rollout")}
+
+    first = simulate("train.steps=12")
+    again = simulate("train.steps=12")
+    other = simulate("train.steps=12", "simulate.seed=1")
+    assert without_timing(first) == without_timing(again)
+    assert without_timing(first) != without_timing(other)
+
+
+def test_summary_counts_are_consistent() -> None:
+    result = simulate("train.steps=10", "rollout.batch_size=4")
+    for key in REQUIRED_KEYS:
+        assert key in result
+    assert result["steps"] == result["versions"] == 10
+    assert result["consumed"] == 40
+    assert sum(result["lag_histogram"].values()) == 40
+    assert conserved(result)
+    assert 0 <= result["trainer_idle_fraction"] <= 1
+    assert 0 <= result["generator_idle_fraction"] <= 1
+    assert result["samples_per_s"] > 0
+
+
+def test_weight_updates_split_completions_into_segments_of_increasing_version() -> None:
+    sink = RecordingSink()
+    result = simulate("train.steps=10", events=sink)
+    assert result["segments_aborted"] > 0
+    finished = [e for e in sink.events if e["type"] == "rollout_finished" and e["accepted"]]
+    spanning = [e for e in finished if e["tail_version"] > e["head_version"]]
+    assert spanning, "no completion continued across a weight update"
+    assert all(e["n_segments"] >= 2 for e in spanning)
+
+
+@pytest.mark.parametrize("strategy", ["standard", "segment_wise"])
+def test_eta_zero_is_synchronous_for_both_strategies(strategy: str) -> None:
+    result = simulate(
+        "train.steps=10",
+        "rollout.max_staleness=0",
+        f"rollout.strategy={strategy}",
+        "simulate.latency_jitter=1.0",
+    )
+    assert result["lag_histogram"] == {"0": 10 * 8}
+    assert result["tokens_by_lag"].keys() == {"0"}
+
+
+def test_standard_reports_lag_beyond_eta_that_segment_wise_prevents() -> None:
+    standard = simulate("train.steps=20", "rollout.max_staleness=1", "rollout.strategy=standard")
+    segment = simulate("train.steps=20", "rollout.max_staleness=1")
+    assert standard["max_trained_lag"] > 1
+    assert standard["dropped_total"] == 0
+    assert segment["max_trained_lag"] <= 1
+    assert segment["dropped_total"] > 0
+
+
+def test_scaled_wall_time_runs_in_real_seconds() -> None:
+    result = simulate("train.steps=3", "simulate.time_scale=0.05")
+    assert result["steps"] == 3
+    assert result["sim_time_s"] > 0
+    assert result["wall_s"] >= 0.5 * result["sim_time_s"] * 0.05
+
+
+def test_zero_latency_has_no_rate_per_simulated_second() -> None:
+    result = simulate(
+        "train.steps=5",
+        "simulate.token_latency_s=0",
+        "simulate.train_step_s=0",
+        "simulate.update_s=0",
+    )
+    assert result["consumed"] == 40
+    assert result["samples_per_s"] is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    eta=st.integers(0, 3),
+    batch=st.integers(1, 4),
+    concurrent=st.integers(1, 12),
+    n_samples=st.integers(1, 3),
+    servers=st.integers(1, 3),
+    server_batch=st.integers(1, 8),
+    jitter=st.floats(0, 1.5),
+    train_step=st.sampled_from([0.0, 0.005, 0.05]),
+    update=st.sampled_from([0.0, 0.01]),
+    strategy=st.sampled_from(["standard", "segment_wise"]),
+    prox_mode=st.sampled_from(["segment", "recompute", "loglinear"]),
+    seed=st.integers(0, 1000),
+)
+def test_random_configurations_always_finish_within_the_bound(
+    eta: int,
+    batch: int,
+    concurrent: int,
+    n_samples: int,
+    servers: int,
+    server_batch: int,
+    jitter: float,
+    train_step: float,
+    update: float,
+    strategy: str,
+    prox_mode: str,
+    seed: int,
+) -> None:
+    """No deadlock for any schedule: every run trains all its steps (a stuck trainer would
+    raise TakeTimeout after rollout.take_timeout_s of virtual time)."""
+    steps = 8
+    result = simulate(
+        f"train.steps={steps}",
+        f"rollout.max_staleness={eta}",
+        f"rollout.batch_size={batch}",
+        f"rollout.max_concurrent={concurrent}",
+        f"rollout.n_samples={n_samples}",
+        f"rollout.strategy={strategy}",
+        f"train.prox_mode={prox_mode}",
+        f"server.count={servers}",
+        f"simulate.server_batch={server_batch}",
+        f"simulate.latency_jitter={jitter}",
+        f"simulate.train_step_s={train_step}",
+        f"simulate.update_s={update}",
+        f"simulate.seed={seed}",
+        "simulate.mean_new_tokens=8",
+    )
+    assert result["steps"] == steps
+    assert result["consumed"] == steps * batch
+    assert conserved(result)
+    if strategy == "segment_wise" or eta == 0:
+        assert result["max_trained_lag"] <= eta
+    if strategy == "standard":
+        assert result["dropped_total"] == 0
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_json_prints_one_object() -> None:
+    result = runner.invoke(app, ["simulate", "--json", "train.steps=4"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in REQUIRED_KEYS:
+        assert key in data
+    assert data["steps"] == 4
+
+
+def test_cli_summary_is_a_table() -> None:
+    result = runner.invoke(app, ["simulate", "train.steps=3"])
+    assert result.exit_code == 0, result.output
+    assert "max trained lag" in result.stdout
+    assert "trained rollouts by head lag" in result.stdout
+
+
+def test_cli_sweep_prints_one_row_per_value() -> None:
+    result = runner.invoke(
+        app, ["simulate", "--json", "--sweep", "rollout.max_staleness=0,2", "train.steps=4"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["sweep"] for row in rows] == [
+        {"rollout.max_staleness": 0},
+        {"rollout.max_staleness": 2},
+    ]
+    assert [row["max_staleness"] for row in rows] == [0, 2]
+    table = runner.invoke(app, ["simulate", "--sweep", "rollout.batch_size=2,4", "train.steps=3"])
+    assert table.exit_code == 0, table.output
+    assert "sweep over rollout.batch_size" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["rollout.max_staleness=-1"],
+        ["simulate.time_scale=-1"],
+        ["--sweep", "rollout.max_staleness"],
+        ["--sweep", "rollout.max_staleness=1,x"],
+        ["--sweep", "rollout.nope=1,2"],
+    ],
+)
+def test_cli_bad_input_exits_2(args: list[str]) -> None:
+    result = runner.invoke(app, ["simulate", *args])
+    assert result.exit_code == 2, result.output
+    assert "error" in result.output
+
+
+def test_parse_sweep() -> None:
+    assert parse_sweep("rollout.max_staleness=0, 1,2") == ("rollout.max_staleness", ["0", "1", "2"])
