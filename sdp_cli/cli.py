@@ -123,10 +123,38 @@ def inspect_staleness(
 
 @app.command()
 @user_errors
-def simulate(args: OverridesArg = None) -> None:
+def simulate(
+    args: OverridesArg = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (a list with --sweep).")
+    ] = False,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            "--sweep",
+            metavar="KEY=V1,V2,...",
+            help="One simulation per value, e.g. rollout.max_staleness=0,1,2,4,8.",
+        ),
+    ] = None,
+) -> None:
     """Run the real executor against simulated servers and trainer (capacity planning)."""
-    _load(args)
-    raise NotYetAvailableError("`sdp simulate` has not landed yet.")
+    from sdp_cli.simulate import parse_sweep, run_simulation, run_sweep
+    from sdp_cli.simulate.report import print_result, print_sweep, to_json
+
+    console = Console()
+    if sweep is None:
+        result = run_simulation(_load(args))
+        if as_json:
+            sys.stdout.write(to_json(result) + "\n")
+        else:
+            print_result(result, console)
+        return
+    key, values = parse_sweep(sweep)
+    rows = run_sweep(lambda extra: _load([*(args or []), *extra]), key, values)
+    if as_json:
+        sys.stdout.write(to_json(rows) + "\n")
+    else:
+        print_sweep(key, rows, console)
 
 
 @app.command("init-model")
