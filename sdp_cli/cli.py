@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from sdp_cli.errors import NotYetAvailableError, SdpError
+from sdp_cli.errors import SdpError
 
 app = typer.Typer(
     name="sdp",
@@ -79,9 +79,10 @@ def train(
 
         print_dry_run(cfg, Console())
         return
-    raise NotYetAvailableError(
-        "`sdp train` (the training loop) has not landed yet; use `sdp train --dry-run`."
-    )
+    from sdp_cli.runner import print_summary, run_training
+
+    console = Console()
+    print_summary(run_training(cfg, console), console)
 
 
 @app.command("launch-servers")

@@ -42,6 +42,8 @@ class RunConfig:
     # Interpolated so that `run.name=foo` moves the directory too.
     dir: str = "runs/${run.name}"
     seed: int = 0
+    # Start afresh in a run.dir that already holds a run (its checkpoints are deleted).
+    overwrite: bool = False
 
 
 @dataclass
@@ -124,6 +126,8 @@ class TrainConfig:
     adv_eps: float = 1e-6
     micro_batch_tokens: int = 4096
     checkpoint_every: int = 10
+    # Checkpoints kept in run_dir/checkpoints (the newest ones).
+    keep_checkpoints: int = 2
     keep_weights: int = 3
     update_timeout_s: float = 120.0
 
@@ -137,6 +141,11 @@ class TaskConfig:
     # Dotted path `module:function` or `module.function` overriding the task's reward.
     reward_fn: str | None = None
     seed: int = 0
+    # Digit-string length range of the built-in string tasks (reverse, copy).
+    min_len: int = 1
+    max_len: int = 3
+    # Prompt template of math_jsonl with a `{question}` field; null uses the task's default.
+    prompt_template: str | None = None
 
 
 @dataclass

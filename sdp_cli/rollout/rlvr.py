@@ -1,0 +1,97 @@
+"""Single-turn RLVR workflow: one prompt, `n_samples` completions, each rewarded by the task.
+
+The data position of a rollout is its id plus an offset: ids are unique and increase, and a
+resumed run shifts the offset so that it never replays a prompt it already submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from sdp_cli.config.schema import RolloutConfig
+from sdp_cli.inference.types import Completion, SamplingParams
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.tasks.base import Prompt, Task
+
+Gate = Callable[[], Awaitable[None]]
+
+
+class Generator(Protocol):
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        gate: Gate | None = None,
+    ) -> Completion: ...
+
+
+def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
+    """A per-completion sampling seed that is stable across runs and resumes."""
+    return zlib.crc32(f"{run_seed}:{rollout_id}:{sample_index}".encode()) & 0x7FFFFFFF
+
+
+class RLVRWorkflow:
+    def __init__(
+        self,
+        task: Task,
+        generator: Generator,
+        decode: Callable[[list[int]], str],
+        rollout: RolloutConfig,
+        eos_token_id: int | None,
+        run_seed: int = 0,
+        position_offset: int = 0,
+    ) -> None:
+        self.task = task
+        self.generator = generator
+        self.decode = decode
+        self.rollout = rollout
+        self.stop_token_ids = () if eos_token_id is None else (eos_token_id,)
+        self.run_seed = run_seed
+        # Data position of rollout id 0; a resumed run sets it so ids restarting at v·B
+        # continue the prompt stream where the checkpoint left it.
+        self.position_offset = position_offset
+
+    def sampling(self, rollout_id: int, sample_index: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
+            top_k=self.rollout.top_k,
+            seed=sample_seed(self.run_seed, rollout_id, sample_index),
+            stop_token_ids=self.stop_token_ids,
+        )
+
+    def to_trajectory(self, prompt: Prompt, completion: Completion) -> Trajectory:
+        return Trajectory(
+            prompt_ids=list(prompt.prompt_ids),
+            output_ids=list(completion.output_ids),
+            behav_logprobs=list(completion.logprobs),
+            versions=list(completion.versions),
+            reward=float(self.task.reward(self.decode(completion.output_ids), prompt.meta)),
+            finish_reason=completion.finish_reason,
+            n_segments=completion.n_segments,
+        )
+
+    async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup | None:
+        position = self.position_offset + rollout_id
+        prompt = self.task.sample_prompt(position)
+        completions = await asyncio.gather(
+            *(
+                self.generator.generate(
+                    list(prompt.prompt_ids),
+                    self.sampling(rollout_id, index),
+                    self.rollout.max_new_tokens,
+                    gate=gate,
+                )
+                for index in range(self.rollout.n_samples)
+            )
+        )
+        return RolloutGroup(
+            rollout_id=rollout_id,
+            samples=[self.to_trajectory(prompt, c) for c in completions],
+            submit_version=executor_version,
+            meta={**prompt.meta, "prompt": prompt.text, "position": position},
+        )

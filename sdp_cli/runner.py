@@ -1,0 +1,207 @@
+"""`sdp train`: wire the run directory, servers, executor, trainer and dashboard together.
+
+Order matters for a clean stop: whatever was started is stopped in reverse order in `finally`,
+so Ctrl-C anywhere leaves no server process and the last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from sdp_cli.config import SdpConfig, config_to_yaml
+from sdp_cli.errors import ConfigError
+from sdp_cli.inference.client import InferenceClient
+from sdp_cli.inference.pool import ServerPool, ServerState
+from sdp_cli.launcher.fleet import ServerFleet
+from sdp_cli.launcher.registry import attach_servers
+from sdp_cli.model import ensure_model_dir
+from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.rollout.rlvr import RLVRWorkflow
+from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
+from sdp_cli.telemetry.dashboard import Dashboard
+from sdp_cli.telemetry.events import EventLog, EventSink
+from sdp_cli.train.actor import Actor
+from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from sdp_cli.train.loop import LoopResult, TrainingLoop
+
+RUN_FILES = ("events.jsonl", "checkpoints", "weights", "servers.json", "config.yaml", "logs")
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    result: LoopResult
+    resumed_from: int
+
+
+def prepare_run_dir(cfg: SdpConfig) -> Path:
+    """Create run.dir; refuse to mix a new run into an old one unless asked to."""
+    run_dir = Path(cfg.run.dir)
+    holds_run = (run_dir / "events.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if holds_run and not cfg.resume:
+        if not cfg.run.overwrite:
+            raise ConfigError(
+                "run.dir",
+                f"'{run_dir}' already holds a run",
+                "set resume=true to continue it, run.overwrite=true to start afresh, "
+                "or run.name=NEW",
+            )
+        for name in RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    return run_dir
+
+
+def restore_state(cfg: SdpConfig, run_dir: Path, actor: Actor) -> TrainState:
+    if not cfg.resume:
+        return TrainState(step=0, version=0, data_position=0)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(
+            "resume", f"no checkpoint in '{run_dir}/checkpoints'", "run without resume=true"
+        )
+    return load_checkpoint(checkpoint, actor.model, actor.optimizer)
+
+
+def attached_pool(registry: Path, timeout_s: float) -> ServerPool:
+    """Servers started elsewhere (`sdp launch-servers`), supervised by that process."""
+    pool = ServerPool()
+    for address in attach_servers(registry, timeout_s):
+        pool.add(address, state=ServerState.ready)
+    return pool
+
+
+@contextmanager
+def server_pool(
+    cfg: SdpConfig, model_dir: Path, run_dir: Path, events: EventSink
+) -> Iterator[ServerPool]:
+    if cfg.server.registry:
+        yield attached_pool(Path(cfg.server.registry), cfg.server.request_timeout_s)
+        return
+    fleet = ServerFleet(cfg.server, model_dir, run_dir, events=events)
+    try:
+        yield fleet.start()
+    finally:
+        fleet.stop()
+
+
+def make_dashboard(console: Console) -> Dashboard:
+    return Dashboard(console=console)
+
+
+def quiet_library_progress() -> None:
+    """Transformers' per-save progress bars would interleave with the dashboard."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary:
+    console = console or Console()
+    quiet_library_progress()
+    run_dir = prepare_run_dir(cfg)
+    model_dir = ensure_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    task = get_task(cfg.task, tokenizer)
+    actor = Actor(model_dir, cfg.train, seed=cfg.run.seed)
+    state = restore_state(cfg, run_dir, actor)
+    dashboard = make_dashboard(console)
+    with ExitStack() as stack:
+        events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
+        stack.callback(events.close)
+        events.emit(
+            "run_started",
+            run=cfg.run.name,
+            steps=cfg.train.steps,
+            max_staleness=cfg.rollout.max_staleness,
+            batch_size=cfg.rollout.batch_size,
+            strategy=cfg.rollout.strategy.value,
+            prox_mode=cfg.train.prox_mode.value,
+            n_samples=cfg.rollout.n_samples,
+            max_concurrent=cfg.rollout.max_concurrent,
+            server_count=cfg.server.count,
+            resumed_from_step=state.step,
+            version=state.version,
+        )
+        console.print(f"run dir {run_dir}: starting servers...", highlight=False)
+        pool = stack.enter_context(server_pool(cfg, model_dir, run_dir, events))
+        client = InferenceClient(
+            pool,
+            cfg.server.request_timeout_s,
+            update_timeout_s=cfg.train.update_timeout_s,
+            max_model_len=cfg.server.max_model_len,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        workflow = RLVRWorkflow(
+            task,
+            client,
+            lambda ids: decode_completion(tokenizer, ids),
+            cfg.rollout,
+            eos_token_id=tokenizer.eos_token_id,
+            run_seed=cfg.run.seed,
+            position_offset=state.data_position - state.version * cfg.rollout.batch_size,
+        )
+        executor = RolloutExecutor(
+            workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score
+        )
+        executor.restore(state.version)
+        executor.start(paused=True)
+        stack.callback(executor.stop)
+        stack.callback(lambda: executor.run_sync(client.aclose(), timeout=10))
+        dashboard.add_snapshot(executor.snapshot)
+
+        def update_servers(weights: Path, version: int) -> dict[str, float]:
+            return executor.run_sync(
+                client.update_weights(str(weights), version),
+                timeout=cfg.train.update_timeout_s * 2,
+            )
+
+        # Attached servers may hold any weights, and a resumed run's servers start from the
+        # base model: give every server the trainer's weights before the first rollout.
+        initial = actor.export_weights(run_dir / "weights", state.version)
+        update_servers(initial, state.version)
+        executor.resume()
+        loop = TrainingLoop(
+            cfg,
+            actor,
+            executor,
+            update_servers,
+            events,
+            data_position=_data_position(workflow, executor),
+            start=state,
+        )
+        stack.enter_context(dashboard)
+        result = loop.run()
+        events.emit(
+            "run_finished", steps=result.steps, version=result.version, wall_s=result.wall_s
+        )
+    return TrainSummary(run_dir=run_dir, result=result, resumed_from=state.step)
+
+
+def _data_position(workflow: RLVRWorkflow, executor: RolloutExecutor) -> Callable[[], int]:
+    return lambda: workflow.position_offset + int(executor.snapshot()["submitted"])
+
+
+def print_summary(summary: TrainSummary, console: Console) -> None:
+    rewards = summary.result.rewards
+    head = rewards[:10]
+    tail = rewards[-10:]
+    first = sum(head) / len(head) if head else 0.0
+    last = sum(tail) / len(tail) if tail else 0.0
+    console.print(
+        f"done: {summary.result.steps} steps, version {summary.result.version}, "
+        f"{summary.result.wall_s:.1f} s; mean reward first {len(head)} steps {first:.3f}, "
+        f"last {len(tail)} steps {last:.3f}; run dir {summary.run_dir}",
+        highlight=False,
+    )

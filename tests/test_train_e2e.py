@@ -1,0 +1,129 @@
+"""`sdp train` end to end on real vLLM CPU servers with the built-in model and task."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+from sdp_cli.telemetry.events import read_events
+
+pytestmark = pytest.mark.vllm
+runner = CliRunner()
+
+SMALL = [
+    "rollout.batch_size=4",
+    "rollout.n_samples=2",
+    "rollout.max_new_tokens=8",
+    "rollout.max_concurrent=16",
+]
+
+
+def events_of(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(run_dir / "events.jsonl") if e["type"] == kind]
+
+
+def train(run_dir: Path, *overrides: str) -> None:
+    result = runner.invoke(app, ["train", f"run.dir={run_dir}", *SMALL, *overrides])
+    assert result.exit_code == 0, result.output
+
+
+def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: Path) -> None:
+    run_dir = tmp_path / "eta1"
+    train(run_dir, "train.steps=5", "rollout.max_staleness=1")
+    assert "max_staleness: 1" in (run_dir / "config.yaml").read_text()
+    steps = events_of(run_dir, "train_step")
+    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+    batches = events_of(run_dir, "batch_taken")
+    assert len(batches) == 5
+    for batch in batches:
+        assert len(batch["head_lags"]) == 4
+        # Lag = trained version − token version: never negative (no token newer than the
+        # version trained) and never beyond η.
+        assert all(0 <= lag <= 1 for lag in batch["head_lags"] + batch["tail_lags"])
+        assert all(0 <= int(lag) <= 1 for lag in batch["tokens_by_lag"])
+    updates = events_of(run_dir, "weight_update")
+    assert [u["version"] for u in updates] == [1, 2, 3, 4, 5]
+    assert {"pause_s", "recompute_s", "export_s", "reload_s", "resume_s"} <= set(
+        updates[0]["phases"]
+    )
+    assert (run_dir / "weights" / "v5" / "model.safetensors").is_file()
+
+    inspected = runner.invoke(app, ["inspect-staleness", str(run_dir), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    report = json.loads(inspected.output)
+    assert report["steps"] == 5
+    assert report["max_trained_lag"] <= 1
+
+
+def test_eta_zero_trains_only_tokens_of_the_version_being_trained(tmp_path: Path) -> None:
+    run_dir = tmp_path / "eta0"
+    train(run_dir, "train.steps=3", "rollout.max_staleness=0", "rollout.strategy=standard")
+    for batch in events_of(run_dir, "batch_taken"):
+        assert set(batch["tokens_by_lag"]) == {"0"}
+        assert batch["head_lags"] == [0, 0, 0, 0]
+
+
+def descendants_alive(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_ctrl_c_leaves_no_process_and_resume_finishes_without_double_counting(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "resumable"
+    args = [f"run.dir={run_dir}", *SMALL, "train.steps=6", "train.checkpoint_every=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdp_cli", "train", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 400
+        while not (run_dir / "checkpoints" / "step-2").is_dir():
+            assert proc.poll() is None, "sdp train exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 400 s"
+            children = descendants_alive(proc.pid) or children
+            time.sleep(0.2)
+        children = descendants_alive(proc.pid) or children
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert children, "sdp train should have started server processes"
+    time.sleep(1)
+    assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
+
+    before = events_of(run_dir, "train_step")
+    train(run_dir, "train.steps=6", "train.checkpoint_every=2", "resume=true")
+    steps = events_of(run_dir, "train_step")
+    after = steps[len(before) :]
+    resumed_from = next(s for s in events_of(run_dir, "run_started") if s["resumed_from_step"])
+    checkpoint_step = resumed_from["resumed_from_step"]
+    assert checkpoint_step >= 2 and checkpoint_step % 2 == 0
+    # The resumed run trains exactly the remaining steps, at the versions that follow.
+    assert [s["step"] for s in after] == list(range(checkpoint_step, 6))
+    assert [s["version"] for s in after] == list(range(checkpoint_step, 6))
+    # Samples are identified by their data position: none is trained twice across the two
+    # sessions (counting only the first session's steps that the checkpoint kept).
+    kept = [s for s in before if s["step"] < checkpoint_step]
+    positions = [p for s in kept + after for p in s["positions"]]
+    assert len(positions) == 6 * 4
+    assert len(set(positions)) == len(positions)
