@@ -406,3 +406,9 @@ def test_random_schedule_keeps_the_bound_and_conservation(started: Any) -> None:
         poller.join()
     assert broken == []
     assert ex.version == 25
+    leftovers = ex.stop()
+    snap = ex.snapshot()
+    assert not {g.rollout_id for g in leftovers} & seen
+    # Every accepted group was trained, handed back at shutdown, or dropped as stale.
+    assert snap["accepted_live"] == snap["consumed"] + snap["drained"] == len(seen) + len(leftovers)
+    assert conservation_holds(snap)

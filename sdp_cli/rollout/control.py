@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from sdp_cli.rollout.staleness import StalenessManager
@@ -23,10 +24,12 @@ from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 
 
-class RejectReason:
-    no_group = "no_group"
-    error = "error"
-    cancelled = "cancelled"
+class RejectReason(StrEnum):
+    """Why a rollout produced no usable group (counted as rejected, not dropped)."""
+
+    no_group = "no_group"  # the workflow returned None or no samples
+    error = "error"  # the workflow raised
+    cancelled = "cancelled"  # still in flight at shutdown
 
 
 class StalenessControl:

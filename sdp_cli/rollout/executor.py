@@ -130,6 +130,8 @@ class RolloutExecutor:
         has not taken (in order). Idempotent: a second call returns []."""
         if self._thread is None or self._stopped:
             return self._control.drain() if not self._stopped else []
+        if threading.current_thread() is self._thread:
+            raise ExecutorError("stop() was called from the executor's own loop")
         loop = self._loop
         assert loop is not None
         leftovers = asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
