@@ -143,7 +143,7 @@ class TaskConfig:
     seed: int = 0
     # Digit-string length range of the built-in string tasks (reverse, copy).
     min_len: int = 1
-    max_len: int = 3
+    max_len: int = 2
     # Prompt template of math_jsonl with a `{question}` field; null uses the task's default.
     prompt_template: str | None = None
 

@@ -1,0 +1,190 @@
+"""The actor: a Hugging Face causal LM in float32 with its AdamW optimizer.
+
+`train_step` runs one optimizer step on a batch of rollout groups with the decoupled PPO loss;
+micro-batches accumulate gradients scaled so the total equals the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from sdp_cli.config.schema import Device, ProxMode, TrainConfig
+from sdp_cli.errors import ConfigError
+from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.train.batch import (
+    TokenSample,
+    TrainBatch,
+    build_micro_batches,
+    collate,
+    split_by_token_budget,
+)
+from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
+from sdp_cli.train.weights import export_weights
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    choice = Device(device)
+    if choice == Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device", "CUDA is not available", "set train.device=cpu")
+    return torch.device(choice.value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
+    # Per-load progress bars would scribble over the dashboard.
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.to(device)
+    # Dropout off for good: the trainer's logprobs must match the servers', which sample
+    # without dropout.
+    model.eval()
+    return model
+
+
+def _pad_id(model: PreTrainedModel) -> int:
+    for candidate in (model.config.pad_token_id, model.config.eos_token_id, 0):
+        if isinstance(candidate, int):
+            return candidate
+        if isinstance(candidate, list) and candidate:
+            return int(candidate[0])
+    return 0
+
+
+class Actor:
+    def __init__(self, model_dir: Path, train: TrainConfig, seed: int = 0) -> None:
+        seed_everything(seed)
+        self.model_dir = Path(model_dir)
+        self.train_config = train
+        self.device = resolve_device(train.device)
+        self.model = load_model(self.model_dir, self.device)
+        self.pad_id = _pad_id(self.model)
+        self.loss_settings = LossSettings.from_config(train)
+        self.prox_mode = ProxMode(train.prox_mode)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
+        )
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def logprobs(self, batch: TrainBatch) -> Tensor:
+        """log π of every output column of `batch` ([rows, L], padding included), with grad.
+
+        Logits are only made for the output columns, and logprobs are logit − logsumexp, which
+        never materialises a full log_softmax over the vocabulary."""
+        n_out = batch.n_output_cols
+        extra = {"logits_to_keep": n_out + 1} if self._keeps_logits else {}
+        logits = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **extra,
+        ).logits
+        # The logits at column j predict the token at column j + 1.
+        logits = logits[:, -(n_out + 1) : -1, :].float()
+        targets = batch.output_ids.unsqueeze(-1)
+        return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """log π of each output token given its prompt under the current weights (no grad)."""
+        samples = [
+            TokenSample(list(p), list(o), [0.0] * len(o), [0.0] * len(o), [0] * len(o), 0.0, 0.0)
+            for p, o in zip(prompts, outputs, strict=True)
+        ]
+        values: list[list[float]] = []
+        for chunk in split_by_token_budget(samples, self.train_config.micro_batch_tokens):
+            batch = collate(chunk, self.pad_id).to(self.device)
+            rows = self.logprobs(batch).cpu().tolist()
+            values += [row[: len(s.output_ids)] for row, s in zip(rows, chunk, strict=True)]
+        return values
+
+    def _micro_batches(self, groups: Sequence[RolloutGroup]) -> list[TrainBatch]:
+        batches = build_micro_batches(
+            groups, self.train_config.adv_eps, self.train_config.micro_batch_tokens, self.pad_id
+        )
+        return [b.to(self.device) for b in batches]
+
+    @torch.no_grad()
+    def _recomputed_proximal(self, batches: list[TrainBatch]) -> list[Tensor | None]:
+        if self.prox_mode != ProxMode.recompute:
+            return [None] * len(batches)
+        return [self.logprobs(b) for b in batches]
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.train_config.grad_clip
+        # A non-positive grad_clip disables clipping; the norm is still reported.
+        limit = max_norm if max_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit).item())
+
+    def train_step(self, groups: Sequence[RolloutGroup], version: int) -> dict[str, float]:
+        """One optimizer step on `groups`, training version `version` → `version + 1`.
+
+        Returns the loss statistics (see LossStats.summary), `tokens_lag_<k>` counts, the
+        gradient norm before clipping, the mean reward and the step time."""
+        started = time.perf_counter()
+        batches = self._micro_batches(groups)
+        normalizer = sum(b.n_tokens for b in batches)
+        recomputed = self._recomputed_proximal(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = LossStats()
+        for batch, prox_pass in zip(batches, recomputed, strict=True):
+            logprobs = self.logprobs(batch)
+            prox = select_proximal(
+                self.prox_mode,
+                logprobs=logprobs,
+                segment_prox=batch.prox_logprobs,
+                behav_logprobs=batch.behav_logprobs,
+                versions=batch.versions,
+                train_version=version,
+                recomputed=prox_pass,
+            )
+            loss, batch_stats = decoupled_ppo_loss(
+                logprobs,
+                prox,
+                batch.behav_logprobs,
+                batch.advantages,
+                batch.loss_mask,
+                batch.versions,
+                version,
+                self.loss_settings,
+                normalizer=normalizer,
+            )
+            loss.backward()
+            stats = stats.merge(batch_stats)
+        grad_norm = 0.0
+        if normalizer > 0:
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+        rewards = [r for g in groups for r in g.rewards]
+        return {
+            **stats.summary(),
+            **{f"tokens_lag_{lag}": float(n) for lag, n in stats.tokens_by_lag.items()},
+            "grad_norm": grad_norm,
+            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+            "n_samples": float(len(rewards)),
+            "n_micro_batches": float(len(batches)),
+            "step_time_s": time.perf_counter() - started,
+        }
+
+    def export_weights(self, weights_dir: Path, version: int) -> Path:
+        """Write `weights_dir/v{version}/` for the servers; keeps the newest train.keep_weights."""
+        return export_weights(
+            self.model, self.model_dir, weights_dir, version, self.train_config.keep_weights
+        )

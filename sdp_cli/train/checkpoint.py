@@ -1,0 +1,177 @@
+"""Training checkpoints in `run_dir/checkpoints/step-{N}/`, written atomically.
+
+A checkpoint is written to `step-{N}.tmp/` and renamed when complete, so one that exists under
+its final name is whole even if the process was killed right after; `.tmp` directories are never
+loaded. Contents: model weights (safetensors), optimizer state, RNG states, and `state.json`
+(step, version, data position, executor counters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """What the training loop needs besides the tensors to continue where it stopped."""
+
+    step: int
+    version: int
+    # Next data position of the task's prompt stream.
+    data_position: int
+    executor_counters: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS_DIR
+
+
+def checkpoint_due(step: int, every: int) -> bool:
+    """Whether to save after finishing `step` (1-based count of completed steps)."""
+    return step > 0 and step % every == 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], python_state: list[Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush file contents before the rename publishes them (a crash of the machine, not just
+    the process, must not leave a renamed checkpoint with empty files)."""
+    for item in directory.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_checkpoint(
+    target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState
+) -> None:
+    save_model(model, str(target / MODEL_FILE))
+    torch.save(optimizer.state_dict(), target / OPTIMIZER_FILE)
+    torch.save(_rng_state(), target / RNG_FILE)
+    payload = {
+        "format": FORMAT_VERSION,
+        "saved_at": time.time(),
+        # Python's random state is a tuple of ints: JSON keeps torch.load's safe mode usable.
+        "python_rng": list(random.getstate()),
+        **asdict(state),
+    }
+    (target / STATE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for item in root.iterdir():
+        match = _STEP_DIR.match(item.name)
+        if match and (item / STATE_FILE).is_file():
+            found.append((int(match.group(1)), item))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _prune(run_dir: Path, keep: int | None) -> None:
+    root = checkpoints_dir(run_dir)
+    for item in root.iterdir():
+        # Leftovers of a save that was killed half-way.
+        if item.name.endswith(".tmp") or ".old-" in item.name:
+            shutil.rmtree(item, ignore_errors=True)
+    if keep is not None:
+        complete = list_checkpoints(run_dir)
+        for _, path in complete[: max(len(complete) - max(keep, 1), 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    keep: int | None = None,
+) -> Path:
+    """Write `run_dir/checkpoints/step-{state.step}/` and keep the newest `keep` (None: all)."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f"step-{state.step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, model, optimizer, state)
+        _fsync_tree(tmp)
+        if final.exists():
+            old = root / f"{final.name}.old-{os.getpid()}"
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(run_dir, keep)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> TrainState:
+    """Restore weights, optimizer state and RNG states from `path` (a `step-N` directory);
+    returns the loop state saved with them."""
+    payload = json.loads((path / STATE_FILE).read_text())
+    if payload.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {payload.get('format')}, expected 1")
+    load_model(model, str(path / MODEL_FILE), strict=True, device=_device_of(model))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    _restore_rng(torch.load(path / RNG_FILE, weights_only=True), payload["python_rng"])
+    return TrainState(
+        step=payload["step"],
+        version=payload["version"],
+        data_position=payload["data_position"],
+        executor_counters=payload["executor_counters"],
+    )
+
+
+def _device_of(model: torch.nn.Module) -> str:
+    parameter = next(model.parameters(), None)
+    return str(parameter.device) if parameter is not None else "cpu"

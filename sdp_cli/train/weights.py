@@ -1,0 +1,101 @@
+"""Export the trainer's weights as a model directory the inference servers can load.
+
+`run_dir/weights/v{N}/` has the same layout as the original model directory (safetensors,
+config, generation config, tokenizer files), so it works both for vLLM's
+`reload_weights(weights_path=DIR)` and for a fresh `--model DIR`. It is written as `v{N}.tmp/`
+and renamed, so a reader never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+# Files of the source model directory that the exported weights replace.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
+_VERSION_DIR = re.compile(r"^v(\d+)(\.tmp)?$")
+
+
+def version_dir(weights_dir: Path, version: int) -> Path:
+    return weights_dir / f"v{version}"
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEX_NAMES
+
+
+def copy_tokenizer_files(source_dir: Path, target_dir: Path) -> None:
+    """Copy everything but weights and configs (tokenizer, chat template, vocab files...)."""
+    for item in sorted(source_dir.iterdir()):
+        if item.is_file() and not _is_weight_file(item.name) and item.name not in _WRITTEN_BY_SAVE:
+            shutil.copy2(item, target_dir / item.name)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` (a re-export after resume) is moved aside
+    first, because rename cannot replace a non-empty directory."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
+    """Delete complete versions older than the newest `keep`, and leftover `.tmp` directories of
+    other versions (from a killed process). Returns what was deleted."""
+    complete: list[tuple[int, Path]] = []
+    stale_tmp: list[Path] = []
+    for item in weights_dir.iterdir():
+        match = _VERSION_DIR.match(item.name)
+        if not match or not item.is_dir():
+            continue
+        if match.group(2):
+            if int(match.group(1)) != current:
+                stale_tmp.append(item)
+        else:
+            complete.append((int(match.group(1)), item))
+    complete.sort()
+    doomed = [path for _, path in complete[: max(len(complete) - keep, 0)]] + stale_tmp
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def export_weights(
+    model: PreTrainedModel,
+    source_dir: Path,
+    weights_dir: Path,
+    version: int,
+    keep: int,
+) -> Path:
+    """Write `weights_dir/v{version}/` atomically, keep the newest `keep` versions, and return
+    the new directory."""
+    # A "Writing model shards" bar per weight update would scribble over the dashboard.
+    hf_logging.disable_progress_bar()
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    final = version_dir(weights_dir, version)
+    tmp = final.with_name(f"{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        # Transformers 5 always writes safetensors; save_original_format keeps the checkpoint's
+        # own tensor names, which is what vLLM's loader expects.
+        model.save_pretrained(tmp, save_original_format=True)
+        copy_tokenizer_files(source_dir, tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_versions(weights_dir, keep, version)
+    return final
