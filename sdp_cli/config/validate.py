@@ -37,6 +37,8 @@ _MINIMUMS: dict[str, float] = {
     "train.micro_batch_tokens": 1,
     "train.checkpoint_every": 1,
     "train.keep_weights": 1,
+    "train.keep_checkpoints": 1,
+    "task.min_len": 1,
     "model.hidden_size": 1,
     "model.num_layers": 1,
     "model.num_heads": 1,
@@ -54,6 +56,12 @@ def validate(cfg: DictConfig) -> None:
             "model.num_heads",
             f"must divide model.hidden_size ({cfg.model.hidden_size})",
             "vLLM's CPU backend needs head_dim = hidden_size / num_heads in {32, 64, 80, 96, 128}",
+        )
+    if cfg.task.max_len < cfg.task.min_len:
+        raise ConfigError(
+            "task.max_len",
+            f"must be >= task.min_len ({cfg.task.min_len}, got {cfg.task.max_len})",
+            f"set task.max_len={cfg.task.min_len} or higher",
         )
     if cfg.task.name == "math_jsonl" and not cfg.task.path:
         raise ConfigError(
