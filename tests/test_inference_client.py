@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from sdp_cli.inference import (
     WeightsDirError,
     WeightUpdateError,
 )
+from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.protocol import parse_prompt_logprobs, versions_from_spans
 from sdp_cli.inference.types import Completion
 
@@ -413,3 +416,63 @@ def test_an_incomplete_weights_dir_is_refused_before_any_server_is_touched(tmp_p
     with pytest.raises(WeightsDirError, match="does not exist"):
         asyncio.run(client.update_weights(str(tmp_path / "missing"), 1))
     assert fake.calls == []
+
+
+# ---- connections --------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_http_server() -> Iterator[tuple[str, list[int]]]:
+    """A keep-alive HTTP/1.1 server that answers after 0.2 s and records each request's client
+    port, which names the connection it came on."""
+    ports: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+        def do_GET(self) -> None:
+            ports.append(self.client_address[1])
+            time.sleep(0.2)
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", ports
+    server.shutdown()
+    server.server_close()
+
+
+def test_concurrent_requests_get_their_own_kept_alive_connections(
+    slow_http_server: tuple[str, list[int]],
+) -> None:
+    address, ports = slow_http_server
+
+    async def burst(pool: ConnectionPool) -> None:
+        async def one() -> None:
+            async with pool.connection(address) as http:
+                (await http.get(address + "/x")).raise_for_status()
+
+        await asyncio.gather(*(one() for _ in range(16)))
+
+    async def run() -> float:
+        pool = ConnectionPool(httpx.Timeout(10.0))
+        await burst(pool)
+        start = time.monotonic()
+        await burst(pool)
+        elapsed = time.monotonic() - start
+        await pool.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    first, second = ports[:16], ports[16:]
+    assert len(set(first)) == 16, "concurrent requests shared a connection"
+    assert set(second) == set(first), "connections were not kept alive and reused"
+    # All 16 ran at once, not queued behind each other on a few connections.
+    assert elapsed < 1.0

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -103,13 +104,16 @@ def serve_fake(port: int, index: int, state_dir: Path) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--state-dir", type=Path, required=True)
-    args = parser.parse_args()
-    serve_fake(args.port, args.index, args.state_dir)
+def run_fake_fleet(state_dir: Path, model_dir: Path, linger_s: float) -> None:
+    """A program that uses the launcher as a trainer would: start a fleet, write the registry,
+    then run for `linger_s` seconds (or until a signal) without stopping it explicitly."""
+    cfg = load_config(overrides=["server.count=2", "server.shutdown_grace_s=2"])
+    fleet = ServerFleet(
+        cfg.server, model_dir, state_dir / "run", backend=FakeServerBackend(state_dir)
+    )
+    fleet.start()
+    (state_dir / "started").touch()
+    time.sleep(linger_s)
 
 
 # ---- tests --------------------------------------------------------------------------------
@@ -313,3 +317,55 @@ def test_stop_leaves_no_process_and_marks_the_registry_dead(fake_fleet: FleetFac
     assert not any(group_alive(g) for g in groups)
     assert [e.state for e in read_registry(fleet.registry_path)] == ["dead", "dead"]
     assert pool.all_dead()
+
+
+@pytest.mark.parametrize(
+    ("how", "expected_code"),
+    [("normal exit", 0), ("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", -signal.SIGINT)],
+)
+def test_a_program_using_the_launcher_leaves_no_server_behind(
+    tmp_path: Path, tiny_model_dir: Path, how: str, expected_code: int
+) -> None:
+    linger = "1" if how == "normal exit" else "60"
+    program = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--state-dir",
+            str(tmp_path),
+            "--fleet-of-model",
+            str(tiny_model_dir),
+            "--linger",
+            linger,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: (tmp_path / "started").exists() or program.poll() is not None)
+        groups = [e.pgid for e in read_registry(tmp_path / "run" / "servers.json")]
+        assert len(groups) == 2 and all(group_alive(g) for g in groups)
+        if how == "SIGTERM":
+            program.send_signal(signal.SIGTERM)
+        elif how == "SIGINT":
+            program.send_signal(signal.SIGINT)
+        _, stderr = program.communicate(timeout=30)
+    finally:
+        if program.poll() is None:
+            program.kill()
+    assert program.returncode == expected_code, stderr.decode()[-2000:]
+    assert not any(group_alive(g) for g in groups)
+    assert {e.state for e in read_registry(tmp_path / "run" / "servers.json")} == {"dead"}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--index", type=int)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--fleet-of-model", type=Path)
+    parser.add_argument("--linger", type=float, default=0.0)
+    args = parser.parse_args()
+    if args.fleet_of_model:
+        run_fake_fleet(args.state_dir, args.fleet_of_model, args.linger)
+    else:
+        serve_fake(args.port, args.index, args.state_dir)

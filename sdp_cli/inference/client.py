@@ -15,10 +15,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
 
+from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.errors import (
     NoServerAvailableError,
     RequestFailedError,
@@ -69,9 +71,9 @@ class InferenceClient:
         max_model_len: int | None = None,
         eos_token_id: int | None = None,
         model_name: str = SERVED_MODEL_NAME,
-        max_connections: int = 1024,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport` replaces the network (tests inject faults with httpx.MockTransport)."""
         self.pool = pool
         self.request_timeout_s = request_timeout_s
         self.update_timeout_s = update_timeout_s
@@ -82,15 +84,13 @@ class InferenceClient:
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.model_name = model_name
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        self._timeout = httpx.Timeout(request_timeout_s, connect=10.0)
         self._transport = transport
         # httpx connections belong to the event loop that opened them; the trainer and the
         # rollout executor may each call from their own loop.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
-        self._clients = weakref.WeakKeyDictionary()
-        self._clients_lock = threading.Lock()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConnections]
+        self._loops = weakref.WeakKeyDictionary()
+        self._loops_lock = threading.Lock()
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -101,10 +101,10 @@ class InferenceClient:
     async def aclose(self) -> None:
         """Close the connections this event loop opened."""
         loop = asyncio.get_running_loop()
-        with self._clients_lock:
-            client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose()
+        with self._loops_lock:
+            connections = self._loops.pop(loop, None)
+        if connections is not None:
+            await connections.aclose()
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -259,18 +259,18 @@ class InferenceClient:
 
     # ---- transport ----------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
+    def _connections(self) -> _LoopConnections:
         loop = asyncio.get_running_loop()
-        with self._clients_lock:
-            client = self._clients.get(loop)
-            if client is None or client.is_closed:
-                client = httpx.AsyncClient(
-                    limits=self._limits,
-                    timeout=httpx.Timeout(self.request_timeout_s, connect=10.0),
-                    transport=self._transport,
-                )
-                self._clients[loop] = client
-            return client
+        with self._loops_lock:
+            connections = self._loops.get(loop)
+            if connections is None:
+                connections = _LoopConnections(self._timeout, self._transport)
+                self._loops[loop] = connections
+            return connections
+
+    def _http(self) -> httpx.AsyncClient:
+        """A shared client for the few control calls (weight updates, versions, aborts)."""
+        return self._connections().shared
 
     async def _acquire(self, avoid: set[int]) -> ServerStatus:
         """A routable server, waiting (up to server_wait_s) while all are starting or
@@ -297,7 +297,7 @@ class InferenceClient:
         self, method: str, path: str, body: BodyFactory | None
     ) -> tuple[dict[str, Any], int]:
         """The JSON answer and the number of attempts it took."""
-        http = self._http()
+        connections = self._connections()
         avoid: set[int] = set()
         errors: list[str] = []
         for attempt in range(self.max_attempts):
@@ -305,11 +305,14 @@ class InferenceClient:
             payload = body() if body is not None else None
             try:
                 # httpx's own timeouts bound each socket operation; this bounds the request.
-                async with asyncio.timeout(self.request_timeout_s):
+                async with (
+                    asyncio.timeout(self.request_timeout_s),
+                    connections.connection(server.address) as http,
+                ):
                     response = await http.request(method, server.address + path, json=payload)
             except (TimeoutError, httpx.TimeoutException):
                 errors.append(f"{server.address}: no answer within {self.request_timeout_s} s")
-                await self._abort_quietly(http, server.address, payload)
+                await self._abort_quietly(connections.shared, server.address, payload)
             except httpx.TransportError as exc:
                 errors.append(f"{server.address}: {type(exc).__name__} {exc}")
                 self.pool.report_unreachable(server.index)
@@ -341,3 +344,22 @@ class InferenceClient:
         ids = [request_id, f"generate-tokens-{request_id}"]
         with contextlib.suppress(httpx.HTTPError, OSError):
             await http.post(f"{address}{ABORT_PATH}", json={"request_ids": ids}, timeout=5.0)
+
+
+class _LoopConnections:
+    """The connections of one event loop: a pool for requests that may run concurrently by the
+    hundred (generation, logprobs), and one shared client for rare control calls."""
+
+    def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
+        self.shared = httpx.AsyncClient(timeout=timeout, transport=transport)
+        self._pool = ConnectionPool(timeout) if transport is None else None
+
+    def connection(self, address: str) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        if self._pool is None:
+            return contextlib.nullcontext(self.shared)
+        return self._pool.connection(address)
+
+    async def aclose(self) -> None:
+        await self.shared.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import httpx
@@ -113,6 +114,7 @@ class ServerFleet:
         self.pool.subscribe(self._on_pool_change)
         self._start_loop()
         atexit.register(self.stop)
+        install_sigterm_exit()
         try:
             self._call(self._start_all())
             self._call(self._start_watchers())
@@ -448,6 +450,20 @@ class ServerFleet:
     def _write_registry(self) -> None:
         with self._registry_lock:
             write_registry(self.registry_path, self.registry_entries())
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_sigterm_exit() -> None:
+    """Make SIGTERM exit through Python (finally blocks, atexit) instead of killing the process
+    on the spot, which would leave the servers running in their own sessions. Only when nobody
+    has claimed SIGTERM yet, and only from the main thread (where handlers are installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def requests_on_server(metrics_text: str) -> int:
