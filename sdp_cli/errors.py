@@ -25,6 +25,3 @@ class ConfigError(SdpError):
 class MissingDependencyError(SdpError):
     """A package the command needs is not installed."""
 
-
-class NotYetAvailableError(SdpError):
-    """A command whose implementation has not landed yet."""
