@@ -24,4 +24,3 @@ class ConfigError(SdpError):
 
 class MissingDependencyError(SdpError):
     """A package the command needs is not installed."""
-
