@@ -219,7 +219,7 @@ def test_abort_right_after_a_stop_token_ends_the_completion() -> None:
     assert completion.output_ids == [10, 3] and completion.finish_reason == "stop"
 
 
-def test_budget_is_capped_by_the_context_length() -> None:
+def test_budget_leaves_room_to_score_the_completion_within_the_context() -> None:
     fake = FakeServers(
         lambda a, p, b: answer(
             [9] * b["sampling_params"]["max_tokens"],
@@ -233,8 +233,9 @@ def test_budget_is_capped_by_the_context_length() -> None:
         return await client.generate([1] * 6, SamplingParams(), 50)
 
     completion = asyncio.run(run())
-    assert len(completion.output_ids) == 4
-    assert fake.calls[0][2]["sampling_params"]["max_tokens"] == 4
+    # 10 positions: 6 of prompt, 3 of output, 1 left so that prompt + output can be scored.
+    assert len(completion.output_ids) == 3
+    assert fake.calls[0][2]["sampling_params"]["max_tokens"] == 3
 
 
 def test_connection_error_is_retried_on_another_server() -> None:

@@ -137,6 +137,21 @@ def test_stop_tokens_and_eos_end_completions(vllm_fleet: ServerFleet) -> None:
         assert (completion.output_ids[-1] == EOS) == (completion.finish_reason == "stop")
 
 
+def test_a_completion_up_to_the_context_limit_can_still_be_scored(vllm_fleet: ServerFleet) -> None:
+    limit = vllm_fleet.server.max_model_len
+
+    async def go() -> tuple[Completion, list[float]]:
+        async with InferenceClient(vllm_fleet.pool) as client:
+            sampling = SamplingParams(seed=3, ignore_eos=True)
+            completion = await client.generate(PROMPT, sampling, 10 * limit)
+            return completion, await client.score(PROMPT, completion.output_ids)
+
+    completion, scored = run(go())
+    assert completion.finish_reason == "length"
+    assert len(PROMPT) + len(completion.output_ids) == limit - 1
+    assert completion.logprobs == pytest.approx(scored, abs=1e-3)
+
+
 def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
     vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
 ) -> None:

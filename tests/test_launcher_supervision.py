@@ -308,6 +308,14 @@ def test_a_server_failing_to_start_stops_the_fleet_and_explains_why(
         assert not group_alive(fleet.process(index).pgid)
 
 
+def test_a_missing_model_directory_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    cfg = load_config()
+    fleet = ServerFleet(cfg.server, tmp_path / "no-model", tmp_path / "run")
+    with pytest.raises(ServerStartError, match=r"no config\.json"):
+        fleet.start()
+    assert len(fleet.pool) == 0
+
+
 def test_stop_leaves_no_process_and_marks_the_registry_dead(fake_fleet: FleetFactory) -> None:
     fleet = fake_fleet(count=2)
     pool: ServerPool = fleet.start()

@@ -46,7 +46,8 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
     vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
 ) -> None:
     version = vllm_fleet.pool.target().version + 1
-    length = 200
+    length = 240
+    requests = 32
 
     async def load_weights() -> None:
         async with InferenceClient(vllm_fleet.pool) as client:
@@ -62,14 +63,15 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
                 asyncio.create_task(
                     client.generate(PROMPT, SamplingParams(seed=i, min_tokens=length), length)
                 )
-                for i in range(12)
+                for i in range(requests)
             ]
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
+            assert vllm_fleet.pool.status(0).in_flight > 0, "nothing to lose on the victim"
             os.kill(victim.pid, signal.SIGKILL)
             return list(await asyncio.gather(*tasks))
 
     completions = asyncio.run(generate_through_a_crash())
-    assert len(completions) == 12
+    assert len(completions) == requests
     for completion in completions:
         assert len(completion.output_ids) == length and completion.finish_reason == "length"
         assert completion.versions == [version] * length

@@ -16,6 +16,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -126,7 +127,9 @@ class InferenceClient:
             done = len(completion.output_ids)
             budget = max_new_tokens - done
             if limit is not None:
-                budget = min(budget, limit - len(prompt_ids) - done)
+                # One position short of the context: scoring prompt + output through
+                # /v1/completions needs room for its one generated token.
+                budget = min(budget, limit - 1 - len(prompt_ids) - done)
             if budget <= 0:
                 completion.finish_reason = "length"
                 return completion
@@ -200,7 +203,7 @@ class InferenceClient:
 
     # ---- weights ------------------------------------------------------------------------
 
-    async def update_weights(self, weights_dir: str, version: int) -> dict[str, float]:
+    async def update_weights(self, weights_dir: str | Path, version: int) -> dict[str, float]:
         """Load `weights_dir` as `version` on every ready server at once (pause with abort →
         reload_weights → update_weight_version → resume, each server within update_timeout_s).
         The pool records the target first, so a server that is restarting, or that fails here

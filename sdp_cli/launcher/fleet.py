@@ -110,6 +110,11 @@ class ServerFleet:
         """Start every server and the supervisor; returns the pool once all are ready. On any
         failure (or Ctrl-C) everything started is stopped before the error propagates."""
         check_vllm_installed()
+        if not (self.model_dir / "config.json").is_file():
+            raise ServerStartError(
+                f"model directory '{self.model_dir}' is missing or incomplete (no config.json)\n"
+                "  fix: pass a local Hugging Face model directory, or model.path=builtin:tiny"
+            )
         self._devices = self._device_groups()
         self.pool.subscribe(self._on_pool_change)
         self._start_loop()
