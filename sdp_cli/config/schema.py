@@ -130,6 +130,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     keep_weights: int = 3
     update_timeout_s: float = 120.0
+    # Torch intra-op threads for a CPU trainer; 0 keeps torch's default (all cores). The
+    # default 1 leaves the other cores to the vLLM CPU servers that generate at the same time.
+    cpu_threads: int = 1
 
 
 @dataclass

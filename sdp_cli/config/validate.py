@@ -38,6 +38,7 @@ _MINIMUMS: dict[str, float] = {
     "train.checkpoint_every": 1,
     "train.keep_weights": 1,
     "train.keep_checkpoints": 1,
+    "train.cpu_threads": 0,
     "task.min_len": 1,
     "model.hidden_size": 1,
     "model.num_layers": 1,
