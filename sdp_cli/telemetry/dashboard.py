@@ -37,6 +37,7 @@ from sdp_cli.telemetry.fields import (
     as_lag_counts,
     as_str,
 )
+from sdp_cli.telemetry.staleness import CAPACITY_TERMS
 from sdp_cli.telemetry.widgets import (
     bar,
     format_duration,
@@ -53,15 +54,8 @@ from sdp_cli.telemetry.widgets import (
 SnapshotFn = Callable[[], Mapping[str, Any]]
 
 MAX_REFRESH_PER_SECOND = 4.0
-CAPACITY_KEYS = (
-    "max_concurrent",
-    "running",
-    "accepted_live",
-    "staleness_limit",
-    "concurrency_room",
-    "staleness_room",
-    "capacity",
-)
+# The formula's terms, named as in the `capacity` event (one list for the report and the view).
+CAPACITY_KEYS = CAPACITY_TERMS
 # Below this console width the panels are stacked in one column.
 TWO_COLUMN_WIDTH = 110
 HISTORY = 120
