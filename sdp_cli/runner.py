@@ -204,4 +204,5 @@ def print_summary(summary: TrainSummary, console: Console) -> None:
         f"{summary.result.wall_s:.1f} s; mean reward first {len(head)} steps {first:.3f}, "
         f"last {len(tail)} steps {last:.3f}; run dir {summary.run_dir}",
         highlight=False,
+        soft_wrap=True,
     )
