@@ -96,10 +96,6 @@ def server_pool(
         fleet.stop()
 
 
-def make_dashboard(console: Console) -> Dashboard:
-    return Dashboard(console=console)
-
-
 def quiet_library_progress() -> None:
     """Transformers' per-save progress bars would interleave with the dashboard."""
     from transformers.utils import logging as hf_logging
@@ -116,7 +112,7 @@ def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary
     task = get_task(cfg.task, tokenizer)
     actor = Actor(model_dir, cfg.train, seed=cfg.run.seed)
     state = restore_state(cfg, run_dir, actor)
-    dashboard = make_dashboard(console)
+    dashboard = Dashboard(console=console)
     with ExitStack() as stack:
         events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
         stack.callback(events.close)
