@@ -84,6 +84,19 @@ def make_client(pool: ServerPool, fake: FakeServers, **kwargs: Any) -> Inference
     return InferenceClient(pool, transport=httpx.MockTransport(fake), **options)
 
 
+def prompt_logprobs_of_minus_token_id(address: str, path: str, body: dict[str, Any]) -> Any:
+    """A /v1/completions answer giving every prompt token the logprob −(its id)."""
+    return {
+        "choices": [
+            {
+                "index": k,
+                "prompt_logprobs": [None] + [{str(t): {"logprob": -float(t)}} for t in ids[1:]],
+            }
+            for k, ids in enumerate(body["prompt"])
+        ]
+    }
+
+
 # ---- protocol parsing -------------------------------------------------------------------
 
 
@@ -101,8 +114,24 @@ def test_prompt_logprobs_are_read_by_token_id_from_start() -> None:
     payload = {
         "choices": [{"prompt_logprobs": [None, {"7": {"logprob": -1.5}}, {"9": {"logprob": -2.5}}]}]
     }
-    assert parse_prompt_logprobs(payload, [1, 7, 9], 1) == [-1.5, -2.5]
-    assert parse_prompt_logprobs(payload, [1, 7, 9], 2) == [-2.5]
+    assert parse_prompt_logprobs(payload, [[1, 7, 9]], [1]) == [[-1.5, -2.5]]
+    assert parse_prompt_logprobs(payload, [[1, 7, 9]], [2]) == [[-2.5]]
+
+
+def test_batched_prompt_logprobs_are_matched_to_prompts_by_choice_index() -> None:
+    payload = {
+        "choices": [
+            {"index": 1, "prompt_logprobs": [None, {"5": {"logprob": -5.0}}]},
+            {"index": 0, "prompt_logprobs": [None, {"7": {"logprob": -7.0}}]},
+        ]
+    }
+    assert parse_prompt_logprobs(payload, [[1, 7], [2, 5]], [1, 1]) == [[-7.0], [-5.0]]
+
+
+def test_a_batched_answer_missing_a_prompt_is_a_protocol_error() -> None:
+    payload = {"choices": [{"index": 0, "prompt_logprobs": [None, {"7": {"logprob": -7.0}}]}]}
+    with pytest.raises(ServerProtocolError, match="1 choices for 2 prompts"):
+        parse_prompt_logprobs(payload, [[1, 7], [2, 5]], [1, 1])
 
 
 def test_every_sampling_field_is_sent_and_continuations_shift_seed_and_min_tokens() -> None:
@@ -341,16 +370,32 @@ def test_no_live_server_is_an_error_not_a_hang() -> None:
 
 
 def test_score_is_prompt_logprobs_of_the_output_given_the_prompt() -> None:
-    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
-        entries = [None] + [{str(t): {"logprob": -float(t)}} for t in body["prompt"][1:]]
-        return {"choices": [{"prompt_logprobs": entries}]}
-
-    fake = FakeServers(handler)
+    fake = FakeServers(prompt_logprobs_of_minus_token_id)
     client = make_client(ServerPool([A]), fake, model_name="m")
     assert asyncio.run(client.score([1, 2], [3, 4])) == [-3.0, -4.0]
     _, path, body = fake.calls[0]
     assert path == "/v1/completions"
     assert body["model"] == "m" and body["max_tokens"] == 1 and body["prompt_logprobs"] == 0
+
+
+def test_score_many_sends_one_prompt_list_per_ready_server_and_keeps_order() -> None:
+    async def slow_answer(address: str, path: str, body: dict[str, Any]) -> Any:
+        await asyncio.sleep(0.01)  # both requests in flight at once, as with real servers
+        return prompt_logprobs_of_minus_token_id(address, path, body)
+
+    fake = FakeServers(slow_answer)
+    client = make_client(ServerPool([A, B]), fake)
+    samples = [([1], [10 + i, 20 + i]) for i in range(5)]
+    scores = asyncio.run(client.score_many(samples))
+    assert scores == [[-10.0 - i, -20.0 - i] for i in range(5)]
+    assert sorted(len(body["prompt"]) for _, _, body in fake.calls) == [2, 3]
+    assert {address for address, _, _ in fake.calls} == {A, B}
+
+
+def test_score_many_of_nothing_sends_nothing() -> None:
+    fake = FakeServers(prompt_logprobs_of_minus_token_id)
+    assert asyncio.run(make_client(ServerPool([A]), fake).score_many([])) == []
+    assert fake.calls == []
 
 
 # ---- weight updates -----------------------------------------------------------------

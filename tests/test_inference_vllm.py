@@ -152,6 +152,53 @@ def test_a_completion_up_to_the_context_limit_can_still_be_scored(vllm_fleet: Se
     assert completion.logprobs == pytest.approx(scored, abs=1e-3)
 
 
+class HostCounter(httpx.AsyncBaseTransport):
+    """Passes requests through and counts /v1/completions requests per server."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.completions_by_port: dict[int | None, int] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/completions":
+            port = request.url.port
+            self.completions_by_port[port] = self.completions_by_port.get(port, 0) + 1
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_score_many_equals_scoring_each_sample_and_spreads_over_the_servers(
+    vllm_fleet: ServerFleet,
+) -> None:
+    prompts = [[1, 5 + i, 6 + i % 3, 7] for i in range(8)]
+    counter = HostCounter()
+
+    Scores = list[list[float]]
+
+    async def go() -> tuple[Scores, Scores, Scores, dict[int | None, int]]:
+        async with InferenceClient(vllm_fleet.pool, transport=counter) as client:
+            completions = await asyncio.gather(
+                *(client.generate(p, SamplingParams(seed=i), 12) for i, p in enumerate(prompts))
+            )
+            outputs = [c.output_ids for c in completions]
+            counter.completions_by_port.clear()
+            together = await client.score_many(list(zip(prompts, outputs, strict=True)))
+            spread = dict(counter.completions_by_port)
+            one_by_one = [await client.score(p, o) for p, o in zip(prompts, outputs, strict=True)]
+            return together, one_by_one, [c.logprobs for c in completions], spread
+
+    together, one_by_one, sampled, spread = run(go())
+    assert [len(t) for t in together] == [len(s) for s in sampled]
+    for batched, single, behaviour in zip(together, one_by_one, sampled, strict=True):
+        assert batched == pytest.approx(single, abs=1e-4)
+        # Same weights as the ones that sampled: the scores are the behaviour logprobs.
+        assert batched == pytest.approx(behaviour, abs=1e-3)
+    # One prompt-list request per ready server.
+    assert sorted(spread.values()) == [1, 1]
+
+
 def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
     vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
 ) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ from sdp_cli.inference.weights import (
 
 Gate = Callable[[], Awaitable[None]]
 BodyFactory = Callable[[], dict[str, Any]]
+# (prompt_ids, output_ids)
+ScoreItem = tuple[Sequence[int], Sequence[int]]
 
 # A segment that returns "abort" without a single new token this many times in a row means the
 # servers abort everything they get; give up rather than spin.
@@ -192,14 +194,33 @@ class InferenceClient:
             raise ValueError(f"start must be in [1, {len(ids)}], got {start}")
         if start == len(ids):
             return []
-        payload, _ = await self._with_retries(
-            "POST", COMPLETIONS_PATH, lambda: prompt_logprobs_body(list(ids), self.model_name)
-        )
-        return parse_prompt_logprobs(payload, ids, start)
+        (logprobs,) = await self._prompt_logprobs_request([list(ids)], [start])
+        return logprobs
 
     async def score(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
         """Logprob of each output token given the prompt and the output before it."""
         return await self.prompt_logprobs(list(prompt_ids) + list(output_ids), len(prompt_ids))
+
+    async def score_many(self, samples: Sequence[ScoreItem]) -> list[list[float]]:
+        """`score` for many (prompt_ids, output_ids) pairs, in order: one request per ready
+        server, each carrying its share of the samples as a prompt list."""
+        sequences = [list(prompt) + list(output) for prompt, output in samples]
+        starts = [len(prompt) for prompt, _ in samples]
+        if any(start < 1 for start in starts):
+            raise ValueError("every sample needs a prompt of at least one token")
+        shares = split_evenly(len(sequences), max(1, len(self.pool.ready_addresses())))
+        answers = await asyncio.gather(
+            *(self._prompt_logprobs_request(sequences[part], starts[part]) for part in shares)
+        )
+        return [logprobs for answer in answers for logprobs in answer]
+
+    async def _prompt_logprobs_request(
+        self, sequences: list[list[int]], starts: list[int]
+    ) -> list[list[float]]:
+        payload, _ = await self._with_retries(
+            "POST", COMPLETIONS_PATH, lambda: prompt_logprobs_body(sequences, self.model_name)
+        )
+        return parse_prompt_logprobs(payload, sequences, starts)
 
     # ---- weights ------------------------------------------------------------------------
 
@@ -366,3 +387,17 @@ class _LoopConnections:
         await self.shared.aclose()
         if self._pool is not None:
             await self._pool.aclose()
+
+
+def split_evenly(count: int, parts: int) -> list[slice]:
+    """At most `parts` contiguous, non-empty slices of range(count) whose sizes differ by at
+    most one."""
+    parts = min(parts, count)
+    size, extra = divmod(count, parts) if parts else (0, 0)
+    slices: list[slice] = []
+    start = 0
+    for index in range(parts):
+        stop = start + size + (1 if index < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices

@@ -88,10 +88,12 @@ def parse_generate_answer(payload: dict[str, Any]) -> GenerateAnswer:
     )
 
 
-def prompt_logprobs_body(token_ids: list[int], model: str) -> dict[str, Any]:
+def prompt_logprobs_body(sequences: list[list[int]], model: str) -> dict[str, Any]:
+    """One request for many sequences: vLLM runs a list of prompts through the engine together,
+    so a batch costs one HTTP round trip instead of one per sequence."""
     return {
         "model": model,
-        "prompt": token_ids,
+        "prompt": sequences,
         "max_tokens": 1,
         "temperature": 1.0,
         "top_p": 1.0,
@@ -105,13 +107,25 @@ def prompt_logprobs_body(token_ids: list[int], model: str) -> dict[str, Any]:
     }
 
 
-def parse_prompt_logprobs(payload: dict[str, Any], token_ids: list[int], start: int) -> list[float]:
-    """Logprob of token_ids[i] given token_ids[:i], for i >= start. Entry i of vLLM's
-    `prompt_logprobs` is keyed by the token id as a string (entry 0 is null)."""
+def parse_prompt_logprobs(
+    payload: dict[str, Any], sequences: list[list[int]], starts: list[int]
+) -> list[list[float]]:
+    """For each sequence, the logprob of ids[i] given ids[:i] for i >= its start. Choice k
+    answers prompt k (matched by its `index`); entry i of its `prompt_logprobs` is keyed by the
+    token id as a string (entry 0 is null)."""
     try:
-        entries = payload["choices"][0]["prompt_logprobs"]
+        choices = sorted(payload["choices"], key=lambda choice: int(choice.get("index", 0)))
+        if len(choices) != len(sequences):
+            raise ServerProtocolError(
+                f"prompt_logprobs answer has {len(choices)} choices for {len(sequences)} prompts"
+            )
         return [
-            float(entries[i][str(token_ids[i])]["logprob"]) for i in range(start, len(token_ids))
+            _sequence_logprobs(choice["prompt_logprobs"], ids, start)
+            for choice, ids, start in zip(choices, sequences, starts, strict=True)
         ]
     except (KeyError, IndexError, TypeError) as exc:
         raise ServerProtocolError(f"unexpected prompt_logprobs answer: {exc!r}") from None
+
+
+def _sequence_logprobs(entries: list[Any], ids: list[int], start: int) -> list[float]:
+    return [float(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
