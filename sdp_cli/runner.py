@@ -149,7 +149,7 @@ def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary
             position_offset=state.data_position - state.version * cfg.rollout.batch_size,
         )
         executor = RolloutExecutor(
-            workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score
+            workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score_many
         )
         executor.restore(state.version)
         executor.start(paused=True)

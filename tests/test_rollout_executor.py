@@ -207,9 +207,9 @@ def test_a_version_change_alone_reopens_admission(started: Any) -> None:
 def test_recompute_proximal_runs_over_the_buffer(started: Any) -> None:
     calls: list[threading.Thread] = []
 
-    async def scorer(prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    async def scorer(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         calls.append(threading.current_thread())
-        return [-3.0] * len(output_ids)
+        return [[-3.0] * len(output_ids) for _, output_ids in samples]
 
     class TwoVersionWorkflow:
         async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
@@ -234,6 +234,93 @@ def test_recompute_proximal_runs_over_the_buffer(started: Any) -> None:
         (sample,) = group.samples
         assert sample.prox_logprobs == [-3.0, -1.0, -1.0]
         assert sample.recompute_version == 1
+
+
+class OneSampleTwoVersions:
+    """Every rollout is one sample with a v0 token and two v1 tokens."""
+
+    async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+        await gate()
+        return RolloutGroup(rollout_id, [trajectory([0, 1, 1])])
+
+
+def segment_executor(scorer: Any, **cfg: Any) -> RolloutExecutor:
+    return RolloutExecutor(
+        OneSampleTwoVersions(),
+        rollout_cfg(**{"max_staleness": 2, "batch_size": 2, "max_concurrent": 2, **cfg}),
+        ProxMode.segment,
+        scorer=scorer,
+    )
+
+
+def test_after_a_take_the_rest_is_scored_early_and_the_update_only_writes(
+    started: Any,
+) -> None:
+    batches: list[int] = []
+
+    async def scorer(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        batches.append(len(samples))
+        return [[-3.0] * len(output_ids) for _, output_ids in samples]
+
+    ex = segment_executor(scorer)
+    ex.restore(1)
+    started(ex)
+    wait_until(lambda: ex.snapshot()["queue_size"] == 6)
+    time.sleep(0.05)
+    assert batches == []  # before this version's take the trainer may still take them
+    taken = ex.take(2, timeout=5)
+    wait_until(lambda: batches == [4])
+    ex.pause()
+    stats = ex.recompute_proximal(1)
+    assert (stats.samples, stats.early_samples, stats.batches) == (4, 4, 0)
+    assert batches == [4]
+    for group in taken:  # trained at v1 as if nothing had been scored early
+        assert group.samples[0].prox_logprobs is None
+    for group in ex.drain():
+        assert group.samples[0].prox_logprobs == [-3.0, -1.0, -1.0]
+
+
+def test_with_early_scoring_off_the_update_scores_the_buffer(started: Any) -> None:
+    batches: list[int] = []
+
+    async def scorer(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        batches.append(len(samples))
+        return [[-3.0] * len(output_ids) for _, output_ids in samples]
+
+    ex = segment_executor(scorer, recompute_early=False)
+    ex.restore(1)
+    started(ex)
+    wait_until(lambda: ex.snapshot()["queue_size"] == 6)
+    ex.take(2, timeout=5)
+    time.sleep(0.05)
+    assert batches == []
+    ex.pause()
+    stats = ex.recompute_proximal(1)
+    assert (stats.samples, stats.early_samples, stats.batches) == (4, 0, 1)
+    assert batches == [4]
+
+
+def test_the_update_waits_for_an_early_call_in_flight_and_uses_it(started: Any) -> None:
+    release = threading.Event()
+    batches: list[int] = []
+
+    async def slow_scorer(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        batches.append(len(samples))
+        while not release.is_set():
+            await asyncio.sleep(0.002)
+        return [[-3.0] * len(output_ids) for _, output_ids in samples]
+
+    ex = segment_executor(slow_scorer)
+    ex.restore(1)
+    started(ex)
+    wait_until(lambda: ex.snapshot()["queue_size"] == 6)
+    ex.take(2, timeout=5)
+    wait_until(lambda: batches == [4])
+    ex.pause()
+    threading.Timer(0.05, release.set).start()
+    stats = ex.recompute_proximal(1)
+    assert (stats.early_samples, stats.batches) == (4, 0)
+    assert batches == [4]
 
 
 def test_recompute_without_a_scorer_is_an_error(started: Any) -> None:
@@ -357,8 +444,8 @@ def test_random_schedule_keeps_the_bound_and_conservation(started: Any) -> None:
         lambda: holder["ex"].version, segments=3, delay=lambda: rng.random() * 0.002
     )
 
-    async def scorer(prompt_ids: list[int], output_ids: list[int]) -> list[float]:
-        return [-2.0] * len(output_ids)
+    async def scorer(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        return [[-2.0] * len(output_ids) for _, output_ids in samples]
 
     eta, batch_size = 1, 3
     ex = holder["ex"] = RolloutExecutor(

@@ -102,7 +102,12 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     take_timeout_s: float = 600.0
-    recompute_concurrency: int = 16
+    # Proximal recompute: samples per scoring request, and requests in flight at once.
+    recompute_batch_size: int = 64
+    recompute_concurrency: int = 4
+    # Score buffered samples while the trainer trains, so the update waits only for the last
+    # ones (segment mode; the p_t written are the same either way).
+    recompute_early: bool = True
 
 
 @dataclass

@@ -27,6 +27,7 @@ _MINIMUMS: dict[str, float] = {
     "rollout.max_concurrent": 1,
     "rollout.n_samples": 1,
     "rollout.max_new_tokens": 1,
+    "rollout.recompute_batch_size": 1,
     "rollout.recompute_concurrency": 1,
     "rollout.take_timeout_s": 0.001,
     "server.count": 1,

@@ -72,8 +72,18 @@ class RolloutExecutor:
         self._take_timeout_s = rollout.take_timeout_s
         self._events: EventSink = events if events is not None else NullEventLog()
         self._recomputer = (
-            ProximalRecomputer(scorer, rollout.recompute_concurrency) if scorer else None
+            ProximalRecomputer(scorer, rollout.recompute_batch_size, rollout.recompute_concurrency)
+            if scorer
+            else None
         )
+        # Segment mode scores buffered samples while the trainer trains (recompute.py).
+        self._score_early = (
+            self._recomputer is not None
+            and prox_mode == ProxMode.segment
+            and rollout.recompute_early
+        )
+        self._took_at_version: int | None = None
+        self._recompute_active = False
         self._loop_factory: LoopFactory = loop_factory or asyncio.new_event_loop
         self._capacity_interval_s = capacity_interval_s
         self._max_consecutive_errors = max_consecutive_errors
@@ -104,6 +114,9 @@ class RolloutExecutor:
         self._wake: asyncio.Event
         self._buffer_grew: asyncio.Event
         self._buffer_lock: asyncio.Lock
+        self._early_wake: asyncio.Event
+        self._early_idle: asyncio.Event
+        self._early_scorer: asyncio.Task[None] | None = None
         self._capacity_handle: asyncio.TimerHandle | None = None
         self._capacity_last_at = float("-inf")
         self._capacity_last: dict[str, Any] | None = None
@@ -239,6 +252,8 @@ class RolloutExecutor:
                     self._capacity_changed()
                 if batch is not None:
                     self._capacity_changed()
+                    self._took_at_version = self._control.version
+                    self._wake_early_scoring()
                     return batch
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -257,6 +272,7 @@ class RolloutExecutor:
         self._paused = False
         self._gate_open.set()
         self._wake.set()
+        self._wake_early_scoring()
 
     async def set_version_async(self, version: int) -> int:
         async with self._buffer_lock:
@@ -272,12 +288,20 @@ class RolloutExecutor:
             raise ExecutorError(
                 "proximal recompute needs a scorer: pass scorer= to RolloutExecutor"
             )
-        # Holding the buffer lock keeps take and purge from handing out or dropping a group
-        # whose logprobs are half rewritten.
-        async with self._buffer_lock:
-            items = self._control.buffered()
-            stats = await self._recomputer.recompute([item.group for item in items], version)
-            self._control.refresh_recompute_versions(items)
+        self._recompute_active = True
+        try:
+            # An early scoring call in flight was sent under the weights the servers still
+            # hold; its answers count, so wait for it rather than cancel it.
+            await self._early_idle.wait()
+            # Holding the buffer lock keeps take and purge from handing out or dropping a
+            # group whose logprobs are half rewritten.
+            async with self._buffer_lock:
+                items = self._control.buffered()
+                groups = [item.group for item in items]
+                stats = await self._recomputer.recompute(groups, version)
+                self._control.refresh_recompute_versions(items)
+        finally:
+            self._recompute_active = False
         self._events.emit("proximal_recompute", **stats.as_dict())
         return stats
 
@@ -309,7 +333,12 @@ class RolloutExecutor:
         self._wake = asyncio.Event()
         self._buffer_grew = asyncio.Event()
         self._buffer_lock = asyncio.Lock()
+        self._early_wake = asyncio.Event()
+        self._early_idle = asyncio.Event()
+        self._early_idle.set()
         self._submitter = loop.create_task(self._submit_loop())
+        if self._score_early:
+            self._early_scorer = loop.create_task(self._early_scoring_loop())
         ready.set()
         try:
             loop.run_forever()
@@ -362,6 +391,8 @@ class RolloutExecutor:
             self._consecutive_errors = 0
         self._tasks.pop(rollout_id, None)
         accepted = self._record(lambda: self._control.finish(rollout_id, group, error))
+        if accepted:
+            self._wake_early_scoring()
         if (
             accepted
             and self._pending_takes
@@ -412,6 +443,8 @@ class RolloutExecutor:
         tasks = list(in_flight.values())
         if self._submitter is not None:
             tasks.append(self._submitter)
+        if self._early_scorer is not None:
+            tasks.append(self._early_scorer)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -429,6 +462,44 @@ class RolloutExecutor:
             self._capacity_handle = None
         self._emit_capacity()
         return leftovers
+
+    # ---- early proximal scoring --------------------------------------------------------------
+
+    def _wake_early_scoring(self) -> None:
+        if self._score_early:
+            self._early_wake.set()
+
+    def _early_scoring_allowed(self, version: int) -> bool:
+        """Only between this version's take and the start of its update: samples scored
+        before the take would mostly be the ones the trainer takes, and once the update has
+        begun the servers may move to the next weights."""
+        return (
+            not self._paused
+            and not self._recompute_active
+            and self._took_at_version == version == self._control.version
+        )
+
+    async def _early_scoring_loop(self) -> None:
+        """Score what the next update will need while the trainer trains; whatever finishes
+        during one scoring call goes into the next."""
+        assert self._recomputer is not None
+        while True:
+            await self._early_wake.wait()
+            self._early_wake.clear()
+            version = self._control.version
+            if not self._early_scoring_allowed(version):
+                continue
+            groups = [item.group for item in self._control.buffered()]
+            self._early_idle.clear()
+            try:
+                await self._recomputer.score_early(
+                    groups, version, lambda v=version: self._early_scoring_allowed(v)
+                )
+            except Exception as exc:
+                self._fail(exc)
+                return
+            finally:
+                self._early_idle.set()
 
     def _release_dropped_soon(self) -> None:
         """Free dropped groups a chunk per loop iteration, so a large purge does not hold the

@@ -49,7 +49,7 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         cfg.rollout,
         cfg.train.prox_mode,
         events=events,
-        scorer=pool.score,
+        scorer=pool.score_many,
         loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
     )
     trainer = SimulatedTrainer(executor, pool, cfg, sim_time)

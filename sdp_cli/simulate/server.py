@@ -156,11 +156,11 @@ class ServerPool:
     async def generate(self, max_tokens: int) -> Segment:
         return await self._least_loaded().generate(max_tokens)
 
-    async def score(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
-        """The proximal-recompute scorer: one prefill, costed as one token's latency."""
+    async def score_many(self, samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """The proximal-recompute scorer: one batched prefill, costed as one token's latency."""
         if self._sim.token_latency_s > 0:
             await self._time.sleep(self._sim.token_latency_s)
-        return [_TOKEN_LOGPROB] * len(output_ids)
+        return [[_TOKEN_LOGPROB] * len(output_ids) for _, output_ids in samples]
 
     async def update_weights(self, version: int) -> None:
         """DESIGN §5 steps 3–5 on every server: pause with abort, reload, set version, resume."""
