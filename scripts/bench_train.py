@@ -1,20 +1,29 @@
 """Trained samples per second with η = 2 against η = 0 on the default config, in one run.
 
-Both trainings share one vLLM fleet (started here, attached through its registry file), so the
-only difference is the staleness bound. Prints samples/s for each, their ratio, and the share of
-a step spent in the weight-update protocol.
+Every training shares one vLLM fleet (started here, attached through its registry file), so the
+only difference between the two is the staleness bound. η = 0 and η = 2 alternate for `--rounds`
+rounds and each figure is the median over the rounds, so a slow spell of the machine hits both.
+For each it prints trained samples/s, the split of a step into waiting for rollouts, training and
+the weight update (and the update's own phases), and where the CPU went: cores kept busy, and CPU
+milliseconds per trained sample in this process (trainer and rollout executor) and in the vLLM
+server processes. `--prox-modes segment,loglinear` measures more than the default prox_mode.
 
-    .venv/bin/python scripts/bench_train.py [--steps N] [extra overrides...]
+    .venv/bin/python scripts/bench_train.py [--steps N] [--rounds R] [--prox-modes M,...]
+        [extra overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 
 from sdp_cli.config import load_config
@@ -22,66 +31,155 @@ from sdp_cli.launcher.fleet import start_servers
 from sdp_cli.runner import run_training
 from sdp_cli.telemetry.events import read_events
 
+ETAS = (0, 2)
 
-def step_numbers(run_dir: Path) -> dict[str, float]:
-    steps = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "train_step"]
-    # Skip the first step: it includes filling the pipeline from nothing.
+
+def steady_steps(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every train_step event, and the weight_update events after the first step (which
+    includes filling the pipeline from nothing)."""
+    events = list(read_events(run_dir / "events.jsonl"))
+    steps = [e for e in events if e["type"] == "train_step"]
+    updates = [e for e in events if e["type"] == "weight_update"]
+    return steps, updates[1:]
+
+
+def step_numbers(steps: list[dict[str, Any]], updates: list[dict[str, Any]]) -> dict[str, float]:
     steady = steps[1:]
     wait = sum(s["wait_s"] for s in steady)
     train = sum(s["step_s"] for s in steady)
     update = sum(s["update_s"] for s in steady)
     cycle = wait + train + update
-    samples = sum(s["samples"] for s in steady)
+    phases: dict[str, float] = {}
+    for event in updates:
+        for name, seconds in event["phases"].items():
+            phases[name] = phases.get(name, 0.0) + seconds / len(updates)
     return {
         "steps": len(steady),
-        "samples_per_s": samples / cycle,
+        "samples_per_s": sum(s["samples"] for s in steady) / cycle,
         "wait_share": wait / cycle,
         "train_share": train / cycle,
         "update_share": update / cycle,
-        "mean_reward": sum(s["reward"] for s in steps) / len(steps),
+        **{f"update_{name}_ms": seconds * 1000 for name, seconds in phases.items()},
     }
+
+
+class CpuSampler:
+    """Samples, every `interval` seconds, the CPU time of this process (trainer and rollout
+    executor) and of every process it started (the vLLM servers), to account for the CPU of the
+    steady steps alone, without start-up and shut-down."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            own = me.cpu_times()
+            servers = 0.0
+            for child in me.children(recursive=True):
+                try:
+                    times = child.cpu_times()
+                except psutil.Error:
+                    continue
+                servers += times.user + times.system
+            self.samples.append((time.time(), own.user + own.system, servers))
+            self._stop.wait(self._interval)
+
+    def between(self, start: float, end: float) -> tuple[float, float, float]:
+        """(wall seconds, own CPU seconds, servers' CPU seconds) between the samples nearest
+        to `start` and `end`."""
+        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
+        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
+        return last[0] - first[0], last[1] - first[1], last[2] - first[2]
+
+
+def train_once(run_dir: Path, overrides: list[str], console: Console) -> dict[str, float]:
+    cfg = load_config(None, [f"run.dir={run_dir}", *overrides])
+    with CpuSampler() as cpu:
+        run_training(cfg, console)
+    steps, updates = steady_steps(run_dir)
+    # From the end of the first step to the end of the last: the steady steps.
+    wall, own, servers = cpu.between(steps[0]["ts"], steps[-1]["ts"])
+    trained = sum(s["samples"] for s in steps[1:])
+    return {
+        **step_numbers(steps, updates),
+        "cores_busy": (own + servers) / wall,
+        "trainer_cpu_ms_per_sample": own / trained * 1000,
+        "vllm_cpu_ms_per_sample": servers / trained * 1000,
+    }
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def describe(name: str, r: dict[str, float]) -> str:
+    phases = ", ".join(
+        f"{key[len('update_') : -len('_ms')]} {value:.0f}"
+        for key, value in r.items()
+        if key.startswith("update_") and key.endswith("_ms")
+    )
+    return (
+        f"{name}: {r['samples_per_s']:.1f} trained samples/s; waiting {r['wait_share']:.0%}, "
+        f"training {r['train_share']:.0%}, weight update {r['update_share']:.0%} of a step "
+        f"(ms: {phases}); {r['cores_busy']:.2f} cores busy, CPU per trained sample: "
+        f"trainer {r['trainer_cpu_ms_per_sample']:.1f} ms, "
+        f"vLLM {r['vllm_cpu_ms_per_sample']:.1f} ms"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prox-modes", default="segment")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    console = Console(stderr=True)
+    modes = [mode.strip() for mode in args.prox_modes.split(",") if mode.strip()]
+    console = Console(stderr=True, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-train-"))
-    fleet_cfg = load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides])
-    fleet = start_servers(fleet_cfg)
-    results: dict[str, Any] = {}
+    fleet = start_servers(load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides]))
+    runs: dict[str, list[dict[str, float]]] = {}
     try:
-        for eta in (0, 2):
-            run_dir = work / f"eta{eta}"
-            cfg = load_config(
-                None,
-                [
-                    f"run.dir={run_dir}",
-                    f"train.steps={args.steps}",
-                    f"rollout.max_staleness={eta}",
-                    f"server.registry={fleet.registry_path}",
-                    "train.checkpoint_every=1000",
-                    *args.overrides,
-                ],
-            )
-            run_training(cfg, console)
-            results[f"eta{eta}"] = step_numbers(run_dir)
+        for round_index in range(args.rounds):
+            for mode in modes:
+                for eta in ETAS:
+                    name = f"{mode}/eta{eta}"
+                    overrides = [
+                        f"train.steps={args.steps}",
+                        f"train.prox_mode={mode}",
+                        f"rollout.max_staleness={eta}",
+                        f"server.registry={fleet.registry_path}",
+                        "train.checkpoint_every=1000",
+                        *args.overrides,
+                    ]
+                    run_dir = work / f"{mode}-eta{eta}-round{round_index}"
+                    runs.setdefault(name, []).append(train_once(run_dir, overrides, console))
     finally:
         fleet.stop()
-    results["speedup_eta2_over_eta0"] = (
-        results["eta2"]["samples_per_s"] / results["eta0"]["samples_per_s"]
-    )
-    print(json.dumps(results, indent=2))
-    for name in ("eta0", "eta2"):
-        r = results[name]
-        print(
-            f"{name}: {r['samples_per_s']:.2f} trained samples/s over {r['steps']} steps; "
-            f"waiting {r['wait_share']:.0%}, training {r['train_share']:.0%}, "
-            f"weight update {r['update_share']:.0%} of a step"
+    results: dict[str, Any] = {name: medians(found) for name, found in runs.items()}
+    for mode in modes:
+        results[f"{mode}/ratio_eta2_over_eta0"] = (
+            results[f"{mode}/eta2"]["samples_per_s"] / results[f"{mode}/eta0"]["samples_per_s"]
         )
-    print(f"η=2 / η=0 samples/s ratio: {results['speedup_eta2_over_eta0']:.2f}")
+    print(json.dumps(results, indent=2))
+    print(f"medians of {args.rounds} alternating rounds, {args.steps} steps each:")
+    for mode in modes:
+        for eta in ETAS:
+            print(describe(f"{mode}/eta{eta}", results[f"{mode}/eta{eta}"]))
+        ratio = results[f"{mode}/ratio_eta2_over_eta0"]
+        print(f"prox_mode={mode}: η=2 / η=0 trained samples/s ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

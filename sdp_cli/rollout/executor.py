@@ -182,6 +182,10 @@ class RolloutExecutor:
     def recompute_proximal(self, version: int) -> RecomputeStats:
         return self._call(self.recompute_async(version))
 
+    def start_recompute_proximal(self, version: int) -> concurrent.futures.Future[RecomputeStats]:
+        """`recompute_proximal` without waiting, so the caller can export weights meanwhile."""
+        return self._submit(self.recompute_async(version))
+
     def drain(self) -> list[RolloutGroup]:
         """Remove and return every buffered group."""
         if self._thread is None:

@@ -1,9 +1,10 @@
 """The training loop: take B rollouts → one training step → the weight-update protocol → repeat.
 
 The loop owns the order of the protocol (DESIGN §5): pause the executor, recompute proximal
-logprobs while the servers still hold version v (segment mode), export v+1 atomically, have the
-servers reload it, move the executor to v+1 (which purges the queue) and resume. Everything it
-needs from the servers comes in as one callable, so the loop knows nothing of how they run.
+logprobs while the servers still hold version v (segment mode) and meanwhile export v+1
+atomically, have the servers reload it once both are done, move the executor to v+1 (which
+purges the queue) and resume. Everything it needs from the servers comes in as one callable,
+so the loop knows nothing of how they run.
 """
 
 from __future__ import annotations
@@ -94,11 +95,17 @@ class TrainingLoop:
             return result
 
         timed("pause_s", self.executor.pause)
-        if self.cfg.train.prox_mode == ProxMode.segment:
-            timed("recompute_s", lambda: self.executor.recompute_proximal(self.version))
+        recompute = (
+            self.executor.start_recompute_proximal(self.version)
+            if self.cfg.train.prox_mode == ProxMode.segment
+            else None
+        )
+        # The export touches no server, so it runs while the servers (still at v) score.
         weights = timed(
             "export_s", lambda: self.actor.export_weights(self.run_dir / "weights", new_version)
         )
+        if recompute is not None:
+            timed("recompute_s", recompute.result)
         server_phases = timed("reload_s", lambda: self.update_servers(weights, new_version))
         timed("set_version_s", lambda: self.executor.set_version(new_version))
         timed("resume_s", self.executor.resume)
