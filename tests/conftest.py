@@ -10,6 +10,19 @@ from sdp_cli.launcher import ServerFleet
 from sdp_cli.model import TinyModelSpec, init_tiny_model
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the `cuda` tests where there is no GPU: pytest reports them as deselected,
+    never as passed or skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Keep the built-in model cache of the test session out of the user's home."""
