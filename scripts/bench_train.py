@@ -6,7 +6,9 @@ rounds and each figure is the median over the rounds, so a slow spell of the mac
 For each it prints trained samples/s, the split of a step into waiting for rollouts, training and
 the weight update (and the update's own phases), and where the CPU went: cores kept busy, and CPU
 milliseconds per trained sample in this process (trainer and rollout executor) and in the vLLM
-server processes. `--prox-modes segment,loglinear` measures more than the default prox_mode.
+server processes. The servers and the trainer are placed on cores as `sdp train` places them
+(`run.split_cpus`; pass `run.split_cpus=false` to leave placement to the OS).
+`--prox-modes segment,loglinear` measures more than the default prox_mode.
 
     .venv/bin/python scripts/bench_train.py [--steps N] [--rounds R] [--prox-modes M,...]
         [extra overrides...]
@@ -28,7 +30,7 @@ from rich.console import Console
 
 from sdp_cli.config import load_config
 from sdp_cli.launcher.fleet import start_servers
-from sdp_cli.runner import run_training
+from sdp_cli.runner import run_training, with_cpu_placement
 from sdp_cli.telemetry.events import read_events
 
 ETAS = (0, 2)
@@ -149,7 +151,15 @@ def main() -> None:
     modes = [mode.strip() for mode in args.prox_modes.split(",") if mode.strip()]
     console = Console(stderr=True, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-train-"))
-    fleet = start_servers(load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides]))
+    # The servers and the trainer get the cores `sdp train` would give them (run.split_cpus).
+    placed = with_cpu_placement(load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides]))
+    trainer_cores = "[" + ",".join(str(core) for core in placed.train.cpu_cores) + "]"
+    print(
+        f"cores: servers {placed.server.cpu_cores or 'any'}, "
+        f"trainer {placed.train.cpu_cores or 'any'}",
+        flush=True,
+    )
+    fleet = start_servers(placed)
     runs: dict[str, list[dict[str, float]]] = {}
     try:
         for round_index in range(args.rounds):
@@ -162,6 +172,7 @@ def main() -> None:
                         f"rollout.max_staleness={eta}",
                         f"server.registry={fleet.registry_path}",
                         "train.checkpoint_every=1000",
+                        f"train.cpu_cores={trainer_cores}",
                         *args.overrides,
                     ]
                     run_dir = work / f"{mode}-eta{eta}-round{round_index}"

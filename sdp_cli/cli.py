@@ -76,8 +76,9 @@ def train(
     cfg = _load(args)
     if dry_run:
         from sdp_cli.plan import print_dry_run
+        from sdp_cli.runner import with_cpu_placement
 
-        print_dry_run(cfg, Console())
+        print_dry_run(with_cpu_placement(cfg), Console())
         return
     from sdp_cli.runner import print_summary, run_training
 

@@ -6,18 +6,22 @@ so Ctrl-C anywhere leaves no server process and the last checkpoint intact.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
 
 from sdp_cli.config import SdpConfig, config_to_yaml
+from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState
+from sdp_cli.launcher.command import resolve_device as server_device
+from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
@@ -26,7 +30,7 @@ from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
-from sdp_cli.train.actor import Actor
+from sdp_cli.train.actor import Actor, resolve_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from sdp_cli.train.loop import LoopResult, TrainingLoop
 
@@ -103,8 +107,51 @@ def quiet_library_progress() -> None:
     hf_logging.disable_progress_bar()
 
 
+def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
+    """`cfg` with the cores of the servers sdp launches and of the trainer filled in by
+    run.split_cpus when both run on this machine's CPU and neither was given."""
+    if (
+        not cfg.run.split_cpus
+        or cfg.server.cpu_cores
+        or cfg.train.cpu_cores
+        or cfg.server.registry
+        or server_device(cfg.server) != Device.cpu
+        or resolve_device(cfg.train.device).type != "cpu"
+    ):
+        return cfg
+    split = split_cpu_cores(sorted(os.sched_getaffinity(0)))
+    if split is None:
+        return cfg
+    servers, trainer = split
+    return replace(
+        cfg,
+        server=replace(cfg.server, cpu_cores=servers),
+        train=replace(cfg.train, cpu_cores=trainer),
+    )
+
+
+@contextmanager
+def pinned_to(cores: list[int]) -> Iterator[None]:
+    """Run this thread, and the threads it starts meanwhile (rollout executor, dashboard), on
+    `cores`; the thread's own placement comes back afterwards."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary:
-    console = console or Console()
+    cfg = with_cpu_placement(cfg)
+    with pinned_to(cfg.train.cpu_cores):
+        return train(cfg, console or Console())
+
+
+def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     quiet_library_progress()
     run_dir = prepare_run_dir(cfg)
     model_dir = ensure_model_dir(cfg.model)

@@ -71,6 +71,8 @@ def test_config_show_prints_resolved_yaml() -> None:
         ("server.base_port=-5", "server.base_port", "1 and 65535"),
         ("rollout=turbo", "rollout", "segment_wise"),
         ("task=math_jsonl", "task.path", "data file"),
+        ("server.cpu_cores=[4096]", "server.cpu_cores", "choose from"),
+        ("train.cpu_cores=[4096]", "train.cpu_cores", "choose from"),
     ],
 )
 def test_bad_input_exits_2_naming_the_key(override: str, key: str, hint: str) -> None:

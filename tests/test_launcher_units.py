@@ -1,5 +1,5 @@
-"""Launcher pieces that need no server: device split, command line and environment, ports,
-registry file, failure explanations."""
+"""Launcher pieces that need no server: device and core split, command line and environment,
+ports, registry file, failure explanations."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +27,11 @@ from sdp_cli.launcher import (
     write_registry,
 )
 from sdp_cli.launcher.command import vllm_command, vllm_env
+from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import requests_on_server
 from sdp_cli.launcher.foreground import Terminated, sigterm_raises
-from sdp_cli.launcher.process import free_port
-from sdp_cli.launcher.server import explain_failure, log_tail, startup_failure
+from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, free_port
+from sdp_cli.launcher.server import explain_failure, launch_spec, log_tail, startup_failure
 
 
 def test_devices_are_split_into_disjoint_groups_per_server() -> None:
@@ -78,6 +80,42 @@ def test_cpu_server_command_and_environment(tmp_path: Path) -> None:
     env = vllm_env(cfg.server)
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_cores_are_split_between_the_servers_and_the_trainer() -> None:
+    assert split_cpu_cores([1, 0]) == ([0], [1])
+    assert split_cpu_cores([5, 2, 3, 4]) == ([2, 3, 4], [5])
+    assert split_cpu_cores([0]) is None
+
+
+def test_cpu_cores_reach_vllm_binding_and_the_launch_spec(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["server.cpu_cores=[0]"])
+    assert vllm_env(cfg.server)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert launch_spec(cfg.server, tmp_path, 0, tmp_path, port=8003).cpu_cores == [0]
+    # Without cores vLLM keeps its own automatic binding.
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(load_config().server)
+
+
+def test_a_launched_process_runs_on_its_cores_and_so_do_its_children(tmp_path: Path) -> None:
+    core = min(os.sched_getaffinity(0))
+    script = (
+        "import os, subprocess, sys; "
+        "child = subprocess.run([sys.executable, '-c', "
+        "'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, text=True); "
+        "print(sorted(os.sched_getaffinity(0)), child.stdout.strip())"
+    )
+    spec = LaunchSpec(
+        index=0,
+        command=[sys.executable, "-c", script],
+        env=dict(os.environ),
+        log_path=tmp_path / "out.log",
+        port=0,
+        cpu_cores=[core],
+    )
+    proc = LocalProcessBackend().start(spec)
+    assert proc.popen is not None
+    assert proc.popen.wait(timeout=30) == 0
+    assert (tmp_path / "out.log").read_text().split() == [f"[{core}]", f"[{core}]"]
 
 
 def test_free_port_never_returns_a_port_in_use() -> None:

@@ -13,9 +13,11 @@ from typing import Any
 
 import psutil
 import pytest
+from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
+from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.telemetry.events import read_events
 
 pytestmark = pytest.mark.vllm
@@ -42,6 +44,15 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
     run_dir = tmp_path / "eta1"
     train(run_dir, "train.steps=5", "rollout.max_staleness=1")
     assert "max_staleness: 1" in (run_dir / "config.yaml").read_text()
+    placed = OmegaConf.load(run_dir / "config.yaml")
+    split = split_cpu_cores(sorted(os.sched_getaffinity(0)))
+    servers, trainer = split if split is not None else ([], [])
+    assert (list(placed.server.cpu_cores), list(placed.train.cpu_cores)) == (servers, trainer)
+    if servers:  # vLLM bound its threads to the servers' cores, as told
+        bind = ",".join(map(str, servers))
+        assert (
+            f"VLLM_CPU_OMP_THREADS_BIND='{bind}'" in (run_dir / "logs" / "server-0.log").read_text()
+        )
     steps = events_of(run_dir, "train_step")
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     batches = events_of(run_dir, "batch_taken")

@@ -44,6 +44,9 @@ class RunConfig:
     seed: int = 0
     # Start afresh in a run.dir that already holds a run (its checkpoints are deleted).
     overwrite: bool = False
+    # `sdp train` with CPU servers it launches and a CPU trainer: give the trainer the last core
+    # and the servers the others, unless server.cpu_cores or train.cpu_cores are set.
+    split_cpus: bool = True
 
 
 @dataclass
@@ -84,6 +87,9 @@ class ServerConfig:
     health_interval_s: float = 2.0
     max_restarts: int = 3
     shutdown_grace_s: float = 10.0
+    # CPU cores the server processes run on (vLLM's CPU backend binds its threads to them);
+    # empty leaves placement to the OS and vLLM.
+    cpu_cores: list[int] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -138,6 +144,8 @@ class TrainConfig:
     # Torch intra-op threads for a CPU trainer; 0 keeps torch's default (all cores). The
     # default 1 leaves the other cores to the vLLM CPU servers that generate at the same time.
     cpu_threads: int = 1
+    # CPU cores the trainer process runs on; empty leaves placement to the OS.
+    cpu_cores: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig, OmegaConf
 
 from sdp_cli.errors import ConfigError
@@ -49,9 +51,23 @@ _MINIMUMS: dict[str, float] = {
 }
 
 
+def _cores_available(cfg: DictConfig, key: str) -> None:
+    cores = OmegaConf.select(cfg, key) or []
+    usable = sorted(os.sched_getaffinity(0))
+    missing = [core for core in cores if core not in usable]
+    if missing:
+        raise ConfigError(
+            key,
+            f"cores {missing} are not available here",
+            f"choose from {usable}, or set {key}=[] to leave placement to the OS",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     for key, low in _MINIMUMS.items():
         _at_least(cfg, key, low)
+    _cores_available(cfg, "server.cpu_cores")
+    _cores_available(cfg, "train.cpu_cores")
     _port_in_range(cfg, "server.base_port")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(

@@ -76,6 +76,10 @@ def vllm_env(server: ServerConfig, cuda_devices: list[str] | None = None) -> dic
     env["PYTHONUNBUFFERED"] = "1"
     if resolve_device(server) == Device.cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(server.cpu_kvcache_space_gb)
+        if server.cpu_cores and server.tensor_parallel_size == 1:
+            # vLLM's automatic binding keeps one allowed core for its front end and fails when
+            # it is allowed only one; bound explicitly it uses exactly these.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in server.cpu_cores)
     if cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda_devices)
     return env

@@ -27,6 +27,8 @@ class LaunchSpec:
     env: dict[str, str]
     log_path: Path
     port: int
+    # Cores the process (and every process and thread it starts) may run on; empty: any.
+    cpu_cores: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +102,11 @@ class LocalProcessBackend:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        if spec.cpu_cores:
+            # Set before the interpreter it runs gets far enough to start threads or vLLM's
+            # engine processes, all of which inherit it (a preexec_fn would do the same but is
+            # unsafe when the parent has threads, as the supervisor does).
+            os.sched_setaffinity(popen.pid, spec.cpu_cores)
         return ServerProcess(spec=spec, pid=popen.pid, pgid=popen.pid, popen=popen)
 
     def stop(self, proc: ServerProcess, grace_s: float) -> None:

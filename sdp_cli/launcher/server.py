@@ -45,6 +45,7 @@ def launch_spec(
         env=vllm_env(server, cuda_devices),
         log_path=log_dir / f"server-{index}.log",
         port=port,
+        cpu_cores=list(server.cpu_cores),
     )
 
 

@@ -1,0 +1,54 @@
+"""Where `sdp train` runs its CPU servers and its CPU trainer (run.split_cpus)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from sdp_cli.config import load_config
+from sdp_cli.runner import pinned_to, with_cpu_placement
+
+
+@pytest.fixture
+def four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+
+def test_cpu_servers_and_a_cpu_trainer_get_disjoint_cores(four_cores: None) -> None:
+    placed = with_cpu_placement(load_config())
+    assert placed.server.cpu_cores == [0, 1, 2]
+    assert placed.train.cpu_cores == [3]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run.split_cpus=false",
+        "server.cpu_cores=[1]",
+        "train.cpu_cores=[2]",
+        # Attached servers are not this process's to place.
+        "server.registry=/nonexistent/servers.json",
+    ],
+)
+def test_placement_is_left_alone_when_told_or_not_ours(four_cores: None, override: str) -> None:
+    cfg = load_config(overrides=[override])
+    placed = with_cpu_placement(cfg)
+    assert (placed.server.cpu_cores, placed.train.cpu_cores) == (
+        cfg.server.cpu_cores,
+        cfg.train.cpu_cores,
+    )
+
+
+def test_pinned_to_moves_this_thread_and_the_threads_it_starts_then_restores() -> None:
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    seen: list[set[int]] = []
+    with pinned_to([core]):
+        assert os.sched_getaffinity(0) == {core}
+        thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        thread.start()
+        thread.join()
+    assert seen == [{core}]
+    assert os.sched_getaffinity(0) == before
