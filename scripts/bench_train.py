@@ -1,16 +1,20 @@
 """Trained samples per second with η = 2 against η = 0 on the default config, in one run.
 
-Every training shares one vLLM fleet (started here, attached through its registry file), so the
-only difference between the two is the staleness bound. η = 0 and η = 2 alternate for `--rounds`
-rounds and each figure is the median over the rounds, so a slow spell of the machine hits both.
+The trainings of one placement share one vLLM fleet (started here, attached through its registry
+file), so the only difference between η = 0 and η = 2 is the staleness bound. All configurations
+alternate for `--rounds` rounds and each figure is the median over the rounds, so a slow spell of
+the machine hits all of them.
 For each it prints trained samples/s, the split of a step into waiting for rollouts, training and
 the weight update (and the update's own phases), and where the CPU went: cores kept busy, and CPU
 milliseconds per trained sample in this process (trainer and rollout executor) and in the vLLM
-server processes. The servers and the trainer are placed on cores as `sdp train` places them
-(`run.split_cpus`; pass `run.split_cpus=false` to leave placement to the OS).
-`--prox-modes segment,loglinear` measures more than the default prox_mode.
+server processes. Each configuration runs twice, on two fleets started side by side (an idle
+fleet costs next to no CPU): `split`, servers and trainer on their own cores (`run.split_cpus`),
+and `os`, placement left to the OS and vLLM; the ratio `sdp train` gets by default takes η = 0
+from `os` and η = 2 from `split`, since it splits only when η ≥ 1. `--prox-modes
+segment,loglinear` measures more than the default prox_mode.
 
     .venv/bin/python scripts/bench_train.py [--steps N] [--rounds R] [--prox-modes M,...]
+        [--placements split,os]
         [extra overrides...]
 """
 
@@ -22,14 +26,15 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 from rich.console import Console
 
-from sdp_cli.config import load_config
-from sdp_cli.launcher.fleet import start_servers
+from sdp_cli.config import SdpConfig, load_config
+from sdp_cli.launcher.fleet import ServerFleet, start_servers
 from sdp_cli.runner import run_training, with_cpu_placement
 from sdp_cli.telemetry.events import read_events
 
@@ -141,56 +146,100 @@ def describe(name: str, r: dict[str, float]) -> str:
     )
 
 
+def replace_eta(cfg: SdpConfig, eta: int) -> SdpConfig:
+    return replace(cfg, rollout=replace(cfg.rollout, max_staleness=eta))
+
+
+def core_list(cores: list[int]) -> str:
+    return "[" + ",".join(str(core) for core in cores) + "]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prox-modes", default="segment")
+    parser.add_argument(
+        "--placements",
+        default="split,os",
+        help="split: servers and trainer on their own cores (run.split_cpus); os: left to the "
+        "OS and vLLM. With both, the default placement of `sdp train` (split for η ≥ 1 only) "
+        "is reported too",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.prox_modes.split(",") if mode.strip()]
     console = Console(stderr=True, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-train-"))
-    # The servers and the trainer get the cores `sdp train` would give them (run.split_cpus).
-    placed = with_cpu_placement(load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides]))
-    trainer_cores = "[" + ",".join(str(core) for core in placed.train.cpu_cores) + "]"
-    print(
-        f"cores: servers {placed.server.cpu_cores or 'any'}, "
-        f"trainer {placed.train.cpu_cores or 'any'}",
-        flush=True,
-    )
-    fleet = start_servers(placed)
-    runs: dict[str, list[dict[str, float]]] = {}
+    chosen = [name.strip() for name in args.placements.split(",") if name.strip()]
+    base = load_config(None, [f"run.dir={work / 'fleet'}", *args.overrides])
+    # One fleet per placement, started the way `sdp train` would start it; an idle fleet
+    # costs next to no CPU, so the two do not disturb each other.
+    configs = {"split": with_cpu_placement(replace_eta(base, 2)), "os": base}
+    fleets: dict[str, ServerFleet] = {}
     try:
+        for placement in chosen:
+            cfg = configs[placement]
+            cfg = replace(cfg, run=replace(cfg.run, dir=str(work / f"fleet-{placement}")))
+            print(
+                f"{placement}: servers on cores {cfg.server.cpu_cores or 'any'}, "
+                f"trainer on {cfg.train.cpu_cores or 'any'}",
+                flush=True,
+            )
+            fleets[placement] = start_servers(cfg)
+        runs: dict[str, list[dict[str, float]]] = {}
         for round_index in range(args.rounds):
-            for mode in modes:
-                for eta in ETAS:
-                    name = f"{mode}/eta{eta}"
-                    overrides = [
-                        f"train.steps={args.steps}",
-                        f"train.prox_mode={mode}",
-                        f"rollout.max_staleness={eta}",
-                        f"server.registry={fleet.registry_path}",
-                        "train.checkpoint_every=1000",
-                        f"train.cpu_cores={trainer_cores}",
-                        *args.overrides,
-                    ]
-                    run_dir = work / f"{mode}-eta{eta}-round{round_index}"
-                    runs.setdefault(name, []).append(train_once(run_dir, overrides, console))
+            for placement in chosen:
+                trainer_cores = core_list(configs[placement].train.cpu_cores)
+                for mode in modes:
+                    for eta in ETAS:
+                        name = f"{placement}/{mode}/eta{eta}"
+                        overrides = [
+                            f"train.steps={args.steps}",
+                            f"train.prox_mode={mode}",
+                            f"rollout.max_staleness={eta}",
+                            f"server.registry={fleets[placement].registry_path}",
+                            "train.checkpoint_every=1000",
+                            f"train.cpu_cores={trainer_cores}",
+                            *args.overrides,
+                        ]
+                        run_dir = work / f"{placement}-{mode}-eta{eta}-round{round_index}"
+                        result = train_once(run_dir, overrides, console)
+                        runs.setdefault(name, []).append(result)
     finally:
-        fleet.stop()
+        for fleet in fleets.values():
+            fleet.stop()
     results: dict[str, Any] = {name: medians(found) for name, found in runs.items()}
-    for mode in modes:
-        results[f"{mode}/ratio_eta2_over_eta0"] = (
-            results[f"{mode}/eta2"]["samples_per_s"] / results[f"{mode}/eta0"]["samples_per_s"]
-        )
+    for placement in chosen:
+        for mode in modes:
+            both = [results[f"{placement}/{mode}/eta{eta}"]["samples_per_s"] for eta in ETAS]
+            results[f"{placement}/{mode}/ratio_eta2_over_eta0"] = both[1] / both[0]
+    if {"split", "os"} <= set(chosen):
+        for mode in modes:
+            # What `sdp train` does by default: η = 0 on any core, η = 2 split.
+            results[f"default/{mode}/ratio_eta2_over_eta0"] = (
+                results[f"split/{mode}/eta2"]["samples_per_s"]
+                / results[f"os/{mode}/eta0"]["samples_per_s"]
+            )
     print(json.dumps(results, indent=2))
     print(f"medians of {args.rounds} alternating rounds, {args.steps} steps each:")
+    for placement in chosen:
+        for mode in modes:
+            for eta in ETAS:
+                print(
+                    describe(
+                        f"{placement}/{mode}/eta{eta}", results[f"{placement}/{mode}/eta{eta}"]
+                    )
+                )
+            ratio = results[f"{placement}/{mode}/ratio_eta2_over_eta0"]
+            print(f"{placement}, prox_mode={mode}: η=2 / η=0 trained samples/s ratio {ratio:.2f}")
     for mode in modes:
-        for eta in ETAS:
-            print(describe(f"{mode}/eta{eta}", results[f"{mode}/eta{eta}"]))
-        ratio = results[f"{mode}/ratio_eta2_over_eta0"]
-        print(f"prox_mode={mode}: η=2 / η=0 trained samples/s ratio {ratio:.2f}")
+        if f"default/{mode}/ratio_eta2_over_eta0" in results:
+            ratio = results[f"default/{mode}/ratio_eta2_over_eta0"]
+            print(
+                f"as `sdp train` places them (η=0 on any core, η=2 split), prox_mode={mode}: "
+                f"η=2 / η=0 trained samples/s ratio {ratio:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -109,9 +109,11 @@ def quiet_library_progress() -> None:
 
 def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
     """`cfg` with the cores of the servers sdp launches and of the trainer filled in by
-    run.split_cpus when both run on this machine's CPU and neither was given."""
+    run.split_cpus when both run on this machine's CPU at the same time (η ≥ 1; with η = 0 they
+    take turns, and the servers do better on every core) and neither was given."""
     if (
         not cfg.run.split_cpus
+        or cfg.rollout.max_staleness == 0
         or cfg.server.cpu_cores
         or cfg.train.cpu_cores
         or cfg.server.registry

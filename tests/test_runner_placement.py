@@ -26,6 +26,8 @@ def test_cpu_servers_and_a_cpu_trainer_get_disjoint_cores(four_cores: None) -> N
     "override",
     [
         "run.split_cpus=false",
+        # With η = 0 the servers and the trainer take turns.
+        "rollout.max_staleness=0",
         "server.cpu_cores=[1]",
         "train.cpu_cores=[2]",
         # Attached servers are not this process's to place.
