@@ -44,8 +44,9 @@ class RunConfig:
     seed: int = 0
     # Start afresh in a run.dir that already holds a run (its checkpoints are deleted).
     overwrite: bool = False
-    # `sdp train` with CPU servers it launches and a CPU trainer: give the trainer the last core
-    # and the servers the others, unless server.cpu_cores or train.cpu_cores are set.
+    # `sdp train` with CPU servers it launches and a CPU trainer working at the same time
+    # (η ≥ 1): give the trainer the last core and the servers the others, unless
+    # server.cpu_cores or train.cpu_cores are set.
     split_cpus: bool = True
 
 
