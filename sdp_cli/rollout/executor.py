@@ -182,9 +182,11 @@ class RolloutExecutor:
     def recompute_proximal(self, version: int) -> RecomputeStats:
         return self._call(self.recompute_async(version))
 
-    def start_recompute_proximal(self, version: int) -> concurrent.futures.Future[RecomputeStats]:
-        """`recompute_proximal` without waiting, so the caller can export weights meanwhile."""
-        return self._submit(self.recompute_async(version))
+    def start_recompute_proximal(self, version: int) -> Callable[[], RecomputeStats]:
+        """`recompute_proximal` without waiting, so the caller can export weights meanwhile;
+        call what it returns to wait for the stats."""
+        future = self._submit(self.recompute_async(version))
+        return lambda: self._wait(future)
 
     def drain(self) -> list[RolloutGroup]:
         """Remove and return every buffered group."""
@@ -569,7 +571,9 @@ class RolloutExecutor:
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Wait without a deadline: the coroutines called this way bound their own waits."""
-        future = self._submit(coro)
+        return self._wait(self._submit(coro))
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
         try:
             return future.result()
         except concurrent.futures.CancelledError:

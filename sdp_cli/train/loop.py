@@ -95,7 +95,7 @@ class TrainingLoop:
             return result
 
         timed("pause_s", self.executor.pause)
-        recompute = (
+        finish_recompute = (
             self.executor.start_recompute_proximal(self.version)
             if self.cfg.train.prox_mode == ProxMode.segment
             else None
@@ -104,8 +104,8 @@ class TrainingLoop:
         weights = timed(
             "export_s", lambda: self.actor.export_weights(self.run_dir / "weights", new_version)
         )
-        if recompute is not None:
-            timed("recompute_s", recompute.result)
+        if finish_recompute is not None:
+            timed("recompute_s", finish_recompute)
         server_phases = timed("reload_s", lambda: self.update_servers(weights, new_version))
         timed("set_version_s", lambda: self.executor.set_version(new_version))
         timed("resume_s", self.executor.resume)
