@@ -33,9 +33,9 @@ from typing import Any
 import psutil
 from rich.console import Console
 
+from sdp_cli.commands.train import run_training, with_cpu_placement
 from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.launcher.fleet import ServerFleet, start_servers
-from sdp_cli.runner import run_training, with_cpu_placement
 from sdp_cli.telemetry.events import read_events
 
 ETAS = (0, 2)

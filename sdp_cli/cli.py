@@ -1,9 +1,9 @@
-"""Typer commands only: parse, call one function, map errors to exit codes."""
+"""The Typer surface: parse the command line, call one function of `sdp_cli.commands`, map errors
+to exit codes. Every command runs with the signal handlers of `commands.signals`."""
 
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sdp_cli.commands.signals import stop_on_signals
 from sdp_cli.errors import SdpError
 
 app = typer.Typer(
@@ -38,12 +39,14 @@ OverridesArg = Annotated[
 
 
 def user_errors(func: F) -> F:
-    """Turn SdpError into a short red message and exit code 2; Ctrl-C into exit code 130."""
+    """Turn SdpError into a short red message and exit code 2; Ctrl-C (SIGINT) into exit code
+    130. SIGTERM raises `Terminated`, a SystemExit with code 143 unless the command maps it."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with stop_on_signals():
+                return func(*args, **kwargs)
         except SdpError as exc:
             err_console.print(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
@@ -73,26 +76,18 @@ def train(
     ] = False,
 ) -> None:
     """Launch vLLM servers, run the async rollout executor and the trainer."""
-    cfg = _load(args)
-    if dry_run:
-        from sdp_cli.plan import print_dry_run
-        from sdp_cli.runner import with_cpu_placement
+    from sdp_cli.commands.train import train_command
 
-        print_dry_run(with_cpu_placement(cfg), Console())
-        return
-    from sdp_cli.runner import print_summary, run_training
-
-    console = Console()
-    print_summary(run_training(cfg, console), console)
+    train_command(_load(args), dry_run=dry_run)
 
 
 @app.command("launch-servers")
 @user_errors
 def launch_servers(args: OverridesArg = None) -> None:
     """Run vLLM servers on their own, supervised, with a registry file (until Ctrl-C)."""
-    from sdp_cli.launcher.foreground import run_foreground
+    from sdp_cli.commands.launch_servers import launch_servers
 
-    raise typer.Exit(run_foreground(_load(args)))
+    raise typer.Exit(launch_servers(_load(args)))
 
 
 @app.command("inspect-staleness")
@@ -118,9 +113,9 @@ def inspect_staleness(
     ] = None,
 ) -> None:
     """Show what happened to staleness, capacity and drops in a run."""
-    from sdp_cli.telemetry.report import inspect_run
+    from sdp_cli.commands.inspect_staleness import inspect_staleness
 
-    inspect_run(run_dir, follow=follow, as_json=as_json, plot=plot)
+    inspect_staleness(run_dir, follow=follow, as_json=as_json, plot=plot)
 
 
 @app.command()
@@ -140,23 +135,9 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the real executor against simulated servers and trainer (capacity planning)."""
-    from sdp_cli.simulate import parse_sweep, run_simulation, run_sweep
-    from sdp_cli.simulate.report import print_result, print_sweep, to_json
+    from sdp_cli.commands.simulate import simulate
 
-    console = Console()
-    if sweep is None:
-        result = run_simulation(_load(args))
-        if as_json:
-            sys.stdout.write(to_json(result) + "\n")
-        else:
-            print_result(result, console)
-        return
-    key, values = parse_sweep(sweep)
-    rows = run_sweep(lambda extra: _load([*(args or []), *extra]), key, values)
-    if as_json:
-        sys.stdout.write(to_json(rows) + "\n")
-    else:
-        print_sweep(key, rows, console)
+    simulate(lambda extra: _load([*(args or []), *extra]), as_json=as_json, sweep=sweep)
 
 
 @app.command("init-model")
@@ -170,25 +151,18 @@ def init_model(
     ] = None,
 ) -> None:
     """Create the built-in tiny model (deterministic from model.init_seed); a no-op if present."""
-    from sdp_cli.model import TinyModelSpec, init_tiny_model, resolve_model_path
+    from sdp_cli.commands.init_model import init_model
 
-    items = list(args or [])
-    dirs = [a for a in items if "=" not in a]
-    if len(dirs) > 1:
-        raise SdpError(f"init-model takes at most one DIR (got {dirs})")
-    cfg = _load([a for a in items if "=" in a])
-    target = Path(dirs[0]) if dirs else resolve_model_path(cfg.model)
-    path, created = init_tiny_model(TinyModelSpec.from_config(cfg.model), target)
-    Console().print(f"{'created' if created else 'already present'}: {path}", highlight=False)
+    init_model(list(args or []), _load)
 
 
 @config_app.command("show")
 @user_errors
 def config_show(args: OverridesArg = None) -> None:
     """Print the fully resolved config as YAML."""
-    from sdp_cli.config import config_to_yaml
+    from sdp_cli.commands.config import config_show
 
-    sys.stdout.write(config_to_yaml(_load(args)))
+    config_show(_load(args))
 
 
 def main() -> None:

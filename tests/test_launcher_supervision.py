@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sdp_cli.commands.signals import stop_on_signals
 from sdp_cli.config import load_config
 from sdp_cli.inference import InferenceClient, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
@@ -105,15 +106,17 @@ def serve_fake(port: int, index: int, state_dir: Path) -> None:
 
 
 def run_fake_fleet(state_dir: Path, model_dir: Path, linger_s: float) -> None:
-    """A program that uses the launcher as a trainer would: start a fleet, write the registry,
-    then run for `linger_s` seconds (or until a signal) without stopping it explicitly."""
+    """A program that uses the launcher as a command would: with the commands' signal handling,
+    start a fleet, write the registry, then run for `linger_s` seconds (or until a signal)
+    without stopping it explicitly (the fleet's atexit hook does)."""
     cfg = load_config(overrides=["server.count=2", "server.shutdown_grace_s=2"])
     fleet = ServerFleet(
         cfg.server, model_dir, state_dir / "run", backend=FakeServerBackend(state_dir)
     )
-    fleet.start()
-    (state_dir / "started").touch()
-    time.sleep(linger_s)
+    with stop_on_signals():
+        fleet.start()
+        (state_dir / "started").touch()
+        time.sleep(linger_s)
 
 
 # ---- tests --------------------------------------------------------------------------------

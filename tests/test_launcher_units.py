@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +27,6 @@ from sdp_cli.launcher import (
 from sdp_cli.launcher.command import vllm_command, vllm_env
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import requests_on_server
-from sdp_cli.launcher.foreground import Terminated, sigterm_raises
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, free_port
 from sdp_cli.launcher.server import explain_failure, launch_spec, log_tail, startup_failure
 
@@ -234,11 +231,3 @@ def test_server_load_is_running_plus_waiting_requests() -> None:
         'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 2.0\n'
     )
     assert requests_on_server(text) == 5
-
-
-def test_sigterm_during_launch_servers_becomes_a_clean_shutdown() -> None:
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated), sigterm_raises():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5.0)  # the handler raises as soon as the signal arrives
-    assert signal.getsignal(signal.SIGTERM) == before

@@ -12,13 +12,13 @@ from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 __all__ = [
     "SERVED_MODEL_NAME",
     "check_vllm_installed",
-    "resolve_device",
+    "server_device",
     "vllm_command",
     "vllm_env",
 ]
 
 
-def resolve_device(server: ServerConfig) -> Device:
+def server_device(server: ServerConfig) -> Device:
     if server.device != Device.auto:
         return server.device
     try:
@@ -58,7 +58,7 @@ def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
     ]
     if server.enforce_eager:
         cmd.append("--enforce-eager")
-    if resolve_device(server) == Device.cuda:
+    if server_device(server) == Device.cuda:
         cmd += [
             "--tensor-parallel-size",
             str(server.tensor_parallel_size),
@@ -74,7 +74,7 @@ def vllm_env(server: ServerConfig, cuda_devices: list[str] | None = None) -> dic
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env["PYTHONUNBUFFERED"] = "1"
-    if resolve_device(server) == Device.cpu:
+    if server_device(server) == Device.cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(server.cpu_kvcache_space_gb)
         if server.cpu_cores and server.tensor_parallel_size == 1:
             # vLLM's automatic binding keeps one allowed core for its front end and fails when

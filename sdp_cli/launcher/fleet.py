@@ -8,7 +8,9 @@ whose process exits, that stops answering /health, or that the client handed ove
 a weight update: bounded by `server.max_restarts`, with exponential backoff, and loading the
 current weights and version before the server is routed to again. Every change rewrites the
 registry file and emits a `server_state` event. `stop()` (also run at interpreter exit) terminates
-every process group and kills what is left after `server.shutdown_grace_s`.
+every process group and kills what is left after `server.shutdown_grace_s`. The fleet installs no
+signal handler: the command that owns it turns signals into exceptions (commands/signals.py), so
+`stop()` runs on the way out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import threading
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import httpx
@@ -32,7 +33,7 @@ from sdp_cli.config.schema import Device, SdpConfig, ServerConfig
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body, parse_version
 from sdp_cli.inference.weights import server_version, set_server_version, update_server_weights
-from sdp_cli.launcher.command import check_vllm_installed, resolve_device
+from sdp_cli.launcher.command import check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.process import (
     LocalProcessBackend,
@@ -119,7 +120,6 @@ class ServerFleet:
         self.pool.subscribe(self._on_pool_change)
         self._start_loop()
         atexit.register(self.stop)
-        install_sigterm_exit()
         try:
             self._call(self._start_all())
             self._call(self._start_watchers())
@@ -213,7 +213,7 @@ class ServerFleet:
 
     def _device_groups(self) -> list[list[str] | None]:
         count = self.server.count
-        if resolve_device(self.server) != Device.cuda:
+        if server_device(self.server) != Device.cuda:
             return [None] * count
         return list(split_devices(count, self.server.tensor_parallel_size, visible_cuda_devices()))
 
@@ -455,20 +455,6 @@ class ServerFleet:
     def _write_registry(self) -> None:
         with self._registry_lock:
             write_registry(self.registry_path, self.registry_entries())
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def install_sigterm_exit() -> None:
-    """Make SIGTERM exit through Python (finally blocks, atexit) instead of killing the process
-    on the spot, which would leave the servers running in their own sessions. Only when nobody
-    has claimed SIGTERM yet, and only from the main thread (where handlers are installed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def requests_on_server(metrics_text: str) -> int:

@@ -1,9 +1,9 @@
-"""`sdp inspect-staleness`: find a run's log, summarize it, print it (text, JSON, plot, live)."""
+"""The staleness report of a run log: find the log, summarize it, render it as text, JSON or a
+live view (the `sdp inspect-staleness` command is commands/inspect_staleness.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,37 +31,6 @@ FOLLOW_POLL_S = 1.0
 # In --follow the view must fit a terminal, so the per-version table keeps its newest rows.
 FOLLOW_VERSION_ROWS = 12
 ADVICE_TITLES = {"tight": "tight bound", "loose": "loose bound", "bound_exceeded": "bound exceeded"}
-
-
-def inspect_run(
-    run_dir: Path,
-    *,
-    follow: bool = False,
-    as_json: bool = False,
-    plot: Path | None = None,
-    console: Console | None = None,
-    out: TextIO | None = None,
-) -> None:
-    """The whole command. Raises SdpError for anything the user can fix."""
-    console = console or Console()
-    out = out or sys.stdout
-    log_path = locate_event_log(run_dir)
-    if plot is not None:
-        _check_plot_target(plot)
-    if follow:
-        summary = follow_log(log_path, console=console, as_json=as_json, out=out)
-    else:
-        summary = read_summary(log_path)
-        if as_json:
-            write_json(summary, out)
-        else:
-            console.print(render_summary(summary, source=str(log_path)))
-    if plot is not None and summary is not None:
-        from sdp_cli.telemetry.plot import write_plot
-
-        write_plot(summary, plot)
-        if not as_json:
-            console.print(f"plot written to {plot}", highlight=False)
 
 
 def locate_event_log(run_dir: Path) -> Path:
@@ -172,7 +141,7 @@ def _nothing_to_show(log_path: Path, summary: StalenessSummary) -> str:
     )
 
 
-def _check_plot_target(plot: Path) -> None:
+def check_plot_target(plot: Path) -> None:
     # Checked before reading, so a long --follow session does not end in an unwritable path.
     if plot.exists() and plot.is_dir():
         raise SdpError(f"--plot {plot} is a directory; give a file name such as staleness.png")

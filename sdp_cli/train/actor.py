@@ -31,7 +31,7 @@ from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, sele
 from sdp_cli.train.weights import export_weights
 
 
-def resolve_device(device: Device | str) -> torch.device:
+def torch_device(device: Device | str) -> torch.device:
     choice = Device(device)
     if choice == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +43,7 @@ def resolve_device(device: Device | str) -> torch.device:
 def limit_cpu_threads(train: TrainConfig) -> None:
     """A CPU trainer sharing the machine with vLLM CPU servers loses more to contention than it
     gains from threads (measured 5x slower steps with 2 threads on 2 cores)."""
-    if train.cpu_threads > 0 and resolve_device(train.device).type == "cpu":
+    if train.cpu_threads > 0 and torch_device(train.device).type == "cpu":
         torch.set_num_threads(train.cpu_threads)
 
 
@@ -78,7 +78,7 @@ class Actor:
         limit_cpu_threads(train)
         self.model_dir = Path(model_dir)
         self.train_config = train
-        self.device = resolve_device(train.device)
+        self.device = torch_device(train.device)
         self.model = load_model(self.model_dir, self.device)
         self.pad_id = _pad_id(self.model)
         self.loss_settings = LossSettings.from_config(train)

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
+from sdp_cli.commands.train import pinned_to, with_cpu_placement
 from sdp_cli.config import load_config
-from sdp_cli.runner import pinned_to, with_cpu_placement
 
 
 @pytest.fixture

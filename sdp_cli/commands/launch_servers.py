@@ -3,21 +3,20 @@ Ctrl-C (exit 130) or SIGTERM (exit 0); either way every server process group is 
 
 from __future__ import annotations
 
-import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sdp_cli.commands.signals import Terminated, signals_ignored
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.inference.pool import ServerState
+from sdp_cli.launcher.command import check_vllm_installed
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.server import ServerStartError
+from sdp_cli.model import ensure_model_dir
 from sdp_cli.telemetry.events import EventLog
 
 _STATE_STYLE = {
@@ -26,43 +25,6 @@ _STATE_STYLE = {
     ServerState.restarting: "yellow",
     ServerState.dead: "red",
 }
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: shut down cleanly and exit 0. A BaseException, like KeyboardInterrupt,
-    so no `except Exception` on the way swallows it."""
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into a Terminated exception in the main thread while inside."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def signals_ignored() -> Iterator[None]:
-    """Shield a clean shutdown from a second Ctrl-C or SIGTERM, which would otherwise cut it
-    short and leave servers behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def status_table(fleet: ServerFleet) -> Table:
@@ -85,12 +47,10 @@ def status_table(fleet: ServerFleet) -> Table:
     return table
 
 
-def run_foreground(cfg: SdpConfig, console: Console | None = None) -> int:
+def launch_servers(cfg: SdpConfig, console: Console | None = None) -> int:
     """Start `cfg.server.count` servers, show their status until interrupted, stop them.
-    Returns the exit code for SIGTERM (0); Ctrl-C propagates as KeyboardInterrupt (130)."""
-    from sdp_cli.launcher.command import check_vllm_installed
-    from sdp_cli.model import ensure_model_dir
-
+    Returns the exit code for SIGTERM (0); Ctrl-C propagates as KeyboardInterrupt (130).
+    The caller installs the signal handlers (`commands.signals.stop_on_signals`)."""
     console = console or Console()
     check_vllm_installed()
     model_dir = ensure_model_dir(cfg.model)
@@ -101,24 +61,20 @@ def run_foreground(cfg: SdpConfig, console: Console | None = None) -> int:
         cfg.server, model_dir, run_dir, registry_path=registry, events=events, observe_servers=True
     )
     try:
-        with sigterm_raises():
-            try:
-                console.print(
-                    f"starting {cfg.server.count} vLLM server(s) for {model_dir} "
-                    f"(logs in {fleet.log_dir})",
-                    highlight=False,
-                )
-                fleet.start()
-                console.print(f"ready; registry: {registry}", highlight=False)
-                _show_until_interrupted(fleet, console)
-            except Terminated:
-                return 0
-            finally:
-                with signals_ignored():
-                    console.print("stopping servers…", highlight=False)
-                    fleet.stop()
+        console.print(
+            f"starting {cfg.server.count} vLLM server(s) for {model_dir} (logs in {fleet.log_dir})",
+            highlight=False,
+        )
+        fleet.start()
+        console.print(f"ready; registry: {registry}", highlight=False)
+        _show_until_interrupted(fleet, console)
+    except Terminated:
+        return 0
     finally:
-        events.close()
+        with signals_ignored():
+            console.print("stopping servers…", highlight=False)
+            fleet.stop()
+            events.close()
     return 0
 
 

@@ -1,7 +1,8 @@
 """`sdp train`: wire the run directory, servers, executor, trainer and dashboard together.
 
-Order matters for a clean stop: whatever was started is stopped in reverse order in `finally`,
-so Ctrl-C anywhere leaves no server process and the last checkpoint intact.
+`train` is a list of named steps. Order matters for a clean stop: whatever was started is
+registered on one ExitStack and stopped in reverse order, so Ctrl-C or SIGTERM anywhere (turned
+into exceptions by `commands.signals`) leaves no server process and the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
+from transformers import PreTrainedTokenizerBase
 
+from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState
-from sdp_cli.launcher.command import resolve_device as server_device
+from sdp_cli.launcher.command import server_device
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.registry import attach_servers
@@ -28,11 +31,12 @@ from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
+from sdp_cli.tasks.base import Task
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
-from sdp_cli.train.actor import Actor, resolve_device
+from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from sdp_cli.train.loop import LoopResult, TrainingLoop
+from sdp_cli.train.loop import LoopResult, ServerUpdate, TrainingLoop
 
 RUN_FILES = ("events.jsonl", "checkpoints", "weights", "servers.json", "config.yaml", "logs")
 
@@ -118,7 +122,7 @@ def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
         or cfg.train.cpu_cores
         or cfg.server.registry
         or server_device(cfg.server) != Device.cpu
-        or resolve_device(cfg.train.device).type != "cpu"
+        or torch_device(cfg.train.device).type != "cpu"
     ):
         return cfg
     split = split_cpu_cores(sorted(os.sched_getaffinity(0)))
@@ -147,91 +151,169 @@ def pinned_to(cores: list[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def train_command(cfg: SdpConfig, *, dry_run: bool = False, console: Console | None = None) -> None:
+    """`sdp train`: with `dry_run`, the resolved config and capacity plan; otherwise the run and
+    its closing summary."""
+    console = console or Console()
+    if dry_run:
+        print_dry_run(with_cpu_placement(cfg), console)
+        return
+    print_summary(run_training(cfg, console), console)
+
+
 def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary:
     cfg = with_cpu_placement(cfg)
     with pinned_to(cfg.train.cpu_cores):
         return train(cfg, console or Console())
 
 
+@dataclass
+class RunInputs:
+    """What the steps after `prepare_inputs` share: nothing here runs or holds a process."""
+
+    cfg: SdpConfig
+    run_dir: Path
+    model_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    actor: Actor
+    state: TrainState
+
+
 def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     quiet_library_progress()
-    run_dir = prepare_run_dir(cfg)
-    model_dir = ensure_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    task = get_task(cfg.task, tokenizer)
-    actor = Actor(model_dir, cfg.train, seed=cfg.run.seed)
-    state = restore_state(cfg, run_dir, actor)
+    run = prepare_inputs(cfg)
     dashboard = Dashboard(console=console)
     with ExitStack() as stack:
-        events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
-        stack.callback(events.close)
-        events.emit(
-            "run_started",
-            run=cfg.run.name,
-            steps=cfg.train.steps,
-            max_staleness=cfg.rollout.max_staleness,
-            batch_size=cfg.rollout.batch_size,
-            strategy=cfg.rollout.strategy.value,
-            prox_mode=cfg.train.prox_mode.value,
-            n_samples=cfg.rollout.n_samples,
-            max_concurrent=cfg.rollout.max_concurrent,
-            server_count=cfg.server.count,
-            resumed_from_step=state.step,
-            version=state.version,
-        )
-        console.print(f"run dir {run_dir}: starting servers...", highlight=False)
-        pool = stack.enter_context(server_pool(cfg, model_dir, run_dir, events))
-        client = InferenceClient(
-            pool,
-            cfg.server.request_timeout_s,
-            update_timeout_s=cfg.train.update_timeout_s,
-            max_model_len=cfg.server.max_model_len,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        workflow = RLVRWorkflow(
-            task,
-            client,
-            lambda ids: decode_completion(tokenizer, ids),
-            cfg.rollout,
-            eos_token_id=tokenizer.eos_token_id,
-            run_seed=cfg.run.seed,
-            position_offset=state.data_position - state.version * cfg.rollout.batch_size,
-        )
-        executor = RolloutExecutor(
-            workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score_many
-        )
-        executor.restore(state.version)
-        executor.start(paused=True)
-        stack.callback(executor.stop)
-        stack.callback(lambda: executor.run_sync(client.aclose(), timeout=10))
+        events = open_event_log(stack, dashboard, run.run_dir)
+        emit_run_started(events, run)
+        console.print(f"run dir {run.run_dir}: starting servers...", highlight=False)
+        pool = stack.enter_context(server_pool(cfg, run.model_dir, run.run_dir, events))
+        client = inference_client(cfg, pool, run.tokenizer)
+        workflow = rollout_workflow(run, client)
+        executor = start_executor(stack, cfg, workflow, client, events, run.state.version)
         dashboard.add_snapshot(executor.snapshot)
-
-        def update_servers(weights: Path, version: int) -> dict[str, float]:
-            return executor.run_sync(
-                client.update_weights(str(weights), version),
-                timeout=cfg.train.update_timeout_s * 2,
-            )
-
-        # Attached servers may hold any weights, and a resumed run's servers start from the
-        # base model: give every server the trainer's weights before the first rollout.
-        initial = actor.export_weights(run_dir / "weights", state.version)
-        update_servers(initial, state.version)
+        update_servers = server_updater(cfg, executor, client)
+        give_servers_trainer_weights(run, update_servers)
         executor.resume()
         loop = TrainingLoop(
             cfg,
-            actor,
+            run.actor,
             executor,
             update_servers,
             events,
             data_position=_data_position(workflow, executor),
-            start=state,
+            start=run.state,
         )
         stack.enter_context(dashboard)
         result = loop.run()
         events.emit(
             "run_finished", steps=result.steps, version=result.version, wall_s=result.wall_s
         )
-    return TrainSummary(run_dir=run_dir, result=result, resumed_from=state.step)
+    return TrainSummary(run_dir=run.run_dir, result=result, resumed_from=run.state.step)
+
+
+def prepare_inputs(cfg: SdpConfig) -> RunInputs:
+    """The run directory, model, tokenizer, task and trainer, restored from a checkpoint when
+    resuming; everything that can fail before a server starts."""
+    run_dir = prepare_run_dir(cfg)
+    model_dir = ensure_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    task = get_task(cfg.task, tokenizer)
+    actor = Actor(model_dir, cfg.train, seed=cfg.run.seed)
+    state = restore_state(cfg, run_dir, actor)
+    return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state)
+
+
+def open_event_log(stack: ExitStack, dashboard: Dashboard, run_dir: Path) -> EventSink:
+    """The run log, also fed to the dashboard; closed last."""
+    events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
+    stack.callback(events.close)
+    return events
+
+
+def emit_run_started(events: EventSink, run: RunInputs) -> None:
+    cfg, state = run.cfg, run.state
+    events.emit(
+        "run_started",
+        run=cfg.run.name,
+        steps=cfg.train.steps,
+        max_staleness=cfg.rollout.max_staleness,
+        batch_size=cfg.rollout.batch_size,
+        strategy=cfg.rollout.strategy.value,
+        prox_mode=cfg.train.prox_mode.value,
+        n_samples=cfg.rollout.n_samples,
+        max_concurrent=cfg.rollout.max_concurrent,
+        server_count=cfg.server.count,
+        resumed_from_step=state.step,
+        version=state.version,
+    )
+
+
+def inference_client(
+    cfg: SdpConfig, pool: ServerPool, tokenizer: PreTrainedTokenizerBase
+) -> InferenceClient:
+    return InferenceClient(
+        pool,
+        cfg.server.request_timeout_s,
+        update_timeout_s=cfg.train.update_timeout_s,
+        max_model_len=cfg.server.max_model_len,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def rollout_workflow(run: RunInputs, client: InferenceClient) -> RLVRWorkflow:
+    """Prompts continue from the checkpoint's data position on resume."""
+    cfg, state, tokenizer = run.cfg, run.state, run.tokenizer
+    return RLVRWorkflow(
+        run.task,
+        client,
+        lambda ids: decode_completion(tokenizer, ids),
+        cfg.rollout,
+        eos_token_id=tokenizer.eos_token_id,
+        run_seed=cfg.run.seed,
+        position_offset=state.data_position - state.version * cfg.rollout.batch_size,
+    )
+
+
+def start_executor(
+    stack: ExitStack,
+    cfg: SdpConfig,
+    workflow: RLVRWorkflow,
+    client: InferenceClient,
+    events: EventSink,
+    version: int,
+) -> RolloutExecutor:
+    """The rollout executor at the restored version, started paused (nothing is submitted
+    before the servers hold the trainer's weights); on the way out it closes the client on its
+    own loop, then stops."""
+    executor = RolloutExecutor(
+        workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score_many
+    )
+    executor.restore(version)
+    executor.start(paused=True)
+    stack.callback(executor.stop)
+    stack.callback(lambda: executor.run_sync(client.aclose(), timeout=10))
+    return executor
+
+
+def server_updater(
+    cfg: SdpConfig, executor: RolloutExecutor, client: InferenceClient
+) -> ServerUpdate:
+    def update_servers(weights: Path, version: int) -> dict[str, float]:
+        return executor.run_sync(
+            client.update_weights(str(weights), version),
+            timeout=cfg.train.update_timeout_s * 2,
+        )
+
+    return update_servers
+
+
+def give_servers_trainer_weights(run: RunInputs, update_servers: ServerUpdate) -> None:
+    """Attached servers may hold any weights, and a resumed run's servers start from the base
+    model: give every server the trainer's weights before the first rollout."""
+    initial = run.actor.export_weights(run.run_dir / "weights", run.state.version)
+    update_servers(initial, run.state.version)
 
 
 def _data_position(workflow: RLVRWorkflow, executor: RolloutExecutor) -> Callable[[], int]:
