@@ -78,11 +78,11 @@ def test_latest_checkpoint_ignores_half_written_ones(tiny_model_dir: Path, tmp_p
     actor = trained_actor(tiny_model_dir, steps=0)
     save_checkpoint(tmp_path, actor.model, actor.optimizer, state(10))
     # A save killed before its rename, and one killed before writing state.json.
-    (tmp_path / "checkpoints" / "step-20.tmp").mkdir()
+    (tmp_path / "checkpoints" / "step-20.tmp-99999").mkdir()
     (tmp_path / "checkpoints" / "step-30").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-10"
     save_checkpoint(tmp_path, actor.model, actor.optimizer, state(11))
-    assert not (tmp_path / "checkpoints" / "step-20.tmp").exists()
+    assert not (tmp_path / "checkpoints" / "step-20.tmp-99999").exists()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-11"
 
 
@@ -132,7 +132,7 @@ def test_export_keeps_the_newest_versions_and_cleans_leftovers(
     actor = trained_actor(tiny_model_dir, steps=0)
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
-    (weights_dir / "v0.tmp").mkdir()  # a killed export
+    (weights_dir / "v0.tmp-99999").mkdir()  # a killed export
     for version in range(1, 5):
         export_weights(actor.model, tiny_model_dir, weights_dir, version, keep=2)
     assert sorted(p.name for p in weights_dir.iterdir()) == ["v3", "v4"]

@@ -36,6 +36,10 @@ def serve_fake(port: int, index: int, state_dir: Path) -> None:
     if (state_dir / f"fail-start-{index}").exists():
         print((state_dir / f"fail-start-{index}").read_text(), flush=True)
         sys.exit(1)
+    # A server that takes a while to come up, as vLLM does (tens of seconds).
+    slow_start = state_dir / "slow-start"
+    if slow_start.exists():
+        time.sleep(float(slow_start.read_text()))
     bind_fail = state_dir / f"bind-fail-once-{index}"
     if bind_fail.exists():
         bind_fail.unlink()
@@ -366,6 +370,42 @@ def test_a_program_using_the_launcher_leaves_no_server_behind(
     assert program.returncode == expected_code, stderr.decode()[-2000:]
     assert not any(group_alive(g) for g in groups)
     assert {e.state for e in read_registry(tmp_path / "run" / "servers.json")} == {"dead"}
+
+
+def test_sigterm_during_start_up_exits_cleanly_without_asyncio_noise(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    (tmp_path / "slow-start").write_text("60")
+    program = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--state-dir",
+            str(tmp_path),
+            "--fleet-of-model",
+            str(tiny_model_dir),
+            "--linger",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    registry = tmp_path / "run" / "servers.json"
+    try:
+        # Both spawned (an entry has pid 0 until its process exists).
+        wait_for(lambda: registry.exists() and all(e.pid for e in read_registry(registry) or [0]))
+        groups = [e.pgid for e in read_registry(registry)]
+        assert {e.state for e in read_registry(registry)} == {"starting"}
+        assert all(group_alive(g) for g in groups)
+        program.send_signal(signal.SIGTERM)
+        _, stderr = program.communicate(timeout=30)
+    finally:
+        if program.poll() is None:
+            program.kill()
+    assert program.returncode == 128 + signal.SIGTERM
+    assert stderr.decode() == ""  # no "Task was destroyed but it is pending", no traceback
+    assert not (tmp_path / "started").exists()
+    assert not any(group_alive(g) for g in groups)
+    assert {e.state for e in read_registry(registry)} == {"dead"}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from sdp_cli.common.loop_thread import LoopThread
 from sdp_cli.config.schema import Device, SdpConfig, ServerConfig
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body, parse_version
@@ -98,8 +99,7 @@ class ServerFleet:
         self._devices: list[list[str] | None] = []
         self._last_healthy: dict[int, float] = {}
         self._registry_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._supervisor = LoopThread("sdp-server-supervisor")
         self._http: httpx.AsyncClient | None = None
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._watchers: list[asyncio.Task[None]] = []
@@ -118,7 +118,7 @@ class ServerFleet:
             )
         self._devices = self._device_groups()
         self.pool.subscribe(self._on_pool_change)
-        self._start_loop()
+        self._supervisor.start()
         atexit.register(self.stop)
         try:
             self._call(self._start_all())
@@ -153,15 +153,14 @@ class ServerFleet:
         self._stopped = True
         atexit.unregister(self.stop)
         try:
-            if self._loop is not None and self._loop.is_running():
+            if self._supervisor.running():
                 for future in list(self._pending):
                     future.cancel()
                 grace = self.server.shutdown_grace_s
-                shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-                shutdown.result(timeout=grace + 30.0)
+                self._supervisor.call(self._shutdown(), timeout=grace + 30.0)
         finally:
             self._kill_leftovers()
-            self._stop_loop()
+            self._supervisor.stop()
             self._write_registry()
 
     def __enter__(self) -> ServerFleet:
@@ -173,36 +172,15 @@ class ServerFleet:
 
     # ---- the supervisor's event loop ----------------------------------------------------
 
-    def _start_loop(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="sdp-server-supervisor", daemon=True)
-        self._thread.start()
-        ready.wait()
-
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the supervisor loop and wait for it from this thread."""
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        """Run a coroutine on the supervisor loop and wait for it from this thread; `stop()`
+        cancels it."""
+        future = self._supervisor.submit(coro)
         self._pending.add(future)
         try:
             return future.result()
         finally:
             self._pending.discard(future)
-
-    def _stop_loop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10.0)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sdp_cli.common.atomic import atomic_dir
 from sdp_cli.config.schema import BUILTIN_MODEL, ModelConfig
 from sdp_cli.errors import ConfigError
 
@@ -123,21 +123,9 @@ def init_tiny_model(spec: TinyModelSpec, directory: Path | None = None) -> tuple
             f"'{target}' exists and is not an sdp tiny model",
             "choose an empty directory",
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # An empty target is replaced; a concurrent call that won the race wrote the same model.
+    with atomic_dir(target, keep_existing=True) as tmp:
         _write_model(spec, tmp)
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except FileExistsError:
-        # A concurrent call won the race; its model is identical.
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target, True
 
 

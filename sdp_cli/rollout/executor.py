@@ -14,11 +14,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.control import StalenessControl
@@ -33,7 +33,6 @@ T = TypeVar("T")
 
 # Awaited by a workflow before each generation segment; returns at once unless paused.
 Gate = Callable[[], Awaitable[None]]
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 class Workflow(Protocol):
@@ -84,7 +83,7 @@ class RolloutExecutor:
         )
         self._took_at_version: int | None = None
         self._recompute_active = False
-        self._loop_factory: LoopFactory = loop_factory or asyncio.new_event_loop
+        self._runner = LoopThread("sdp-rollout-executor", loop_factory)
         self._capacity_interval_s = capacity_interval_s
         self._max_consecutive_errors = max_consecutive_errors
         self._consecutive_errors = 0
@@ -99,17 +98,16 @@ class RolloutExecutor:
         )
         self._releasing = False
 
+        # Set on the loop thread when it starts (`_on_loop_start`).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._paused = False
         self._stopping = False
         self._stopped = False
         self._failure: BaseException | None = None
-        self._startup_error: BaseException | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._submitter: asyncio.Task[None] | None = None
         self._pending_takes: list[int] = []
-        # Created on the loop thread in _thread_main.
+        # Created on the loop thread in _on_loop_start.
         self._gate_open: asyncio.Event
         self._wake: asyncio.Event
         self._buffer_grew: asyncio.Event
@@ -125,31 +123,23 @@ class RolloutExecutor:
 
     def start(self, paused: bool = False) -> None:
         """Start the loop thread; with `paused=True` nothing is submitted until `resume()`."""
-        if self._thread is not None:
+        if self._runner.started:
             raise ExecutorError("the executor was already started")
         self._paused = paused
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._thread_main, args=(ready,), name="sdp-rollout-executor", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if self._startup_error is not None:
-            self._thread.join()
-            raise ExecutorError(f"the executor loop did not start: {self._startup_error!r}")
+        try:
+            self._runner.start(self._on_loop_start)
+        except LoopThreadError as exc:
+            raise ExecutorError(str(exc)) from None
 
     def stop(self, timeout: float = 60.0) -> list[RolloutGroup]:
         """Cancel in-flight rollouts, stop the loop and return the accepted groups the trainer
         has not taken (in order). Idempotent: a second call returns []."""
-        if self._thread is None or self._stopped:
+        if not self._runner.started or self._stopped:
             return self._control.drain() if not self._stopped else []
-        if threading.current_thread() is self._thread:
+        if self._runner.in_loop_thread():
             raise ExecutorError("stop() was called from the executor's own loop")
-        loop = self._loop
-        assert loop is not None
-        leftovers = asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout)
+        leftovers = self._runner.submit(self._shutdown()).result(timeout)
+        self._runner.stop(timeout)
         self._stopped = True
         return leftovers
 
@@ -190,7 +180,7 @@ class RolloutExecutor:
 
     def drain(self) -> list[RolloutGroup]:
         """Remove and return every buffered group."""
-        if self._thread is None:
+        if not self._runner.started:
             return self._control.drain()
         if self._stopped:
             return []
@@ -199,7 +189,7 @@ class RolloutExecutor:
     def restore(self, version: int) -> None:
         """Resume at `version` with accepted_live = v·B. Call before `start()`, or while
         paused with nothing in flight."""
-        if self._thread is None:
+        if not self._runner.started:
             self._control.restore(version)
             return
         self._call(self.restore_async(version))
@@ -324,14 +314,8 @@ class RolloutExecutor:
 
     # ---- loop internals -------------------------------------------------------------------
 
-    def _thread_main(self, ready: threading.Event) -> None:
-        try:
-            loop = self._loop_factory()
-        except Exception as exc:
-            self._startup_error = exc
-            ready.set()
-            return
-        asyncio.set_event_loop(loop)
+    def _on_loop_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop thread, before the loop runs: the loop's own objects and first tasks."""
         self._loop = loop
         self._gate_open = asyncio.Event()
         if not self._paused:
@@ -345,12 +329,6 @@ class RolloutExecutor:
         self._submitter = loop.create_task(self._submit_loop())
         if self._score_early:
             self._early_scorer = loop.create_task(self._early_scoring_loop())
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            _cancel_remaining_tasks(loop)
-            loop.close()
 
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
@@ -555,19 +533,18 @@ class RolloutExecutor:
     # ---- calling the loop from other threads ----------------------------------------------
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        loop = self._loop
-        if self._thread is None or loop is None:
+        if not self._runner.started or self._loop is None:
             coro.close()
             raise ExecutorError("the executor is not started: call start() first")
         if self._stopped or self._stopping:
             coro.close()
             raise ExecutorStopped("the rollout executor was stopped")
-        if threading.current_thread() is self._thread:
+        if self._runner.in_loop_thread():
             coro.close()
             raise ExecutorError(
                 "blocking executor call from the executor's own loop; await the *_async method"
             )
-        return asyncio.run_coroutine_threadsafe(coro, loop)
+        return self._runner.submit(coro)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Wait without a deadline: the coroutines called this way bound their own waits."""
@@ -578,13 +555,3 @@ class RolloutExecutor:
             return future.result()
         except concurrent.futures.CancelledError:
             raise ExecutorStopped("the rollout executor stopped before the call finished") from None
-
-
-def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what is still pending when the loop stops, so callers waiting on it wake up."""
-    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())

@@ -1,15 +1,15 @@
 """Training checkpoints in `run_dir/checkpoints/step-{N}/`, written atomically.
 
-A checkpoint is written to `step-{N}.tmp/` and renamed when complete, so one that exists under
-its final name is whole even if the process was killed right after; `.tmp` directories are never
-loaded. Contents: model weights (safetensors), optimizer state, RNG states, and `state.json`
+A checkpoint is written atomically (`common.atomic_dir`, flushed to disk before the rename), so
+one that exists under its final name is whole even if the process was killed right after; the
+temporary directories of a killed save are never loaded. Contents: model weights
+(safetensors), optimizer state, RNG states, and `state.json`
 (step, version, data position, executor counters).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from sdp_cli.common.atomic import atomic_dir, is_leftover
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -65,19 +67,6 @@ def _restore_rng(state: dict[str, Any], python_state: list[Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _fsync_tree(directory: Path) -> None:
-    """Flush file contents before the rename publishes them (a crash of the machine, not just
-    the process, must not leave a renamed checkpoint with empty files)."""
-    for item in directory.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_checkpoint(
     target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState
 ) -> None:
@@ -116,7 +105,7 @@ def _prune(run_dir: Path, keep: int | None) -> None:
     root = checkpoints_dir(run_dir)
     for item in root.iterdir():
         # Leftovers of a save that was killed half-way.
-        if item.name.endswith(".tmp") or ".old-" in item.name:
+        if is_leftover(item):
             shutil.rmtree(item, ignore_errors=True)
     if keep is not None:
         complete = list_checkpoints(run_dir)
@@ -132,22 +121,9 @@ def save_checkpoint(
     keep: int | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-{state.step}/` and keep the newest `keep` (None: all)."""
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f"step-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = checkpoints_dir(run_dir) / f"step-{state.step}"
+    with atomic_dir(final, fsync=True) as tmp:
         _write_checkpoint(tmp, model, optimizer, state)
-        _fsync_tree(tmp)
-        if final.exists():
-            old = root / f"{final.name}.old-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(run_dir, keep)
     return final
 

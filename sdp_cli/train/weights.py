@@ -2,13 +2,12 @@
 
 `run_dir/weights/v{N}/` has the same layout as the original model directory (safetensors,
 config, generation config, tokenizer files), so it works both for vLLM's
-`reload_weights(weights_path=DIR)` and for a fresh `--model DIR`. It is written as `v{N}.tmp/`
-and renamed, so a reader never sees a half-written version.
+`reload_weights(weights_path=DIR)` and for a fresh `--model DIR`. It is written atomically
+(`common.atomic_dir`), so a reader never sees a half-written version.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -16,11 +15,14 @@ from pathlib import Path
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from sdp_cli.common.atomic import atomic_dir
+
 # Files of the source model directory that the exported weights replace.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
-_VERSION_DIR = re.compile(r"^v(\d+)(\.tmp)?$")
+# A complete version, or (group 2) the leftover of a writer killed half-way (common/atomic.py).
+_VERSION_DIR = re.compile(r"^v(\d+)((?:\.tmp|\.old)-\d+)?$")
 
 
 def version_dir(weights_dir: Path, version: int) -> Path:
@@ -36,19 +38,6 @@ def copy_tokenizer_files(source_dir: Path, target_dir: Path) -> None:
     for item in sorted(source_dir.iterdir()):
         if item.is_file() and not _is_weight_file(item.name) and item.name not in _WRITTEN_BY_SAVE:
             shutil.copy2(item, target_dir / item.name)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` (a re-export after resume) is moved aside
-    first, because rename cannot replace a non-empty directory."""
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
@@ -83,19 +72,12 @@ def export_weights(
     the new directory."""
     # A "Writing model shards" bar per weight update would scribble over the dashboard.
     hf_logging.disable_progress_bar()
-    weights_dir.mkdir(parents=True, exist_ok=True)
     final = version_dir(weights_dir, version)
-    tmp = final.with_name(f"{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # An existing version (a re-export after resume) is replaced.
+    with atomic_dir(final) as tmp:
         # Transformers 5 always writes safetensors; save_original_format keeps the checkpoint's
         # own tensor names, which is what vLLM's loader expects.
         model.save_pretrained(tmp, save_original_format=True)
         copy_tokenizer_files(source_dir, tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune_versions(weights_dir, keep, version)
     return final
