@@ -1,17 +1,91 @@
 """Typed configuration schema, registered in Hydra's ConfigStore.
 
-Every key a config file or override may set is declared here; Hydra rejects unknown keys and
-wrong types against these dataclasses, and `validate.py` checks ranges.
+Every key a config file or override may set is declared here with its default, its bounds or
+allowed values and one line of help (`setting(...)`). Hydra rejects unknown keys and wrong types
+against these dataclasses; `validate.py` checks every declared bound and allowed value, so a
+constraint is written once, beside its field, and `sdp config show --explain` and the README's key
+table print the same declarations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+import operator
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from enum import Enum, StrEnum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 BUILTIN_MODEL = "builtin:tiny"
+RULE = "sdp_rule"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts. A null value of an optional key always passes: null disables it."""
+
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    # Why a value outside the bounds is refused, when the bound alone does not say it.
+    why: str = ""
+
+    def bounds(self) -> str:
+        """The bounds in words, e.g. `>= 0 and < 1`; empty when there are none."""
+        return " and ".join(
+            f"{sign} {_number(bound)}"
+            for sign, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if bound is not None
+        )
+
+    def allowed(self) -> str:
+        """`one of a, b`, `a value >= 0 and < 1`, or empty when any value of the type is."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        return f"a value {self.bounds()}" if self.bounds() else ""
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if self.choices is not None:
+            return str(value) in self.choices
+        checks = (
+            (self.ge, operator.ge),
+            (self.gt, operator.gt),
+            (self.le, operator.le),
+            (self.lt, operator.lt),
+        )
+        return all(bound is None or compare(value, bound) for bound, compare in checks)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    factory: Any = MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    why: str = "",
+) -> Any:
+    """A config key: its default (or `factory` for a list), its bounds and its help. An enum
+    default makes the enum's values the allowed ones."""
+    if choices is None and isinstance(default, Enum):
+        choices = tuple(member.value for member in type(default))
+    rule = Rule(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=choices, why=why)
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={RULE: rule})
+    return field(default=default, metadata={RULE: rule})
 
 
 class Strategy(StrEnum):
@@ -36,154 +110,233 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+# vLLM's --dtype values.
+SERVER_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
 @dataclass
 class RunConfig:
-    name: str = "default"
-    # Interpolated so that `run.name=foo` moves the directory too.
-    dir: str = "runs/${run.name}"
-    seed: int = 0
-    # Start afresh in a run.dir that already holds a run (its checkpoints are deleted).
-    overwrite: bool = False
-    # `sdp train` with CPU servers it launches and a CPU trainer working at the same time
-    # (η ≥ 1): give the trainer the last core and the servers the others, unless
-    # server.cpu_cores or train.cpu_cores are set.
-    split_cpus: bool = True
+    name: str = setting("default", help="run name; names the run directory")
+    dir: str = setting(
+        # Interpolated so that `run.name=foo` moves the directory too.
+        "runs/${run.name}",
+        help="run directory: config.yaml, events.jsonl, servers.json, weights/, checkpoints/",
+    )
+    seed: int = setting(0, help="seed of the trainer")
+    overwrite: bool = setting(
+        False, help="start afresh in a run.dir that already holds a run (deletes its checkpoints)"
+    )
+    split_cpus: bool = setting(
+        True,
+        help="with launched CPU servers, a CPU trainer and η >= 1: the trainer gets the last "
+        "core and the servers the others (unless server.cpu_cores / train.cpu_cores are set)",
+    )
 
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face model directory, or `builtin:tiny` for the model `sdp init-model` makes.
-    path: str = BUILTIN_MODEL
-    # Where the built-in model is cached; null means $SDP_CACHE_DIR or ~/.cache/sdp.
-    cache_dir: str | None = None
-    # Shape and seed of the built-in model (ignored for a local directory).
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 256
-    max_position_embeddings: int = 256
-    init_seed: int = 0
+    path: str = setting(
+        BUILTIN_MODEL,
+        help="a local Hugging Face model directory, or builtin:tiny (made by `sdp init-model`)",
+    )
+    cache_dir: str | None = setting(
+        None, help="where the built-in model is cached; null: $SDP_CACHE_DIR or ~/.cache/sdp"
+    )
+    hidden_size: int = setting(128, ge=1, help="built-in model: hidden size")
+    num_layers: int = setting(2, ge=1, help="built-in model: decoder layers")
+    num_heads: int = setting(
+        2, ge=1, help="built-in model: attention heads (must divide hidden_size)"
+    )
+    intermediate_size: int = setting(256, ge=1, help="built-in model: MLP width")
+    max_position_embeddings: int = setting(
+        256, ge=8, help="built-in model: longest sequence it can encode"
+    )
+    init_seed: int = setting(0, help="built-in model: seed of its random initial weights")
 
 
 @dataclass
 class ServerConfig:
-    count: int = 1
-    # Attach to servers listed in this registry file (written by `sdp launch-servers`)
-    # instead of launching new ones.
-    registry: str | None = None
-    host: str = "127.0.0.1"
-    # First port to try; 0 picks free ports.
-    base_port: int = 0
-    device: Device = Device.auto
-    dtype: str = "float32"
-    max_model_len: int = 256
-    seed: int = 0
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    # VLLM_CPU_KVCACHE_SPACE in GiB, CPU only.
-    cpu_kvcache_space_gb: int = 1
-    ready_timeout_s: float = 300.0
-    request_timeout_s: float = 120.0
-    health_interval_s: float = 2.0
-    max_restarts: int = 3
-    shutdown_grace_s: float = 10.0
-    # CPU cores the server processes run on (vLLM's CPU backend binds its threads to them);
-    # empty leaves placement to the OS and vLLM.
-    cpu_cores: list[int] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
+    count: int = setting(1, ge=1, help="vLLM servers to launch")
+    registry: str | None = setting(
+        None,
+        help="attach to the servers this registry file lists (written by `sdp launch-servers`) "
+        "instead of launching new ones",
+    )
+    host: str = setting("127.0.0.1", help="address the servers listen on")
+    base_port: int = setting(0, ge=0, le=65535, help="first port to try; 0 picks free ports")
+    device: Device = setting(Device.auto, help="where vLLM runs; auto: CUDA if torch sees one")
+    dtype: str = setting("float32", choices=SERVER_DTYPES, help="vLLM --dtype")
+    max_model_len: int = setting(
+        256, ge=8, help="vLLM --max-model-len: longest prompt + completion"
+    )
+    seed: int = setting(0, help="vLLM --seed")
+    enforce_eager: bool = setting(True, help="vLLM --enforce-eager (no CUDA graphs)")
+    tensor_parallel_size: int = setting(
+        1, ge=1, help="CUDA devices per server (vLLM --tensor-parallel-size)"
+    )
+    gpu_memory_utilization: float = setting(
+        0.85, gt=0, le=1, help="vLLM --gpu-memory-utilization (CUDA only)"
+    )
+    cpu_kvcache_space_gb: int = setting(1, ge=1, help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU only)")
+    ready_timeout_s: float = setting(300.0, gt=0, help="seconds a server may take to start")
+    request_timeout_s: float = setting(
+        120.0, gt=0, help="seconds one request may take before it is retried elsewhere"
+    )
+    health_interval_s: float = setting(
+        2.0, gt=0, help="seconds between the supervisor's health checks"
+    )
+    max_restarts: int = setting(3, ge=0, help="restarts per server before it is marked dead")
+    shutdown_grace_s: float = setting(
+        10.0, ge=0, help="seconds between SIGTERM and SIGKILL when stopping a server"
+    )
+    cpu_cores: list[int] = setting(
+        factory=list,
+        help="CPU cores of the server processes (vLLM binds its threads to them); "
+        "[] leaves placement to the OS",
+    )
+    extra_args: list[str] = setting(
+        factory=list, help="more vLLM command-line arguments, appended as given"
+    )
 
 
 @dataclass
 class RolloutConfig:
-    # η: how many versions old a sample may be when it is trained on.
-    max_staleness: int = 2
-    # B: rollouts (groups) consumed per training step.
-    batch_size: int = 8
-    max_concurrent: int = 64
-    strategy: Strategy = Strategy.segment_wise
-    # Group size for GRPO.
-    n_samples: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    take_timeout_s: float = 600.0
-    # Proximal recompute: samples per scoring request, and requests in flight at once.
-    recompute_batch_size: int = 64
-    recompute_concurrency: int = 4
-    # Score buffered samples while the trainer trains, so the update waits only for the last
-    # ones (segment mode; the p_t written are the same either way).
-    recompute_early: bool = True
+    max_staleness: int = setting(
+        2, ge=0, help="η: how many versions old a sample may be when it is trained on"
+    )
+    batch_size: int = setting(8, ge=1, help="B: rollouts (groups) consumed per training step")
+    max_concurrent: int = setting(64, ge=1, help="rollouts generating at once")
+    strategy: Strategy = setting(
+        Strategy.segment_wise,
+        help="segment_wise: also drop what breaks the bound; standard: admission only",
+    )
+    n_samples: int = setting(
+        4,
+        ge=2,
+        help="completions per prompt: the GRPO group",
+        why="GRPO's advantage is reward minus the group mean, so a group of 1 has every "
+        "advantage 0 and nothing is learned",
+    )
+    max_new_tokens: int = setting(16, ge=1, help="longest completion, in tokens")
+    temperature: float = setting(
+        1.0,
+        gt=0,
+        help="sampling temperature",
+        why="0 is greedy decoding: every completion of a group is the same, so GRPO has "
+        "nothing to compare, and the trainer divides its logits by the temperature",
+    )
+    top_p: float = setting(1.0, gt=0, le=1, help="nucleus sampling; 1 disables it")
+    top_k: int = setting(-1, ge=-1, help="sample from the k most likely tokens; -1 disables it")
+    take_timeout_s: float = setting(
+        600.0, gt=0, help="seconds the trainer waits for a batch before the run stops"
+    )
+    recompute_batch_size: int = setting(
+        64, ge=1, help="proximal recompute: samples per scoring request"
+    )
+    recompute_concurrency: int = setting(
+        4, ge=1, help="proximal recompute: scoring requests in flight at once"
+    )
+    recompute_early: bool = setting(
+        True,
+        help="score buffered samples while the trainer trains, so the update waits only for "
+        "the last ones (segment mode; the p_t written are the same either way)",
+    )
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 40
-    prox_mode: ProxMode = ProxMode.segment
-    device: Device = Device.cpu
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eps_clip_low: float = 0.2
-    eps_clip_high: float = 0.2
-    # Dual clip constant c (> 1) for negative advantages; null disables it.
-    dual_clip: float | None = None
-    # Behaviour weight w = exp(p − μ) bounds; null disables each.
-    behav_weight_cap: float | None = 5.0
-    behav_weight_floor: float | None = None
-    behav_weight_mode: WeightBoundMode = WeightBoundMode.mask
-    # Mask tokens more than this many versions old; null disables it.
-    token_max_lag: int | None = None
-    adv_eps: float = 1e-6
-    micro_batch_tokens: int = 4096
-    checkpoint_every: int = 10
-    # Checkpoints kept in run_dir/checkpoints (the newest ones).
-    keep_checkpoints: int = 2
-    keep_weights: int = 3
-    update_timeout_s: float = 120.0
-    # Torch intra-op threads for a CPU trainer; 0 keeps torch's default (all cores). The
-    # default 1 leaves the other cores to the vLLM CPU servers that generate at the same time.
-    cpu_threads: int = 1
-    # CPU cores the trainer process runs on; empty leaves placement to the OS.
-    cpu_cores: list[int] = field(default_factory=list)
+    steps: int = setting(40, ge=1, help="training steps (weight versions) to run")
+    prox_mode: ProxMode = setting(
+        ProxMode.segment,
+        help="proximal logprobs: segment (server recompute), recompute (trainer forward "
+        "pass), loglinear (interpolation)",
+    )
+    device: Device = setting(Device.cpu, help="where the trainer runs")
+    lr: float = setting(1e-3, gt=0, help="AdamW learning rate")
+    weight_decay: float = setting(0.0, ge=0, help="AdamW weight decay")
+    grad_clip: float = setting(1.0, ge=0, help="max gradient norm; 0 disables clipping")
+    eps_clip_low: float = setting(
+        0.2,
+        ge=0,
+        lt=1,
+        help="PPO clip ε below: the ratio is clipped at 1 − ε",
+        why="at 1 or more the lower clip 1 − ε is 0 or negative and never clips",
+    )
+    eps_clip_high: float = setting(
+        0.2, ge=0, help="PPO clip ε above: the ratio is clipped at 1 + ε"
+    )
+    dual_clip: float | None = setting(
+        None,
+        gt=1,
+        help="dual clip constant c for negative advantages; null disables it",
+        why="the dual clip bounds the loss at c·|A|, which is below the clipped loss unless c > 1",
+    )
+    behav_weight_cap: float | None = setting(
+        5.0, gt=0, help="mask or clamp tokens with behaviour weight exp(p − μ) above it; null: off"
+    )
+    behav_weight_floor: float | None = setting(
+        None, ge=0, help="mask or clamp tokens with behaviour weight below it; null: off"
+    )
+    behav_weight_mode: WeightBoundMode = setting(
+        WeightBoundMode.mask, help="what the cap and floor do to a token: mask it or clamp w"
+    )
+    token_max_lag: int | None = setting(
+        None, ge=0, help="mask tokens more than this many versions old; null: off"
+    )
+    adv_eps: float = setting(1e-6, gt=0, help="GRPO advantage: reward − mean over std + adv_eps")
+    micro_batch_tokens: int = setting(4096, ge=1, help="tokens per forward/backward pass")
+    checkpoint_every: int = setting(10, ge=1, help="steps between checkpoints")
+    keep_checkpoints: int = setting(2, ge=1, help="newest checkpoints kept in run.dir/checkpoints")
+    keep_weights: int = setting(3, ge=1, help="newest weight exports kept in run.dir/weights")
+    update_timeout_s: float = setting(
+        120.0, gt=0, help="seconds one weight-update call to a server may take"
+    )
+    cpu_threads: int = setting(
+        1,
+        ge=0,
+        help="torch threads of a CPU trainer; 0 keeps torch's default (all cores); 1 leaves "
+        "the other cores to the vLLM CPU servers",
+    )
+    cpu_cores: list[int] = setting(
+        factory=list, help="CPU cores of the trainer process; [] leaves placement to the OS"
+    )
 
 
 @dataclass
 class TaskConfig:
-    # A built-in task name, or `math_jsonl`.
-    name: str = "reverse"
-    # Data file for file-based tasks.
-    path: str | None = None
-    # Dotted path `module:function` or `module.function` overriding the task's reward.
-    reward_fn: str | None = None
-    seed: int = 0
-    # Digit-string length range of the built-in string tasks (reverse, copy).
-    min_len: int = 1
-    max_len: int = 2
-    # Prompt template of math_jsonl with a `{question}` field; null uses the task's default.
-    prompt_template: str | None = None
+    name: str = setting("reverse", help="task: reverse, copy, math_jsonl, or a registered one")
+    path: str | None = setting(
+        None, help="data file of a file-based task (builtin:math_small is bundled)"
+    )
+    reward_fn: str | None = setting(
+        None, help="module:function (or module.function) replacing the task's reward"
+    )
+    seed: int = setting(0, help="seed of the prompt stream")
+    min_len: int = setting(1, ge=1, help="reverse/copy: shortest digit string")
+    max_len: int = setting(2, ge=1, help="reverse/copy: longest digit string (>= min_len)")
+    prompt_template: str | None = setting(
+        None, help="math_jsonl: prompt with a {question} field; null: the task's default"
+    )
 
 
 @dataclass
 class SimulateConfig:
     """Simulated servers and trainer for `sdp simulate` (capacity planning, CPU smoke runs)."""
 
-    # Mean seconds per generated token for one request.
-    token_latency_s: float = 0.002
-    # Relative spread (lognormal sigma) of per-token latency.
-    latency_jitter: float = 0.3
-    # Requests one simulated server decodes at once.
-    server_batch: int = 32
-    # Mean tokens per completion.
-    mean_new_tokens: int = 16
-    # Seconds per training step of the simulated trainer.
-    train_step_s: float = 0.05
-    # Seconds per weight update.
-    update_s: float = 0.01
-    # Wall seconds per simulated second; 0 runs in virtual time.
-    time_scale: float = 0.0
-    seed: int = 0
+    token_latency_s: float = setting(
+        0.002, ge=0, help="mean seconds per generated token for one request"
+    )
+    latency_jitter: float = setting(
+        0.3, ge=0, help="relative spread (lognormal sigma) of per-token latency"
+    )
+    server_batch: int = setting(32, ge=1, help="requests one simulated server decodes at once")
+    mean_new_tokens: int = setting(16, ge=1, help="mean tokens per completion")
+    train_step_s: float = setting(0.05, ge=0, help="seconds per simulated training step")
+    update_s: float = setting(0.01, ge=0, help="seconds per simulated weight update")
+    time_scale: float = setting(
+        0.0, ge=0, help="wall seconds per simulated second; 0 runs in virtual time"
+    )
+    seed: int = setting(0, help="seed of the simulated latencies and lengths")
 
 
 @dataclass
@@ -195,8 +348,21 @@ class SdpConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
-    # Continue from the last checkpoint in run.dir.
-    resume: bool = False
+    resume: bool = setting(False, help="continue from the newest checkpoint in run.dir")
+
+
+def declared_keys(
+    schema: type = SdpConfig, prefix: str = ""
+) -> Iterator[tuple[str, Field[Any], Rule | None]]:
+    """Every leaf key of the schema with its dataclass field and rule (None for a field declared
+    without `setting`, which a test forbids), in declaration order; groups recurse."""
+    for item in fields(schema):
+        key = f"{prefix}{item.name}"
+        group = item.default_factory
+        if isinstance(group, type) and is_dataclass(group):
+            yield from declared_keys(group, f"{key}.")
+        else:
+            yield key, item, item.metadata.get(RULE)
 
 
 SCHEMA_NAME = "sdp_schema"

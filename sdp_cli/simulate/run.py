@@ -11,7 +11,7 @@ from functools import reduce
 from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
-from sdp_cli.errors import ConfigError, SdpError
+from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.server import ServerPool
@@ -19,26 +19,9 @@ from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 from sdp_cli.telemetry.events import EventSink
 
-_NON_NEGATIVE = (
-    "token_latency_s",
-    "latency_jitter",
-    "train_step_s",
-    "update_s",
-    "time_scale",
-)
-
-
-def check_simulate_config(cfg: SdpConfig) -> None:
-    for name in _NON_NEGATIVE:
-        value = getattr(cfg.simulate, name)
-        if value < 0:
-            key = f"simulate.{name}"
-            raise ConfigError(key, f"must be >= 0 (got {value})", f"set {key}=0 or higher")
-
 
 def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:
     """Run train.steps simulated steps; returns the summary `sdp simulate --json` prints."""
-    check_simulate_config(cfg)
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
