@@ -72,7 +72,11 @@ def train(
     args: OverridesArg = None,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Print the resolved config and capacity plan, then exit."),
+        typer.Option(
+            "--dry-run",
+            help="Check everything that can be checked without starting servers, print the "
+            "resolved config and the capacity plan, then exit.",
+        ),
     ] = False,
 ) -> None:
     """Launch vLLM servers, run the async rollout executor and the trainer."""

@@ -7,7 +7,6 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from sdp_cli.config import SdpConfig, config_to_yaml
-from sdp_cli.model import resolve_model_path
 from sdp_cli.rollout.capacity import capacity_plan
 
 
@@ -46,11 +45,12 @@ def capacity_table(cfg: SdpConfig, versions: int) -> Table:
     return table
 
 
-def print_dry_run(cfg: SdpConfig, console: Console) -> None:
+def print_dry_run(cfg: SdpConfig, console: Console, checked: list[str]) -> None:
     console.print(
         Syntax(config_to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default")
     )
-    console.print(f"model directory: {resolve_model_path(cfg.model)}", highlight=False)
+    for line in checked:
+        console.print(f"checked: {line}", highlight=False, soft_wrap=True)
     console.print(
         f"completions per step: {cfg.rollout.batch_size} rollouts × {cfg.rollout.n_samples} samples"
         f" = {cfg.rollout.batch_size * cfg.rollout.n_samples}",

@@ -18,6 +18,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from sdp_cli.commands.dry_run import print_dry_run
+from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
@@ -38,8 +39,6 @@ from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from sdp_cli.train.loop import LoopResult, ServerUpdate, TrainingLoop
 
-RUN_FILES = ("events.jsonl", "checkpoints", "weights", "servers.json", "config.yaml", "logs")
-
 
 @dataclass
 class TrainSummary:
@@ -51,15 +50,8 @@ class TrainSummary:
 def prepare_run_dir(cfg: SdpConfig) -> Path:
     """Create run.dir; refuse to mix a new run into an old one unless asked to."""
     run_dir = Path(cfg.run.dir)
-    holds_run = (run_dir / "events.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if holds_run and not cfg.resume:
-        if not cfg.run.overwrite:
-            raise ConfigError(
-                "run.dir",
-                f"'{run_dir}' already holds a run",
-                "set resume=true to continue it, run.overwrite=true to start afresh, "
-                "or run.name=NEW",
-            )
+    check_run_dir(cfg)
+    if holds_run(run_dir) and not cfg.resume:
         for name in RUN_FILES:
             target = run_dir / name
             if target.is_dir():
@@ -152,11 +144,13 @@ def pinned_to(cores: list[int]) -> Iterator[None]:
 
 
 def train_command(cfg: SdpConfig, *, dry_run: bool = False, console: Console | None = None) -> None:
-    """`sdp train`: with `dry_run`, the resolved config and capacity plan; otherwise the run and
-    its closing summary."""
+    """`sdp train`: check everything that can be checked before a process starts; then with
+    `dry_run` print the resolved config, what was checked and the capacity plan, otherwise run
+    and print the closing summary."""
     console = console or Console()
+    checked = preflight(cfg)
     if dry_run:
-        print_dry_run(with_cpu_placement(cfg), console)
+        print_dry_run(with_cpu_placement(cfg), console, checked)
         return
     print_summary(run_training(cfg, console), console)
 

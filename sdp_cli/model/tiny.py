@@ -140,11 +140,17 @@ def resolve_model_path(model: ModelConfig) -> Path:
 def ensure_model_dir(model: ModelConfig) -> Path:
     """The model directory, creating the built-in model on first use; a missing local
     directory is a config error."""
-    path = resolve_model_path(model)
+    path = check_model_dir(model)
     if model.path == BUILTIN_MODEL:
         init_tiny_model(TinyModelSpec.from_config(model), path)
-        return path
-    if not (path / "config.json").is_file():
+    return path
+
+
+def check_model_dir(model: ModelConfig) -> Path:
+    """The model directory, without creating anything; a local directory without config.json
+    is a config error (the built-in model is made on first use)."""
+    path = resolve_model_path(model)
+    if model.path != BUILTIN_MODEL and not (path / "config.json").is_file():
         raise ConfigError(
             "model.path",
             f"model directory '{path}' not found (no config.json)",

@@ -92,6 +92,29 @@ def load_records(path: Path) -> list[dict[str, str]]:
     return records
 
 
+def check_template(template: str) -> None:
+    """A template must format with a question alone (a stray `{answer}` would fail mid-run)."""
+    try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            "task.prompt_template",
+            f"cannot format {template!r} with a question: {exc!r}",
+            "use {question} as its only field (double other braces: {{ }})",
+        ) from None
+
+
+def check_math_config(cfg: TaskConfig) -> str:
+    """Everything math_jsonl needs, checked without a tokenizer: the data file, each of its
+    lines and the template. Returns what was checked, for `sdp train --dry-run`."""
+    if not cfg.path:
+        raise ConfigError("task.path", "the math_jsonl task needs a data file")
+    path = resolve_data_path(cfg.path)
+    records = load_records(path)
+    check_template(cfg.prompt_template or DEFAULT_TEMPLATE)
+    return f"task data {path}: {len(records)} records"
+
+
 class MathJsonlTask:
     """Prompts in a fresh seeded shuffle of the file each epoch."""
 
@@ -114,6 +137,7 @@ class MathJsonlTask:
     def from_config(cls, cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> MathJsonlTask:
         if not cfg.path:
             raise ConfigError("task.path", "the math_jsonl task needs a data file")
+        check_template(cfg.prompt_template or DEFAULT_TEMPLATE)
         return cls(
             load_records(resolve_data_path(cfg.path)),
             tokenizer,

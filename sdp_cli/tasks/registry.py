@@ -12,11 +12,13 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.config.schema import TaskConfig
 from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
-from sdp_cli.tasks.math import MathJsonlTask
+from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 TaskFactory = Callable[[TaskConfig, PreTrainedTokenizerBase], Task]
+# Checks a task's own inputs (data files) without a tokenizer; returns what it checked.
+TaskCheck = Callable[[TaskConfig], str]
 
 
 def _reverse(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
@@ -47,9 +49,15 @@ _TASKS: dict[str, TaskFactory] = {
 }
 
 
-def register_task(name: str, factory: TaskFactory) -> None:
-    """Make `task.name=<name>` build a task with `factory(task_config, tokenizer)`."""
+_CHECKS: dict[str, TaskCheck] = {"math_jsonl": check_math_config}
+
+
+def register_task(name: str, factory: TaskFactory, check: TaskCheck | None = None) -> None:
+    """Make `task.name=<name>` build a task with `factory(task_config, tokenizer)`; `check`, if
+    given, lets `sdp train --dry-run` check its inputs before anything starts."""
     _TASKS[name] = factory
+    if check is not None:
+        _CHECKS[name] = check
 
 
 def task_names() -> list[str]:
@@ -67,10 +75,10 @@ def load_reward_fn(dotted: str) -> RewardFn:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # an import runs arbitrary code: any failure is the user's module
         raise ConfigError(
             "task.reward_fn",
-            f"cannot import module '{module_name}' for '{dotted}': {exc}",
+            f"cannot import module '{module_name}' for '{dotted}': {exc!r}",
             "check the spelling and that the module is importable (on PYTHONPATH)",
         ) from exc
     fn = getattr(module, attr, None)
@@ -104,14 +112,30 @@ class _CustomRewardTask:
         return value
 
 
+def _check_task_name(name: str) -> None:
+    if name not in _TASKS:
+        raise ConfigError(
+            "task.name", f"unknown task '{name}'", f"use one of {', '.join(task_names())}"
+        )
+
+
+def check_task(cfg: TaskConfig) -> list[str]:
+    """What building the task will need, checked without a tokenizer: its name, its inputs
+    and `task.reward_fn`'s import. Returns what was checked."""
+    _check_task_name(cfg.name)
+    checked = [f"task {cfg.name}"]
+    if cfg.name in _CHECKS:
+        checked.append(_CHECKS[cfg.name](cfg))
+    if cfg.reward_fn:
+        load_reward_fn(cfg.reward_fn)
+        checked.append(f"task.reward_fn {cfg.reward_fn} imports")
+    return checked
+
+
 def get_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """The task `cfg.name`, with `cfg.reward_fn` (if set) replacing its reward."""
-    factory = _TASKS.get(cfg.name)
-    if factory is None:
-        raise ConfigError(
-            "task.name", f"unknown task '{cfg.name}'", f"use one of {', '.join(task_names())}"
-        )
-    task = factory(cfg, tokenizer)
+    _check_task_name(cfg.name)
+    task = _TASKS[cfg.name](cfg, tokenizer)
     if cfg.reward_fn:
         return _CustomRewardTask(task, load_reward_fn(cfg.reward_fn), cfg.reward_fn)
     return task

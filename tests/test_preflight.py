@@ -1,0 +1,202 @@
+"""`sdp train --dry-run` checks everything it can without starting servers (model directory,
+task data file and each of its lines, `task.reward_fn`'s import, registry file, devices, run
+directory) and exits 2 naming the key, with no traceback; `sdp train` runs the same checks
+before it starts anything. Every config in the repository's `conf/` passes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "conf").rglob("*.yaml"))
+
+
+def dry_run(tmp_path: Path, *overrides: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["train", "--dry-run", f"run.dir={tmp_path}/run", *overrides])
+    return result.exit_code, result.output
+
+
+def refused(tmp_path: Path, key: str, *overrides: str, hint: str = "") -> str:
+    code, output = dry_run(tmp_path, *overrides)
+    assert code == 2, output
+    assert f"'{key}'" in output, output
+    assert hint in output, output
+    assert "Traceback" not in output
+    return output
+
+
+def test_conf_holds_examples() -> None:
+    assert REPO / "conf" / "examples" / "tiny-reverse.yaml" in EXAMPLES
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_config_in_conf_passes_a_dry_run(path: Path, tmp_path: Path) -> None:
+    code, output = dry_run(tmp_path, f"conf={path}")
+    assert code == 0, output
+    assert "checked: task" in output and "capacity plan" in output
+
+
+def test_a_dry_run_says_what_it_checked(tmp_path: Path) -> None:
+    code, output = dry_run(tmp_path, "task=math_jsonl", "task.path=builtin:math_small")
+    assert code == 0, output
+    assert "math_small.jsonl: 26 records" in output
+    assert "vLLM CPU server" in output and "trainer device cpu" in output
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    refused(tmp_path, "model.path", f"model.path={tmp_path}/nomodel", hint="not found")
+
+
+def test_model_directory_without_a_tokenizer(tmp_path: Path) -> None:
+    model = tmp_path / "weights-only"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    refused(tmp_path, "model.path", f"model.path={model}", hint="tokenizer")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"question": "1+1?", "answer": "#### 2"})
+
+
+@pytest.mark.parametrize(
+    ("lines", "hint"),
+    [
+        ([GOOD, "{not json"], ":2: not valid JSON"),
+        ([GOOD, GOOD, json.dumps({"question": "q"})], ":3: each line needs"),
+        ([json.dumps({"question": "q", "answer": "none"})], ":1: the answer has no number"),
+        ([], "has no records"),
+    ],
+)
+def test_each_line_of_the_task_data_is_checked(tmp_path: Path, lines: list[str], hint: str) -> None:
+    data = write_lines(tmp_path / "data.jsonl", lines)
+    refused(tmp_path, "task.path", "task=math_jsonl", f"task.path={data}", hint=hint)
+
+
+def test_missing_task_data_file(tmp_path: Path) -> None:
+    refused(
+        tmp_path, "task.path", "task=math_jsonl", f"task.path={tmp_path}/no.jsonl", hint="not found"
+    )
+
+
+def test_a_prompt_template_with_another_field(tmp_path: Path) -> None:
+    refused(
+        tmp_path,
+        "task.prompt_template",
+        "task=math_jsonl",
+        "task.path=builtin:math_small",
+        "task.prompt_template='{question} {answer}'",
+        hint="{question}",
+    )
+
+
+def test_unknown_task_name(tmp_path: Path) -> None:
+    refused(tmp_path, "task.name", "task.name=sorting", hint="reverse")
+
+
+@pytest.mark.parametrize(
+    ("dotted", "hint"),
+    [
+        ("no_such_module_xyz:reward", "cannot import module 'no_such_module_xyz'"),
+        ("json:no_such_function", "has no function 'no_such_function'"),
+        ("reward", "not a dotted path"),
+        ("broken_reward_module:reward", "ZeroDivisionError"),
+    ],
+)
+def test_reward_fn_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dotted: str, hint: str
+) -> None:
+    (tmp_path / "broken_reward_module.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    refused(tmp_path, "task.reward_fn", f"task.reward_fn={dotted}", hint=hint)
+
+
+def test_a_reward_fn_that_imports_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_reward_module.py").write_text("def reward(text, meta):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, output = dry_run(tmp_path, "task.reward_fn=my_reward_module:reward")
+    assert code == 0, output
+    assert "my_reward_module:reward imports" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "hint"),
+    [
+        (None, "not found"),
+        ("{", "not valid JSON"),
+        ('{"server": []}', 'no "servers" list'),
+        ('{"servers": [{"address": "http://127.0.0.1:1"}]}', "malformed entry"),
+    ],
+)
+def test_registry_file_is_read(tmp_path: Path, content: str | None, hint: str) -> None:
+    registry = tmp_path / "servers.json"
+    if content is not None:
+        registry.write_text(content)
+    refused(tmp_path, "server.registry", f"server.registry={registry}", hint=hint)
+
+
+def test_a_registry_of_dead_servers(tmp_path: Path) -> None:
+    entry = {
+        "address": "http://127.0.0.1:1",
+        "pid": 1,
+        "pgid": 1,
+        "model": "m",
+        "version": 0,
+        "state": "dead",
+        "restarts": 3,
+        "started_at": 0.0,
+    }
+    registry = tmp_path / "servers.json"
+    registry.write_text(json.dumps({"servers": [entry]}))
+    refused(tmp_path, "server.registry", f"server.registry={registry}", hint="dead")
+
+
+def test_trainer_on_cuda_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused(tmp_path, "train.device", "train.device=cuda", hint="CUDA is not available")
+
+
+def test_servers_on_cuda_without_enough_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code, output = dry_run(tmp_path, "server=gpu", "server.count=2")
+    assert code == 2, output
+    assert "server.count=2" in output and "server.tensor_parallel_size" in output
+    assert "Traceback" not in output
+
+
+def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
+    refused(tmp_path, "resume", "resume=true", hint="no checkpoint")
+
+
+def test_a_run_directory_that_holds_a_run(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "events.jsonl").write_text("")
+    refused(tmp_path, "run.dir", hint="already holds a run")
+    code, output = dry_run(tmp_path, "run.overwrite=true")
+    assert code == 0, output
+
+
+def test_train_checks_before_it_starts_anything(tmp_path: Path) -> None:
+    """Without --dry-run the same checks stop `sdp train` before the run directory or a server
+    exists (a server would take tens of seconds to start)."""
+    result = runner.invoke(
+        app,
+        ["train", f"run.dir={tmp_path}/run", "task=math_jsonl", f"task.path={tmp_path}/no.jsonl"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "'task.path'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
