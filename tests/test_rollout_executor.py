@@ -21,6 +21,7 @@ from sdp_cli.rollout.executor import (
 )
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.simulate.clock import VirtualTimeLoop
 
 
 class RecordingSink:
@@ -89,9 +90,19 @@ def executor_for(
     workflow: Any,
     sink: RecordingSink | None = None,
     prox_mode: ProxMode = ProxMode.loglinear,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     **cfg: Any,
 ) -> RolloutExecutor:
-    return RolloutExecutor(workflow, rollout_cfg(**cfg), prox_mode, events=sink)
+    return RolloutExecutor(
+        workflow, rollout_cfg(**cfg), prox_mode, events=sink, loop_factory=loop_factory
+    )
+
+
+def wait_on_executor_clock(ex: RolloutExecutor, seconds: float = 3600.0) -> None:
+    """Let `seconds` pass on the executor's own loop. On the virtual clock an hour takes an
+    instant, and everything the loop would do in that hour (timers, segments, scoring) has run
+    when this returns, so an assertion that nothing happened afterwards cannot pass by luck."""
+    ex.run_sync(asyncio.sleep(seconds), timeout=30)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -151,15 +162,24 @@ def test_take_timeout_shows_the_counters(started: Any) -> None:
 
 
 def test_pause_stops_new_submissions_and_new_segments(started: Any) -> None:
-    workflow = SegmentedWorkflow(lambda: 0, segments=50, delay=lambda: 0.001, n_samples=1)
-    ex = started(executor_for(workflow, max_concurrent=3, batch_size=10, max_staleness=0))
+    # Endless completions of one-second segments on the virtual clock.
+    workflow = SegmentedWorkflow(lambda: 0, segments=10**9, delay=lambda: 1.0, n_samples=1)
+    ex = started(
+        executor_for(
+            workflow,
+            loop_factory=VirtualTimeLoop,
+            max_concurrent=3,
+            batch_size=10,
+            max_staleness=0,
+        )
+    )
     wait_until(lambda: workflow.segments_started >= 5)
     ex.pause()
     submitted = ex.snapshot()["submitted"]
     # A segment that passed its gate just before the pause may still be starting.
-    time.sleep(0.03)
+    wait_on_executor_clock(ex)
     segments = workflow.segments_started
-    time.sleep(0.05)
+    wait_on_executor_clock(ex)
     assert workflow.segments_started == segments
     assert ex.snapshot()["submitted"] == submitted
     assert ex.paused and ex.snapshot()["paused"]
@@ -244,12 +264,17 @@ class OneSampleTwoVersions:
         return RolloutGroup(rollout_id, [trajectory([0, 1, 1])])
 
 
-def segment_executor(scorer: Any, **cfg: Any) -> RolloutExecutor:
+def segment_executor(
+    scorer: Any,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    **cfg: Any,
+) -> RolloutExecutor:
     return RolloutExecutor(
         OneSampleTwoVersions(),
         rollout_cfg(**{"max_staleness": 2, "batch_size": 2, "max_concurrent": 2, **cfg}),
         ProxMode.segment,
         scorer=scorer,
+        loop_factory=loop_factory,
     )
 
 
@@ -262,11 +287,11 @@ def test_after_a_take_the_rest_is_scored_early_and_the_update_only_writes(
         batches.append(len(samples))
         return [[-3.0] * len(output_ids) for _, output_ids in samples]
 
-    ex = segment_executor(scorer)
+    ex = segment_executor(scorer, loop_factory=VirtualTimeLoop)
     ex.restore(1)
     started(ex)
     wait_until(lambda: ex.snapshot()["queue_size"] == 6)
-    time.sleep(0.05)
+    wait_on_executor_clock(ex)
     assert batches == []  # before this version's take the trainer may still take them
     taken = ex.take(2, timeout=5)
     wait_until(lambda: batches == [4])
@@ -287,12 +312,12 @@ def test_with_early_scoring_off_the_update_scores_the_buffer(started: Any) -> No
         batches.append(len(samples))
         return [[-3.0] * len(output_ids) for _, output_ids in samples]
 
-    ex = segment_executor(scorer, recompute_early=False)
+    ex = segment_executor(scorer, loop_factory=VirtualTimeLoop, recompute_early=False)
     ex.restore(1)
     started(ex)
     wait_until(lambda: ex.snapshot()["queue_size"] == 6)
     ex.take(2, timeout=5)
-    time.sleep(0.05)
+    wait_on_executor_clock(ex)
     assert batches == []
     ex.pause()
     stats = ex.recompute_proximal(1)

@@ -92,6 +92,27 @@ def descendants_alive(pid: int) -> list[psutil.Process]:
         return []
 
 
+def running_pids(processes: list[psutil.Process]) -> list[int]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def still_running_after(processes: list[psutil.Process], timeout_s: float) -> list[int]:
+    """Wait until every process is gone, at most `timeout_s`; the pids still running then.
+    (Waiting for the event rather than sleeping a fixed time: a slow exit is not a leak, and a
+    leaked process is still there at the deadline.)"""
+    deadline = time.monotonic() + timeout_s
+    while running_pids(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running_pids(processes)
+
+
 def test_ctrl_c_leaves_no_process_and_resume_finishes_without_double_counting(
     tmp_path: Path,
 ) -> None:
@@ -119,8 +140,7 @@ def test_ctrl_c_leaves_no_process_and_resume_finishes_without_double_counting(
         if proc.poll() is None:
             proc.kill()
     assert children, "sdp train should have started server processes"
-    time.sleep(1)
-    assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
+    assert still_running_after(children, 10.0) == []
 
     before = events_of(run_dir, "train_step")
     train(run_dir, "train.steps=6", "train.checkpoint_every=2", "resume=true")
