@@ -162,11 +162,19 @@ def init_model(
 
 @config_app.command("show")
 @user_errors
-def config_show(args: OverridesArg = None) -> None:
+def config_show(
+    args: OverridesArg = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain", help="Follow each key with its help and accepted values as a comment."
+        ),
+    ] = False,
+) -> None:
     """Print the fully resolved config as YAML."""
     from sdp_cli.commands.config import config_show
 
-    config_show(_load(args))
+    config_show(_load(args), explain=explain)
 
 
 def main() -> None:

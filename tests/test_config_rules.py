@@ -3,14 +3,17 @@ exits 2 naming the key and the allowed values, with no traceback, before anythin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config.compose import CONF_DIR
+from sdp_cli.config.reference import markdown_table, readme_with_table
 from sdp_cli.config.schema import SdpConfig, declared_keys
 from sdp_cli.config.validate import check_declared_rules
 from sdp_cli.errors import ConfigError
@@ -110,3 +113,26 @@ def test_group_files_keep_only_what_differs_from_the_schema_defaults() -> None:
             default = OmegaConf.select(defaults, f"{group}.{key}")
             shown = default.value if hasattr(default, "value") else default
             assert value != shown, f"{path.relative_to(CONF_DIR)}: {key}: {value} is the default"
+
+
+def test_readme_key_table_is_the_schema() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = markdown_table()
+    assert readme_with_table(readme, table) == readme, (
+        "README's config key table is out of date: python scripts/config_reference.py --write"
+    )
+    for key, _, _ in declared_keys():
+        assert f"| `{key}` |" in table
+
+
+def test_config_show_explain_is_the_same_yaml_with_help() -> None:
+    plain = runner.invoke(app, ["config", "show", "train.lr=0.01", "server.cpu_cores=[0]"])
+    explained = runner.invoke(
+        app, ["config", "show", "--explain", "train.lr=0.01", "server.cpu_cores=[0]"]
+    )
+    assert plain.exit_code == explained.exit_code == 0, explained.output
+    assert yaml.safe_load(explained.output) == yaml.safe_load(plain.output)
+    assert "lr: 0.01  # AdamW learning rate [a value > 0]" in explained.output
+    group_line = "n_samples: 4  # completions per prompt: the GRPO group [a value >= 2]"
+    assert group_line in explained.output
+    assert "strategy: segment_wise  # " in explained.output
