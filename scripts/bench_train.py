@@ -35,7 +35,8 @@ from rich.console import Console
 
 from sdp_cli.commands.train import run_training, with_cpu_placement
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.launcher.fleet import ServerFleet, start_servers
+from sdp_cli.launcher.fleet import ServerFleet
+from sdp_cli.model import ensure_model_dir
 from sdp_cli.telemetry.events import read_events
 
 ETAS = (0, 2)
@@ -186,7 +187,9 @@ def main() -> None:
                 f"trainer on {cfg.train.cpu_cores or 'any'}",
                 flush=True,
             )
-            fleets[placement] = start_servers(cfg)
+            fleet = ServerFleet(cfg.server, ensure_model_dir(cfg.model), Path(cfg.run.dir))
+            fleet.start()
+            fleets[placement] = fleet
         runs: dict[str, list[dict[str, float]]] = {}
         for round_index in range(args.rounds):
             for placement in chosen:

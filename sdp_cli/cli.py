@@ -66,9 +66,9 @@ def _load(args: list[str] | None):  # -> SdpConfig
     return load_config(conf, overrides)
 
 
-@app.command()
+@app.command("train")
 @user_errors
-def train(
+def cmd_train(
     args: OverridesArg = None,
     dry_run: Annotated[
         bool,
@@ -87,7 +87,7 @@ def train(
 
 @app.command("launch-servers")
 @user_errors
-def launch_servers(args: OverridesArg = None) -> None:
+def cmd_launch_servers(args: OverridesArg = None) -> None:
     """Run vLLM servers on their own, supervised, with a registry file (until Ctrl-C)."""
     from sdp_cli.commands.launch_servers import launch_servers
 
@@ -96,7 +96,7 @@ def launch_servers(args: OverridesArg = None) -> None:
 
 @app.command("inspect-staleness")
 @user_errors
-def inspect_staleness(
+def cmd_inspect_staleness(
     run_dir: Annotated[
         Path, typer.Argument(help="A run directory holding events.jsonl (or the log itself).")
     ],
@@ -122,9 +122,9 @@ def inspect_staleness(
     inspect_staleness(run_dir, follow=follow, as_json=as_json, plot=plot)
 
 
-@app.command()
+@app.command("simulate")
 @user_errors
-def simulate(
+def cmd_simulate(
     args: OverridesArg = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (a list with --sweep).")
@@ -146,7 +146,7 @@ def simulate(
 
 @app.command("init-model")
 @user_errors
-def init_model(
+def cmd_init_model(
     args: Annotated[
         list[str] | None,
         typer.Argument(
@@ -162,7 +162,7 @@ def init_model(
 
 @config_app.command("show")
 @user_errors
-def config_show(
+def cmd_config_show(
     args: OverridesArg = None,
     explain: Annotated[
         bool,

@@ -11,8 +11,7 @@ import pytest
 
 from sdp_cli.config import load_config
 from sdp_cli.config.schema import TrainConfig
-from sdp_cli.launcher.process import LocalProcessBackend
-from sdp_cli.launcher.server import start_server, wait_until_healthy
+from sdp_cli.launcher import ServerFleet
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor
 
@@ -61,17 +60,15 @@ def assert_serves_actor_weights(address: str, actor: Actor, request_id: str) -> 
 
 
 def test_vllm_loads_exported_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config()
+    cfg = load_config(overrides=["server.count=1"])
     actor = Actor(tiny_model_dir, replace(TrainConfig(), lr=5e-2, keep_weights=2), seed=0)
     original = Actor(tiny_model_dir, TrainConfig(), seed=0)
     weights_dir = tmp_path / "weights"
     train_once(actor, 0)
     first = actor.export_weights(weights_dir, 1)
 
-    backend = LocalProcessBackend()
-    proc, address = start_server(backend, cfg.server, first, 0, tmp_path / "logs")
-    try:
-        wait_until_healthy(proc, address, cfg.server.ready_timeout_s)
+    with ServerFleet(cfg.server, first, tmp_path / "run") as fleet:
+        [address] = fleet.addresses
         assert_serves_actor_weights(address, actor, "fresh")
         tokens, served = generate(address, "fresh-again")
         assert (
@@ -97,5 +94,3 @@ def test_vllm_loads_exported_weights(tiny_model_dir: Path, tmp_path: Path) -> No
             reply = httpx.post(f"{address}/{path}", json=body, timeout=120)
             assert reply.status_code == 200, (path, reply.text)
         assert_serves_actor_weights(address, actor, "reloaded")
-    finally:
-        backend.stop(proc, grace_s=cfg.server.shutdown_grace_s)

@@ -1,5 +1,6 @@
 """How commands stop on signals (sdp_cli/commands/signals.py), in-process and as a real `sdp`
-process started in the background by a shell script (which inherits SIGINT as ignored)."""
+process started in the background by a shell script (which inherits SIGINT as ignored); the
+tests marked vllm signal `sdp train` / `sdp launch-servers` while a real vLLM server starts."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sdp_cli.commands.signals import Terminated, signals_ignored, stop_on_signals
+from sdp_cli.launcher import read_registry
+from sdp_cli.launcher.process import group_alive
 
 
 def test_sigterm_raises_terminated_with_exit_code_143_and_the_old_handler_comes_back() -> None:
@@ -72,31 +76,97 @@ def ignores_sigint(pid: int) -> bool:
     return bool(int(fields["SigIgn"], 16) & (1 << (signal.SIGINT - 1)))
 
 
+class BackgroundSdp:
+    """`sdp ARGS` started by a shell script in the background, as `sdp ... &` in a script does
+    (SIGINT inherited as ignored). A wrapper shell records the exit code, since the process is
+    not this test's child."""
+
+    def __init__(self, args: list[str], tmp_path: Path) -> None:
+        self.log = tmp_path / "sdp-output.txt"
+        self.exit_file = tmp_path / "sdp-exit-code"
+        quoted = " ".join(f"'{a}'" for a in args)
+        inner = (
+            f"'{sys.executable}' -m sdp_cli {quoted} >'{self.log}' 2>&1; "
+            f"echo $? >'{self.exit_file}'"
+        )
+        self.wrapper = start_in_background_from_a_script(["bash", "-c", inner], tmp_path / "w")
+        self.pid = self._sdp_pid()
+
+    def _sdp_pid(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = subprocess.run(
+                ["pgrep", "-P", str(self.wrapper)], capture_output=True, text=True
+            ).stdout.split()
+            if children:
+                return int(children[0])
+            time.sleep(0.05)
+        raise AssertionError("sdp did not start")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def exit_code(self, timeout_s: float) -> int:
+        wait_for_exit(self.wrapper, timeout_s)
+        return int(self.exit_file.read_text())
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def assert_quiet(output: str) -> None:
+    assert "Traceback" not in output, output
+    assert "Task was destroyed" not in output, output
+    assert "Exception ignored" not in output, output
+
+
 def test_kill_int_stops_a_command_a_script_started_in_the_background(tmp_path: Path) -> None:
     """A long `sdp simulate` in wall time (no vLLM needed) stands for any command: the
     handlers are installed by the command layer, the same for every command."""
-    log = tmp_path / "out.txt"
-    done = tmp_path / "exit-code"
-    # A wrapper shell reports the exit code, since the background process is not our child.
-    inner = (
-        f"'{sys.executable}' -m sdp_cli simulate simulate.time_scale=1 train.steps=100000"
-        f" >'{log}' 2>&1; echo $? >'{done}'"
-    )
-    pid = start_in_background_from_a_script(["bash", "-c", inner], tmp_path / "wrapper.txt")
-    deadline = time.monotonic() + 60
-    python_pid = None
-    while python_pid is None and time.monotonic() < deadline:
-        children = subprocess.run(
-            ["pgrep", "-P", str(pid)], capture_output=True, text=True
-        ).stdout.split()
-        python_pid = int(children[0]) if children else None
-        time.sleep(0.1)
-    assert python_pid is not None
-    assert ignores_sigint(python_pid), "the shell should have started it with SIGINT ignored"
+    sdp = BackgroundSdp(["simulate", "simulate.time_scale=1", "train.steps=100000"], tmp_path)
+    assert ignores_sigint(sdp.pid), "the shell should have started it with SIGINT ignored"
     time.sleep(5.0)  # past the imports, into the simulation
-    os.kill(python_pid, signal.SIGINT)
-    wait_for_exit(pid, 30)
-    assert done.read_text().strip() == "130", log.read_text()
-    output = log.read_text()
-    assert "interrupted" in output
-    assert "Traceback" not in output
+    os.kill(sdp.pid, signal.SIGINT)
+    assert sdp.exit_code(30) == 130, sdp.output()
+    assert "interrupted" in sdp.output()
+    assert_quiet(sdp.output())
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    ("command", "signum", "expected_code"),
+    [
+        ("launch-servers", signal.SIGINT, 130),
+        ("launch-servers", signal.SIGTERM, 0),
+        ("train", signal.SIGINT, 130),
+        ("train", signal.SIGTERM, 128 + signal.SIGTERM),
+    ],
+)
+def test_a_signal_while_vllm_starts_stops_everything_quietly(
+    tmp_path: Path, tiny_model_dir: Path, command: str, signum: int, expected_code: int
+) -> None:
+    """Started in the background by a script, signalled while its vLLM server is still
+    starting (the cheapest moment: no server ever gets ready): the exit code of the signal,
+    no traceback or asyncio noise, no process left, the registry says dead."""
+    run_dir = tmp_path / "run"
+    args = [command, f"run.dir={run_dir}", f"model.path={tiny_model_dir}", "server.count=1"]
+    sdp = BackgroundSdp(args, tmp_path)
+    registry = run_dir / "servers.json"
+    deadline = time.monotonic() + 120
+    while not (registry.exists() and all(e.pid for e in read_registry(registry) or [None])):
+        assert time.monotonic() < deadline, sdp.output()
+        time.sleep(0.1)
+    [entry] = read_registry(registry)
+    assert entry.state == "starting" and group_alive(entry.pgid)
+    processes = sdp.descendants()
+    time.sleep(2.0)  # the server is importing vLLM
+    os.kill(sdp.pid, signum)
+    assert sdp.exit_code(60) == expected_code, sdp.output()
+    assert_quiet(sdp.output())
+    assert not group_alive(entry.pgid)
+    left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == []
+    assert read_registry(registry)[0].state == "dead"

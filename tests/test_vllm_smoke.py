@@ -1,4 +1,4 @@
-"""A real vLLM CPU server started through the launcher's code path, with the tiny model."""
+"""A real vLLM CPU server started by the launcher (a fleet of one), with the tiny model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from sdp_cli.config import load_config
-from sdp_cli.launcher.process import LocalProcessBackend, group_alive, pid_alive
-from sdp_cli.launcher.server import start_server, wait_until_healthy
+from sdp_cli.launcher import ServerFleet
+from sdp_cli.launcher.process import group_alive, pid_alive
 
 pytestmark = pytest.mark.vllm
 
@@ -17,11 +17,11 @@ pytestmark = pytest.mark.vllm
 def test_vllm_server_generates_with_logprobs_and_leaves_no_process(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config()
-    backend = LocalProcessBackend()
-    proc, address = start_server(backend, cfg.server, tiny_model_dir, 0, tmp_path / "logs")
-    try:
-        wait_until_healthy(proc, address, cfg.server.ready_timeout_s)
+    cfg = load_config(overrides=["server.count=1"])
+    fleet = ServerFleet(cfg.server, tiny_model_dir, tmp_path)
+    with fleet:
+        proc = fleet.process(0)
+        [address] = fleet.addresses
         body = {
             "request_id": "smoke",
             "token_ids": [1, 5, 6, 7],
@@ -44,8 +44,6 @@ def test_vllm_server_generates_with_logprobs_and_leaves_no_process(
         assert len(logprobs) == 6 and all(lp <= 0.0 for lp in logprobs)
         assert [e["token_id"] for e in choice["logprobs"]["content"]] == choice["token_ids"]
         assert choice["weight_versions"][0]["end"] == 6
-    finally:
-        backend.stop(proc, grace_s=cfg.server.shutdown_grace_s)
     assert (tmp_path / "logs" / "server-0.log").stat().st_size > 0
     assert not pid_alive(proc.pid)
     assert not group_alive(proc.pgid)

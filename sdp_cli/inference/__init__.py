@@ -1,7 +1,7 @@
 """Async client for the vLLM servers: segmented generation, prompt logprobs, weight updates,
 routing over a shared ServerPool. Independent of the launcher (the launcher imports this)."""
 
-from sdp_cli.inference.client import Gate, InferenceClient
+from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.errors import (
     InferenceError,
     NoServerAvailableError,
@@ -13,7 +13,7 @@ from sdp_cli.inference.errors import (
 )
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus, WeightsTarget
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME, parse_version
-from sdp_cli.inference.types import Completion, SamplingParams, Segment
+from sdp_cli.inference.types import Completion, Gate, SamplingParams, Segment
 from sdp_cli.inference.weights import check_weights_dir
 
 __all__ = [

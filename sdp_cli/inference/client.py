@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -38,19 +38,16 @@ from sdp_cli.inference.protocol import (
     generate_body,
     parse_generate_answer,
     parse_prompt_logprobs,
-    parse_version,
     prompt_logprobs_body,
 )
-from sdp_cli.inference.types import Completion, SamplingParams
+from sdp_cli.inference.types import Completion, Gate, SamplingParams
 from sdp_cli.inference.weights import (
     PHASES,
     PhaseTimings,
     check_weights_dir,
-    server_version,
     update_server_weights,
 )
 
-Gate = Callable[[], Awaitable[None]]
 BodyFactory = Callable[[], dict[str, Any]]
 # (prompt_ids, output_ids)
 ScoreItem = tuple[Sequence[int], Sequence[int]]
@@ -271,15 +268,6 @@ class InferenceClient:
             return None
         self.pool.set_version(server.index, version)
         return timings
-
-    async def server_versions(self) -> dict[str, int]:
-        """The version each non-dead server reports on /weight_info."""
-        http = self._http()
-        live = [s for s in self.pool.snapshot() if s.state != ServerState.dead]
-        names = await asyncio.gather(
-            *(server_version(http, s.address, self.request_timeout_s) for s in live)
-        )
-        return {s.address: parse_version(name) for s, name in zip(live, names, strict=True)}
 
     # ---- transport ----------------------------------------------------------------------
 

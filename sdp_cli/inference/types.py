@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# Awaited before each generation segment (the executor's pause gate); returns at once unless
+# generation is paused.
+Gate = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)

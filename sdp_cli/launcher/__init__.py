@@ -1,12 +1,13 @@
 """vLLM servers: command line, process groups, health, supervision, registry file.
 
-Entry points for the trainer: `start_servers(cfg)` → a running, supervised `ServerFleet`
-(`fleet.pool` for the InferenceClient, `fleet.set_current_weights(dir, version)`, `fleet.stop()`);
+Entry points for the trainer: `ServerFleet(cfg.server, model_dir, run_dir).start()` → the pool of
+a running, supervised fleet (for the InferenceClient; `fleet.set_current_weights(dir, version)`,
+`fleet.stop()`);
 `attach_servers(registry_path)` → addresses of servers another `sdp launch-servers` runs.
 """
 
 from sdp_cli.launcher.devices import DeviceAllocationError, split_devices, visible_cuda_devices
-from sdp_cli.launcher.fleet import ServerFleet, start_servers
+from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.registry import (
     RegistryEntry,
     RegistryError,
@@ -26,7 +27,6 @@ __all__ = [
     "attach_servers",
     "read_registry",
     "split_devices",
-    "start_servers",
     "visible_cuda_devices",
     "write_registry",
 ]

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import httpx
 
 from sdp_cli.common.loop_thread import LoopThread
-from sdp_cli.config.schema import Device, SdpConfig, ServerConfig
+from sdp_cli.config.schema import Device, ServerConfig
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body, parse_version
 from sdp_cli.inference.weights import server_version, set_server_version, update_server_weights
@@ -442,24 +442,3 @@ def requests_on_server(metrics_text: str) -> int:
         if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
-
-
-def start_servers(
-    cfg: SdpConfig,
-    events: EventSink | None = None,
-    registry_path: Path | None = None,
-    observe_servers: bool = False,
-) -> ServerFleet:
-    """Start and supervise `cfg.server.count` servers for `cfg.model` in `cfg.run.dir`."""
-    from sdp_cli.model import ensure_model_dir
-
-    fleet = ServerFleet(
-        cfg.server,
-        ensure_model_dir(cfg.model),
-        Path(cfg.run.dir),
-        registry_path=registry_path,
-        events=events,
-        observe_servers=observe_servers,
-    )
-    fleet.start()
-    return fleet

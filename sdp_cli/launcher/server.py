@@ -1,16 +1,13 @@
-"""Start one vLLM server, wait for it to be healthy, and explain why it was not."""
+"""One vLLM server's launch spec and log, and why it did not start (the fleet starts and waits)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import httpx
 
 from sdp_cli.config.schema import ServerConfig
 from sdp_cli.errors import SdpError
-from sdp_cli.launcher.command import check_vllm_installed, vllm_command, vllm_env
-from sdp_cli.launcher.process import LaunchSpec, ProcessBackend, ServerProcess, free_port
+from sdp_cli.launcher.command import vllm_command, vllm_env
+from sdp_cli.launcher.process import LaunchSpec
 
 TAIL_LINES = 30
 
@@ -32,13 +29,9 @@ def launch_spec(
     model_dir: Path,
     index: int,
     log_dir: Path,
-    port: int | None = None,
-    taken_ports: set[int] | None = None,
+    port: int,
     cuda_devices: list[str] | None = None,
 ) -> LaunchSpec:
-    if port is None:
-        start = server.base_port + index if server.base_port else 0
-        port = free_port(server.host, start, taken_ports)
     return LaunchSpec(
         index=index,
         command=vllm_command(server, model_dir, port),
@@ -119,37 +112,3 @@ def startup_failure(
         f"vLLM server {index} at {address} {what} ({cause}).\n"
         f"--- last {TAIL_LINES} lines of {log_path} ---\n{log_tail(log_path, since=since)}"
     )
-
-
-def wait_until_healthy(proc: ServerProcess, address: str, timeout_s: float) -> float:
-    """Poll /health until it answers 200. Returns seconds waited; raises ServerStartError with
-    the last 30 log lines if the process exits or the deadline passes."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            try:
-                if client.get(f"{address}/health").status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-    what = "exited" if proc.poll() is not None else f"was not healthy after {timeout_s:.0f} s"
-    raise startup_failure(proc.spec.index, address, proc.spec.log_path, 0, what)
-
-
-def start_server(
-    backend: ProcessBackend,
-    server: ServerConfig,
-    model_dir: Path,
-    index: int,
-    log_dir: Path,
-    taken_ports: set[int] | None = None,
-) -> tuple[ServerProcess, str]:
-    """Spawn a server (without waiting for it). Returns the process and its address."""
-    check_vllm_installed()
-    spec = launch_spec(server, model_dir, index, log_dir, taken_ports=taken_ports)
-    proc = backend.start(spec)
-    return proc, server_address(server.host, spec.port)

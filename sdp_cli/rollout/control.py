@@ -9,7 +9,6 @@ change / take deterministically. The executor calls it only from its event-loop 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -38,15 +37,14 @@ class StalenessControl:
         manager: StalenessManager,
         strategy: StalenessStrategy,
         events: EventSink | None = None,
-        clock: Callable[[], float] | None = None,
         defer_free: bool = False,
     ) -> None:
         self.manager = manager
         self.strategy = strategy
         self.events: EventSink = events if events is not None else NullEventLog()
-        self._clock = clock or (lambda: 0.0)
         self._buffer: deque[Buffered] = deque()
-        self._submitted_at: dict[int, tuple[int, float]] = {}
+        # The version each running rollout was submitted at.
+        self._submit_version: dict[int, int] = {}
         # Groups the last take() dropped (the executor wakes admission when > 0).
         self.last_take_dropped = 0
         # With defer_free, groups dropped from the buffer are kept here until
@@ -73,7 +71,7 @@ class StalenessControl:
         rollout_id = self.manager.try_admit()
         if rollout_id is not None:
             version = self.manager.version
-            self._submitted_at[rollout_id] = (version, self._clock())
+            self._submit_version[rollout_id] = version
             self.events.emit("rollout_submitted", rollout_id=rollout_id, version=version)
         return rollout_id
 
@@ -81,7 +79,7 @@ class StalenessControl:
 
     def finish(self, rollout_id: int, group: RolloutGroup | None, error: str | None = None) -> bool:
         """Record a finished rollout; True if it entered the buffer."""
-        submit_version, submitted_at = self._submitted_at.pop(rollout_id, (self.version, 0.0))
+        submit_version = self._submit_version.pop(rollout_id, self.version)
         if group is None or not group.samples:
             reason = RejectReason.error if error else RejectReason.no_group
             self.manager.reject(rollout_id, reason)
@@ -89,8 +87,6 @@ class StalenessControl:
             return False
         group.rollout_id = rollout_id
         group.submit_version = submit_version
-        group.submitted_at = submitted_at
-        group.finished_at = self._clock()
         item = Buffered.of(group)
         drop = self.strategy.drop_reason(item, self.version)
         if drop is not None:
@@ -105,7 +101,7 @@ class StalenessControl:
 
     def cancel(self, rollout_id: int) -> None:
         """An in-flight rollout cancelled at shutdown: it produced no group."""
-        self._submitted_at.pop(rollout_id, None)
+        self._submit_version.pop(rollout_id, None)
         self.manager.reject(rollout_id, RejectReason.cancelled)
         self._emit_finished(rollout_id, None, accepted=False, reason=RejectReason.cancelled)
 

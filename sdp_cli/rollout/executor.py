@@ -15,12 +15,13 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import StalenessControl
 from sdp_cli.rollout.recompute import ProximalRecomputer, RecomputeStats, Scorer
 from sdp_cli.rollout.staleness import StalenessManager
@@ -30,9 +31,6 @@ from sdp_cli.telemetry.events import EventSink, NullEventLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Awaited by a workflow before each generation segment; returns at once unless paused.
-Gate = Callable[[], Awaitable[None]]
 
 
 class Workflow(Protocol):
@@ -93,9 +91,7 @@ class RolloutExecutor:
             max_concurrent=rollout.max_concurrent,
         )
         strategy = make_strategy(rollout.strategy, rollout.max_staleness, prox_mode)
-        self._control = StalenessControl(
-            manager, strategy, self._events, clock=self._now, defer_free=True
-        )
+        self._control = StalenessControl(manager, strategy, self._events, defer_free=True)
         self._releasing = False
 
         # Set on the loop thread when it starts (`_on_loop_start`).

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 from sdp_cli.config.schema import RolloutConfig
-from sdp_cli.inference.types import Completion, SamplingParams
+from sdp_cli.inference.types import Completion, Gate, SamplingParams
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt, Task
-
-Gate = Callable[[], Awaitable[None]]
 
 
 class Generator(Protocol):
@@ -71,7 +69,6 @@ class RLVRWorkflow:
             behav_logprobs=list(completion.logprobs),
             versions=list(completion.versions),
             reward=float(self.task.reward(self.decode(completion.output_ids), prompt.meta)),
-            finish_reason=completion.finish_reason,
             n_segments=completion.n_segments,
         )
 

@@ -25,7 +25,6 @@ class Trajectory:
     # Version under which prox_logprobs were recomputed; NOT_RECOMPUTED if never.
     recompute_version: int = NOT_RECOMPUTED
     reward: float = 0.0
-    finish_reason: str = ""
     # Number of segments (runs of tokens under one version) the completion was generated in.
     n_segments: int = 1
 
@@ -63,8 +62,6 @@ class RolloutGroup:
     samples: list[Trajectory]
     # Version the executor was at when the rollout was submitted.
     submit_version: int = 0
-    submitted_at: float = 0.0
-    finished_at: float = 0.0
     # Task data (prompt text, reference answer...) the reward function needs.
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -14,7 +14,7 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
-from sdp_cli.simulate.server import ServerPool
+from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 from sdp_cli.telemetry.events import EventSink
@@ -25,7 +25,7 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
-    pool = ServerPool(cfg.server.count, sim, rng, sim_time)
+    pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time)
     workflow = SimulatedWorkflow(pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng)
     executor = RolloutExecutor(
         workflow,
@@ -46,10 +46,10 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         executor.stop()
     wall_s = time.perf_counter() - wall_started
     cpu_s = time.process_time() - cpu_started
-    return summarize(cfg, report, wall_s=wall_s, cpu_s=cpu_s)
+    return simulation_result(cfg, report, wall_s=wall_s, cpu_s=cpu_s)
 
 
-def summarize(
+def simulation_result(
     cfg: SdpConfig, report: TrainerReport, *, wall_s: float, cpu_s: float
 ) -> dict[str, Any]:
     snap = report.snapshot

@@ -25,7 +25,7 @@ _VOCAB = 64
 
 
 @dataclass
-class Segment:
+class SimulatedSegment:
     token_ids: list[int]
     logprobs: list[float]
     version: int
@@ -66,7 +66,7 @@ class SimulatedServer:
         self.tokens_out = 0
         self.aborted = 0
 
-    async def generate(self, max_tokens: int) -> Segment:
+    async def generate(self, max_tokens: int) -> SimulatedSegment:
         self.load += 1
         try:
             async with self._slots:
@@ -76,7 +76,7 @@ class SimulatedServer:
         finally:
             self.load -= 1
 
-    async def _decode(self, max_tokens: int) -> Segment:
+    async def _decode(self, max_tokens: int) -> SimulatedSegment:
         version = self.version
         if self._sim.token_latency_s <= 0:
             return self._segment(max_tokens, version, "length")
@@ -97,10 +97,10 @@ class SimulatedServer:
         produced = bisect.bisect_right(token_done_at, aborted_after)
         return self._segment(produced, version, "abort")
 
-    def _segment(self, n_tokens: int, version: int, finish_reason: str) -> Segment:
+    def _segment(self, n_tokens: int, version: int, finish_reason: str) -> SimulatedSegment:
         self.tokens_out += n_tokens
         offset = self.tokens_out
-        return Segment(
+        return SimulatedSegment(
             token_ids=[(offset + i) % _VOCAB for i in range(n_tokens)],
             logprobs=[_TOKEN_LOGPROB] * n_tokens,
             version=version,
@@ -141,7 +141,7 @@ def _finish(done: asyncio.Future[float | None]) -> None:
         done.set_result(None)
 
 
-class ServerPool:
+class SimulatedFleet:
     """The simulated servers, routed least-loaded first, updated together."""
 
     def __init__(self, count: int, sim: SimulateConfig, rng: random.Random, time: SimTime):
@@ -153,7 +153,7 @@ class ServerPool:
     def _least_loaded(self) -> SimulatedServer:
         return min(self.servers, key=lambda server: server.load)
 
-    async def generate(self, max_tokens: int) -> Segment:
+    async def generate(self, max_tokens: int) -> SimulatedSegment:
         return await self._least_loaded().generate(max_tokens)
 
     async def score_many(self, samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:

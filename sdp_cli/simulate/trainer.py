@@ -15,7 +15,7 @@ from sdp_cli.config.schema import ProxMode, SdpConfig
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
-from sdp_cli.simulate.server import ServerPool
+from sdp_cli.simulate.server import SimulatedFleet
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainerReport:
 
 class SimulatedTrainer:
     def __init__(
-        self, executor: RolloutExecutor, pool: ServerPool, cfg: SdpConfig, time: SimTime
+        self, executor: RolloutExecutor, pool: SimulatedFleet, cfg: SdpConfig, time: SimTime
     ) -> None:
         self._executor = executor
         self._pool = pool

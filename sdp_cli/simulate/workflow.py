@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from sdp_cli.rollout.executor import Gate
+from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.simulate.server import ServerPool
+from sdp_cli.simulate.server import SimulatedFleet
 
 _PROMPT = [1, 2, 3, 4]
 # Gamma shape for completion lengths: coefficient of variation 1/sqrt(4) = 0.5.
@@ -17,7 +17,7 @@ _LENGTH_SHAPE = 4.0
 
 class SimulatedWorkflow:
     def __init__(
-        self, pool: ServerPool, n_samples: int, mean_new_tokens: int, rng: random.Random
+        self, pool: SimulatedFleet, n_samples: int, mean_new_tokens: int, rng: random.Random
     ) -> None:
         self._pool = pool
         self._n_samples = n_samples
@@ -57,6 +57,5 @@ class SimulatedWorkflow:
             behav_logprobs=logprobs,
             versions=versions,
             reward=self._rng.random(),
-            finish_reason="length",
             n_segments=segments,
         )

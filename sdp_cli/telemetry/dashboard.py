@@ -230,7 +230,7 @@ class Dashboard:
             grid.add_column(ratio=1)
         for row in range(0, len(panels), columns):
             grid.add_row(*panels[row : row + columns])
-        parts: list[RenderableType] = [_header(state, self.ignored_errors), grid]
+        parts: list[RenderableType] = [_dashboard_header(state, self.ignored_errors), grid]
         if problems:
             parts.append(Text("; ".join(problems), style="dim red"))
         return Group(*parts)
@@ -426,7 +426,7 @@ def _progress(state: _State) -> str:
     return f"{version} · {step} · {eta}"
 
 
-def _header(state: _State, ignored_errors: int) -> RenderableType:
+def _dashboard_header(state: _State, ignored_errors: int) -> RenderableType:
     run = state.run
     elapsed = (
         state.last_ts - state.start_ts

@@ -167,7 +167,7 @@ def render_summary(
     summary: StalenessSummary, *, source: str = "", max_version_rows: int | None = None
 ) -> RenderableType:
     parts: list[RenderableType] = [
-        _header(summary, source),
+        _report_header(summary, source),
         _version_table(summary, max_version_rows),
         _histograms(summary),
         _drops_and_time(summary),
@@ -187,7 +187,7 @@ def render_summary(
     return Group(*parts)
 
 
-def _header(summary: StalenessSummary, source: str) -> RenderableType:
+def _report_header(summary: StalenessSummary, source: str) -> RenderableType:
     run = summary.run
     eta = summary.max_staleness
     settings = [

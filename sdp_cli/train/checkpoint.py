@@ -4,7 +4,7 @@ A checkpoint is written atomically (`common.atomic_dir`, flushed to disk before 
 one that exists under its final name is whole even if the process was killed right after; the
 temporary directories of a killed save are never loaded. Contents: model weights
 (safetensors), optimizer state, RNG states, and `state.json`
-(step, version, data position, executor counters).
+(step, version, data position).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import json
 import random
 import re
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ class TrainState:
     version: int
     # Next data position of the task's prompt stream.
     data_position: int
-    executor_counters: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -75,7 +73,6 @@ def _write_checkpoint(
     torch.save(_rng_state(), target / RNG_FILE)
     payload = {
         "format": FORMAT_VERSION,
-        "saved_at": time.time(),
         # Python's random state is a tuple of ints: JSON keeps torch.load's safe mode usable.
         "python_rng": list(random.getstate()),
         **asdict(state),
@@ -144,7 +141,6 @@ def load_checkpoint(
         step=payload["step"],
         version=payload["version"],
         data_position=payload["data_position"],
-        executor_counters=payload["executor_counters"],
     )
 
 

@@ -164,7 +164,6 @@ class TrainingLoop:
             step=self.step,
             version=self.version,
             data_position=self.data_position(),
-            executor_counters=self.executor.snapshot(),
         )
         path = save_checkpoint(
             self.run_dir,
