@@ -58,6 +58,9 @@ def test_model_directory_without_a_tokenizer(tmp_path: Path) -> None:
     model = tmp_path / "weights-only"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    refused(tmp_path, "model.path", f"model.path={model}", hint="cannot read the model's shape")
+    shape = {"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 256}
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", **shape}))
     refused(tmp_path, "model.path", f"model.path={model}", hint="tokenizer")
 
 
@@ -172,7 +175,7 @@ def test_servers_on_cuda_without_enough_devices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    code, output = dry_run(tmp_path, "server=gpu", "server.count=2")
+    code, output = dry_run(tmp_path, "server=gpu", "server.count=2", "server.max_model_len=256")
     assert code == 2, output
     assert "server.count=2" in output and "server.tensor_parallel_size" in output
     assert "Traceback" not in output
@@ -200,3 +203,46 @@ def test_train_checks_before_it_starts_anything(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "'task.path'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_head_size_the_cpu_servers_cannot_serve(tmp_path: Path) -> None:
+    refused(tmp_path, "model.num_heads", "model.num_heads=8", "server=cpu", hint="head_dim is 16")
+    model = tmp_path / "narrow-heads"
+    model.mkdir()
+    shape = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 512}
+    (model / "config.json").write_text(json.dumps(shape))
+    refused(tmp_path, "model.path", f"model.path={model}", "server=cpu", hint="head_dim is 16")
+
+
+def test_max_model_len_beyond_the_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    refused(
+        tmp_path,
+        "server.max_model_len",
+        f"model.path={tiny_model_dir}",
+        "server.max_model_len=512",
+        hint="max_position_embeddings (256)",
+    )
+
+
+def test_prompts_that_leave_no_room_for_the_completion(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    math = ["task=math_jsonl", "task.path=builtin:math_small", f"model.path={tiny_model_dir}"]
+    code, output = dry_run(tmp_path, *math)
+    assert code == 0, output
+    assert "all 26 prompts fit" in output
+    refused(
+        tmp_path,
+        "server.max_model_len",
+        *math,
+        "server.max_model_len=64",
+        hint="the longest prompt has",
+    )
+    refused(
+        tmp_path,
+        "server.max_model_len",
+        f"model.path={tiny_model_dir}",
+        "task.max_len=9",
+        "rollout.max_new_tokens=250",
+        hint="rollout.max_new_tokens=250",
+    )

@@ -6,15 +6,20 @@ of after the servers have started; `sdp train --dry-run` runs the same checks.""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sized
+from dataclasses import dataclass
 from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
 
 from sdp_cli.config.schema import BUILTIN_MODEL, Device, ModelConfig, SdpConfig, ServerConfig
 from sdp_cli.errors import ConfigError
-from sdp_cli.launcher.command import check_vllm_installed, server_device
+from sdp_cli.launcher.command import CPU_HEAD_SIZES, check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.registry import RegistryError, read_registry
 from sdp_cli.model.tiny import check_model_dir
-from sdp_cli.tasks import check_task, load_tokenizer
+from sdp_cli.tasks import check_task, get_task, load_tokenizer
 from sdp_cli.train.checkpoint import latest_checkpoint
 
 # What `sdp train` writes into run.dir; any of the first two means a run is already there.
@@ -25,7 +30,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
     """Run every check; returns one line per thing checked. Raises ConfigError (or another
     SdpError, e.g. vLLM missing) at the first problem."""
     return [
-        *check_model(cfg.model),
+        *check_model(cfg),
         *check_task(cfg.task),
         *check_servers(cfg.server),
         *check_trainer_device(cfg),
@@ -33,13 +38,97 @@ def preflight(cfg: SdpConfig) -> list[str]:
     ]
 
 
-def check_model(model: ModelConfig) -> list[str]:
+def check_model(cfg: SdpConfig) -> list[str]:
+    model = cfg.model
     path = check_model_dir(model)
+    check_model_fits_servers(cfg, path)
     if model.path == BUILTIN_MODEL and not path.is_dir():
-        return [f"model {BUILTIN_MODEL}: made at first use in {path}"]
+        return [
+            f"model {BUILTIN_MODEL}: made at first use in {path} "
+            "(prompt lengths are checked once it exists)"
+        ]
     # The tokenizer is what the tasks encode prompts with; a directory of weights alone fails.
-    load_tokenizer(path)
-    return [f"model {path}: config.json and tokenizer load"]
+    tokenizer = load_tokenizer(path)
+    return [
+        f"model {path}: config.json and tokenizer load",
+        check_prompts_fit(cfg, tokenizer),
+    ]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    head_dim: int
+    max_positions: int
+    # The key to change when the shape does not fit.
+    key: str
+
+
+def model_shape(model: ModelConfig, path: Path) -> ModelShape:
+    """Head size and context of the model, from its config.json (or the built-in model's keys
+    when it has not been made yet)."""
+    if model.path == BUILTIN_MODEL:
+        return ModelShape(
+            model.hidden_size // model.num_heads, model.max_position_embeddings, "model.num_heads"
+        )
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return ModelShape(
+            int(head_dim), int(config.get("max_position_embeddings", 0)), "model.path"
+        )
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise ConfigError(
+            "model.path", f"cannot read the model's shape from {path}/config.json: {exc!r}"
+        ) from None
+
+
+def check_model_fits_servers(cfg: SdpConfig, path: Path) -> None:
+    shape = model_shape(cfg.model, path)
+    launches_cpu_servers = not cfg.server.registry and server_device(cfg.server) == Device.cpu
+    if launches_cpu_servers and shape.head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError(
+            shape.key,
+            f"the model's head_dim is {shape.head_dim}; vLLM's CPU attention serves only "
+            f"{', '.join(map(str, CPU_HEAD_SIZES))}",
+            "choose model.hidden_size / model.num_heads (or a model) with a supported "
+            "head_dim, or run the servers on CUDA (server=gpu)",
+        )
+    if shape.max_positions and cfg.server.max_model_len > shape.max_positions:
+        raise ConfigError(
+            "server.max_model_len",
+            f"{cfg.server.max_model_len} is more than the model's max_position_embeddings "
+            f"({shape.max_positions}); vLLM refuses to start",
+            f"set server.max_model_len={shape.max_positions} or lower",
+        )
+
+
+# Positions of an endless task (built-in string tasks) sampled to find its longest prompt.
+_SAMPLED_POSITIONS = 512
+# A data file is checked whole up to this many records.
+_MAX_CHECKED_RECORDS = 100_000
+
+
+def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Every prompt plus rollout.max_new_tokens must fit server.max_model_len, with one
+    position left for scoring; otherwise completions are cut short (or empty) in silence."""
+    task = get_task(cfg.task, tokenizer)
+    finite = isinstance(task, Sized)
+    count = min(len(task), _MAX_CHECKED_RECORDS) if finite else _SAMPLED_POSITIONS
+    longest = max(len(task.sample_prompt(position).prompt_ids) for position in range(count))
+    needed = longest + cfg.rollout.max_new_tokens + 1
+    if needed > cfg.server.max_model_len:
+        raise ConfigError(
+            "server.max_model_len",
+            f"the longest prompt has {longest} tokens; with rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens} (and one position for scoring) a completion needs "
+            f"{needed} positions, more than server.max_model_len={cfg.server.max_model_len}",
+            f"set server.max_model_len={needed} or more, or lower rollout.max_new_tokens",
+        )
+    what = f"all {count} prompts" if finite else f"{count} sampled prompts"
+    return (
+        f"{what} fit: longest {longest} + {cfg.rollout.max_new_tokens} new tokens + 1 "
+        f"<= server.max_model_len {cfg.server.max_model_len}"
+    )
 
 
 def check_servers(server: ServerConfig) -> list[str]:

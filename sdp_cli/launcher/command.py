@@ -10,12 +10,18 @@ from sdp_cli.config.schema import Device, ServerConfig
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 
 __all__ = [
+    "CPU_HEAD_SIZES",
     "SERVED_MODEL_NAME",
     "check_vllm_installed",
     "server_device",
     "vllm_command",
     "vllm_env",
 ]
+
+
+# Head sizes vLLM 0.32's CPU attention serves (CPUAttentionBackend.get_supported_head_sizes);
+# another fails at the first request, after the server has started.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def server_device(server: ServerConfig) -> Device:
