@@ -334,6 +334,15 @@ def test_stop_leaves_no_process_and_marks_the_registry_dead(fake_fleet: FleetFac
     assert pool.all_dead()
 
 
+def start_fake_fleet_program(
+    state_dir: Path, model_dir: Path, linger_s: float
+) -> subprocess.Popen[bytes]:
+    """This file run as a program: `run_fake_fleet` (stderr piped)."""
+    command = [sys.executable, __file__, "--state-dir", str(state_dir)]
+    command += ["--fleet-of-model", str(model_dir), "--linger", str(linger_s)]
+    return subprocess.Popen(command, stderr=subprocess.PIPE)
+
+
 @pytest.mark.parametrize(
     ("how", "expected_code"),
     [("normal exit", 0), ("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", -signal.SIGINT)],
@@ -341,20 +350,8 @@ def test_stop_leaves_no_process_and_marks_the_registry_dead(fake_fleet: FleetFac
 def test_a_program_using_the_launcher_leaves_no_server_behind(
     tmp_path: Path, tiny_model_dir: Path, how: str, expected_code: int
 ) -> None:
-    linger = "1" if how == "normal exit" else "60"
-    program = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--state-dir",
-            str(tmp_path),
-            "--fleet-of-model",
-            str(tiny_model_dir),
-            "--linger",
-            linger,
-        ],
-        stderr=subprocess.PIPE,
-    )
+    linger = 1.0 if how == "normal exit" else 60.0
+    program = start_fake_fleet_program(tmp_path, tiny_model_dir, linger)
     try:
         wait_for(lambda: (tmp_path / "started").exists() or program.poll() is not None)
         groups = [e.pgid for e in read_registry(tmp_path / "run" / "servers.json")]
@@ -376,19 +373,7 @@ def test_sigterm_during_start_up_exits_cleanly_without_asyncio_noise(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     (tmp_path / "slow-start").write_text("60")
-    program = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--state-dir",
-            str(tmp_path),
-            "--fleet-of-model",
-            str(tiny_model_dir),
-            "--linger",
-            "60",
-        ],
-        stderr=subprocess.PIPE,
-    )
+    program = start_fake_fleet_program(tmp_path, tiny_model_dir, 60.0)
     registry = tmp_path / "run" / "servers.json"
     try:
         # Both spawned (an entry has pid 0 until its process exists).
