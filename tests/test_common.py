@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdp_cli.common.atomic import atomic_dir, is_leftover
+from sdp_cli.common.atomic import atomic_dir, is_leftover, write_text_atomically
 from sdp_cli.common.loop_thread import LoopThread, LoopThreadError
 
 
@@ -95,3 +95,13 @@ def test_a_loop_that_cannot_start_says_why() -> None:
 
     with pytest.raises(LoopThreadError, match="no loop for you"):
         LoopThread("test-loop").start(broken)
+
+
+def test_a_file_written_atomically_replaces_the_old_one_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "sub" / "servers.json"
+    write_text_atomically(target, "old\n")
+    write_text_atomically(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in target.parent.iterdir()] == ["servers.json"]

@@ -1,10 +1,11 @@
-"""A directory that appears whole or not at all: written under a temporary sibling name and
-renamed into place (checkpoints, exported weights, the tiny model)."""
+"""Files and directories that appear whole or not at all: written under a temporary sibling name
+and renamed into place (checkpoints, exported weights, the tiny model, the server registry)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,22 @@ def temp_sibling(final: Path, mark: str = TMP_MARK) -> Path:
     # The pid keeps two processes writing the same directory (two runs sharing a model
     # cache) from deleting each other's half-written copy.
     return final.with_name(f"{final.name}{mark}{os.getpid()}")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` by a file holding `text` (flushed to disk), so a reader sees the old
+    content or the new, never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique per writer, so two threads never share a temporary file.
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def is_leftover(path: Path) -> bool:

@@ -1,19 +1,18 @@
 """The registry file `servers.json`: which servers run, where, in what state.
 
-Rewritten atomically (temporary file + os.replace) on every change, so a reader (`sdp train
+Rewritten atomically (`common.write_text_atomically`) on every change, so a reader (`sdp train
 server.registry=PATH`, a dashboard) never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import httpx
 
+from sdp_cli.common.atomic import write_text_atomically
 from sdp_cli.errors import SdpError
 
 
@@ -37,16 +36,8 @@ _KEYS = tuple(f.name for f in fields(RegistryEntry))
 
 
 def write_registry(path: Path, entries: list[RegistryEntry]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per writer, so two threads never share a temporary file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     text = json.dumps({"servers": [asdict(e) for e in entries]}, indent=2)
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(Path(path), text + "\n")
 
 
 def read_registry(path: Path) -> list[RegistryEntry]:
