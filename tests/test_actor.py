@@ -173,3 +173,20 @@ def test_gradients_are_clipped_to_grad_clip(tiny_model_dir: Path) -> None:
     actor.train_step(stale_groups(actor, version=1), version=1)
     norm = torch.sqrt(sum((p.grad**2).sum() for p in actor.model.parameters()))
     assert float(norm) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_leaves_the_weights(
+    tiny_model_dir: Path,
+) -> None:
+    actor = make_actor(tiny_model_dir, behav_weight_cap=None)
+    before = weights(actor)
+    groups = stale_groups(actor, version=2)
+    groups[0].samples[0].prox_logprobs = [float("nan")] * len(groups[0].samples[0].output_ids)
+    stats = actor.train_step(groups, version=2)
+    assert stats["skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(actor), strict=True))
+    assert all(p.grad is None for p in actor.model.parameters())
+    # The optimizer took no step either: a healthy batch afterwards trains as usual.
+    stats = actor.train_step(stale_groups(actor, version=3), version=3)
+    assert stats["skipped"] == 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights(actor), strict=True))

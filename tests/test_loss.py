@@ -309,6 +309,37 @@ def test_overflowing_behaviour_weights_are_masked_without_nan() -> None:
     assert stats.summary()["masked_frac"] == 0.5
 
 
+@pytest.mark.parametrize("masked_by", ["loss_mask", "token_max_lag", "behav_weight_cap"])
+def test_an_overflowing_ratio_on_a_masked_token_leaves_loss_and_gradient_finite(
+    masked_by: str,
+) -> None:
+    """exp(π − p) = e^200 overflows float32; with A < 0 the unmasked pg is +inf, and a mask
+    applied by multiplying afterwards would give 0·inf = NaN in the loss and the gradient."""
+    logprobs = torch.tensor([[-1.0, 100.0]], requires_grad=True)
+    prox = torch.tensor([[-1.0, -100.0]])
+    behav = prox.clone()
+    adv = torch.tensor([[-1.0, -1.0]])
+    mask = torch.ones_like(adv, dtype=torch.bool)
+    versions = torch.zeros_like(adv, dtype=torch.long)
+    settings = LossSettings()
+    if masked_by == "loss_mask":
+        mask[0, 1] = False
+    elif masked_by == "token_max_lag":
+        versions[0, 1] = -3
+        settings = LossSettings(token_max_lag=1)
+    else:
+        behav[0, 1] = -300.0  # w = e^200
+        settings = LossSettings(behav_weight_cap=5.0)
+    loss, stats = decoupled_ppo_loss(logprobs, prox, behav, adv, mask, versions, 0, settings)
+    loss.backward()
+    assert logprobs.grad is not None
+    assert math.isfinite(float(loss.detach()))
+    assert bool(torch.isfinite(logprobs.grad).all())
+    assert float(logprobs.grad[0, 1]) == 0.0
+    # The kept token alone: r = 1, A = −1 → pg = 1, over the valid tokens.
+    assert float(loss.detach()) == pytest.approx(1.0 / stats.n_valid)
+
+
 def test_an_empty_batch_gives_zero_loss() -> None:
     zeros = torch.zeros(2, 3)
     mask = torch.zeros(2, 3, dtype=torch.bool)

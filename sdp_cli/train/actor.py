@@ -7,6 +7,7 @@ micro-batches accumulate gradients scaled so the total equals the full-batch los
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -145,7 +146,8 @@ class Actor:
         """One optimizer step on `groups`, training version `version` → `version + 1`.
 
         Returns the loss statistics (see LossStats.summary), `tokens_lag_<k>` counts, the
-        gradient norm before clipping, the mean reward and the step time."""
+        gradient norm before clipping, the mean reward, the step time and `skipped` (1.0 when
+        the loss or the gradient norm was not finite and the weights were left unchanged)."""
         started = time.perf_counter()
         batches = self._micro_batches(groups)
         normalizer = sum(b.n_tokens for b in batches)
@@ -176,13 +178,19 @@ class Actor:
             )
             loss.backward()
             stats = stats.merge(batch_stats)
-        grad_norm = 0.0
-        if normalizer > 0:
-            grad_norm = self._clip_gradients()
+        grad_norm = self._clip_gradients() if normalizer > 0 else 0.0
+        summary = stats.summary()
+        # One overflow would otherwise put NaN into every weight through AdamW: skip the step
+        # and leave the caller to decide when too many in a row means the run is broken.
+        finite = math.isfinite(summary["loss"]) and math.isfinite(grad_norm)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+        elif normalizer > 0:
             self.optimizer.step()
         rewards = [r for g in groups for r in g.rewards]
         return {
-            **stats.summary(),
+            **summary,
+            "skipped": 0.0 if finite else 1.0,
             **{f"tokens_lag_{lag}": float(n) for lag, n in stats.tokens_by_lag.items()},
             "grad_norm": grad_norm,
             "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,

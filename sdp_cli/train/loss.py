@@ -142,6 +142,23 @@ def _tokens_by_lag(lags: Tensor, valid: Tensor) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
 
 
+def _policy_gradient(
+    ratio: Tensor, adv: Tensor, settings: LossSettings
+) -> tuple[Tensor, Tensor, Tensor]:
+    """pg = −min(r·A, clip(r)·A), dual-clipped for A < 0 when set; also which tokens the clip
+    and the dual clip bound."""
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - settings.eps_clip_low, 1.0 + settings.eps_clip_high) * adv
+    pg = -torch.minimum(unclipped, clipped)
+    is_clipped = clipped < unclipped
+    is_dual_clipped = torch.zeros_like(is_clipped)
+    if settings.dual_clip is not None:
+        dual_bound = -settings.dual_clip * adv
+        is_dual_clipped = (adv < 0) & (dual_bound < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
+    return pg, is_clipped, is_dual_clipped
+
+
 def decoupled_ppo_loss(
     logprobs: Tensor,
     prox_logprobs: Tensor,
@@ -159,16 +176,6 @@ def decoupled_ppo_loss(
     valid = loss_mask.bool()
     prox = prox_logprobs.detach()
     adv = advantages.detach().to(logprobs.dtype)
-    ratio = torch.exp(logprobs - prox)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - settings.eps_clip_low, 1.0 + settings.eps_clip_high) * adv
-    pg = -torch.minimum(unclipped, clipped)
-    is_clipped = valid & (clipped < unclipped)
-    is_dual_clipped = torch.zeros_like(valid)
-    if settings.dual_clip is not None:
-        dual_bound = -settings.dual_clip * adv
-        is_dual_clipped = valid & (adv < 0) & (dual_bound < pg)
-        pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
 
     with torch.no_grad():
         raw_weights = torch.exp(prox - behav_logprobs.detach())
@@ -177,11 +184,17 @@ def decoupled_ppo_loss(
         if settings.token_max_lag is not None:
             keep = keep & (lags <= settings.token_max_lag)
         weights, keep = _bound_weights(raw_weights, keep, settings)
-        # Zero the weight (not the product) of dropped tokens: an overflowing w times a zero
-        # mask would otherwise turn the gradient into NaN.
-        weights = torch.where(keep, weights, torch.zeros_like(weights))
+        # A dropped token's weight may have overflowed too; its gradient path must hold no inf.
+        weights = torch.where(keep, weights, 0.0)
+        # Statistics see every valid token's own ratio, kept or not.
+        stat_ratio = torch.exp(torch.where(valid, logprobs.detach() - prox, 0.0))
+        _, is_clipped, is_dual_clipped = _policy_gradient(stat_ratio, adv, settings)
 
-    per_token = weights * pg
+    # Mask before anything can overflow: a dropped token's ratio is computed as exp(0), so an
+    # overflowing exp(π − p) can neither reach the loss (0·inf = NaN) nor its gradient.
+    ratio = torch.exp(torch.where(keep, logprobs - prox, 0.0))
+    pg, _, _ = _policy_gradient(ratio, adv, settings)
+    per_token = torch.where(keep, weights * pg, 0.0)
     numerator = per_token.sum()
     denominator = float(valid.sum().item()) if normalizer is None else float(normalizer)
     loss = numerator / max(denominator, 1.0)
@@ -189,12 +202,12 @@ def decoupled_ppo_loss(
     stats = LossStats(
         n_valid=int(valid.sum().item()),
         n_kept=int(keep.sum().item()),
-        n_clipped=int(is_clipped.sum().item()),
-        n_dual_clipped=int(is_dual_clipped.sum().item()),
+        n_clipped=int((valid & is_clipped).sum().item()),
+        n_dual_clipped=int((valid & is_dual_clipped).sum().item()),
         weighted_pg_sum=float(numerator.detach().item()),
         weight_sum=float(raw_weights[valid].sum().item()),
         weight_max=float(raw_weights[valid].max().item()) if bool(valid.any()) else 0.0,
-        ratio_sum=float(ratio.detach()[valid].sum().item()),
+        ratio_sum=float(stat_ratio[valid].sum().item()),
         tokens_by_lag=_tokens_by_lag(lags, valid),
     )
     return loss, stats
