@@ -37,7 +37,8 @@ from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
 from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from sdp_cli.train.loop import LoopResult, ServerUpdate, TrainingLoop
+from sdp_cli.train.loop import LoopResult, TrainingLoop
+from sdp_cli.train.update import InferenceServers
 
 
 @dataclass
@@ -187,14 +188,13 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         workflow = rollout_workflow(run, client)
         executor = start_executor(stack, cfg, workflow, client, events, run.state.version)
         dashboard.add_snapshot(executor.snapshot)
-        update_servers = server_updater(cfg, executor, client)
-        give_servers_trainer_weights(run, update_servers)
+        give_servers_trainer_weights(cfg, run, executor, client)
         executor.resume()
         loop = TrainingLoop(
             cfg,
             run.actor,
             executor,
-            update_servers,
+            InferenceServers(client),
             events,
             data_position=_data_position(workflow, executor),
             start=run.state,
@@ -291,23 +291,15 @@ def start_executor(
     return executor
 
 
-def server_updater(
-    cfg: SdpConfig, executor: RolloutExecutor, client: InferenceClient
-) -> ServerUpdate:
-    def update_servers(weights: Path, version: int) -> dict[str, float]:
-        return executor.run_sync(
-            client.update_weights(str(weights), version),
-            timeout=cfg.train.update_timeout_s * 2,
-        )
-
-    return update_servers
-
-
-def give_servers_trainer_weights(run: RunInputs, update_servers: ServerUpdate) -> None:
+def give_servers_trainer_weights(
+    cfg: SdpConfig, run: RunInputs, executor: RolloutExecutor, client: InferenceClient
+) -> None:
     """Attached servers may hold any weights, and a resumed run's servers start from the base
     model: give every server the trainer's weights before the first rollout."""
     initial = run.actor.export_weights(run.run_dir / "weights", run.state.version)
-    update_servers(initial, run.state.version)
+    executor.run_sync(
+        client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
+    )
 
 
 def _data_position(workflow: RLVRWorkflow, executor: RolloutExecutor) -> Callable[[], int]:

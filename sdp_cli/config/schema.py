@@ -291,6 +291,12 @@ class TrainConfig:
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"
     )
+    max_nonfinite_steps: int = setting(
+        3,
+        ge=1,
+        help="stop after this many training steps in a row whose loss or gradient norm was not "
+        "finite (each is skipped, the weights left as they were)",
+    )
     cpu_threads: int = setting(
         1,
         ge=0,

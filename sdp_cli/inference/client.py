@@ -45,6 +45,8 @@ from sdp_cli.inference.weights import (
     PHASES,
     PhaseTimings,
     check_weights_dir,
+    pause_server,
+    resume_server,
     update_server_weights,
 )
 
@@ -250,6 +252,22 @@ class InferenceClient:
         timings["servers"] = float(len(targets) - failed)
         timings["failed"] = float(failed)
         return timings
+
+    async def abort_generation(self) -> None:
+        """Every generation request in flight on a ready server returns now with
+        finish_reason "abort" and its tokens so far, and the servers go on serving: pause with
+        abort, then resume at once (a paused vLLM server would queue scoring requests too)."""
+        http = self._http()
+        targets = [s for s in self.pool.snapshot() if s.state == ServerState.ready]
+        await asyncio.gather(*(self._abort_one(http, server) for server in targets))
+
+    async def _abort_one(self, http: httpx.AsyncClient, server: ServerStatus) -> None:
+        try:
+            await pause_server(http, server.address, self.update_timeout_s, clear_cache=False)
+        finally:
+            # Resume even after a failed pause, in case the pause went through.
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                await resume_server(http, server.address, self.update_timeout_s)
 
     async def _update_one(
         self, server: ServerStatus, path: str, version: int

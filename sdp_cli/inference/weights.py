@@ -80,7 +80,7 @@ async def update_server_weights(
     timings = PhaseTimings()
 
     start = time.perf_counter()
-    await _post(http, f"{address}/pause", deadline, params={"mode": "abort", "clear_cache": "true"})
+    await pause_server(http, address, deadline.left())
     timings.pause = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -97,9 +97,24 @@ async def update_server_weights(
     timings.version = time.perf_counter() - start
 
     start = time.perf_counter()
-    await _post(http, f"{address}/resume", deadline)
+    await resume_server(http, address, deadline.left())
     timings.resume = time.perf_counter() - start
     return timings
+
+
+async def pause_server(
+    http: httpx.AsyncClient, address: str, timeout_s: float, clear_cache: bool = True
+) -> None:
+    """`POST /pause?mode=abort`: in-flight and queued requests return with finish_reason
+    "abort"; requests that arrive while paused wait in vLLM's queue until the resume."""
+    params = {"mode": "abort", "clear_cache": "true" if clear_cache else "false"}
+    response = await http.post(f"{address}/pause", params=params, timeout=timeout_s)
+    response.raise_for_status()
+
+
+async def resume_server(http: httpx.AsyncClient, address: str, timeout_s: float) -> None:
+    response = await http.post(f"{address}/resume", timeout=timeout_s)
+    response.raise_for_status()
 
 
 async def set_server_version(

@@ -23,7 +23,13 @@ from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import StalenessControl
-from sdp_cli.rollout.recompute import ProximalRecomputer, RecomputeStats, Scorer
+from sdp_cli.rollout.recompute import (
+    ProximalRecomputer,
+    RecomputeStats,
+    Scorer,
+    count_missing_recompute,
+    needs_proximal_recompute,
+)
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
@@ -73,12 +79,18 @@ class RolloutExecutor:
             if scorer
             else None
         )
+        self._needs_recompute = needs_proximal_recompute(prox_mode)
         # Segment mode scores buffered samples while the trainer trains (recompute.py).
         self._score_early = (
-            self._recomputer is not None
-            and prox_mode == ProxMode.segment
-            and rollout.recompute_early
+            self._recomputer is not None and self._needs_recompute and rollout.recompute_early
         )
+        # Samples that needed the recompute at a version change and did not get it (a bug in
+        # the weight-update protocol if ever > 0; the simulator reports it).
+        self._recompute_missed = 0
+        # Completions of each running rollout waiting at the closed gate.
+        self._parked: dict[int, int] = {}
+        # Calls from other threads running on the loop; a stop cancels them.
+        self._calls: set[asyncio.Task[Any]] = set()
         self._took_at_version: int | None = None
         self._recompute_active = False
         self._runner = LoopThread("sdp-rollout-executor", loop_factory)
@@ -111,6 +123,7 @@ class RolloutExecutor:
         self._early_wake: asyncio.Event
         self._early_idle: asyncio.Event
         self._early_scorer: asyncio.Task[None] | None = None
+        self._rollouts_changed: asyncio.Event
         self._capacity_handle: asyncio.TimerHandle | None = None
         self._capacity_last_at = float("-inf")
         self._capacity_last: dict[str, Any] | None = None
@@ -168,12 +181,6 @@ class RolloutExecutor:
     def recompute_proximal(self, version: int) -> RecomputeStats:
         return self._call(self.recompute_async(version))
 
-    def start_recompute_proximal(self, version: int) -> Callable[[], RecomputeStats]:
-        """`recompute_proximal` without waiting, so the caller can export weights meanwhile;
-        call what it returns to wait for the stats."""
-        future = self._submit(self.recompute_async(version))
-        return lambda: self._wait(future)
-
     def drain(self) -> list[RolloutGroup]:
         """Remove and return every buffered group."""
         if not self._runner.started:
@@ -206,6 +213,7 @@ class RolloutExecutor:
         """Counters, capacity terms, queue size, version, paused. Cheap; any thread."""
         return {
             **self._control.snapshot(),
+            "recompute_missed": self._recompute_missed,
             "paused": self._paused,
             "running_tasks": len(self._tasks),
             "stopped": self._stopped,
@@ -268,6 +276,9 @@ class RolloutExecutor:
 
     async def set_version_async(self, version: int) -> int:
         async with self._buffer_lock:
+            if self._needs_recompute and version == self._control.version + 1:
+                groups = (item.group for item in self._control.buffered())
+                self._recompute_missed += count_missing_recompute(groups, self._control.version)
             dropped = self._control.set_version(version)
         if dropped:
             self._release_dropped_soon()
@@ -294,8 +305,28 @@ class RolloutExecutor:
                 self._control.refresh_recompute_versions(items)
         finally:
             self._recompute_active = False
-        self._events.emit("proximal_recompute", **stats.as_dict())
         return stats
+
+    async def settle_async(self, timeout: float) -> bool:
+        """Wait until no running rollout can finish before the gate opens again: each has a
+        completion waiting at the closed gate (a group finishes only when all its completions
+        have) or has ended. Call while paused, after the servers aborted what they were
+        generating. False if `timeout` seconds passed first."""
+        if not self._paused:
+            raise ExecutorError("settle needs a paused executor")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._all_rollouts_parked():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._rollouts_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rollouts_changed.wait(), remaining)
+        return True
+
+    def _all_rollouts_parked(self) -> bool:
+        return all(rollout_id in self._parked for rollout_id in self._tasks)
 
     async def drain_async(self) -> list[RolloutGroup]:
         async with self._buffer_lock:
@@ -322,6 +353,7 @@ class RolloutExecutor:
         self._early_wake = asyncio.Event()
         self._early_idle = asyncio.Event()
         self._early_idle.set()
+        self._rollouts_changed = asyncio.Event()
         self._submitter = loop.create_task(self._submit_loop())
         if self._score_early:
             self._early_scorer = loop.create_task(self._early_scoring_loop())
@@ -329,9 +361,23 @@ class RolloutExecutor:
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
-    async def _gate(self) -> None:
-        if not self._gate_open.is_set():
+    def _gate_for(self, rollout_id: int) -> Gate:
+        return lambda: self._gate(rollout_id)
+
+    async def _gate(self, rollout_id: int) -> None:
+        """Awaited before every segment; while it waits, the rollout counts as parked."""
+        if self._gate_open.is_set():
+            return
+        self._parked[rollout_id] = self._parked.get(rollout_id, 0) + 1
+        self._rollouts_changed.set()
+        try:
             await self._gate_open.wait()
+        finally:
+            left = self._parked[rollout_id] - 1
+            if left:
+                self._parked[rollout_id] = left
+            else:
+                del self._parked[rollout_id]
 
     async def _submit_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -359,10 +405,11 @@ class RolloutExecutor:
         group: RolloutGroup | None = None
         error: str | None = None
         try:
-            group = await self._workflow.run(rollout_id, version, self._gate)
+            group = await self._workflow.run(rollout_id, version, self._gate_for(rollout_id))
         except asyncio.CancelledError:
             self._tasks.pop(rollout_id, None)
             self._record(lambda: self._control.cancel(rollout_id))
+            self._rollouts_changed.set()
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -371,6 +418,7 @@ class RolloutExecutor:
             self._consecutive_errors = 0
         self._tasks.pop(rollout_id, None)
         accepted = self._record(lambda: self._control.finish(rollout_id, group, error))
+        self._rollouts_changed.set()
         if accepted:
             self._wake_early_scoring()
         if (
@@ -420,7 +468,8 @@ class RolloutExecutor:
     async def _shutdown(self) -> list[RolloutGroup]:
         self._stopping = True
         in_flight = dict(self._tasks)
-        tasks = list(in_flight.values())
+        # Calls in progress go first: a recompute stuck on a server holds the buffer lock.
+        tasks = [*self._calls, *in_flight.values()]
         if self._submitter is not None:
             tasks.append(self._submitter)
         if self._early_scorer is not None:
@@ -540,7 +589,16 @@ class RolloutExecutor:
             raise ExecutorError(
                 "blocking executor call from the executor's own loop; await the *_async method"
             )
-        return self._runner.submit(coro)
+        return self._runner.submit(self._tracked(coro))
+
+    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await coro
+        finally:
+            self._calls.discard(task)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Wait without a deadline: the coroutines called this way bound their own waits."""

@@ -22,12 +22,24 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from sdp_cli.config.schema import ProxMode
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 # async def score_many([(prompt_ids, output_ids), ...]) -> for each pair, the logprob of every
 # output token under the server's current weights.
 Scorer = Callable[[list[tuple[list[int], list[int]]]], Awaitable[list[list[float]]]]
 Job = tuple[Trajectory, list[int]]
+
+
+def needs_proximal_recompute(prox_mode: ProxMode | str) -> bool:
+    """Whether `train.prox_mode` takes p_t from the servers' recompute at each update (the
+    other modes compute p_t in the trainer)."""
+    return ProxMode(prox_mode) == ProxMode.segment
+
+
+def count_missing_recompute(groups: Iterable[RolloutGroup], version: int) -> int:
+    """Samples of `groups` with tokens of version−1 not yet recomputed under `version`."""
+    return sum(1 for _ in _samples_needing_recompute(groups, version))
 
 
 @dataclass
@@ -45,6 +57,19 @@ class RecomputeStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+    def merged(self, other: RecomputeStats) -> RecomputeStats:
+        """Two passes of the same update as one."""
+        return RecomputeStats(
+            version=self.version,
+            samples=self.samples + other.samples,
+            tokens=self.tokens + other.tokens,
+            # The second pass retries what the first failed to score.
+            failures=other.failures,
+            early_samples=self.early_samples + other.early_samples,
+            batches=self.batches + other.batches,
+            seconds=self.seconds + other.seconds,
+        )
 
 
 @dataclass

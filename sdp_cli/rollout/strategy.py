@@ -20,6 +20,7 @@ from itertools import islice
 from typing import ClassVar
 
 from sdp_cli.config.schema import ProxMode, Strategy
+from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import NOT_RECOMPUTED, RolloutGroup
 
 
@@ -114,7 +115,7 @@ class SegmentWiseStrategy(StalenessStrategy):
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 (got {max_staleness})")
         self.max_staleness = max_staleness
-        self.needs_recompute = prox_mode == ProxMode.segment
+        self.needs_recompute = needs_proximal_recompute(prox_mode)
 
     def drop_reason(self, item: Buffered, version: int) -> str | None:
         if item.head is None:

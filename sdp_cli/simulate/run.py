@@ -35,7 +35,7 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         scorer=pool.score_many,
         loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
     )
-    trainer = SimulatedTrainer(executor, pool, cfg, sim_time)
+    trainer = SimulatedTrainer(executor, pool, cfg, sim_time, events)
     wall_started = time.perf_counter()
     cpu_started = time.process_time()
     # Started paused: in virtual time nothing may happen before the trainer is on the loop.
@@ -85,6 +85,7 @@ def simulation_result(
         "segments_aborted": report.segments_aborted,
         "recomputed_tokens": report.recompute_tokens,
         "recompute_failures": report.recompute_failures,
+        "recompute_missed": report.recompute_missed,
         "sim_time_s": round(elapsed, 6),
         "wall_s": round(wall_s, 4),
         "cpu_us_per_rollout": round(cpu_s / submitted * 1e6, 1) if submitted else None,

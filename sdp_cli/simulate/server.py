@@ -1,10 +1,11 @@
 """Simulated inference servers that behave like vLLM where staleness is concerned.
 
 Each server decodes at most `server_batch` requests at once (the rest wait for a slot); a
-request's tokens each take a lognormal time with mean `token_latency_s`. A weight update pauses
-the server in abort mode: in-flight requests return at once with the tokens produced so far and
-`finish_reason="abort"`, requests that arrive while paused wait until resume, and everything
-decoded afterwards carries the new version. The client turns an abort into a new segment.
+request's tokens each take a lognormal time with mean `token_latency_s`. A pause in abort mode
+works like vLLM's: requests decoding return at once with the tokens produced so far and
+`finish_reason="abort"`, requests waiting for a slot return with none, requests that arrive while
+paused wait until resume, and everything decoded after a weight update carries the new version.
+The client turns an abort into a new segment.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from itertools import accumulate
+from pathlib import Path
 
 from sdp_cli.config.schema import SimulateConfig
 from sdp_cli.simulate.clock import SimTime
@@ -65,13 +67,19 @@ class SimulatedServer:
         self._sigma = sigma
         self.tokens_out = 0
         self.aborted = 0
+        # Counts pauses with abort, so a request waiting for a slot knows it was aborted.
+        self._aborts = 0
 
     async def generate(self, max_tokens: int) -> SimulatedSegment:
         self.load += 1
+        aborts_at_arrival = self._aborts
         try:
             async with self._slots:
                 while not self._open.is_set():
                     await self._open.wait()
+                if self._aborts != aborts_at_arrival:
+                    self.aborted += 1
+                    return self._segment(0, self.version, "abort")
                 return await self._decode(max_tokens)
         finally:
             self.load -= 1
@@ -110,6 +118,7 @@ class SimulatedServer:
     def pause_abort(self) -> None:
         """`POST /pause?mode=abort`: in-flight requests return what they have so far."""
         self._open.clear()
+        self._aborts += 1
         now = self._time.now()
         for request in list(self._decoding):
             if not request.done.done():
@@ -162,8 +171,16 @@ class SimulatedFleet:
             await self._time.sleep(self._sim.token_latency_s)
         return [[_TOKEN_LOGPROB] * len(output_ids) for _, output_ids in samples]
 
-    async def update_weights(self, version: int) -> None:
-        """DESIGN §5 steps 3–5 on every server: pause with abort, reload, set version, resume."""
+    async def abort_generation(self) -> None:
+        """Pause with abort and resume at once: what was generating returns, scoring goes on."""
+        for server in self.servers:
+            server.pause_abort()
+        for server in self.servers:
+            server.resume()
+
+    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
+        """Pause with abort, reload (`simulate.update_s`), set the version, resume, on every
+        server. The simulated weights are not files: `weights` is unused."""
         for server in self.servers:
             server.pause_abort()
         if self._sim.update_s > 0:
@@ -172,6 +189,7 @@ class SimulatedFleet:
             server.version = version
             server.resume()
         self.version = version
+        return {"reload_s": self._sim.update_s}
 
     def idle_fraction(self, start: float, now: float) -> float:
         """Share of server time between `start` and `now` with nothing decoding."""

@@ -1,5 +1,6 @@
 """The simulated trainer: takes B rollouts, "trains" for train_step_s, then runs the
-weight-update protocol of DESIGN §5 against the executor and the simulated servers.
+weight-update protocol `sdp train` runs (train/update.py) with a simulated export against the
+executor and the simulated servers.
 
 It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
 so in virtual time the whole simulation lives on one deterministic clock.
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.config.schema import SdpConfig
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
+from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.train.update import WeightUpdate
 
 
 @dataclass
@@ -29,6 +33,8 @@ class TrainerReport:
     waiting_s: float = 0.0
     recompute_tokens: int = 0
     recompute_failures: int = 0
+    # Samples that needed the proximal recompute at an update and did not get it.
+    recompute_missed: int = 0
     started_at: float = 0.0
     finished_at: float = 0.0
     generator_idle_fraction: float = 0.0
@@ -44,7 +50,12 @@ class TrainerReport:
 
 class SimulatedTrainer:
     def __init__(
-        self, executor: RolloutExecutor, pool: SimulatedFleet, cfg: SdpConfig, time: SimTime
+        self,
+        executor: RolloutExecutor,
+        pool: SimulatedFleet,
+        cfg: SdpConfig,
+        time: SimTime,
+        events: EventSink | None = None,
     ) -> None:
         self._executor = executor
         self._pool = pool
@@ -53,7 +64,15 @@ class SimulatedTrainer:
         self._batch_size = cfg.rollout.batch_size
         self._take_timeout_s = cfg.rollout.take_timeout_s
         self._train_step_s = cfg.simulate.train_step_s
-        self._recompute = cfg.train.prox_mode == ProxMode.segment
+        self._weight_update = WeightUpdate(
+            executor,
+            pool,
+            _simulated_export,
+            cfg.train.prox_mode,
+            events if events is not None else NullEventLog(),
+            settle_timeout_s=time.loop_seconds(cfg.train.update_timeout_s),
+            abort_every_s=time.loop_seconds(1.0),
+        )
 
     async def run(self) -> TrainerReport:
         report = TrainerReport(started_at=self._time.now())
@@ -63,13 +82,17 @@ class SimulatedTrainer:
             batch = await self._take(report)
             self._record_batch(report, batch, version)
             await self._time.sleep(self._train_step_s)
-            await self._update_weights(report, version)
+            result = await self._weight_update.run(version)
+            if result.recompute is not None:
+                report.recompute_tokens += result.recompute.tokens
+                report.recompute_failures += result.recompute.failures
             report.steps += 1
         # Pause and read everything here, on the loop, so the numbers do not depend on how
         # long the caller's thread takes to notice the end.
         await self._executor.pause_async()
         report.finished_at = self._time.now()
         report.snapshot = self._executor.snapshot()
+        report.recompute_missed = report.snapshot["recompute_missed"]
         report.generator_idle_fraction = self._pool.idle_fraction(
             report.started_at, report.finished_at
         )
@@ -93,14 +116,7 @@ class SimulatedTrainer:
                 report.tokens_by_lag[lag] += count
                 report.trained_tokens += count
 
-    async def _update_weights(self, report: TrainerReport, version: int) -> None:
-        """pause → (segment mode) recompute at v → servers abort, reload, v+1, resume →
-        executor version v+1 and purge → resume."""
-        await self._executor.pause_async()
-        if self._recompute:
-            stats = await self._executor.recompute_async(version)
-            report.recompute_tokens += stats.tokens
-            report.recompute_failures += stats.failures
-        await self._pool.update_weights(version + 1)
-        await self._executor.set_version_async(version + 1)
-        await self._executor.resume_async()
+
+async def _simulated_export(version: int) -> Path | None:
+    """Simulated weights are a version number; writing them takes no time."""
+    return None

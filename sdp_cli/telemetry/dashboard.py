@@ -59,7 +59,15 @@ CAPACITY_KEYS = CAPACITY_TERMS
 # Below this console width the panels are stacked in one column.
 TWO_COLUMN_WIDTH = 110
 HISTORY = 120
-PHASE_ORDER = ("pause_s", "recompute_s", "export_s", "reload_s", "set_version_s", "resume_s")
+PHASE_ORDER = (
+    "pause_s",
+    "export_s",
+    "recompute_s",
+    "abort_s",
+    "reload_s",
+    "set_version_s",
+    "resume_s",
+)
 SERVER_STATE_STYLES = {
     "ready": "green",
     "starting": "yellow",

@@ -1,29 +1,27 @@
 """The training loop: take B rollouts → one training step → the weight-update protocol → repeat.
 
-The loop owns the order of the protocol (DESIGN §5): pause the executor, recompute proximal
-logprobs while the servers still hold version v (segment mode) and meanwhile export v+1
-atomically, have the servers reload it once both are done, move the executor to v+1 (which
-purges the queue) and resume. Everything it needs from the servers comes in as one callable,
-so the loop knows nothing of how they run.
+The protocol itself is `update.WeightUpdate`, shared with `sdp simulate`; the loop plugs in the
+actor's weight export (run on a worker thread, so the servers score while it writes) and the
+servers it was given, so it knows nothing of how they run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.train.actor import Actor
 from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
+from sdp_cli.train.update import UpdateServers, WeightUpdate
 
-# Reload `weights_dir` as `version` on every server; returns the time of each phase in seconds.
-ServerUpdate = Callable[[Path, int], dict[str, float]]
 # The next unused data position of the task's prompt stream (for checkpoints).
 DataPosition = Callable[[], int]
 
@@ -40,13 +38,17 @@ def trained_tokens(groups: list[RolloutGroup]) -> int:
     return sum(len(s.output_ids) for g in groups for s in g.samples)
 
 
+class NonFiniteTrainingError(SdpError):
+    """Too many training steps in a row had a loss or gradient norm that was not finite."""
+
+
 class TrainingLoop:
     def __init__(
         self,
         cfg: SdpConfig,
         actor: Actor,
         executor: RolloutExecutor,
-        update_servers: ServerUpdate,
+        servers: UpdateServers,
         events: EventSink,
         data_position: DataPosition,
         start: TrainState,
@@ -55,12 +57,21 @@ class TrainingLoop:
         self.run_dir = Path(cfg.run.dir)
         self.actor = actor
         self.executor = executor
-        self.update_servers = update_servers
         self.events = events
+        self.weight_update = WeightUpdate(
+            executor,
+            servers,
+            self.export_weights,
+            cfg.train.prox_mode,
+            events,
+            settle_timeout_s=cfg.train.update_timeout_s,
+        )
         self.data_position = data_position
         self.step = start.step
         self.version = start.version
         self.rewards: list[float] = []
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
 
     def run(self) -> LoopResult:
         started = time.monotonic()
@@ -74,51 +85,42 @@ class TrainingLoop:
         groups = self.executor.take(self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s)
         wait_s = time.monotonic() - wait_started
         stats = self.actor.train_step(groups, self.version)
+        self.count_skipped(stats)
         trained_version = self.version
         phases = self.update_weights(self.version + 1)
         self.version += 1
         self.step += 1
         self.rewards.append(stats["reward_mean"])
         self.emit_train_step(index, groups, stats, trained_version, wait_s, phases)
+        self.stop_if_not_finite()
         if checkpoint_due(self.step, self.cfg.train.checkpoint_every):
             self.save_checkpoint()
 
+    def count_skipped(self, stats: dict[str, float]) -> None:
+        if stats.get("skipped"):
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+        else:
+            self.nonfinite_in_a_row = 0
+
+    def stop_if_not_finite(self) -> None:
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTrainingError(
+                f"the loss or gradient norm was not finite in {self.nonfinite_in_a_row} "
+                f"training steps in a row (each was skipped; train.max_nonfinite_steps="
+                f"{limit}); lower train.lr, or bound the behaviour weights with "
+                "train.behav_weight_cap"
+            )
+
+    async def export_weights(self, version: int) -> Path:
+        """Write weights/v{version}/ on a worker thread while the loop serves the recompute."""
+        return await asyncio.to_thread(self.actor.export_weights, self.run_dir / "weights", version)
+
     def update_weights(self, new_version: int) -> dict[str, float]:
-        """The weight-update protocol; returns the time of each phase."""
-        phases: dict[str, float] = {}
-        total_started = time.monotonic()
-
-        def timed(name: str, action: Callable[[], Any]) -> Any:
-            t0 = time.monotonic()
-            result = action()
-            phases[name] = phases.get(name, 0.0) + time.monotonic() - t0
-            return result
-
-        timed("pause_s", self.executor.pause)
-        finish_recompute = (
-            self.executor.start_recompute_proximal(self.version)
-            if self.cfg.train.prox_mode == ProxMode.segment
-            else None
-        )
-        # The export touches no server, so it runs while the servers (still at v) score.
-        weights = timed(
-            "export_s", lambda: self.actor.export_weights(self.run_dir / "weights", new_version)
-        )
-        if finish_recompute is not None:
-            timed("recompute_s", finish_recompute)
-        server_phases = timed("reload_s", lambda: self.update_servers(weights, new_version))
-        timed("set_version_s", lambda: self.executor.set_version(new_version))
-        timed("resume_s", self.executor.resume)
-        total_s = time.monotonic() - total_started
-        self.events.emit(
-            "weight_update",
-            version=new_version,
-            phases=phases,
-            server_phases=server_phases,
-            weights_dir=str(weights),
-            total_s=total_s,
-        )
-        return {**phases, "total_s": total_s}
+        """The weight-update protocol; returns the time of each phase and the total."""
+        result = self.executor.run_sync(self.weight_update.run(new_version - 1))
+        return {**result.phases, "total_s": result.total_s}
 
     def emit_train_step(
         self,
@@ -145,6 +147,9 @@ class TrainingLoop:
             behav_weight_max=stats.get("behav_weight_max"),
             masked_frac=stats.get("masked_frac"),
             grad_norm=stats.get("grad_norm"),
+            # The loss or gradient norm was not finite: the weights were left as they were.
+            skipped=bool(stats.get("skipped")),
+            skipped_steps=self.skipped_steps,
             stats=stats,
             rollouts=len(groups),
             rollout_ids=[g.rollout_id for g in groups],

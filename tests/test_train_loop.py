@@ -1,0 +1,137 @@
+"""The training loop with a fake actor and fake servers: the weight-update sequence runs every
+step, and steps whose loss is not finite are skipped, counted, and stop the run after
+train.max_nonfinite_steps in a row."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdp_cli.config import SdpConfig, load_config
+from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
+from sdp_cli.errors import ConfigError
+from sdp_cli.rollout.executor import Gate, RolloutExecutor
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.train.checkpoint import TrainState
+from sdp_cli.train.loop import NonFiniteTrainingError, TrainingLoop
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, type: str, **fields: Any) -> None:
+        self.events.append({"type": type, **fields})
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+class OneTokenWorkflow:
+    def __init__(self) -> None:
+        self.version = 0
+
+    async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+        await gate()
+        samples = [Trajectory([1], [5], [-1.0], [self.version], reward=float(i)) for i in (0, 1)]
+        return RolloutGroup(rollout_id=rollout_id, samples=samples)
+
+
+class FakeServers:
+    def __init__(self, workflow: OneTokenWorkflow) -> None:
+        self.workflow = workflow
+        self.loaded: list[int] = []
+
+    async def abort_generation(self) -> None:
+        pass
+
+    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
+        self.loaded.append(version)
+        self.workflow.version = version
+        return {}
+
+
+class ScriptedActor:
+    """Reports `skipped` per step from a script; exports nothing."""
+
+    def __init__(self, skipped: list[bool], tmp_path: Path) -> None:
+        self.skipped = list(skipped)
+        self.tmp_path = tmp_path
+
+    def train_step(self, groups: list[RolloutGroup], version: int) -> dict[str, float]:
+        skipped = self.skipped.pop(0)
+        return {
+            "reward_mean": 0.5,
+            "loss": float("nan") if skipped else 0.1,
+            "skipped": 1.0 if skipped else 0.0,
+            "step_time_s": 0.0,
+        }
+
+    def export_weights(self, weights_dir: Path, version: int) -> Path:
+        return self.tmp_path / f"v{version}"
+
+
+def run_loop(tmp_path: Path, skipped: list[bool], limit: int) -> tuple[Sink, FakeServers, Any]:
+    cfg = SdpConfig()
+    cfg = replace(
+        cfg,
+        run=replace(cfg.run, dir=str(tmp_path)),
+        rollout=RolloutConfig(batch_size=1, max_staleness=1, max_concurrent=2),
+        train=replace(
+            TrainConfig(prox_mode=ProxMode.loglinear),
+            steps=len(skipped),
+            max_nonfinite_steps=limit,
+            checkpoint_every=1000,
+        ),
+    )
+    workflow = OneTokenWorkflow()
+    servers = FakeServers(workflow)
+    sink = Sink()
+    executor = RolloutExecutor(workflow, cfg.rollout, cfg.train.prox_mode, events=sink)
+    executor.start()
+    loop = TrainingLoop(
+        cfg,
+        ScriptedActor(skipped, tmp_path),  # type: ignore[arg-type]
+        executor,
+        servers,
+        sink,
+        data_position=lambda: 0,
+        start=TrainState(step=0, version=0, data_position=0),
+    )
+    try:
+        outcome: Any = loop.run()
+    except NonFiniteTrainingError as exc:
+        outcome = exc
+    finally:
+        executor.stop()
+    return sink, servers, outcome
+
+
+def test_skipped_steps_are_counted_and_a_finite_step_resets_the_run_of_them(
+    tmp_path: Path,
+) -> None:
+    sink, servers, result = run_loop(tmp_path, [True, False, True, True, False], limit=3)
+    assert not isinstance(result, Exception) and result.steps == 5
+    steps = sink.of("train_step")
+    assert [e["skipped"] for e in steps] == [True, False, True, True, False]
+    assert [e["skipped_steps"] for e in steps] == [1, 1, 2, 3, 3]
+    # A skipped step still moves the version: the servers load every one.
+    assert servers.loaded == [1, 2, 3, 4, 5]
+    assert len(sink.of("weight_update")) == 5
+
+
+def test_the_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path: Path) -> None:
+    sink, _, outcome = run_loop(tmp_path, [False, True, True, False], limit=2)
+    assert isinstance(outcome, NonFiniteTrainingError)
+    assert "2 training steps in a row" in str(outcome)
+    assert "train.max_nonfinite_steps" in str(outcome)
+    assert len(sink.of("train_step")) == 3
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_nonfinite_steps_must_be_positive(value: int) -> None:
+    with pytest.raises(ConfigError, match=r"train\.max_nonfinite_steps"):
+        load_config(None, [f"train.max_nonfinite_steps={value}"])

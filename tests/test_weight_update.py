@@ -1,0 +1,261 @@
+"""The weight-update sequence shared by `sdp train` and `sdp simulate`, against fake servers:
+every sample buffered under v is scored under v before the servers load v+1, including the
+ones that finish while the recompute is under way; and a stop does not wait for a stuck scorer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
+from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.telemetry.events import NullEventLog
+from sdp_cli.train.update import WeightUpdate
+
+# Tokens made before the update's version; the recompute at v = 1 rewrites them.
+OLD_VERSION = 0
+SCORE = -0.25
+# Restored at version 1 with B = 1, the executor numbers rollouts from 1.
+FIRST = 1
+
+
+class FakeServers:
+    """Hold version 1; a live segment runs until the test releases its rollout or the
+    servers abort it. Records the order of what the sequence asks of them."""
+
+    def __init__(self) -> None:
+        self.version = 1
+        self.calls: list[str] = []
+        self.released: set[int] = set()
+        self.changed = asyncio.Event()
+
+    async def generate(self, rollout_id: int) -> str:
+        """'stop' once released, 'abort' when an abort comes first."""
+        aborts = self.calls.count("abort")
+        while rollout_id not in self.released:
+            if self.calls.count("abort") != aborts:
+                return "abort"
+            self.changed.clear()
+            await self.changed.wait()
+        return "stop"
+
+    def release(self, rollout_id: int) -> None:
+        self.released.add(rollout_id)
+        self.changed.set()
+
+    async def abort_generation(self) -> None:
+        self.calls.append("abort")
+        self.changed.set()
+
+    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
+        self.calls.append("load")
+        self.version = version
+        return {}
+
+
+class TwoSegmentWorkflow:
+    """One completion per rollout: three tokens of version 0 (made before), then a live segment
+    of two tokens under the servers' version that ends when released; an aborted segment parks
+    at the gate and continues after the update."""
+
+    def __init__(self, servers: FakeServers) -> None:
+        self.servers = servers
+
+    async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+        versions = [OLD_VERSION] * 3
+        while True:
+            await gate()
+            version = self.servers.version
+            finish = await self.servers.generate(rollout_id)
+            if finish == "stop":
+                versions += [version, version]
+                break
+        sample = Trajectory(
+            prompt_ids=[1, 2],
+            output_ids=[5] * len(versions),
+            behav_logprobs=[-1.0] * len(versions),
+            versions=versions,
+        )
+        return RolloutGroup(rollout_id=rollout_id, samples=[sample])
+
+
+class SlowScorer:
+    """Takes `delay` seconds per call; calls `on_first_call` when the first call starts."""
+
+    def __init__(self, servers: FakeServers, delay: float, on_first_call: Any = None) -> None:
+        self.servers = servers
+        self.delay = delay
+        self.on_first_call = on_first_call
+        self.calls = 0
+        self.versions_seen: list[int] = []
+
+    async def __call__(self, samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        self.calls += 1
+        if self.calls == 1 and self.on_first_call is not None:
+            self.on_first_call()
+        await asyncio.sleep(self.delay)
+        self.versions_seen.append(self.servers.version)
+        return [[SCORE] * len(output) for _, output in samples]
+
+
+async def no_export(version: int) -> Path | None:
+    return None
+
+
+def make_executor(servers: FakeServers, scorer: Any, **rollout: Any) -> RolloutExecutor:
+    cfg = RolloutConfig(
+        **{
+            "max_staleness": 4,
+            "batch_size": 1,
+            "max_concurrent": 3,
+            "recompute_early": False,
+            **rollout,
+        }
+    )
+    executor = RolloutExecutor(
+        TwoSegmentWorkflow(servers), cfg, ProxMode.segment, scorer=scorer, capacity_interval_s=0
+    )
+    executor.restore(1)
+    return executor
+
+
+def test_a_rollout_that_finishes_mid_recompute_is_scored_before_the_servers_reload() -> None:
+    servers = FakeServers()
+    # The second rollout finishes while the first scoring call (of the first) is still running.
+    scorer = SlowScorer(servers, delay=0.3, on_first_call=lambda: servers.release(FIRST + 1))
+    executor = make_executor(servers, scorer)
+    servers.release(FIRST)
+    executor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while executor.snapshot()["queue_size"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        update = WeightUpdate(
+            executor, servers, no_export, ProxMode.segment, NullEventLog(), abort_every_s=0.2
+        )
+        result = executor.run_sync(update.run(1), timeout=10)
+        # The third rollout was still generating: the abort parked it at the gate instead.
+        assert servers.calls[0] == "abort" and servers.calls[-1] == "load"
+        assert result.settled and result.recompute is not None
+        assert result.recompute.samples == 2 and scorer.calls == 2
+        assert scorer.versions_seen == [1, 1], "every score taken before the reload"
+        assert executor.snapshot()["recompute_missed"] == 0
+        groups = executor.take(2, timeout=5)
+    finally:
+        executor.stop()
+    by_id = {g.rollout_id: g.samples[0] for g in groups}
+    assert sorted(by_id) == [FIRST, FIRST + 1]
+    for sample in by_id.values():
+        assert sample.recompute_version == 1
+        assert sample.proximal_logprobs()[:3] == [SCORE] * 3
+        # Tokens of version 1 keep p = μ.
+        assert sample.proximal_logprobs()[3:] == [-1.0, -1.0]
+
+
+def test_without_the_abort_and_second_pass_the_late_sample_is_missed() -> None:
+    """The counter the simulator reports can fail: one scoring pass misses the late rollout."""
+    servers = FakeServers()
+    scorer = SlowScorer(servers, delay=0.3, on_first_call=lambda: servers.release(FIRST + 1))
+    executor = make_executor(servers, scorer)
+    servers.release(FIRST)
+    executor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while executor.snapshot()["queue_size"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        async def single_pass() -> None:
+            await executor.pause_async()
+            await executor.recompute_async(1)
+            await asyncio.sleep(0.05)  # the second rollout lands in the buffer after the pass
+            await servers.load_weights(None, 2)
+            await executor.set_version_async(2)
+
+        executor.run_sync(single_pass(), timeout=10)
+        assert executor.snapshot()["recompute_missed"] == 1
+    finally:
+        executor.stop()
+
+
+def test_settle_waits_for_a_rollout_whose_segment_is_still_running() -> None:
+    servers = FakeServers()
+    executor = make_executor(servers, SlowScorer(servers, delay=0.0), max_concurrent=1)
+    executor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while executor.snapshot()["running"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        executor.pause()
+
+        async def settle(timeout: float) -> bool:
+            return await executor.settle_async(timeout)
+
+        # Generating and not aborted: not settled.
+        assert executor.run_sync(settle(0.1), timeout=5) is False
+        executor.run_sync(servers.abort_generation(), timeout=5)
+        assert executor.run_sync(settle(2.0), timeout=5) is True
+    finally:
+        executor.stop()
+
+
+def test_a_stop_during_a_stuck_recompute_ends_at_once() -> None:
+    servers = FakeServers()
+    entered = threading.Event()
+
+    async def never_returns(samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        entered.set()
+        await asyncio.Event().wait()
+        return []
+
+    executor = make_executor(servers, never_returns)
+    servers.release(FIRST)
+    executor.start()
+    deadline = time.monotonic() + 5
+    while executor.snapshot()["queue_size"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, NullEventLog())
+    outcome: list[BaseException] = []
+
+    def run_update() -> None:
+        try:
+            executor.run_sync(update.run(1))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    trainer = threading.Thread(target=run_update)
+    trainer.start()
+    assert entered.wait(5)
+    started = time.monotonic()
+    leftovers = executor.stop(timeout=5)
+    stop_s = time.monotonic() - started
+    trainer.join(5)
+    assert stop_s < 1.0, f"stop took {stop_s:.2f} s"
+    assert [type(e) for e in outcome] == [ExecutorStopped]
+    # The group the stuck recompute held is handed back, not lost.
+    assert [g.rollout_id for g in leftovers] == [FIRST]
+
+
+@pytest.mark.parametrize("mode", list(ProxMode))
+def test_one_place_says_which_prox_modes_need_the_recompute(mode: ProxMode) -> None:
+    assert needs_proximal_recompute(mode) == (mode == ProxMode.segment)
+
+
+def test_missing_recompute_counts_samples_with_unscored_previous_version_tokens() -> None:
+    def group(versions: list[int], recompute_version: int = -1) -> RolloutGroup:
+        sample = Trajectory([1], [5] * len(versions), [-1.0] * len(versions), versions)
+        sample.recompute_version = recompute_version
+        return RolloutGroup(rollout_id=0, samples=[sample])
+
+    groups = [group([0, 1]), group([1, 1]), group([0, 1], recompute_version=1), group([0])]
+    assert count_missing_recompute(groups, 1) == 2
