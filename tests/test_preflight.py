@@ -246,3 +246,13 @@ def test_prompts_that_leave_no_room_for_the_completion(
         "rollout.max_new_tokens=250",
         hint="rollout.max_new_tokens=250",
     )
+
+
+def test_launch_servers_checks_the_head_size_before_starting(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["launch-servers", f"run.dir={tmp_path}/run", "model.num_heads=8", "server=cpu"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "'model.num_heads'" in result.output and "head_dim is 16" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

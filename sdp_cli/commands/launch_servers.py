@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sdp_cli.commands.preflight import check_model_fits_servers
 from sdp_cli.commands.signals import Terminated, signals_ignored
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.inference.pool import ServerState
 from sdp_cli.launcher.command import check_vllm_installed
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.server import ServerStartError
-from sdp_cli.model import ensure_model_dir
+from sdp_cli.model import check_model_dir, ensure_model_dir
 from sdp_cli.telemetry.events import EventLog
 
 _STATE_STYLE = {
@@ -53,6 +54,7 @@ def launch_servers(cfg: SdpConfig, console: Console | None = None) -> int:
     The caller installs the signal handlers (`commands.signals.stop_on_signals`)."""
     console = console or Console()
     check_vllm_installed()
+    check_model_fits_servers(cfg, check_model_dir(cfg.model), launching=True)
     model_dir = ensure_model_dir(cfg.model)
     run_dir = Path(cfg.run.dir)
     registry = Path(cfg.server.registry) if cfg.server.registry else run_dir / "servers.json"

@@ -18,7 +18,7 @@ from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import CPU_HEAD_SIZES, check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.registry import RegistryError, read_registry
-from sdp_cli.model.tiny import check_model_dir
+from sdp_cli.model import check_model_dir
 from sdp_cli.tasks import check_task, get_task, load_tokenizer
 from sdp_cli.train.checkpoint import latest_checkpoint
 
@@ -41,7 +41,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
 def check_model(cfg: SdpConfig) -> list[str]:
     model = cfg.model
     path = check_model_dir(model)
-    check_model_fits_servers(cfg, path)
+    check_model_fits_servers(cfg, path, launching=not cfg.server.registry)
     if model.path == BUILTIN_MODEL and not path.is_dir():
         return [
             f"model {BUILTIN_MODEL}: made at first use in {path} "
@@ -82,9 +82,11 @@ def model_shape(model: ModelConfig, path: Path) -> ModelShape:
         ) from None
 
 
-def check_model_fits_servers(cfg: SdpConfig, path: Path) -> None:
+def check_model_fits_servers(cfg: SdpConfig, path: Path, *, launching: bool) -> None:
+    """The model's shape suits the servers: a head size vLLM's CPU attention serves (when
+    `launching` CPU servers) and server.max_model_len within the model's context."""
     shape = model_shape(cfg.model, path)
-    launches_cpu_servers = not cfg.server.registry and server_device(cfg.server) == Device.cpu
+    launches_cpu_servers = launching and server_device(cfg.server) == Device.cpu
     if launches_cpu_servers and shape.head_dim not in CPU_HEAD_SIZES:
         raise ConfigError(
             shape.key,
