@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,15 +88,27 @@ def _is_running(proc: psutil.Process) -> bool:
         return False
 
 
+# Runs a command so that its process group dies with this process (see the file).
+GUARD_SCRIPT = Path(__file__).with_name("guard.py")
+
+
+def guarded(command: list[str], owner: int | None = None) -> list[str]:
+    """`command` behind the guard: it keeps its pid, and the watchdog the guard leaves in its
+    process group kills the group once `owner` (default: this process) has exited."""
+    owner = os.getpid() if owner is None else owner
+    return [sys.executable, str(GUARD_SCRIPT), str(owner), "--", *command]
+
+
 class LocalProcessBackend:
     """Servers as child processes of this one, each the leader of a new session/process group
-    so that one signal reaches vLLM's engine-core children too."""
+    so that one signal reaches vLLM's engine-core children too, and each behind the guard so
+    that the group dies with this process even when it is killed with SIGKILL."""
 
     def start(self, spec: LaunchSpec) -> ServerProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with spec.log_path.open("ab") as log:
             popen = subprocess.Popen(
-                spec.command,
+                guarded(spec.command),
                 env=spec.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
