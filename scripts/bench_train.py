@@ -38,32 +38,33 @@ from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.telemetry.events import read_events
+from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
 
 ETAS = (0, 2)
 
 
-def steady_steps(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def steady_steps(run_dir: Path) -> tuple[list[TrainStepEvent], list[WeightUpdateEvent]]:
     """Every train_step event, and the weight_update events after the first step (which
     includes filling the pipeline from nothing)."""
     events = list(read_events(run_dir / "events.jsonl"))
-    steps = [e for e in events if e["type"] == "train_step"]
-    updates = [e for e in events if e["type"] == "weight_update"]
+    steps = [e for e in events if isinstance(e, TrainStepEvent)]
+    updates = [e for e in events if isinstance(e, WeightUpdateEvent)]
     return steps, updates[1:]
 
 
-def step_numbers(steps: list[dict[str, Any]], updates: list[dict[str, Any]]) -> dict[str, float]:
+def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) -> dict[str, float]:
     steady = steps[1:]
-    wait = sum(s["wait_s"] for s in steady)
-    train = sum(s["step_s"] for s in steady)
-    update = sum(s["update_s"] for s in steady)
+    wait = sum(s.wait_s for s in steady)
+    train = sum(s.step_s for s in steady)
+    update = sum(s.update_s for s in steady)
     cycle = wait + train + update
     phases: dict[str, float] = {}
     for event in updates:
-        for name, seconds in event["phases"].items():
+        for name, seconds in event.phases.items():
             phases[name] = phases.get(name, 0.0) + seconds / len(updates)
     return {
         "steps": len(steady),
-        "samples_per_s": sum(s["samples"] for s in steady) / cycle,
+        "samples_per_s": sum(s.samples for s in steady) / cycle,
         "wait_share": wait / cycle,
         "train_share": train / cycle,
         "update_share": update / cycle,
@@ -118,8 +119,8 @@ def train_once(run_dir: Path, overrides: list[str], console: Console) -> dict[st
         run_training(cfg, console)
     steps, updates = steady_steps(run_dir)
     # From the end of the first step to the end of the last: the steady steps.
-    wall, own, servers = cpu.between(steps[0]["ts"], steps[-1]["ts"])
-    trained = sum(s["samples"] for s in steps[1:])
+    wall, own, servers = cpu.between(steps[0].ts or 0.0, steps[-1].ts or 0.0)
+    trained = sum(s.samples for s in steps[1:])
     return {
         **step_numbers(steps, updates),
         "cores_busy": (own + servers) / wall,

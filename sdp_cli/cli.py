@@ -137,11 +137,24 @@ def cmd_simulate(
             help="One simulation per value, e.g. rollout.max_staleness=0,1,2,4,8.",
         ),
     ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            metavar="DIR",
+            help="Write the run log DIR/events.jsonl (as sdp train does); not with --sweep.",
+        ),
+    ] = None,
 ) -> None:
     """Run the real executor against simulated servers and trainer (capacity planning)."""
     from sdp_cli.commands.simulate import simulate
 
-    simulate(lambda extra: _load([*(args or []), *extra]), as_json=as_json, sweep=sweep)
+    simulate(
+        lambda extra: _load([*(args or []), *extra]),
+        as_json=as_json,
+        sweep=sweep,
+        run_dir=run_dir,
+    )
 
 
 @app.command("init-model")

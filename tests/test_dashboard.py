@@ -1,26 +1,42 @@
-"""The live dashboard, rendered from the recorded small run (tests/data/staleness_small.jsonl)."""
+"""The live dashboard, rendered from run logs: the hand-computed small run of conftest.py and
+the log a real (simulated) run writes."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import pytest
 from rich.console import Console
+from rich.text import Text
 
 from sdp_cli.telemetry.dashboard import MAX_REFRESH_PER_SECOND, Dashboard
 from sdp_cli.telemetry.events import EventLog, read_events
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    Event,
+    RunStartedEvent,
+    SampleDroppedEvent,
+    ServerStateEvent,
+    TrainStepEvent,
+)
 
-SMALL_LOG = Path(__file__).parent / "data" / "staleness_small.jsonl"
 
+@pytest.fixture
+def recorded(small_run_events: list[Event]) -> Any:
+    def make(width: int = 140) -> tuple[Dashboard, Console]:
+        console = Console(record=True, width=width, color_system=None)
+        dashboard = Dashboard(console=console, live=False)
+        dashboard.feed(small_run_events)
+        assert list(dashboard.errors) == []
+        return dashboard, console
 
-def recorded(width: int = 140) -> tuple[Dashboard, Console]:
-    console = Console(record=True, width=width, color_system=None)
-    dashboard = Dashboard(console=console, live=False)
-    dashboard.feed(read_events(SMALL_LOG))
-    return dashboard, console
+    return make
 
 
 def rendered_text(dashboard: Dashboard, console: Console) -> str:
@@ -28,7 +44,7 @@ def rendered_text(dashboard: Dashboard, console: Console) -> str:
     return console.export_text()
 
 
-def test_every_panel_is_rendered_with_the_logged_numbers() -> None:
+def test_every_panel_is_rendered_with_the_logged_numbers(recorded: Any) -> None:
     text = rendered_text(*recorded())
     for title in ("capacity", "rollouts", "last batch", "training", "weight update", "servers"):
         assert title in text, title
@@ -59,7 +75,7 @@ def test_every_panel_is_rendered_with_the_logged_numbers() -> None:
     assert "gen tokens/s" in text and "18.0" in text
 
 
-def test_sparklines_follow_reward_and_loss() -> None:
+def test_sparklines_follow_reward_and_loss(recorded: Any) -> None:
     text = rendered_text(*recorded())
     reward_line = next(line for line in text.splitlines() if "reward" in line)
     loss_line = next(line for line in text.splitlines() if "│ loss" in line)
@@ -68,7 +84,7 @@ def test_sparklines_follow_reward_and_loss() -> None:
     assert "█▆▃▁" in loss_line
 
 
-def test_narrow_console_stacks_the_panels() -> None:
+def test_narrow_console_stacks_the_panels(recorded: Any) -> None:
     text = rendered_text(*recorded(width=80))
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "rollouts" in text and "servers" in text
@@ -81,7 +97,7 @@ def test_render_before_any_event_does_not_fail() -> None:
     assert "no weight update yet" in text
 
 
-def test_snapshots_override_logged_counters_and_failures_are_shown() -> None:
+def test_snapshots_override_logged_counters_and_failures_are_shown(recorded: Any) -> None:
     dashboard, console = recorded()
     dashboard.add_snapshot(lambda: {"running": 3, "queue_size": 7})
 
@@ -96,7 +112,7 @@ def test_snapshots_override_logged_counters_and_failures_are_shown() -> None:
     assert "executor gone" in text
 
 
-def test_an_executor_shaped_snapshot_is_understood() -> None:
+def test_an_executor_shaped_snapshot_is_understood(recorded: Any) -> None:
     dashboard, console = recorded()
     executor_snapshot = {
         "version": 5,
@@ -123,13 +139,13 @@ def test_an_executor_shaped_snapshot_is_understood() -> None:
     assert "head_lag 2 · no_recompute 1" in text
 
 
-def test_one_log_line_per_train_step_when_not_a_terminal() -> None:
+def test_one_log_line_per_train_step_when_not_a_terminal(small_run_events: list[Event]) -> None:
     out = io.StringIO()
     console = Console(file=out, width=300, force_terminal=False)
     dashboard = Dashboard(console=console)
     assert dashboard.live is False
     with dashboard:
-        dashboard.feed(read_events(SMALL_LOG))
+        dashboard.feed(small_run_events)
     lines = out.getvalue().splitlines()
     assert len(lines) == 4
     # Step 0 ended 5 s after run_started: 3 steps to go at 5 s each.
@@ -144,21 +160,21 @@ def test_one_log_line_per_train_step_when_not_a_terminal() -> None:
     assert "18.0 gen tok/s" in last
 
 
-def test_nothing_is_printed_before_start() -> None:
+def test_nothing_is_printed_before_start(small_run_events: list[Event]) -> None:
     out = io.StringIO()
     dashboard = Dashboard(console=Console(file=out), live=False)
-    dashboard.feed(read_events(SMALL_LOG))
+    dashboard.feed(small_run_events)
     assert out.getvalue() == ""
 
 
-def test_live_mode_starts_refreshes_and_stops() -> None:
+def test_live_mode_starts_refreshes_and_stops(small_run_events: list[Event]) -> None:
     out = io.StringIO()
     console = Console(file=out, width=140, force_terminal=True)
     dashboard = Dashboard(console=console, refresh_per_second=50)
     assert dashboard.live is True
     assert dashboard.refresh_per_second == MAX_REFRESH_PER_SECOND
     with dashboard:
-        dashboard.feed(read_events(SMALL_LOG))
+        dashboard.feed(small_run_events)
     assert "weight update" in out.getvalue()
 
 
@@ -167,8 +183,20 @@ def test_sink_writes_the_log_then_updates_the_dashboard(tmp_path: Path) -> None:
     dashboard = Dashboard(console=console, live=False)
     log = EventLog(tmp_path / "events.jsonl")
     sink = dashboard.wrap(log)
-    sink.emit("run_started", run="t", steps=2, max_staleness=1, batch_size=1)
-    sink.emit("train_step", step=0, version=0, reward=0.25, loss=1.5)
+    sink.emit(
+        RunStartedEvent(
+            run="t",
+            steps=2,
+            max_staleness=1,
+            batch_size=1,
+            strategy="segment_wise",
+            prox_mode="segment",
+            n_samples=1,
+            max_concurrent=2,
+            server_count=1,
+        )
+    )
+    sink.emit(TrainStepEvent(step=0, version=0, reward=0.25, loss=1.5))
     sink.close()
     logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["type"] for e in logged] == ["run_started", "train_step"]
@@ -176,17 +204,82 @@ def test_sink_writes_the_log_then_updates_the_dashboard(tmp_path: Path) -> None:
     assert "run t" in text and "step 1/2" in text and "0.25" in text
 
 
-def test_bad_fields_never_reach_the_caller() -> None:
+def test_a_display_bug_is_logged_counted_and_shown_not_raised(
+    recorded: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     dashboard, console = recorded()
-    dashboard.emit("batch_taken", head_lags="many", tokens_by_lag=[1, 2], wait_s="slow")
-    dashboard.emit("server_state", index="first")
-    dashboard.emit("weight_update", phases=None, total_s=None)
-    dashboard.emit("something_new", payload=object())
+    # A writer bug the schema catches when a log is read, not when an event is emitted: a
+    # field of the wrong type. Training must go on; the bug must not go unseen.
+    broken = BatchTakenEvent(
+        ts=1014.0,
+        step=4,
+        version=3,
+        rollout_ids=None,  # type: ignore[arg-type]
+        head_lags=[0],
+        tail_lags=[0],
+        tokens_by_lag={},
+        wait_s=0.0,
+    )
+    with caplog.at_level(logging.ERROR, logger="sdp_cli.telemetry.dashboard"):
+        dashboard.emit(broken)
+    assert dashboard.error_count == 1
+    assert dashboard.errors[0].startswith("batch_taken: TypeError")
+    header = " ".join(rendered_text(dashboard, console).split())
+    assert "1 display errors (see the log)" in header
+    (record,) = caplog.records
+    assert record.exc_info is not None
+
+
+def test_a_render_bug_shows_in_place_of_the_dashboard(recorded: Any) -> None:
+    dashboard, _ = recorded()
+    dashboard.emit(TrainStepEvent(ts=1014.0, step=4, version=3, reward="high"))  # type: ignore[arg-type]
+    assert dashboard.error_count == 0  # stored as it came; it breaks only when drawn
+    # What Live shows: the error text, not a frozen screen; and it is counted.
+    shown = dashboard._render_for_live()
+    assert isinstance(shown, Text)
+    assert "dashboard render failed" in shown.plain
+    assert dashboard.error_count == 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FutureEvent(Event):
+    type: ClassVar[str] = "future_event"
+
+
+def test_an_event_the_dashboard_does_not_show_changes_nothing(recorded: Any) -> None:
+    dashboard, console = recorded()
+    before = rendered_text(dashboard, console)
+    dashboard.emit(_FutureEvent(ts=1013.9))
+    assert dashboard.error_count == 0
+    assert rendered_text(dashboard, console) == before
+
+
+def test_a_simulated_runs_log_shows_every_server_and_the_batch_step(
+    simulated_run_log: Path,
+) -> None:
+    console = Console(record=True, width=160, color_system=None)
+    dashboard = Dashboard(console=console, live=False)
+    dashboard.feed(read_events(simulated_run_log))
+    assert list(dashboard.errors) == []
     text = rendered_text(dashboard, console)
-    assert "Traceback" not in text
+    servers = {
+        e.server: e for e in read_events(simulated_run_log) if isinstance(e, ServerStateEvent)
+    }
+    assert sorted(servers) == [0, 1]
+    for index, server in servers.items():
+        # One row per server: index, address, state, version, restarts.
+        row = f"{index} {server.address} {server.state} {server.version} {server.restarts}"
+        assert row in " ".join(text.split()), row
+    (last_batch,) = [e for e in read_events(simulated_run_log) if isinstance(e, BatchTakenEvent)][
+        -1:
+    ]
+    assert last_batch.step == 5
+    assert f"step 5 at v{last_batch.version}" in text
+    assert "v6 · step 6/6 · finished" in text
+    assert "no server reported yet" not in text
 
 
-def test_emitting_from_many_threads_while_rendering() -> None:
+def test_emitting_from_many_threads_while_rendering(recorded: Any) -> None:
     dashboard, console = recorded()
     stop = threading.Event()
 
@@ -199,7 +292,11 @@ def test_emitting_from_many_threads_while_rendering() -> None:
 
     def drop_many() -> None:
         for i in range(200):
-            dashboard.emit("sample_dropped", reason="head_lag", rollout_id=i)
+            dashboard.emit(
+                SampleDroppedEvent(
+                    rollout_id=i, reason="head_lag", point="take", head_lag=3, tail_lag=0, version=3
+                )
+            )
 
     writers = [threading.Thread(target=drop_many) for _ in range(4)]
     for writer in writers:
@@ -208,7 +305,7 @@ def test_emitting_from_many_threads_while_rendering() -> None:
         writer.join()
     stop.set()
     renderer.join()
-    assert dashboard.ignored_errors == 0
+    assert dashboard.error_count == 0
     text = rendered_text(dashboard, console)
     # 4 writers × 200 drops on top of the log's 2.
     assert "802  head_lag 801 · no_recompute 1" in text

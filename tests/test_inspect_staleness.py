@@ -1,4 +1,5 @@
-"""`sdp inspect-staleness` on tests/data/staleness_small.jsonl, a hand-written 4-step run.
+"""`sdp inspect-staleness` on the small run of conftest.py, a 4-step run built through the
+event schema so every number can be computed by hand.
 
 The log (η=2, B=2, max_concurrent=4, segment_wise): rollouts 1-6 submitted at v0, 7-8 at v1,
 9-11 at v2. Batches: [1,2] at v0 (head lags 0,0), [3,5] at v1 (1,1), [7,8] at v2 (1,1),
@@ -12,7 +13,6 @@ holds one event of an unknown type and ends with a truncated line.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,19 +21,15 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.telemetry import report
-
-DATA = Path(__file__).parent / "data"
-SMALL_LOG = DATA / "staleness_small.jsonl"
+from sdp_cli.telemetry.events import event_line
+from sdp_cli.telemetry.schema import RunStartedEvent
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    run = tmp_path / "runs" / "small"
-    run.mkdir(parents=True)
-    shutil.copy(SMALL_LOG, run / "events.jsonl")
-    return run
+def run_dir(small_run_log: Path) -> Path:
+    return small_run_log.parent
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -208,15 +204,40 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path: Path, make, message: str) ->
         assert "Traceback" not in output
 
 
-def test_truncated_last_line_and_garbage_are_skipped(tmp_path: Path) -> None:
+def test_lines_that_are_not_events_of_the_schema_are_skipped_and_counted(tmp_path: Path) -> None:
     lines = [
-        json.dumps({"ts": 1.0, "type": "run_started", "max_staleness": 1}),
+        event_line(
+            RunStartedEvent(
+                ts=1.0,
+                run="r",
+                steps=2,
+                max_staleness=1,
+                batch_size=1,
+                strategy="segment_wise",
+                prox_mode="segment",
+                n_samples=1,
+                max_concurrent=2,
+                server_count=1,
+            )
+        ),
         "not json at all",
         json.dumps({"ts": 2.0, "type": "batch_taken", "version": 0, "head_lags": [0, "x", None]}),
         json.dumps({"ts": 3.0, "type": "train_step"}),  # every field missing
-        json.dumps({"ts": 4.0, "type": "sample_dropped"}),  # no rollout id, reason or point
-        json.dumps({"ts": 5.0, "type": "capacity", "version": "zero", "capacity": None}),
-        '{"ts": 6.0, "type": "train_step", "step": 1, "loss": 0.5, "rew',
+        json.dumps(
+            {
+                "ts": 4.0,
+                "type": "batch_taken",
+                "version": 0,
+                "rollout_ids": [0],
+                "head_lags": [0],
+                "tail_lags": [0],
+                "tokens_by_lag": {"0": 5},
+                "wait_s": 0.5,
+            }
+        ),  # no step: a log written before batch_taken carried it
+        json.dumps({"ts": 5.0, "type": "train_step", "step": 0, "version": 0}),  # older: sparse
+        json.dumps({"ts": 6.0, "type": "capacity", "version": "zero", "capacity": None}),
+        '{"ts": 7.0, "type": "train_step", "step": 1, "loss": 0.5, "rew',
     ]
     run = _log(tmp_path / "run", "\n".join(lines))
     code, output = invoke(str(run), "--json")
@@ -224,15 +245,17 @@ def test_truncated_last_line_and_garbage_are_skipped(tmp_path: Path) -> None:
     data = json.loads(output)
     assert data["steps"] == 1
     assert data["lag_histogram"] == {"0": 1}
-    assert data["dropped_by_reason"] == {"unknown": 1}
-    assert data["skipped_lines"] == 2
+    assert data["tokens_by_lag"] == {"0": 5}
+    # Not JSON, a wrong type, missing required fields (twice), the cut line.
+    assert data["skipped_lines"] == 5
     code, output = invoke(str(run))
     assert code == 0 and "Traceback" not in output
+    assert "skipped 5 line(s)" in output
 
 
 def test_follow_refreshes_until_ctrl_c(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = run_dir / "events.jsonl"
-    complete = SMALL_LOG.read_text().splitlines(keepends=True)[:-1]  # without the cut line
+    complete = log.read_text().splitlines(keepends=True)[:-1]  # without the cut line
     log.write_text("".join(complete[:10]) + complete[10][:15])  # ends mid-line
     polls: list[int] = []
 

@@ -27,6 +27,7 @@ from sdp_cli.inference import InferenceClient, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
 from sdp_cli.telemetry.events import EventLog, read_events
+from sdp_cli.telemetry.schema import ServerStateEvent
 
 # ---- the fake server (runs in its own process) -------------------------------------------
 
@@ -166,6 +167,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
 FleetFactory = Callable[..., ServerFleet]
 
 
+def server_states(log: Path) -> list[ServerStateEvent]:
+    return [e for e in read_events(log) if isinstance(e, ServerStateEvent)]
+
+
 @pytest.fixture
 def fake_fleet(tmp_path: Path, tiny_model_dir: Path) -> Iterator[FleetFactory]:
     fleets: list[ServerFleet] = []
@@ -229,10 +234,17 @@ def test_an_exited_server_is_restarted_with_the_current_weights_and_version(
     wait_for(lambda: read_registry(fleet.registry_path)[0].state == "ready")
     registry = read_registry(fleet.registry_path)
     assert registry[0].pid == new.pid and registry[0].restarts == 1
-    restarting = [
-        e for e in read_events(tmp_path / "run" / "events.jsonl") if e["state"] == "restarting"
-    ]
-    assert restarting and "exited" in restarting[0]["reason"]
+    log = tmp_path / "run" / "events.jsonl"
+    restarting = [e for e in server_states(log) if e.state == "restarting"]
+    assert restarting and "exited" in (restarting[0].reason or "")
+
+    # What the dashboard's servers panel shows: server 0 back, ready, at v3, one restart. The
+    # event, like the registry, is written by the pool's listener just after the pool changes.
+    def last_of_server_0() -> tuple[str, int | None, int, str | None]:
+        last = [e for e in server_states(log) if e.server == 0][-1]
+        return (last.state, last.version, last.restarts, last.node)
+
+    wait_for(lambda: last_of_server_0() == ("ready", 3, 1, None))
 
 
 def test_a_hung_server_is_killed_and_restarted(fake_fleet: FleetFactory, tmp_path: Path) -> None:
@@ -244,7 +256,7 @@ def test_a_hung_server_is_killed_and_restarted(fake_fleet: FleetFactory, tmp_pat
     wait_for(lambda: fleet.pool.status(0).restarts == 1 and fleet.pool.status(0).state == "ready")
     assert fleet.process(0).pid != old.pid
     assert not group_alive(old.pgid)
-    reasons = [e.get("reason", "") for e in read_events(tmp_path / "run" / "events.jsonl")]
+    reasons = [e.reason or "" for e in server_states(tmp_path / "run" / "events.jsonl")]
     assert any("no answer on /health" in r for r in reasons)
 
 

@@ -21,6 +21,7 @@ from sdp_cli.inference import Completion, InferenceClient, SamplingParams, Serve
 from sdp_cli.launcher import ServerFleet, read_registry
 from sdp_cli.launcher.process import group_alive
 from sdp_cli.telemetry.events import read_events
+from sdp_cli.telemetry.schema import ServerStateEvent
 
 pytestmark = pytest.mark.vllm
 
@@ -101,7 +102,7 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
         version,
     )
     events = list(read_events(vllm_fleet.run_dir / "events.jsonl"))
-    assert any(e["type"] == "server_state" and e["state"] == "restarting" for e in events)
+    assert any(isinstance(e, ServerStateEvent) and e.state == "restarting" for e in events)
 
 
 def test_ctrl_c_of_launch_servers_leaves_no_process_behind(

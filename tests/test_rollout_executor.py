@@ -22,20 +22,14 @@ from sdp_cli.rollout.executor import (
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.simulate.clock import VirtualTimeLoop
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def emit(self, type: str, **fields: Any) -> None:
-        with self._lock:
-            self.events.append({"type": type, **fields})
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e["type"] == kind]
+from sdp_cli.telemetry.events import EventRecorder
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    CapacityEvent,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    SampleDroppedEvent,
+)
 
 
 def trajectory(versions: list[int], reward: float = 1.0) -> Trajectory:
@@ -88,7 +82,7 @@ def rollout_cfg(**overrides: Any) -> RolloutConfig:
 
 def executor_for(
     workflow: Any,
-    sink: RecordingSink | None = None,
+    sink: EventRecorder | None = None,
     prox_mode: ProxMode = ProxMode.loglinear,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     **cfg: Any,
@@ -128,7 +122,7 @@ def started() -> Any:
 
 
 def test_take_serves_b_groups_in_order_and_stop_returns_the_untaken(started: Any) -> None:
-    sink = RecordingSink()
+    sink = EventRecorder()
     holder: dict[str, RolloutExecutor] = {}
     workflow = SegmentedWorkflow(lambda: holder["ex"].version)
     ex = holder["ex"] = executor_for(workflow, sink, max_staleness=1, batch_size=2)
@@ -144,10 +138,10 @@ def test_take_serves_b_groups_in_order_and_stop_returns_the_untaken(started: Any
     assert snap["running"] == 0
     assert conservation_holds(snap)
     assert ex.stop() == []
-    taken = sink.of("batch_taken")
-    assert taken[0]["rollout_ids"] == [0, 1]
-    assert taken[0]["tokens_by_lag"] == {"0": 8}
-    assert len(sink.of("rollout_submitted")) == 4
+    taken = sink.of(BatchTakenEvent)
+    assert taken[0].rollout_ids == [0, 1]
+    assert taken[0].tokens_by_lag == {"0": 8}
+    assert len(sink.of(RolloutSubmittedEvent)) == 4
 
 
 def test_take_timeout_shows_the_counters(started: Any) -> None:
@@ -188,7 +182,7 @@ def test_pause_stops_new_submissions_and_new_segments(started: Any) -> None:
 
 
 def test_version_change_purges_stale_groups(started: Any) -> None:
-    sink = RecordingSink()
+    sink = EventRecorder()
     holder: dict[str, RolloutExecutor] = {}
     workflow = SegmentedWorkflow(lambda: holder["ex"].version)
     ex = holder["ex"] = executor_for(
@@ -198,8 +192,8 @@ def test_version_change_purges_stale_groups(started: Any) -> None:
     wait_until(lambda: ex.snapshot()["queue_size"] == 2)
     ex.pause()
     assert ex.set_version(1) == 2
-    dropped = sink.of("sample_dropped")
-    assert [(e["point"], e["reason"], e["head_lag"]) for e in dropped] == [
+    dropped = sink.of(SampleDroppedEvent)
+    assert [(e.point, e.reason, e.head_lag) for e in dropped] == [
         ("purge", "head_lag", 1),
         ("purge", "head_lag", 1),
     ]
@@ -374,7 +368,7 @@ def test_none_and_errors_are_rejected_and_the_rest_flows(started: Any) -> None:
                 raise RuntimeError("reward function crashed")
             return RolloutGroup(rollout_id, [trajectory([executor_version])])
 
-    sink = RecordingSink()
+    sink = EventRecorder()
     ex = started(executor_for(FlakyWorkflow(), sink, batch_size=2, max_staleness=0))
     batch = ex.take(2, timeout=5)
     assert [g.rollout_id for g in batch] == [0, 3]
@@ -382,8 +376,8 @@ def test_none_and_errors_are_rejected_and_the_rest_flows(started: Any) -> None:
     assert snap["rejected_by_reason"]["no_group"] >= 1
     assert snap["rejected_by_reason"]["error"] >= 1
     assert conservation_holds(snap)
-    errors = [e for e in sink.of("rollout_finished") if e["reason"] == "error"]
-    assert "reward function crashed" in errors[0]["error"]
+    errors = [e for e in sink.of(RolloutFinishedEvent) if e.reason == "error"]
+    assert "reward function crashed" in (errors[0].error or "")
 
 
 def test_a_workflow_that_always_fails_fails_take_fast(started: Any) -> None:
@@ -444,7 +438,7 @@ def test_restore_continues_ids_and_bound(started: Any) -> None:
 
 
 def test_capacity_events_carry_every_term_and_are_rate_limited(started: Any) -> None:
-    sink = RecordingSink()
+    sink = EventRecorder()
     workflow = SegmentedWorkflow(lambda: 0, delay=lambda: 0.001)
     ex = RolloutExecutor(
         workflow, rollout_cfg(max_staleness=50), events=sink, capacity_interval_s=60.0
@@ -452,12 +446,10 @@ def test_capacity_events_carry_every_term_and_are_rate_limited(started: Any) -> 
     started(ex)
     wait_until(lambda: ex.snapshot()["accepted_total"] >= 20)
     ex.stop()
-    events = sink.of("capacity")
+    events = sink.of(CapacityEvent)
     # The first change, then (rate limited for 60 s) only the final state at shutdown.
     assert len(events) == 2
-    assert events[-1]["accepted_live"] == ex.snapshot()["accepted_live"]
-    for key in ("staleness_limit", "concurrency_room", "staleness_room", "capacity", "queue_size"):
-        assert key in events[0]
+    assert events[-1].accepted_live == ex.snapshot()["accepted_live"]
 
 
 def test_random_schedule_keeps_the_bound_and_conservation(started: Any) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from sdp_cli.config.schema import ProxMode
@@ -17,17 +15,8 @@ from sdp_cli.rollout.strategy import (
     make_strategy,
 )
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, type: str, **fields: Any) -> None:
-        self.events.append({"type": type, **fields})
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == kind]
+from sdp_cli.telemetry.events import EventRecorder
+from sdp_cli.telemetry.schema import BatchTakenEvent, RolloutFinishedEvent, SampleDroppedEvent
 
 
 def group(*token_versions: list[int], recompute_version: int = -1, rid: int = 0) -> RolloutGroup:
@@ -54,8 +43,8 @@ def control(
     concurrent: int = 100,
     strategy: str = "segment_wise",
     prox_mode: ProxMode = ProxMode.segment,
-) -> tuple[StalenessControl, RecordingSink]:
-    sink = RecordingSink()
+) -> tuple[StalenessControl, EventRecorder]:
+    sink = EventRecorder()
     manager = StalenessManager(max_staleness=eta, batch_size=batch, max_concurrent=concurrent)
     return StalenessControl(manager, make_strategy(strategy, eta, prox_mode), sink), sink
 
@@ -135,21 +124,20 @@ def test_drop_at_finish_never_enters_the_buffer_and_emits_one_event() -> None:
     assert snap["dropped"] == {"head_lag": 1}
     assert snap["rejected"] == 0
     assert conservation_holds(snap)
-    (event,) = sink.of("sample_dropped")
-    assert event == {
-        "type": "sample_dropped",
-        "rollout_id": rid,
-        "reason": "head_lag",
-        "point": "finish",
-        "head_lag": 1,
-        "tail_lag": 0,
-        "version": 1,
-        "head_version": 0,
-        "tail_version": 1,
-    }
-    (finished,) = sink.of("rollout_finished")
-    assert finished["accepted"] is False
-    assert finished["reason"] == "head_lag"
+    (event,) = sink.of(SampleDroppedEvent)
+    assert event == SampleDroppedEvent(
+        rollout_id=rid,
+        reason="head_lag",
+        point="finish",
+        head_lag=1,
+        tail_lag=0,
+        version=1,
+        head_version=0,
+        tail_version=1,
+    )
+    (finished,) = sink.of(RolloutFinishedEvent)
+    assert finished.accepted is False
+    assert finished.reason == "head_lag"
 
 
 def test_version_change_purges_the_whole_buffer_and_survivors_keep_order() -> None:
@@ -167,8 +155,8 @@ def test_version_change_purges_the_whole_buffer_and_survivors_keep_order() -> No
     dropped = core.set_version(2)
     assert dropped == 2
     assert [e.rollout_id for e in core.buffered()] == [ids[1], ids[3], ids[4]]
-    events = sink.of("sample_dropped")
-    assert [(e["rollout_id"], e["point"], e["head_lag"]) for e in events] == [
+    events = sink.of(SampleDroppedEvent)
+    assert [(e.rollout_id, e.point, e.head_lag) for e in events] == [
         (ids[0], "purge", 2),
         (ids[2], "purge", 2),
     ]
@@ -185,8 +173,8 @@ def test_take_returns_oldest_valid_groups_and_filters_stale_ones() -> None:
     core.manager.set_version(2)
     assert core.take(2) is None
     assert core.buffer_size == 0
-    events = sink.of("sample_dropped")
-    assert {e["point"] for e in events} == {"take"}
+    events = sink.of(SampleDroppedEvent)
+    assert {e.point for e in events} == {"take"}
     assert core.snapshot()["dropped"] == {"head_lag": 4}
     assert conservation_holds(core.snapshot())
 
@@ -198,16 +186,20 @@ def test_take_waits_for_a_full_batch_without_losing_order() -> None:
     core.finish(ids[1], group([0]))  # type: ignore[arg-type]
     assert core.take(3) is None
     core.finish(ids[2], group([0]))  # type: ignore[arg-type]
-    batch = core.take(3, wait_s=1.5)
+    batch = core.take(3, wait_s=1.5, step=7)
     assert batch is not None
     assert [g.rollout_id for g in batch] == ids
     assert core.snapshot()["consumed"] == 3
-    (taken,) = sink.of("batch_taken")
-    assert taken["rollout_ids"] == ids
-    assert taken["head_lags"] == [0, 0, 0]
-    assert taken["tail_lags"] == [0, 0, 0]
-    assert taken["tokens_by_lag"] == {"0": 3}
-    assert taken["wait_s"] == 1.5
+    (taken,) = sink.of(BatchTakenEvent)
+    assert taken == BatchTakenEvent(
+        step=7,
+        version=0,
+        rollout_ids=ids,  # type: ignore[arg-type]
+        head_lags=[0, 0, 0],
+        tail_lags=[0, 0, 0],
+        tokens_by_lag={"0": 3},
+        wait_s=1.5,
+    )
 
 
 def test_a_group_with_no_samples_is_rejected_not_dropped() -> None:
@@ -220,7 +212,7 @@ def test_a_group_with_no_samples_is_rejected_not_dropped() -> None:
     assert snap["rejected_by_reason"] == {"no_group": 1, "error": 1}
     assert snap["dropped_total"] == 0
     assert conservation_holds(snap)
-    assert sink.of("rollout_finished")[1]["error"] == "ValueError: boom"
+    assert sink.of(RolloutFinishedEvent)[1].error == "ValueError: boom"
 
 
 def test_finish_event_carries_versions_lags_tokens_segments_and_reward() -> None:
@@ -232,43 +224,30 @@ def test_finish_event_carries_versions_lags_tokens_segments_and_reward() -> None
     finished.samples[0].reward = 1.0
     finished.samples[0].n_segments = 2
     core.finish(rid, finished)
-    event = sink.of("rollout_finished")[0]
-    assert event == {
-        "type": "rollout_finished",
-        "rollout_id": rid,
-        "version": 1,
-        "accepted": True,
-        "reason": None,
-        "head_version": 0,
-        "tail_version": 1,
-        "head_lag": 1,
-        "tail_lag": 0,
-        "n_tokens": 5,
-        "n_segments": 2,
-        "reward": 0.5,
-    }
+    event = sink.of(RolloutFinishedEvent)[0]
+    assert event == RolloutFinishedEvent(
+        rollout_id=rid,
+        version=1,
+        accepted=True,
+        reason=None,
+        head_version=0,
+        tail_version=1,
+        head_lag=1,
+        tail_lag=0,
+        n_tokens=5,
+        n_segments=2,
+        reward=0.5,
+    )
     assert finished.submit_version == 0
 
 
 @pytest.mark.parametrize("strategy", ["standard", "segment_wise"])
-def test_capacity_fields_hold_every_term(strategy: str) -> None:
+def test_the_capacity_event_holds_the_managers_terms(strategy: str) -> None:
     core, _ = control(strategy=strategy)
     core.admit()
-    fields = core.capacity_fields()
-    for key in (
-        "version",
-        "max_concurrent",
-        "running",
-        "accepted_live",
-        "staleness_limit",
-        "concurrency_room",
-        "staleness_room",
-        "capacity",
-        "submitted",
-        "rejected",
-        "dropped_total",
-        "consumed",
-        "queue_size",
-    ):
-        assert key in fields
-    assert fields["running"] == 1
+    event = core.capacity_event()
+    snap = core.snapshot()
+    for key, value in event.fields_dict().items():
+        expected = core.buffer_size if key == "queue_size" else snap[key]
+        assert value == expected, key
+    assert event.running == 1

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import replace
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,17 @@ from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.config.schema import ProxMode, Strategy
 from sdp_cli.simulate import parse_sweep, run_simulation
 from sdp_cli.simulate.clock import VirtualTimeLoop
+from sdp_cli.telemetry.events import EventRecorder
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    ProximalRecomputeEvent,
+    RolloutFinishedEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    ServerStateEvent,
+    TrainStepEvent,
+    parse_event,
+)
 
 runner = CliRunner()
 
@@ -37,14 +49,6 @@ REQUIRED_KEYS = (
     "samples_per_s",
     "wall_s",
 )
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, type: str, **fields: Any) -> None:
-        self.events.append({"type": type, **fields})
 
 
 def simulate(*overrides: str, events: Any = None) -> dict[str, Any]:
@@ -101,13 +105,13 @@ def test_summary_counts_are_consistent() -> None:
 
 
 def test_weight_updates_split_completions_into_segments_of_increasing_version() -> None:
-    sink = RecordingSink()
+    sink = EventRecorder()
     result = simulate("train.steps=10", events=sink)
     assert result["segments_aborted"] > 0
-    finished = [e for e in sink.events if e["type"] == "rollout_finished" and e["accepted"]]
-    spanning = [e for e in finished if e["tail_version"] > e["head_version"]]
+    finished = [e for e in sink.of(RolloutFinishedEvent) if e.accepted]
+    spanning = [e for e in finished if (e.tail_version or 0) > (e.head_version or 0)]
     assert spanning, "no completion continued across a weight update"
-    assert all(e["n_segments"] >= 2 for e in spanning)
+    assert all(e.n_segments >= 2 for e in spanning)
 
 
 @pytest.mark.parametrize("strategy", ["standard", "segment_wise"])
@@ -258,6 +262,7 @@ def test_cli_sweep_prints_one_row_per_value() -> None:
         ["--sweep", "rollout.max_staleness"],
         ["--sweep", "rollout.max_staleness=1,x"],
         ["--sweep", "rollout.nope=1,2"],
+        ["--run-dir", "unused", "--sweep", "rollout.max_staleness=1,2"],
     ],
 )
 def test_cli_bad_input_exits_2(args: list[str]) -> None:
@@ -275,7 +280,7 @@ def test_no_sample_that_needed_the_proximal_recompute_misses_it(seed: int) -> No
     """Long completions finish while the update is under way; with early scoring off the
     update's own passes must cover them all (a single pass before the abort missed 12-16 of
     them per run with these settings)."""
-    sink = RecordingSink()
+    sink = EventRecorder()
     result = simulate(
         "simulate.mean_new_tokens=64",
         "rollout.recompute_early=false",
@@ -283,8 +288,24 @@ def test_no_sample_that_needed_the_proximal_recompute_misses_it(seed: int) -> No
         events=sink,
     )
     assert result["recompute_missed"] == 0
-    recomputes = [e for e in sink.events if e["type"] == "proximal_recompute"]
+    recomputes = sink.of(ProximalRecomputeEvent)
     assert len(recomputes) == result["steps"]
-    assert all(e["settled"] for e in recomputes)
+    assert all(e.settled for e in recomputes)
     # The second pass had work to do: samples did finish during updates.
-    assert sum(e["late_samples"] for e in recomputes) > 0
+    assert sum(e.late_samples for e in recomputes) > 0
+
+
+def test_cli_run_dir_writes_a_run_log_that_inspect_staleness_reads(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sim"
+    result = runner.invoke(app, ["simulate", "--run-dir", str(run_dir), "train.steps=3"])
+    assert result.exit_code == 0, result.output
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    events = [parse_event(json.loads(line), strict=True) for line in lines]
+    kinds = {type(e) for e in events}
+    assert {RunStartedEvent, ServerStateEvent, BatchTakenEvent, TrainStepEvent} <= kinds
+    assert isinstance(events[0], RunStartedEvent) and events[0].mode == "simulate"
+    assert isinstance(events[-1], RunFinishedEvent) and events[-1].steps == 3
+    assert [e.step for e in events if isinstance(e, BatchTakenEvent)] == [0, 1, 2]
+    report = runner.invoke(app, ["inspect-staleness", str(run_dir), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["steps"] == 3

@@ -7,74 +7,111 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sdp_cli.telemetry.events import EventLog, EventTail, parse_event_line, read_events
+from sdp_cli.telemetry.events import (
+    EventLog,
+    EventTail,
+    event_line,
+    parse_event_line,
+    read_events,
+)
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    RolloutSubmittedEvent,
+    ServerStateEvent,
+)
 
 
-def test_parse_event_line_accepts_only_typed_objects() -> None:
-    assert parse_event_line('{"ts": 1, "type": "capacity"}') == {"ts": 1, "type": "capacity"}
-    for line in ("", "   ", "[1]", '"text"', '{"ts": 1}', '{"type": 3}', '{"type": "x"'):
-        assert parse_event_line(line) is None, line
+def submitted(rollout_id: int, ts: float = 1.0) -> str:
+    return event_line(RolloutSubmittedEvent(ts=ts, rollout_id=rollout_id, version=0)) + "\n"
+
+
+def test_parse_event_line_gives_the_typed_event_or_none() -> None:
+    line = '{"ts": 1, "type": "rollout_submitted", "rollout_id": 4, "version": 0}'
+    assert parse_event_line(line) == RolloutSubmittedEvent(ts=1.0, rollout_id=4, version=0)
+    not_events = ("", "   ", "[1]", '"text"', '{"ts": 1}', '{"type": 3}', '{"type": "x"')
+    unknown_or_misfit = ('{"type": "x"}', '{"type": "rollout_submitted", "version": 0}')
+    for text in (*not_events, *unknown_or_misfit):
+        assert parse_event_line(text) is None, text
 
 
 def test_read_events_survives_a_write_cut_inside_a_utf8_character(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    good = json.dumps({"ts": 1.0, "type": "run_started", "run": "η"}, ensure_ascii=False)
+    good = json.dumps(
+        {"ts": 1.0, "type": "server_state", "server": 0, "address": "η:1", "state": "ready"},
+        ensure_ascii=False,
+    )
     cut = json.dumps({"ts": 2.0, "type": "x", "note": "η"}, ensure_ascii=False).encode()[:-4]
     path.write_bytes(good.encode() + b"\n" + cut)
-    assert [e["type"] for e in read_events(path)] == ["run_started"]
+    (event,) = read_events(path)
+    assert isinstance(event, ServerStateEvent) and event.address == "η:1"
 
 
 def test_tail_holds_back_a_half_written_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    first = json.dumps({"ts": 1.0, "type": "a"}) + "\n"
-    second = json.dumps({"ts": 2.0, "type": "b"}) + "\n"
+    first, second = submitted(1), submitted(2)
     path.write_text(first + second[:7])
     tail = EventTail(path)
-    assert [e["type"] for e in tail.poll().events] == ["a"]
+    assert [e.rollout_id for e in tail.poll().events] == [1]
     assert tail.poll().events == []
     with path.open("a") as handle:
         handle.write(second[7:])
-    assert [e["type"] for e in tail.poll().events] == ["b"]
+    assert [e.rollout_id for e in tail.poll().events] == [2]
     assert tail.skipped_lines == 0
 
 
-def test_tail_final_poll_counts_a_truncated_last_line(tmp_path: Path) -> None:
+def test_tail_counts_unreadable_lines_and_unknown_types_apart(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    path.write_text('{"ts": 1.0, "type": "a"}\nnot json\n{"ts": 2.0, "ty')
+    path.write_text(
+        submitted(1) + "not json\n" + '{"ts": 1.5, "type": "from_the_future"}\n'
+        '{"ts": 1.6, "type": "rollout_submitted", "rollout_id": "one", "version": 0}\n'
+        '{"ts": 2.0, "ty'
+    )
     tail = EventTail(path)
     read = tail.poll(final=True)
-    assert [e["type"] for e in read.events] == ["a"]
-    assert tail.skipped_lines == 2
+    assert [e.rollout_id for e in read.events] == [1]
+    # Not JSON, a wrongly typed field, the truncated last line.
+    assert tail.skipped_lines == 3
+    assert tail.unknown_events == 1
 
 
 def test_tail_restarts_when_the_file_shrinks(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    path.write_text('{"ts": 1.0, "type": "a"}\n{"ts": 2.0, "type": "b"}\n')
+    path.write_text(submitted(1) + submitted(2))
     tail = EventTail(path)
     assert len(tail.poll().events) == 2
-    path.write_text('{"ts": 3.0, "type": "c"}\n')
+    path.write_text(submitted(3))
     read = tail.poll()
     assert read.restarted
-    assert [e["type"] for e in read.events] == ["c"]
+    assert [e.rollout_id for e in read.events] == [3]
 
 
 def test_event_log_lines_are_read_back(tmp_path: Path) -> None:
     path = tmp_path / "run" / "events.jsonl"
+    written = BatchTakenEvent(
+        step=0,
+        version=1,
+        rollout_ids=[4, 5],
+        head_lags=[0, 1],
+        tail_lags=[0, 0],
+        tokens_by_lag={"0": 3},
+        wait_s=0,
+    )
     with EventLog(path) as log:
-        log.emit("batch_taken", step=0, head_lags=(0, 1), tokens_by_lag={"0": 3})
+        log.emit(written)
     (event,) = read_events(path)
-    assert event["type"] == "batch_taken"
-    assert event["head_lags"] == [0, 1]
-    assert isinstance(event["ts"], float)
+    assert isinstance(event, BatchTakenEvent)
+    assert isinstance(event.ts, float)
+    assert event == BatchTakenEvent(**{**written.fields_dict(), "ts": event.ts})
+    # An int where the schema says float is read back as a float.
+    assert isinstance(event.wait_s, float)
 
 
 def test_tail_reads_lines_split_across_chunks(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    lines = [json.dumps({"ts": float(i), "type": "capacity", "running": i}) for i in range(50)]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(submitted(i, ts=float(i)) for i in range(50)))
     tail = EventTail(path)
     tail.CHUNK_BYTES = 7  # far shorter than a line
-    assert [e["running"] for e in tail.poll().events] == list(range(50))
+    assert [e.rollout_id for e in tail.poll().events] == list(range(50))
     assert tail.skipped_lines == 0
 
 

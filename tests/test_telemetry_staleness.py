@@ -4,59 +4,88 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    CapacityEvent,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    RunStartedEvent,
+    SampleDroppedEvent,
+    TrainStepEvent,
+)
 from sdp_cli.telemetry.staleness import summarize
 from sdp_cli.telemetry.widgets import format_duration, format_rate, sparkline
 
 
-def run_started(**overrides: Any) -> dict[str, Any]:
-    fields = {"max_staleness": 1, "batch_size": 2, "max_concurrent": 8, "strategy": "segment_wise"}
-    return {"ts": 0.0, "type": "run_started", **fields, **overrides}
-
-
-def finished(rollout_id: int, version: int, accepted: bool, reason: str | None = None) -> dict:
-    return {
-        "ts": 1.0,
-        "type": "rollout_finished",
-        "rollout_id": rollout_id,
-        "version": version,
-        "accepted": accepted,
-        "reason": reason,
+def run_started(**overrides: Any) -> RunStartedEvent:
+    fields: dict[str, Any] = {
+        "ts": 0.0,
+        "run": "t",
+        "steps": 4,
+        "max_staleness": 1,
+        "batch_size": 2,
+        "max_concurrent": 8,
+        "strategy": "segment_wise",
+        "prox_mode": "segment",
+        "n_samples": 1,
+        "server_count": 1,
     }
+    return RunStartedEvent(**{**fields, **overrides})
 
 
-def dropped(rollout_id: int, version: int, reason: str, point: str) -> dict:
-    return {
-        "ts": 1.0,
-        "type": "sample_dropped",
-        "rollout_id": rollout_id,
-        "version": version,
-        "reason": reason,
-        "point": point,
-    }
+def finished(
+    rollout_id: int, version: int, accepted: bool, reason: str | None = None
+) -> RolloutFinishedEvent:
+    return RolloutFinishedEvent(
+        ts=1.0, rollout_id=rollout_id, version=version, accepted=accepted, reason=reason
+    )
 
 
-def batch(version: int, head_lags: list[int], wait_s: float = 0.0) -> dict:
-    return {
-        "ts": 2.0,
-        "type": "batch_taken",
-        "version": version,
-        "rollout_ids": list(range(len(head_lags))),
-        "head_lags": head_lags,
-        "tail_lags": [0] * len(head_lags),
-        "tokens_by_lag": {},
-        "wait_s": wait_s,
-    }
+def dropped(rollout_id: int, version: int, reason: str, point: str) -> SampleDroppedEvent:
+    return SampleDroppedEvent(
+        ts=1.0,
+        rollout_id=rollout_id,
+        version=version,
+        reason=reason,
+        point=point,
+        head_lag=0,
+        tail_lag=0,
+    )
 
 
-def capacity(conc_room: int, stale_room: int) -> dict:
-    return {
-        "ts": 1.5,
-        "type": "capacity",
-        "version": 0,
-        "concurrency_room": conc_room,
-        "staleness_room": stale_room,
-        "capacity": max(0, min(conc_room, stale_room)),
-    }
+def batch(version: int, head_lags: list[int], wait_s: float = 0.0) -> BatchTakenEvent:
+    return BatchTakenEvent(
+        ts=2.0,
+        version=version,
+        rollout_ids=list(range(len(head_lags))),
+        head_lags=head_lags,
+        tail_lags=[0] * len(head_lags),
+        tokens_by_lag={},
+        wait_s=wait_s,
+    )
+
+
+def capacity(conc_room: int, stale_room: int, ts: float = 1.5) -> CapacityEvent:
+    return CapacityEvent(
+        ts=ts,
+        version=0,
+        max_concurrent=8,
+        running=8 - conc_room,
+        accepted_live=0,
+        staleness_limit=8,
+        concurrency_room=conc_room,
+        staleness_room=stale_room,
+        capacity=max(0, min(conc_room, stale_room)),
+        submitted=0,
+        rejected=0,
+        dropped_total=0,
+        consumed=0,
+        queue_size=0,
+    )
+
+
+def train_step(step_s: float, ts: float = 3.0) -> TrainStepEvent:
+    return TrainStepEvent(ts=ts, step=0, version=0, step_s=step_s)
 
 
 def test_a_drop_logged_twice_counts_once_with_the_dedicated_event_winning() -> None:
@@ -87,7 +116,7 @@ def test_tight_bound_on_staleness_names_max_staleness() -> None:
         capacity(conc_room=3, stale_room=0),
         capacity(conc_room=0, stale_room=2),
         batch(0, [0, 0], wait_s=8.0),
-        {"ts": 3.0, "type": "train_step", "step": 0, "step_s": 2.0},
+        train_step(step_s=2.0),
     ]
     (advice,) = summarize(events).advice
     assert advice.kind == "tight"
@@ -104,14 +133,11 @@ def test_tight_bound_with_room_to_spare_points_at_generation() -> None:
 def test_loose_bound_suggests_lowering_concurrency() -> None:
     events = [
         run_started(),
-        *(
-            {"ts": 0.5, "type": "rollout_submitted", "rollout_id": i, "version": 0}
-            for i in range(10)
-        ),
+        *(RolloutSubmittedEvent(ts=0.5, rollout_id=i, version=0) for i in range(10)),
         dropped(1, 1, "head_lag", "purge"),
         dropped(2, 1, "head_lag", "purge"),
         batch(1, [1, 1], wait_s=0.0),
-        {"ts": 3.0, "type": "train_step", "step": 0, "step_s": 2.0},
+        train_step(step_s=2.0),
     ]
     (advice,) = summarize(events).advice
     assert advice.kind == "loose"
@@ -136,19 +162,12 @@ def test_standard_strategy_lag_beyond_eta_is_reported() -> None:
 
 
 def test_a_quiet_run_gets_no_warning() -> None:
-    events = [run_started(), batch(0, [0, 0], wait_s=0.1), {"type": "train_step", "step_s": 1.0}]
+    events = [run_started(), batch(0, [0, 0], wait_s=0.1), train_step(step_s=1.0)]
     assert summarize(events).advice == []
 
 
-def test_events_without_a_version_count_in_totals_only() -> None:
-    summary = summarize([{"type": "rollout_submitted"}, {"type": "batch_taken", "head_lags": [0]}])
-    assert summary.submitted == 1
-    assert summary.consumed == 1
-    assert summary.per_version == []
-
-
 def test_wall_time_falls_back_to_the_event_span() -> None:
-    summary = summarize([{"ts": 10.0, "type": "run_started"}, {"ts": 12.5, "type": "capacity"}])
+    summary = summarize([run_started(ts=10.0), capacity(4, 4, ts=12.5)])
     assert summary.time.wall_s == 2.5
     assert not summary.finished
 
@@ -160,5 +179,8 @@ def test_widgets() -> None:
     assert format_duration(75) == "1m15s"
     assert format_duration(7300) == "2h01m"
     assert format_duration(None) == "—"
+    # A tiny model's optimizer step: milliseconds, not "0.0s".
+    assert format_duration(0.031) == "31ms"
+    assert format_duration(2.25) == "2.2s"
     assert format_rate(2400.0) == "2.4k"
     assert format_rate(12.345) == "12.3"

@@ -9,16 +9,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import psutil
 import pytest
 from omegaconf import OmegaConf
+from rich.console import Console
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.launcher.devices import split_cpu_cores
+from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import read_events
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    Event,
+    RunStartedEvent,
+    ServerStateEvent,
+    TrainStepEvent,
+    WeightUpdateEvent,
+    parse_event,
+)
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()
@@ -31,8 +42,31 @@ SMALL = [
 ]
 
 
-def events_of(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(run_dir / "events.jsonl") if e["type"] == kind]
+E = TypeVar("E", bound=Event)
+
+
+def events_of(run_dir: Path, kind: type[E]) -> list[E]:
+    return [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, kind)]
+
+
+def schema_checked_log(run_dir: Path) -> list[Event]:
+    """Every line of the run log, parsed strictly: a known type, every field declared by the
+    schema and of its type."""
+    events = []
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        event = parse_event(json.loads(line), strict=True)
+        assert event is not None, f"unknown event type: {line}"
+        events.append(event)
+    return events
+
+
+def rendered_dashboard(events: list[Event]) -> str:
+    console = Console(record=True, width=160, color_system=None)
+    dashboard = Dashboard(console=console, live=False)
+    dashboard.feed(events)
+    assert list(dashboard.errors) == []
+    console.print(dashboard.render())
+    return " ".join(console.export_text().split())
 
 
 def train(run_dir: Path, *overrides: str) -> None:
@@ -53,21 +87,30 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
         assert (
             f"VLLM_CPU_OMP_THREADS_BIND='{bind}'" in (run_dir / "logs" / "server-0.log").read_text()
         )
-    steps = events_of(run_dir, "train_step")
-    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
-    batches = events_of(run_dir, "batch_taken")
-    assert len(batches) == 5
+    events = schema_checked_log(run_dir)
+    steps = events_of(run_dir, TrainStepEvent)
+    assert [s.step for s in steps] == [0, 1, 2, 3, 4]
+    batches = events_of(run_dir, BatchTakenEvent)
+    # Each batch names the trainer step it was taken for.
+    assert [b.step for b in batches] == [0, 1, 2, 3, 4]
     for batch in batches:
-        assert len(batch["head_lags"]) == 4
+        assert len(batch.head_lags) == 4
         # Lag = trained version − token version: never negative (no token newer than the
         # version trained) and never beyond η.
-        assert all(0 <= lag <= 1 for lag in batch["head_lags"] + batch["tail_lags"])
-        assert all(0 <= int(lag) <= 1 for lag in batch["tokens_by_lag"])
-    updates = events_of(run_dir, "weight_update")
-    assert [u["version"] for u in updates] == [1, 2, 3, 4, 5]
-    assert {"pause_s", "recompute_s", "export_s", "reload_s", "resume_s"} <= set(
-        updates[0]["phases"]
-    )
+        assert all(0 <= lag <= 1 for lag in batch.head_lags + batch.tail_lags)
+        assert all(0 <= int(lag) <= 1 for lag in batch.tokens_by_lag)
+    updates = events_of(run_dir, WeightUpdateEvent)
+    assert [u.version for u in updates] == [1, 2, 3, 4, 5]
+    assert {"pause_s", "recompute_s", "export_s", "reload_s", "resume_s"} <= set(updates[0].phases)
+    # The dashboard of this run: every server (address, state, version, restarts), the step.
+    shown = rendered_dashboard(events)
+    servers = {e.server: e for e in events if isinstance(e, ServerStateEvent)}
+    assert servers
+    for index, server in servers.items():
+        assert (
+            f"{index} {server.address} {server.state} {server.version} {server.restarts}" in shown
+        )
+    assert "step 4 at v4" in shown
     assert (run_dir / "weights" / "v5" / "model.safetensors").is_file()
 
     inspected = runner.invoke(app, ["inspect-staleness", str(run_dir), "--json"])
@@ -80,9 +123,10 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
 def test_eta_zero_trains_only_tokens_of_the_version_being_trained(tmp_path: Path) -> None:
     run_dir = tmp_path / "eta0"
     train(run_dir, "train.steps=3", "rollout.max_staleness=0", "rollout.strategy=standard")
-    for batch in events_of(run_dir, "batch_taken"):
-        assert set(batch["tokens_by_lag"]) == {"0"}
-        assert batch["head_lags"] == [0, 0, 0, 0]
+    schema_checked_log(run_dir)
+    for batch in events_of(run_dir, BatchTakenEvent):
+        assert set(batch.tokens_by_lag) == {"0"}
+        assert batch.head_lags == [0, 0, 0, 0]
 
 
 def descendants_alive(pid: int) -> list[psutil.Process]:
@@ -142,19 +186,19 @@ def test_ctrl_c_leaves_no_process_and_resume_finishes_without_double_counting(
     assert children, "sdp train should have started server processes"
     assert still_running_after(children, 10.0) == []
 
-    before = events_of(run_dir, "train_step")
+    before = events_of(run_dir, TrainStepEvent)
     train(run_dir, "train.steps=6", "train.checkpoint_every=2", "resume=true")
-    steps = events_of(run_dir, "train_step")
+    steps = events_of(run_dir, TrainStepEvent)
     after = steps[len(before) :]
-    resumed_from = next(s for s in events_of(run_dir, "run_started") if s["resumed_from_step"])
-    checkpoint_step = resumed_from["resumed_from_step"]
+    resumed_from = next(s for s in events_of(run_dir, RunStartedEvent) if s.resumed_from_step)
+    checkpoint_step = resumed_from.resumed_from_step
     assert checkpoint_step >= 2 and checkpoint_step % 2 == 0
     # The resumed run trains exactly the remaining steps, at the versions that follow.
-    assert [s["step"] for s in after] == list(range(checkpoint_step, 6))
-    assert [s["version"] for s in after] == list(range(checkpoint_step, 6))
+    assert [s.step for s in after] == list(range(checkpoint_step, 6))
+    assert [s.version for s in after] == list(range(checkpoint_step, 6))
     # Samples are identified by their data position: none is trained twice across the two
     # sessions (counting only the first session's steps that the checkpoint kept).
-    kept = [s for s in before if s["step"] < checkpoint_step]
-    positions = [p for s in kept + after for p in s["positions"]]
+    kept = [s for s in before if s.step < checkpoint_step]
+    positions = [p for s in kept + after for p in s.positions]
     assert len(positions) == 6 * 4
     assert len(set(positions)) == len(positions)

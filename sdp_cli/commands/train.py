@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
+from sdp_cli.config.events import run_started_event
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
@@ -35,6 +37,7 @@ from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
+from sdp_cli.telemetry.schema import RunFinishedEvent
 from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from sdp_cli.train.loop import LoopResult, TrainingLoop
@@ -46,6 +49,8 @@ class TrainSummary:
     run_dir: Path
     result: LoopResult
     resumed_from: int
+    # Seconds from run_started to the end: what the dashboard header calls "elapsed".
+    elapsed_s: float
 
 
 def prepare_run_dir(cfg: SdpConfig) -> Path:
@@ -181,7 +186,10 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     dashboard = Dashboard(console=console)
     with ExitStack() as stack:
         events = open_event_log(stack, dashboard, run.run_dir)
-        emit_run_started(events, run)
+        events.emit(
+            run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
+        )
+        started = time.monotonic()
         console.print(f"run dir {run.run_dir}: starting servers...", highlight=False)
         pool = stack.enter_context(server_pool(cfg, run.model_dir, run.run_dir, events))
         client = inference_client(cfg, pool, run.tokenizer)
@@ -201,10 +209,18 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         )
         stack.enter_context(dashboard)
         result = loop.run()
+        elapsed_s = time.monotonic() - started
         events.emit(
-            "run_finished", steps=result.steps, version=result.version, wall_s=result.wall_s
+            RunFinishedEvent(
+                steps=result.steps,
+                version=result.version,
+                wall_s=result.wall_s,
+                elapsed_s=elapsed_s,
+            )
         )
-    return TrainSummary(run_dir=run.run_dir, result=result, resumed_from=run.state.step)
+    return TrainSummary(
+        run_dir=run.run_dir, result=result, resumed_from=run.state.step, elapsed_s=elapsed_s
+    )
 
 
 def prepare_inputs(cfg: SdpConfig) -> RunInputs:
@@ -224,24 +240,6 @@ def open_event_log(stack: ExitStack, dashboard: Dashboard, run_dir: Path) -> Eve
     events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
     stack.callback(events.close)
     return events
-
-
-def emit_run_started(events: EventSink, run: RunInputs) -> None:
-    cfg, state = run.cfg, run.state
-    events.emit(
-        "run_started",
-        run=cfg.run.name,
-        steps=cfg.train.steps,
-        max_staleness=cfg.rollout.max_staleness,
-        batch_size=cfg.rollout.batch_size,
-        strategy=cfg.rollout.strategy.value,
-        prox_mode=cfg.train.prox_mode.value,
-        n_samples=cfg.rollout.n_samples,
-        max_concurrent=cfg.rollout.max_concurrent,
-        server_count=cfg.server.count,
-        resumed_from_step=state.step,
-        version=state.version,
-    )
 
 
 def inference_client(
@@ -313,8 +311,10 @@ def print_summary(summary: TrainSummary, console: Console) -> None:
     first = sum(head) / len(head) if head else 0.0
     last = sum(tail) / len(tail) if tail else 0.0
     console.print(
-        f"done: {summary.result.steps} steps, version {summary.result.version}, "
-        f"{summary.result.wall_s:.1f} s; mean reward first {len(head)} steps {first:.3f}, "
+        f"done: {summary.result.steps} steps, version {summary.result.version}; training loop "
+        f"{summary.result.wall_s:.1f} s of {summary.elapsed_s:.1f} s elapsed (the rest: "
+        f"starting servers and the first weight load); mean reward first {len(head)} steps "
+        f"{first:.3f}, "
         f"last {len(tail)} steps {last:.3f}; run dir {summary.run_dir}",
         highlight=False,
         soft_wrap=True,

@@ -53,6 +53,7 @@ from sdp_cli.launcher.server import (
     startup_failure,
 )
 from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.schema import ServerStateEvent
 
 T = TypeVar("T")
 
@@ -400,17 +401,17 @@ class ServerFleet:
     def _emit(self, index: int, reason: str | None = None) -> None:
         status = self.pool.status(index)
         proc = self._procs.get(index)
-        fields: dict[str, Any] = {
-            "server": index,
-            "address": status.address,
-            "state": status.state.value,
-            "version": status.version,
-            "restarts": status.restarts,
-            "pid": proc.pid if proc else None,
-        }
-        if reason:
-            fields["reason"] = reason
-        self.events.emit("server_state", **fields)
+        self.events.emit(
+            ServerStateEvent(
+                server=index,
+                address=status.address,
+                state=status.state.value,
+                version=status.version,
+                restarts=status.restarts,
+                pid=proc.pid if proc else None,
+                reason=reason or None,
+            )
+        )
 
     def registry_entries(self) -> list[RegistryEntry]:
         entries = []

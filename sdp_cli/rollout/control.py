@@ -21,6 +21,13 @@ from sdp_cli.rollout.strategy import (
 )
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    CapacityEvent,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    SampleDroppedEvent,
+)
 
 
 class RejectReason(StrEnum):
@@ -72,7 +79,7 @@ class StalenessControl:
         if rollout_id is not None:
             version = self.manager.version
             self._submit_version[rollout_id] = version
-            self.events.emit("rollout_submitted", rollout_id=rollout_id, version=version)
+            self.events.emit(RolloutSubmittedEvent(rollout_id=rollout_id, version=version))
         return rollout_id
 
     # ---- finish ---------------------------------------------------------------------------
@@ -124,9 +131,12 @@ class StalenessControl:
 
     # ---- take -----------------------------------------------------------------------------
 
-    def take(self, batch_size: int, wait_s: float = 0.0) -> list[RolloutGroup] | None:
+    def take(
+        self, batch_size: int, wait_s: float = 0.0, step: int | None = None
+    ) -> list[RolloutGroup] | None:
         """The oldest `batch_size` groups that pass the strategy at the current version, or
-        None if fewer are buffered (the valid ones stay at the front, in order)."""
+        None if fewer are buffered (the valid ones stay at the front, in order). `step` is the
+        trainer step the batch is for (logged with it)."""
         self.last_take_dropped = 0
         buffer = self._buffer
         if len(buffer) < batch_size:
@@ -150,7 +160,7 @@ class StalenessControl:
         groups = [item.group for item in taken]
         rollout_ids = [group.rollout_id for group in groups]
         self.manager.consume(rollout_ids)
-        self._emit_batch_taken(taken, rollout_ids, version, wait_s)
+        self._emit_batch_taken(taken, rollout_ids, version, wait_s, step)
         return groups
 
     def drain(self) -> list[RolloutGroup]:
@@ -173,24 +183,24 @@ class StalenessControl:
             "queue_size": len(self._buffer),
         }
 
-    def capacity_fields(self) -> dict[str, Any]:
+    def capacity_event(self) -> CapacityEvent:
         """The `capacity` event: every term of the formula and the counters."""
         snap = self.manager.snapshot()
-        keys = (
-            "version",
-            "max_concurrent",
-            "running",
-            "accepted_live",
-            "staleness_limit",
-            "concurrency_room",
-            "staleness_room",
-            "capacity",
-            "submitted",
-            "rejected",
-            "dropped_total",
-            "consumed",
+        return CapacityEvent(
+            version=snap["version"],
+            max_concurrent=snap["max_concurrent"],
+            running=snap["running"],
+            accepted_live=snap["accepted_live"],
+            staleness_limit=snap["staleness_limit"],
+            concurrency_room=snap["concurrency_room"],
+            staleness_room=snap["staleness_room"],
+            capacity=snap["capacity"],
+            submitted=snap["submitted"],
+            rejected=snap["rejected"],
+            dropped_total=snap["dropped_total"],
+            consumed=snap["consumed"],
+            queue_size=len(self._buffer),
         )
-        return {**{key: snap[key] for key in keys}, "queue_size": len(self._buffer)}
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -223,15 +233,16 @@ class StalenessControl:
         for item, reason in dropped:
             head, tail = item.head, item.tail
             emit(
-                "sample_dropped",
-                rollout_id=item.group.rollout_id,
-                reason=reason,
-                point=point_text,
-                head_lag=0 if head is None else version - head,
-                tail_lag=0 if tail is None else version - tail,
-                version=version,
-                head_version=head,
-                tail_version=tail,
+                SampleDroppedEvent(
+                    rollout_id=item.group.rollout_id,
+                    reason=str(reason),
+                    point=point_text,
+                    head_lag=0 if head is None else version - head,
+                    tail_lag=0 if tail is None else version - tail,
+                    version=version,
+                    head_version=head,
+                    tail_version=tail,
+                )
             )
 
     def _emit_finished(
@@ -244,25 +255,22 @@ class StalenessControl:
         error: str | None = None,
     ) -> None:
         version = self.version
-        fields: dict[str, Any] = {
-            "rollout_id": rollout_id,
-            "version": version,
-            "accepted": accepted,
-            "reason": None if reason is None else str(reason),
-        }
+        reason_text = None if reason is None else str(reason)
         if item is None:
-            fields.update(
-                head_version=None,
-                tail_version=None,
-                head_lag=None,
-                tail_lag=None,
-                n_tokens=0,
-                n_segments=0,
-                reward=None,
+            event = RolloutFinishedEvent(
+                rollout_id=rollout_id,
+                version=version,
+                accepted=accepted,
+                reason=reason_text,
+                error=error,
             )
         else:
             samples = item.group.samples
-            fields.update(
+            event = RolloutFinishedEvent(
+                rollout_id=rollout_id,
+                version=version,
+                accepted=accepted,
+                reason=reason_text,
                 head_version=item.head,
                 tail_version=item.tail,
                 head_lag=item.head_lag(version),
@@ -271,13 +279,17 @@ class StalenessControl:
                 # Segments of the most interrupted completion in the group.
                 n_segments=max(s.n_segments for s in samples),
                 reward=sum(s.reward for s in samples) / len(samples),
+                error=error,
             )
-        if error is not None:
-            fields["error"] = error
-        self.events.emit("rollout_finished", **fields)
+        self.events.emit(event)
 
     def _emit_batch_taken(
-        self, taken: list[Buffered], rollout_ids: list[int], version: int, wait_s: float
+        self,
+        taken: list[Buffered],
+        rollout_ids: list[int],
+        version: int,
+        wait_s: float,
+        step: int | None,
     ) -> None:
         by_version: dict[int, int] = {}
         for item in taken:
@@ -285,11 +297,13 @@ class StalenessControl:
                 by_version[token_version] = by_version.get(token_version, 0) + count
         tokens_by_lag = {str(version - v): n for v, n in sorted(by_version.items(), reverse=True)}
         self.events.emit(
-            "batch_taken",
-            version=version,
-            rollout_ids=rollout_ids,
-            head_lags=[0 if i.head is None else version - i.head for i in taken],
-            tail_lags=[0 if i.tail is None else version - i.tail for i in taken],
-            tokens_by_lag=tokens_by_lag,
-            wait_s=wait_s,
+            BatchTakenEvent(
+                step=step,
+                version=version,
+                rollout_ids=rollout_ids,
+                head_lags=[0 if i.head is None else version - i.head for i in taken],
+                tail_lags=[0 if i.tail is None else version - i.tail for i in taken],
+                tokens_by_lag=tokens_by_lag,
+                wait_s=wait_s,
+            )
         )

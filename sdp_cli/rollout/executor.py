@@ -34,6 +34,7 @@ from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.schema import CapacityEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +127,7 @@ class RolloutExecutor:
         self._rollouts_changed: asyncio.Event
         self._capacity_handle: asyncio.TimerHandle | None = None
         self._capacity_last_at = float("-inf")
-        self._capacity_last: dict[str, Any] | None = None
+        self._capacity_last: CapacityEvent | None = None
 
     # ---- lifecycle (any thread) -----------------------------------------------------------
 
@@ -162,11 +163,16 @@ class RolloutExecutor:
     # ---- trainer API (blocking, from any thread but the loop's) ---------------------------
 
     def take(
-        self, batch_size: int | None = None, timeout: float | None = None
+        self,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        step: int | None = None,
     ) -> list[RolloutGroup]:
         """Block until `batch_size` (default B) groups pass the strategy; raise TakeTimeout
-        after `timeout` seconds (default rollout.take_timeout_s)."""
-        return self._call(self.take_async(batch_size, timeout))
+        after `timeout` seconds (default rollout.take_timeout_s). `step`, the trainer step the
+        batch is for, is logged with the `batch_taken` event."""
+        return self._call(self.take_async(batch_size, timeout, step=step))
 
     def pause(self) -> None:
         self._call(self.pause_async())
@@ -230,7 +236,11 @@ class RolloutExecutor:
     # ---- the same operations as coroutines on the loop ------------------------------------
 
     async def take_async(
-        self, batch_size: int | None = None, timeout: float | None = None
+        self,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        step: int | None = None,
     ) -> list[RolloutGroup]:
         wanted = self._batch_size if batch_size is None else batch_size
         if wanted < 1:
@@ -244,7 +254,7 @@ class RolloutExecutor:
             while True:
                 self._raise_if_unusable()
                 async with self._buffer_lock:
-                    batch = self._control.take(wanted, wait_s=loop.time() - started)
+                    batch = self._control.take(wanted, wait_s=loop.time() - started, step=step)
                 if self._control.last_take_dropped:
                     # Dropped groups gave their slots back.
                     self._release_dropped_soon()
@@ -558,12 +568,12 @@ class RolloutExecutor:
         self._emit_capacity()
 
     def _emit_capacity(self) -> None:
-        fields = self._control.capacity_fields()
-        if fields == self._capacity_last:
+        event = self._control.capacity_event()
+        if event == self._capacity_last:
             return
-        self._capacity_last = fields
+        self._capacity_last = event
         self._capacity_last_at = self._now()
-        self._events.emit("capacity", **fields)
+        self._events.emit(event)
 
     def _timeout_message(self, wanted: int, timeout: float) -> str:
         snap = self.snapshot()

@@ -4,12 +4,14 @@ simulated trainer, for capacity planning."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Callable
 from functools import reduce
 from typing import Any
 
+from sdp_cli.config.events import run_started_event
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
@@ -18,14 +20,22 @@ from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 from sdp_cli.telemetry.events import EventSink
+from sdp_cli.telemetry.schema import Event, RunFinishedEvent
 
 
 def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:
-    """Run train.steps simulated steps; returns the summary `sdp simulate --json` prints."""
+    """Run train.steps simulated steps; returns the summary `sdp simulate --json` prints.
+
+    With `events`, the simulation writes the run log `sdp train` writes (same schema), stamped
+    in simulated time, so the dashboard and `sdp inspect-staleness` read it like a real run."""
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
-    pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time)
+    if events is not None:
+        events = SimulatedTimeSink(events, sim_time)
+        events.emit(run_started_event(cfg, mode="simulate"))
+    pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
+    pool.report_states()
     workflow = SimulatedWorkflow(pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng)
     executor = RolloutExecutor(
         workflow,
@@ -46,7 +56,39 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         executor.stop()
     wall_s = time.perf_counter() - wall_started
     cpu_s = time.process_time() - cpu_started
+    if events is not None:
+        events.emit(
+            RunFinishedEvent(
+                steps=report.steps, version=report.snapshot["version"], wall_s=report.elapsed_s
+            )
+        )
     return simulation_result(cfg, report, wall_s=wall_s, cpu_s=cpu_s)
+
+
+class SimulatedTimeSink:
+    """Stamps each event with the simulated time it happened at (as Unix seconds from the
+    simulation's wall-clock start), so durations read from the log are simulated seconds.
+    Events from outside the loop (before it starts, after it stops) get the last time seen."""
+
+    def __init__(self, inner: EventSink, sim_time: SimTime) -> None:
+        self._inner = inner
+        self._time = sim_time
+        self._origin = time.time()
+        self._sim_start: float | None = None
+        self._last = 0.0
+
+    def emit(self, event: Event) -> None:
+        self._inner.emit(dataclasses.replace(event, ts=self._origin + self._elapsed()))
+
+    def _elapsed(self) -> float:
+        try:
+            now = self._time.now()
+        except RuntimeError:  # no running loop: not on the simulation's loop
+            return self._last
+        if self._sim_start is None:
+            self._sim_start = now
+        self._last = now - self._sim_start
+        return self._last
 
 
 def simulation_result(

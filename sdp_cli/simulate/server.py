@@ -20,6 +20,8 @@ from pathlib import Path
 
 from sdp_cli.config.schema import SimulateConfig
 from sdp_cli.simulate.clock import SimTime
+from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.schema import ServerStateEvent
 
 # Stand-in values: the simulation tracks versions and timing, not text.
 _TOKEN_LOGPROB = -1.0
@@ -153,11 +155,31 @@ def _finish(done: asyncio.Future[float | None]) -> None:
 class SimulatedFleet:
     """The simulated servers, routed least-loaded first, updated together."""
 
-    def __init__(self, count: int, sim: SimulateConfig, rng: random.Random, time: SimTime):
+    def __init__(
+        self,
+        count: int,
+        sim: SimulateConfig,
+        rng: random.Random,
+        time: SimTime,
+        events: EventSink | None = None,
+    ):
         self.servers = [SimulatedServer(i, sim, rng, time) for i in range(count)]
         self._sim = sim
         self._time = time
+        self._events: EventSink = events if events is not None else NullEventLog()
         self.version = 0
+
+    def report_states(self) -> None:
+        """A `server_state` event per server, as the real fleet writes when one changes."""
+        for server in self.servers:
+            self._events.emit(
+                ServerStateEvent(
+                    server=server.index,
+                    address=f"sim://{server.index}",
+                    state="ready",
+                    version=server.version,
+                )
+            )
 
     def _least_loaded(self) -> SimulatedServer:
         return min(self.servers, key=lambda server: server.load)
@@ -189,6 +211,7 @@ class SimulatedFleet:
             server.version = version
             server.resume()
         self.version = version
+        self.report_states()
         return {"reload_s": self._sim.update_s}
 
     def idle_fraction(self, start: float, now: float) -> float:

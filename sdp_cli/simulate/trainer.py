@@ -19,6 +19,7 @@ from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.schema import TrainStepEvent
 from sdp_cli.train.update import WeightUpdate
 
 
@@ -60,6 +61,7 @@ class SimulatedTrainer:
         self._executor = executor
         self._pool = pool
         self._time = time
+        self._events: EventSink = events if events is not None else NullEventLog()
         self._steps = cfg.train.steps
         self._batch_size = cfg.rollout.batch_size
         self._take_timeout_s = cfg.rollout.take_timeout_s
@@ -77,15 +79,20 @@ class SimulatedTrainer:
     async def run(self) -> TrainerReport:
         report = TrainerReport(started_at=self._time.now())
         await self._executor.resume_async()
-        for _ in range(self._steps):
+        for step in range(self._steps):
             version = self._executor.version
-            batch = await self._take(report)
+            waited_from = self._time.now()
+            batch = await self._take(report, step)
+            wait_s = self._time.now() - waited_from
             self._record_batch(report, batch, version)
             await self._time.sleep(self._train_step_s)
+            update_started = self._time.now()
             result = await self._weight_update.run(version)
+            update_s = self._time.now() - update_started
             if result.recompute is not None:
                 report.recompute_tokens += result.recompute.tokens
                 report.recompute_failures += result.recompute.failures
+            self._emit_train_step(step, version, batch, wait_s, update_s)
             report.steps += 1
         # Pause and read everything here, on the loop, so the numbers do not depend on how
         # long the caller's thread takes to notice the end.
@@ -100,10 +107,33 @@ class SimulatedTrainer:
         report.segments_aborted = self._pool.aborted
         return report
 
-    async def _take(self, report: TrainerReport) -> list[RolloutGroup]:
+    def _emit_train_step(
+        self, step: int, version: int, batch: list[RolloutGroup], wait_s: float, update_s: float
+    ) -> None:
+        samples = [sample for group in batch for sample in group.samples]
+        tokens = sum(len(sample.output_ids) for sample in samples)
+        cycle_s = wait_s + self._train_step_s + update_s
+        self._events.emit(
+            TrainStepEvent(
+                step=step,
+                version=version,
+                reward=sum(s.reward for s in samples) / len(samples) if samples else None,
+                rollouts=len(batch),
+                rollout_ids=[group.rollout_id for group in batch],
+                samples=len(samples),
+                tokens=tokens,
+                wait_s=wait_s,
+                step_s=self._train_step_s,
+                update_s=update_s,
+                samples_per_s=len(samples) / cycle_s if cycle_s > 0 else None,
+                gen_tokens_per_s=tokens / cycle_s if cycle_s > 0 else None,
+            )
+        )
+
+    async def _take(self, report: TrainerReport, step: int) -> list[RolloutGroup]:
         waited_from = self._time.now()
         batch = await self._executor.take_async(
-            self._batch_size, timeout=self._time.loop_seconds(self._take_timeout_s)
+            self._batch_size, timeout=self._time.loop_seconds(self._take_timeout_s), step=step
         )
         report.waiting_s += self._time.now() - waited_from
         return batch

@@ -5,9 +5,14 @@ The training loop wraps its event log so every event also reaches the dashboard:
     dashboard = Dashboard(snapshots=[executor.snapshot])
     events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
     with dashboard:                      # Rich Live on a terminal, log lines otherwise
-        ...  events.emit("train_step", step=..., ...)
+        ...  events.emit(TrainStepEvent(step=..., ...))
 
-Cost to the emitting thread: `emit` only stores fields under a lock (O(1) per event, bounded
+It reads the typed events of `sdp_cli.telemetry.schema`, so a field renamed there breaks here
+at once (in the type checker and the tests), not silently on screen. A bug in a handler or in
+rendering never stops training: it is logged with its traceback, counted in `errors` and shown
+in the header.
+
+Cost to the emitting thread: `emit` only stores the event under a lock (O(1) per event, bounded
 history). Rendering happens in Rich's refresh thread, at most 4 times per second, from a copy of
 the state taken under the lock; snapshot callables are called there too, never by `emit`. When
 stdout is not a terminal, each `train_step` prints one concise line instead.
@@ -15,6 +20,7 @@ stdout is not a terminal, each `train_step` prints one concise line instead.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -29,15 +35,21 @@ from rich.table import Table
 from rich.text import Text
 
 from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.fields import (
-    as_float,
-    as_float_map,
-    as_int,
-    as_int_list,
-    as_lag_counts,
-    as_str,
+from sdp_cli.telemetry.fields import as_int, as_lag_counts
+from sdp_cli.telemetry.schema import (
+    CAPACITY_TERMS,
+    BatchTakenEvent,
+    CapacityEvent,
+    Event,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    SampleDroppedEvent,
+    ServerStateEvent,
+    TrainStepEvent,
+    WeightUpdateEvent,
 )
-from sdp_cli.telemetry.staleness import CAPACITY_TERMS
 from sdp_cli.telemetry.widgets import (
     bar,
     format_duration,
@@ -47,6 +59,8 @@ from sdp_cli.telemetry.widgets import (
     sparkline,
 )
 
+log = logging.getLogger(__name__)
+
 # A snapshot returns live executor counters (RolloutExecutor.snapshot() fits): the `capacity`
 # event's keys (version, running, accepted_live, staleness_limit, max_concurrent, submitted,
 # rejected, dropped_total, consumed, queue_size, ...), plus optionally accepted_total and
@@ -54,8 +68,8 @@ from sdp_cli.telemetry.widgets import (
 SnapshotFn = Callable[[], Mapping[str, Any]]
 
 MAX_REFRESH_PER_SECOND = 4.0
-# The formula's terms, named as in the `capacity` event (one list for the report and the view).
-CAPACITY_KEYS = CAPACITY_TERMS
+# The display errors kept for `Dashboard.errors` (the count goes on).
+KEPT_ERRORS = 20
 # Below this console width the panels are stacked in one column.
 TWO_COLUMN_WIDTH = 110
 HISTORY = 120
@@ -78,9 +92,10 @@ SERVER_STATE_STYLES = {
 
 @dataclass
 class _State:
-    """Everything the dashboard shows, as of the last event. Guarded by Dashboard._lock."""
+    """Everything the dashboard shows, as of the last event. Guarded by Dashboard._lock.
+    Events are frozen, so the state keeps them as they came."""
 
-    run: dict[str, Any] = field(default_factory=dict)
+    run: RunStartedEvent | None = None
     start_ts: float | None = None
     last_ts: float | None = None
     version: int | None = None
@@ -90,18 +105,18 @@ class _State:
     steps_seen: int = 0
     last_step_ts: float | None = None
     finished: bool = False
-    capacity: dict[str, Any] = field(default_factory=dict)
+    capacity: CapacityEvent | None = None
     submitted: int = 0
     accepted: int = 0
     rejected: int = 0
     drops: Counter[str] = field(default_factory=Counter)
     consumed: int = 0
-    last_batch: dict[str, Any] | None = None
-    last_update: dict[str, Any] | None = None
+    last_batch: BatchTakenEvent | None = None
+    last_update: WeightUpdateEvent | None = None
     weight_updates: int = 0
     weight_update_total_s: float = 0.0
-    servers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    last_train: dict[str, Any] | None = None
+    servers: dict[int, ServerStateEvent] = field(default_factory=dict)
+    last_train: TrainStepEvent | None = None
     rewards: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     gen_tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
@@ -110,7 +125,7 @@ class _State:
     def copy(self) -> _State:
         """A copy the renderer may read without the lock (containers are small and bounded)."""
         return _State(
-            run=dict(self.run),
+            run=self.run,
             start_ts=self.start_ts,
             last_ts=self.last_ts,
             version=self.version,
@@ -119,18 +134,18 @@ class _State:
             steps_seen=self.steps_seen,
             last_step_ts=self.last_step_ts,
             finished=self.finished,
-            capacity=dict(self.capacity),
+            capacity=self.capacity,
             submitted=self.submitted,
             accepted=self.accepted,
             rejected=self.rejected,
             drops=Counter(self.drops),
             consumed=self.consumed,
-            last_batch=dict(self.last_batch) if self.last_batch else None,
-            last_update=dict(self.last_update) if self.last_update else None,
+            last_batch=self.last_batch,
+            last_update=self.last_update,
             weight_updates=self.weight_updates,
             weight_update_total_s=self.weight_update_total_s,
-            servers={i: dict(s) for i, s in self.servers.items()},
-            last_train=dict(self.last_train) if self.last_train else None,
+            servers=dict(self.servers),
+            last_train=self.last_train,
             rewards=deque(self.rewards),
             losses=deque(self.losses),
             gen_tokens_per_s=deque(self.gen_tokens_per_s),
@@ -160,7 +175,9 @@ class Dashboard:
         self._state = _State()
         self._live: Live | None = None
         self._started = False
-        self.ignored_errors = 0
+        # Display bugs: how many, and the last few messages (tests assert there are none).
+        self.error_count = 0
+        self.errors: deque[str] = deque(maxlen=KEPT_ERRORS)
 
     # --- feeding ----------------------------------------------------------------------------
 
@@ -172,24 +189,30 @@ class Dashboard:
         with self._lock:
             self._snapshots.append(snapshot)
 
-    def emit(self, type: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         """EventSink interface: the same call the event log gets."""
-        self.update({"ts": time.time(), "type": type, **fields})
+        self.update(event, time.time() if event.ts is None else event.ts)
 
-    def feed(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def feed(self, events: Iterable[Event]) -> None:
         """Replay logged events (tests, or showing a recorded run)."""
         for event in events:
-            self.update(event)
+            self.update(event, event.ts)
 
-    def update(self, event: Mapping[str, Any]) -> None:
+    def update(self, event: Event, ts: float | None) -> None:
         try:
             with self._lock:
-                _apply(self._state, event)
-            if event.get("type") == "train_step" and self._started and not self.live:
+                _apply(self._state, event, ts)
+            if isinstance(event, TrainStepEvent) and self._started and not self.live:
                 self.console.print(self.log_line(), markup=False, highlight=False, soft_wrap=True)
-        except Exception:
-            # A display bug must never stop training; the count shows up in the header.
-            self.ignored_errors += 1
+        except Exception as exc:
+            # A display bug must never stop training, nor go unseen: it is logged with its
+            # traceback, kept in `errors` and counted in the header.
+            self._record_error(f"{event.type}: {exc!r}")
+
+    def _record_error(self, message: str) -> None:
+        log.exception("dashboard: %s", message)
+        self.error_count += 1
+        self.errors.append(message)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -238,7 +261,7 @@ class Dashboard:
             grid.add_column(ratio=1)
         for row in range(0, len(panels), columns):
             grid.add_row(*panels[row : row + columns])
-        parts: list[RenderableType] = [_dashboard_header(state, self.ignored_errors), grid]
+        parts: list[RenderableType] = [_dashboard_header(state, self.error_count), grid]
         if problems:
             parts.append(Text("; ".join(problems), style="dim red"))
         return Group(*parts)
@@ -249,7 +272,7 @@ class Dashboard:
         try:
             return self.render()
         except Exception as exc:
-            self.ignored_errors += 1
+            self._record_error(f"render: {exc!r}")
             return Text(f"dashboard render failed: {exc!r}", style="red")
 
     def log_line(self) -> str:
@@ -264,7 +287,7 @@ class Dashboard:
         # Counts come from the events seen (they are never older than the last capacity event);
         # live snapshots, when given, are newer still and win.
         counters = {
-            **state.capacity,
+            **(state.capacity.fields_dict() if state.capacity is not None else {}),
             "submitted": state.submitted,
             "accepted_total": state.accepted,
             "rejected": state.rejected,
@@ -291,9 +314,9 @@ class DashboardSink:
         self.inner = inner
         self.dashboard = dashboard
 
-    def emit(self, type: str, **fields: Any) -> None:
-        self.inner.emit(type, **fields)
-        self.dashboard.emit(type, **fields)
+    def emit(self, event: Event) -> None:
+        self.inner.emit(event)
+        self.dashboard.emit(event)
 
     def close(self) -> None:
         close = getattr(self.inner, "close", None)
@@ -304,120 +327,108 @@ class DashboardSink:
 # --- state updates (under the lock; constant work per event, a batch's lags for batch_taken) --
 
 
-def _apply(state: _State, event: Mapping[str, Any]) -> None:
-    ts = as_float(event.get("ts"))
+def _apply(state: _State, event: Event, ts: float | None) -> None:
     if ts is not None:
         state.start_ts = ts if state.start_ts is None else state.start_ts
         state.last_ts = ts
-    handler = _HANDLERS.get(str(event.get("type")))
+    handler = _HANDLERS.get(type(event))
     if handler is not None:
-        handler(state, event)
+        handler(state, event, ts)
 
 
-def _on_run_started(state: _State, event: Mapping[str, Any]) -> None:
-    state.run = {k: v for k, v in event.items() if k not in ("ts", "type")}
-    state.start_ts = as_float(event.get("ts")) or state.start_ts
+def _on_run_started(state: _State, event: RunStartedEvent, ts: float | None) -> None:
+    state.run = event
+    state.start_ts = ts or state.start_ts
+    _set_version(state, event.version)
 
 
-def _on_run_finished(state: _State, event: Mapping[str, Any]) -> None:
+def _on_run_finished(state: _State, event: RunFinishedEvent, ts: float | None) -> None:
     state.finished = True
 
 
-def _on_rollout_submitted(state: _State, event: Mapping[str, Any]) -> None:
+def _on_rollout_submitted(state: _State, event: RolloutSubmittedEvent, ts: float | None) -> None:
     state.submitted += 1
 
 
-def _on_rollout_finished(state: _State, event: Mapping[str, Any]) -> None:
-    if event.get("accepted") is True:
+def _on_rollout_finished(state: _State, event: RolloutFinishedEvent, ts: float | None) -> None:
+    if event.accepted:
         state.accepted += 1
-    elif as_str(event.get("reason")) not in ("head_lag", "no_recompute"):
+    elif event.reason not in ("head_lag", "no_recompute"):
         # Staleness drops are counted from their own sample_dropped event.
         state.rejected += 1
 
 
-def _on_sample_dropped(state: _State, event: Mapping[str, Any]) -> None:
-    state.drops[as_str(event.get("reason")) or "unknown"] += 1
+def _on_sample_dropped(state: _State, event: SampleDroppedEvent, ts: float | None) -> None:
+    state.drops[event.reason] += 1
 
 
-def _on_batch_taken(state: _State, event: Mapping[str, Any]) -> None:
-    head_lags = as_int_list(event.get("head_lags"))
-    state.last_batch = {
-        "step": as_int(event.get("step")),
-        "version": as_int(event.get("version")),
-        "head_lags": head_lags,
-        "tail_lags": as_int_list(event.get("tail_lags")),
-        "tokens_by_lag": as_lag_counts(event.get("tokens_by_lag")),
-        "wait_s": as_float(event.get("wait_s")),
-    }
-    rollout_ids = event.get("rollout_ids")
-    state.consumed += len(rollout_ids) if isinstance(rollout_ids, list) else len(head_lags)
-    _set_version(state, event)
+def _on_batch_taken(state: _State, event: BatchTakenEvent, ts: float | None) -> None:
+    state.last_batch = event
+    state.consumed += len(event.rollout_ids)
+    _set_version(state, event.version)
 
 
-def _on_capacity(state: _State, event: Mapping[str, Any]) -> None:
-    state.capacity = {k: v for k, v in event.items() if k not in ("ts", "type")}
-    _set_version(state, event)
+def _on_capacity(state: _State, event: CapacityEvent, ts: float | None) -> None:
+    state.capacity = event
+    _set_version(state, event.version)
 
 
-def _on_weight_update(state: _State, event: Mapping[str, Any]) -> None:
-    phases = as_float_map(event.get("phases"))
-    total = as_float(event.get("total_s"))
-    total = total if total is not None else sum(phases.values())
-    state.last_update = {"version": as_int(event.get("version")), "phases": phases, "total": total}
+def _on_weight_update(state: _State, event: WeightUpdateEvent, ts: float | None) -> None:
+    state.last_update = event
     state.weight_updates += 1
-    state.weight_update_total_s += total
-    _set_version(state, event)
+    state.weight_update_total_s += event.total_s
+    _set_version(state, event.version)
 
 
-def _on_server_state(state: _State, event: Mapping[str, Any]) -> None:
-    index = as_int(event.get("index"))
-    if index is not None:
-        state.servers[index] = {k: v for k, v in event.items() if k not in ("ts", "type")}
+def _on_server_state(state: _State, event: ServerStateEvent, ts: float | None) -> None:
+    state.servers[event.server] = event
 
 
-def _on_train_step(state: _State, event: Mapping[str, Any]) -> None:
-    state.last_train = {k: v for k, v in event.items() if k not in ("ts", "type")}
-    step = as_int(event.get("step"))
-    state.step = step
-    state.steps_done = step + 1 if step is not None else state.steps_done + 1
+def _on_train_step(state: _State, event: TrainStepEvent, ts: float | None) -> None:
+    state.last_train = event
+    state.step = event.step
+    state.steps_done = event.step + 1
     state.steps_seen += 1
-    state.last_step_ts = as_float(event.get("ts"))
-    for series, key in (
-        (state.rewards, "reward"),
-        (state.losses, "loss"),
-        (state.gen_tokens_per_s, "gen_tokens_per_s"),
-        (state.samples_per_s, "samples_per_s"),
+    state.last_step_ts = ts
+    for series, value in (
+        (state.rewards, event.reward),
+        (state.losses, event.loss),
+        (state.gen_tokens_per_s, event.gen_tokens_per_s),
+        (state.samples_per_s, event.samples_per_s),
     ):
-        value = as_float(event.get(key))
         if value is not None:
             series.append(value)
 
 
-def _set_version(state: _State, event: Mapping[str, Any]) -> None:
-    version = as_int(event.get("version"))
+def _set_version(state: _State, version: int | None) -> None:
     if version is not None and (state.version is None or version > state.version):
         state.version = version
 
 
-_HANDLERS: dict[str, Callable[[_State, Mapping[str, Any]], None]] = {
-    "run_started": _on_run_started,
-    "run_finished": _on_run_finished,
-    "rollout_submitted": _on_rollout_submitted,
-    "rollout_finished": _on_rollout_finished,
-    "sample_dropped": _on_sample_dropped,
-    "batch_taken": _on_batch_taken,
-    "capacity": _on_capacity,
-    "weight_update": _on_weight_update,
-    "server_state": _on_server_state,
-    "train_step": _on_train_step,
+# Each handler takes its own event type; the table is keyed by that type.
+_HANDLERS: dict[type[Event], Callable[[_State, Any, float | None], None]] = {
+    RunStartedEvent: _on_run_started,
+    RunFinishedEvent: _on_run_finished,
+    RolloutSubmittedEvent: _on_rollout_submitted,
+    RolloutFinishedEvent: _on_rollout_finished,
+    SampleDroppedEvent: _on_sample_dropped,
+    BatchTakenEvent: _on_batch_taken,
+    CapacityEvent: _on_capacity,
+    WeightUpdateEvent: _on_weight_update,
+    ServerStateEvent: _on_server_state,
+    TrainStepEvent: _on_train_step,
 }
 
 
 # --- rendering (refresh thread; reads a private copy of the state) ---------------------------
 
 
+def _planned_steps(state: _State) -> int | None:
+    return state.run.steps if state.run is not None else None
+
+
 def _eta_s(state: _State) -> float | None:
-    total = as_int(state.run.get("steps"))
+    total = _planned_steps(state)
     if total is None or state.steps_seen == 0:
         return None
     if state.start_ts is None or state.last_step_ts is None:
@@ -427,14 +438,14 @@ def _eta_s(state: _State) -> float | None:
 
 
 def _progress(state: _State) -> str:
-    total = as_int(state.run.get("steps"))
+    total = _planned_steps(state)
     step = f"step {state.steps_done}/{total}" if total is not None else f"step {state.steps_done}"
     version = f"v{state.version}" if state.version is not None else "v—"
     eta = "finished" if state.finished else f"ETA {format_duration(_eta_s(state))}"
     return f"{version} · {step} · {eta}"
 
 
-def _dashboard_header(state: _State, ignored_errors: int) -> RenderableType:
+def _dashboard_header(state: _State, errors: int) -> RenderableType:
     run = state.run
     elapsed = (
         state.last_ts - state.start_ts
@@ -442,16 +453,17 @@ def _dashboard_header(state: _State, ignored_errors: int) -> RenderableType:
         else None
     )
     text = Text()
-    text.append(f"sdp · run {run.get('run', '?')} · ", style="bold")
+    text.append(f"sdp · run {run.run if run else '?'} · ", style="bold")
     text.append(_progress(state), style="bold cyan")
     text.append(f" · elapsed {format_duration(elapsed)}")
-    text.append(
-        f"   strategy {run.get('strategy', '?')} · η={run.get('max_staleness', '?')} · "
-        f"B={run.get('batch_size', '?')} · prox {run.get('prox_mode', '?')}",
-        style="dim",
-    )
-    if ignored_errors:
-        text.append(f" · {ignored_errors} display errors ignored", style="red")
+    if run is not None:
+        text.append(
+            f"   strategy {run.strategy} · η={run.max_staleness} · B={run.batch_size} · "
+            f"prox {run.prox_mode}",
+            style="dim",
+        )
+    if errors:
+        text.append(f" · {errors} display errors (see the log)", style="red")
     return text
 
 
@@ -500,7 +512,7 @@ def _capacity_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
 def _formula_terms(counters: Mapping[str, Any]) -> dict[str, int | None]:
     """The formula's terms, with the rooms recomputed from their inputs when those are known,
     so a live snapshot of `running` and the logged rooms can never disagree on screen."""
-    terms = {key: as_int(counters.get(key)) for key in CAPACITY_KEYS}
+    terms = {key: as_int(counters.get(key)) for key in CAPACITY_TERMS}
     max_concurrent, running = terms["max_concurrent"], terms["running"]
     limit, accepted_live = terms["staleness_limit"], terms["accepted_live"]
     if max_concurrent is not None and running is not None:
@@ -542,45 +554,46 @@ def _batch_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
     batch = state.last_batch
     if batch is None:
         return Panel(Text("no batch taken yet", style="dim"), title="last batch")
-    head, tail = batch["head_lags"], batch["tail_lags"]
+    head, tail = batch.head_lags, batch.tail_lags
     summary = Text()
-    summary.append(f"step {_n(batch['step'])} at v{_n(batch['version'])}", style="bold")
-    summary.append(f" · waited {format_duration(batch['wait_s'])}")
+    summary.append(f"step {_n(batch.step)} at v{batch.version}", style="bold")
+    summary.append(f" · waited {format_duration(batch.wait_s)}")
     summary.append(
         f"\nhead lag max {_n(max(head, default=None))} mean {_mean_text(head)} · "
         f"tail lag max {_n(max(tail, default=None))} mean {_mean_text(tail)}"
     )
     summary.append(f" · queue {_n(as_int(counters.get('queue_size')))}")
-    histogram = lag_histogram(batch["tokens_by_lag"], unit="tokens", width=16, style="magenta")
+    tokens_by_lag = as_lag_counts(batch.tokens_by_lag)
+    histogram = lag_histogram(tokens_by_lag, unit="tokens", width=16, style="magenta")
     return Panel(
         Group(summary, histogram), title="last batch: tokens by version lag", title_align="left"
     )
 
 
 def _training_panel(state: _State) -> Panel:
-    last = state.last_train or {}
+    last = state.last_train
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
     table.add_column(style="cyan", no_wrap=True)
-    table.add_row("reward", format_number(as_float(last.get("reward"))), sparkline(state.rewards))
-    table.add_row("loss", format_number(as_float(last.get("loss"))), sparkline(state.losses))
+    table.add_row("reward", format_number(last and last.reward), sparkline(state.rewards))
+    table.add_row("loss", format_number(last and last.loss), sparkline(state.losses))
     table.add_row(
         "gen tokens/s",
-        format_rate(as_float(last.get("gen_tokens_per_s"))),
+        format_rate(last and last.gen_tokens_per_s),
         sparkline(state.gen_tokens_per_s),
     )
     table.add_row(
-        "samples/s",
-        format_rate(as_float(last.get("samples_per_s"))),
-        sparkline(state.samples_per_s),
+        "samples/s", format_rate(last and last.samples_per_s), sparkline(state.samples_per_s)
     )
     details = Text(
-        f"clip {format_number(as_float(last.get('clip_frac')))} · behav w mean "
-        f"{format_number(as_float(last.get('behav_weight_mean')))} max "
-        f"{format_number(as_float(last.get('behav_weight_max')))} · masked "
-        f"{format_number(as_float(last.get('masked_frac')))} · step "
-        f"{format_duration(as_float(last.get('step_s')))}",
+        f"clip {format_number(last and last.clip_frac)} · behav w mean "
+        f"{format_number(last and last.behav_weight_mean)} max "
+        f"{format_number(last and last.behav_weight_max)} · masked "
+        f"{format_number(last and last.masked_frac)}\n"
+        f"last step: waited {format_duration(last and last.wait_s)} · trained "
+        f"{format_duration(last and last.step_s)} · weight update "
+        f"{format_duration(last and last.update_s)}",
         style="dim",
     )
     return Panel(Group(table, details), title="training", title_align="left")
@@ -592,13 +605,12 @@ def _weight_update_panel(state: _State) -> Panel:
         return Panel(
             Text("no weight update yet", style="dim"), title="weight update", title_align="left"
         )
-    total: float = update["total"]
+    total = update.total_s
     mean = state.weight_update_total_s / state.weight_updates
     head = Text(
-        f"→ v{_n(update['version'])} in {total:.2f}s · {state.weight_updates} updates, "
-        f"mean {mean:.2f}s"
+        f"→ v{update.version} in {total:.2f}s · {state.weight_updates} updates, mean {mean:.2f}s"
     )
-    phases: dict[str, float] = update["phases"]
+    phases = update.phases
     table = Table.grid(padding=(0, 1))
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
@@ -613,30 +625,37 @@ def _weight_update_panel(state: _State) -> Panel:
 def _servers_panel(state: _State) -> Panel:
     if not state.servers:
         return Panel(Text("no server reported yet", style="dim"), title="servers")
+    servers = [state.servers[index] for index in sorted(state.servers)]
+    # The node column only when some server runs elsewhere (local processes have none).
+    with_node = any(server.node is not None for server in servers)
+    with_reason = any(server.reason for server in servers)
+    headers = ["#", "address", *(["node"] if with_node else []), "state", "version", "restarts"]
     table = Table(box=None, pad_edge=False, padding=(0, 1))
-    for header in ("#", "address", "state", "version", "in flight", "restarts"):
-        table.add_column(header, justify="left" if header in ("address", "state") else "right")
-    for index in sorted(state.servers):
-        server = state.servers[index]
-        server_state = as_str(server.get("state")) or "?"
-        table.add_row(
-            str(index),
-            str(server.get("address", "?")),
-            Text(server_state, style=SERVER_STATE_STYLES.get(server_state, "")),
-            _n(as_int(server.get("version"))),
-            _n(as_int(server.get("in_flight"))),
-            _n(as_int(server.get("restarts"))),
-        )
+    for header in [*headers, *(["last reason"] if with_reason else [])]:
+        numeric = header in ("#", "version", "restarts")
+        table.add_column(header, justify="right" if numeric else "left")
+    for server in servers:
+        row: list[RenderableType] = [str(server.server), server.address]
+        if with_node:
+            row.append(server.node or "local")
+        row += [
+            Text(server.state, style=SERVER_STATE_STYLES.get(server.state, "")),
+            _n(server.version),
+            str(server.restarts),
+        ]
+        if with_reason:
+            row.append(Text(server.reason or "", style="dim"))
+        table.add_row(*row)
     return Panel(table, title="servers", title_align="left")
 
 
 def _log_line(state: _State, counters: Mapping[str, Any]) -> str:
-    last = state.last_train or {}
+    last = state.last_train
     terms = _formula_terms(counters)
     parts = [
         _progress(state),
-        f"reward {format_number(as_float(last.get('reward')))}",
-        f"loss {format_number(as_float(last.get('loss')))}",
+        f"reward {format_number(last and last.reward)}",
+        f"loss {format_number(last and last.loss)}",
         f"cap {_n(terms['capacity'])}"
         f"=min({_n(terms['concurrency_room'])},{_n(terms['staleness_room'])})",
         f"run {_n(terms['running'])}",
@@ -647,11 +666,11 @@ def _log_line(state: _State, counters: Mapping[str, Any]) -> str:
     parts.append(f"dropped {_n(dropped)}" + (f" ({reasons})" if reasons else ""))
     if state.last_batch is not None:
         parts.append(
-            f"lag head≤{_n(max(state.last_batch['head_lags'], default=None))} "
-            f"tail≤{_n(max(state.last_batch['tail_lags'], default=None))}"
+            f"lag head≤{_n(max(state.last_batch.head_lags, default=None))} "
+            f"tail≤{_n(max(state.last_batch.tail_lags, default=None))}"
         )
-    parts.append(f"{format_rate(as_float(last.get('gen_tokens_per_s')))} gen tok/s")
-    parts.append(f"{format_rate(as_float(last.get('samples_per_s')))} samples/s")
+    parts.append(f"{format_rate(last and last.gen_tokens_per_s)} gen tok/s")
+    parts.append(f"{format_rate(last and last.samples_per_s)} samples/s")
     return "[sdp] " + " · ".join(parts)
 
 

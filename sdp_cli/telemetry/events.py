@@ -1,8 +1,8 @@
 """The run log: one JSON object per line with `ts`, `type` and the event's fields.
 
-Event types (DESIGN §7): run_started, rollout_submitted, rollout_finished, sample_dropped,
-batch_taken, capacity, weight_update, server_state, train_step, run_finished; readers skip
-types they do not know.
+The event types and their fields are defined in `sdp_cli.telemetry.schema`; this module writes
+typed events to the log and reads them back. Readers skip types they do not know and lines
+that are not complete events (a run killed mid-write).
 """
 
 from __future__ import annotations
@@ -13,18 +13,45 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from sdp_cli.telemetry.schema import Event, EventSchemaError, parse_event
 
 
 class EventSink(Protocol):
-    def emit(self, type: str, **fields: Any) -> None: ...
+    def emit(self, event: Event) -> None: ...
 
 
 class NullEventLog:
     """Discards events (unit tests, simulations that keep no log)."""
 
-    def emit(self, type: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         return None
+
+
+E = TypeVar("E", bound=Event)
+
+
+class EventRecorder:
+    """Keeps the events in memory (tests, and callers that inspect what a run emitted)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def of(self, kind: type[E]) -> list[E]:
+        with self._lock:
+            return [e for e in self.events if isinstance(e, kind)]
+
+
+def event_line(event: Event) -> str:
+    """The log line of an event (without the newline); `ts` is now unless the event has one."""
+    ts = time.time() if event.ts is None else event.ts
+    return json.dumps({"ts": ts, "type": event.type, **event.fields_dict()}, default=_jsonable)
 
 
 class EventLog:
@@ -37,8 +64,8 @@ class EventLog:
         self._lock = threading.Lock()
         self._file = self.path.open("a", encoding="utf-8")
 
-    def emit(self, type: str, **fields: Any) -> None:
-        line = json.dumps({"ts": time.time(), "type": type, **fields}, default=_jsonable)
+    def emit(self, event: Event) -> None:
+        line = event_line(event)
         with self._lock:
             if not self._file.closed:
                 self._file.write(line + "\n")
@@ -65,23 +92,40 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def parse_event_line(line: str) -> dict[str, Any] | None:
-    """One log line → its event, or None for a blank, truncated or foreign line."""
+def parse_event_line(line: str) -> Event | None:
+    """One log line → its typed event, or None for a blank, truncated or foreign line, an
+    unknown type, or a known type whose fields do not fit the schema."""
+    try:
+        return parse_line(line)
+    except (UnknownEventType, EventSchemaError):
+        return None
+
+
+class UnknownEventType(Exception):
+    """A well-formed event whose type this sdp does not know (a newer sdp wrote it)."""
+
+
+def parse_line(line: str) -> Event | None:
+    """Like parse_event_line, but raises UnknownEventType or EventSchemaError so a reader can
+    tell them apart; None only for a blank or non-JSON line."""
     line = line.strip()
     if not line:
         return None
     try:
-        event = json.loads(line)
+        data = json.loads(line)
     except json.JSONDecodeError:
         return None
-    if isinstance(event, dict) and isinstance(event.get("type"), str):
-        return event
-    return None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        return None
+    event = parse_event(data)
+    if event is None:
+        raise UnknownEventType(data["type"])
+    return event
 
 
-def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the events of a log. A truncated or unparsable line (a run killed mid-write) is
-    skipped, never raised."""
+def read_events(path: Path) -> Iterator[Event]:
+    """Yield the typed events of a log. Unknown types and lines that are not complete events
+    (a run killed mid-write) are skipped, never raised."""
     # errors="replace": a write cut inside a multi-byte character must not abort the read.
     with Path(path).open(encoding="utf-8", errors="replace") as handle:
         for line in handle:
@@ -92,7 +136,7 @@ def read_events(path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class TailRead:
-    events: list[dict[str, Any]]
+    events: list[Event]
     # True when the file shrank or was replaced: the caller must forget what it read before.
     restarted: bool = False
 
@@ -102,7 +146,9 @@ class EventTail:
 
     Only complete lines are consumed: a line still being written is left for the next poll, so
     a live writer's half line is never mistaken for a corrupt one. `skipped_lines` counts
-    complete lines that were not events. Reads in chunks, so a large log is never held twice."""
+    complete lines that were not events (or did not fit the schema), `unknown_events` the
+    events of types this sdp does not know. Reads in chunks, so a large log is never held
+    twice."""
 
     CHUNK_BYTES = 4 << 20
 
@@ -110,6 +156,7 @@ class EventTail:
         self.path = Path(path)
         self._offset = 0
         self.skipped_lines = 0
+        self.unknown_events = 0
         self.restarted = False
 
     def poll(self, *, final: bool = False) -> TailRead:
@@ -118,7 +165,7 @@ class EventTail:
         events = list(self.iter_new(final=final))
         return TailRead(events, self.restarted)
 
-    def iter_new(self, *, final: bool = False) -> Iterator[dict[str, Any]]:
+    def iter_new(self, *, final: bool = False) -> Iterator[Event]:
         """Like poll, streaming. `restarted` is set once the file is opened."""
         with self.path.open("rb") as handle:
             size = handle.seek(0, 2)
@@ -126,6 +173,7 @@ class EventTail:
             if self.restarted:
                 self._offset = 0
                 self.skipped_lines = 0
+                self.unknown_events = 0
             handle.seek(self._offset)
             pending = b""
             while chunk := handle.read(self.CHUNK_BYTES):
@@ -138,11 +186,17 @@ class EventTail:
                 self._offset += len(pending)
                 yield from self._parse(pending)
 
-    def _parse(self, data: bytes) -> Iterator[dict[str, Any]]:
+    def _parse(self, data: bytes) -> Iterator[Event]:
         for raw in data.splitlines():
             if not raw.strip():
                 continue
-            event = parse_event_line(raw.decode("utf-8", errors="replace"))
+            try:
+                event = parse_line(raw.decode("utf-8", errors="replace"))
+            except UnknownEventType:
+                self.unknown_events += 1
+                continue
+            except EventSchemaError:
+                event = None
             if event is None:
                 self.skipped_lines += 1
             else:

@@ -61,7 +61,9 @@ def read_summary(log_path: Path) -> StalenessSummary:
         accumulator.add_all(tail.iter_new(final=True))
     except OSError as exc:
         raise _read_error(tail, exc) from None
-    summary = accumulator.summary(skipped_lines=tail.skipped_lines)
+    summary = accumulator.summary(
+        skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
+    )
     if summary.known_events == 0:
         raise SdpError(_nothing_to_show(log_path, summary))
     return summary
@@ -85,7 +87,9 @@ def follow_log(
                 accumulator = StalenessAccumulator()
             if read.events or read.restarted or summary is None:
                 accumulator.add_all(read.events)
-                summary = accumulator.summary(skipped_lines=tail.skipped_lines)
+                summary = accumulator.summary(
+                    skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
+                )
                 _show_follow_update(summary, live, as_json=as_json, out=out, source=log_path)
             _sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
@@ -137,7 +141,8 @@ def _nothing_to_show(log_path: Path, summary: StalenessSummary) -> str:
         return f"{log_path} is empty: the run has not logged any event yet (try --follow)"
     return (
         f"{log_path} holds no sdp events ({summary.events} events of unknown types, "
-        f"{summary.skipped_lines} unreadable lines): is it an sdp run log?"
+        f"{summary.skipped_lines} unreadable lines or events that do not fit the schema): "
+        f"is it an sdp run log?"
     )
 
 
@@ -180,7 +185,7 @@ def render_summary(
         parts.append(
             Text(
                 f"note: skipped {summary.skipped_lines} line(s) that are not complete events "
-                f"(a write cut short when the run was killed?)",
+                f"of the event schema (a write cut short when the run was killed?)",
                 style="dim",
             )
         )

@@ -3,7 +3,7 @@
 `summarize(events)` is the pure entry point; `StalenessAccumulator` is the same computation fed
 event by event, so `sdp inspect-staleness --follow` does not re-read a growing log.
 
-Counting rules (DESIGN §3):
+It reads the typed events of `sdp_cli.telemetry.schema`. Counting rules:
 - a rollout is dropped at most once: `sample_dropped` events are keyed by rollout id, and a
   `rollout_finished` with `accepted: false` and a staleness reason counts as a drop at "finish"
   unless a `sample_dropped` for the same rollout says more;
@@ -15,45 +15,27 @@ Counting rules (DESIGN §3):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sdp_cli.telemetry.fields import (
-    as_float,
-    as_float_map,
-    as_int,
-    as_int_list,
-    as_lag_counts,
-    as_str,
+from sdp_cli.telemetry.fields import as_int, as_lag_counts
+from sdp_cli.telemetry.schema import (
+    CAPACITY_TERMS,
+    EXECUTOR_COUNTERS,
+    BatchTakenEvent,
+    CapacityEvent,
+    Event,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    SampleDroppedEvent,
+    TrainStepEvent,
+    WeightUpdateEvent,
 )
 
 DROP_REASONS = ("head_lag", "no_recompute")
-KNOWN_EVENT_TYPES = frozenset(
-    {
-        "run_started",
-        "rollout_submitted",
-        "rollout_finished",
-        "sample_dropped",
-        "batch_taken",
-        "capacity",
-        "weight_update",
-        "server_state",
-        "train_step",
-        "run_finished",
-    }
-)
-# The formula's terms, as the `capacity` event names them.
-CAPACITY_TERMS = (
-    "max_concurrent",
-    "running",
-    "accepted_live",
-    "staleness_limit",
-    "concurrency_room",
-    "staleness_room",
-    "capacity",
-)
-EXECUTOR_COUNTERS = ("submitted", "rejected", "dropped_total", "consumed", "queue_size")
 
 # The trainer waiting for samples this share of its busy time means generation cannot keep up.
 TIGHT_WAIT_SHARE = 0.3
@@ -232,10 +214,12 @@ class StalenessSummary:
         }
 
 
-def summarize(events: Iterable[Mapping[str, Any]], *, skipped_lines: int = 0) -> StalenessSummary:
+def summarize(
+    events: Iterable[Event], *, skipped_lines: int = 0, unknown_events: int = 0
+) -> StalenessSummary:
     accumulator = StalenessAccumulator()
     accumulator.add_all(events)
-    return accumulator.summary(skipped_lines=skipped_lines)
+    return accumulator.summary(skipped_lines=skipped_lines, unknown_events=unknown_events)
 
 
 @dataclass
@@ -266,8 +250,8 @@ class StalenessAccumulator:
         self._batches = 0
         self._versions: dict[int, _VersionTally] = {}
         self._unversioned = _VersionTally()
-        self._drops: dict[Any, _Drop] = {}
-        self._rejected: dict[Any, int | None] = {}
+        self._drops: dict[int, _Drop] = {}
+        self._rejected: dict[int, int | None] = {}
         self._lag_histogram: Counter[int] = Counter()
         self._tail_lag_histogram: Counter[int] = Counter()
         self._tokens_by_lag: Counter[int] = Counter()
@@ -284,109 +268,88 @@ class StalenessAccumulator:
         self._last_ts: float | None = None
         self._events = 0
         self._known = 0
-        self._anonymous = 0
 
-    def add_all(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def add_all(self, events: Iterable[Event]) -> None:
         for event in events:
             self.add(event)
 
-    def add(self, event: Mapping[str, Any]) -> None:
+    def add(self, event: Event) -> None:
         self._events += 1
-        kind = event.get("type")
-        if kind not in KNOWN_EVENT_TYPES:
-            return
         self._known += 1
-        ts = as_float(event.get("ts"))
+        ts = event.ts
         if ts is not None:
             self._first_ts = ts if self._first_ts is None else min(self._first_ts, ts)
             self._last_ts = ts if self._last_ts is None else max(self._last_ts, ts)
-        getattr(self, f"_on_{kind}")(event)
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
 
-    # --- one handler per event type ---------------------------------------------------------
+    # --- one handler per event type the staleness numbers depend on ----------------------------
 
-    def _on_run_started(self, event: Mapping[str, Any]) -> None:
-        self._run = {k: v for k, v in event.items() if k not in ("ts", "type")}
+    def _on_run_started(self, event: RunStartedEvent) -> None:
+        self._run = event.fields_dict()
 
-    def _on_run_finished(self, event: Mapping[str, Any]) -> None:
+    def _on_run_finished(self, event: RunFinishedEvent) -> None:
         self._finished = True
-        self._wall_s = as_float(event.get("wall_s"))
+        self._wall_s = event.wall_s
 
-    def _on_rollout_submitted(self, event: Mapping[str, Any]) -> None:
-        self._tally(as_int(event.get("version"))).submitted += 1
+    def _on_rollout_submitted(self, event: RolloutSubmittedEvent) -> None:
+        self._tally(event.version).submitted += 1
 
-    def _on_rollout_finished(self, event: Mapping[str, Any]) -> None:
-        version = as_int(event.get("version"))
-        if event.get("accepted") is True:
-            self._tally(version).accepted += 1
+    def _on_rollout_finished(self, event: RolloutFinishedEvent) -> None:
+        if event.accepted:
+            self._tally(event.version).accepted += 1
             return
-        key = self._rollout_key(event)
-        reason = as_str(event.get("reason"))
-        if reason in DROP_REASONS:
-            if key not in self._drops:
-                self._drops[key] = _Drop(reason, "finish", version)
+        if event.reason in DROP_REASONS:
+            if event.rollout_id not in self._drops:
+                self._drops[event.rollout_id] = _Drop(event.reason, "finish", event.version)
         else:
-            self._rejected[key] = version
+            self._rejected[event.rollout_id] = event.version
 
-    def _on_sample_dropped(self, event: Mapping[str, Any]) -> None:
-        reason = as_str(event.get("reason")) or "unknown"
-        point = as_str(event.get("point")) or "unknown"
+    def _on_sample_dropped(self, event: SampleDroppedEvent) -> None:
         # The dedicated drop event is the authority: it replaces a drop inferred from the finish.
-        self._drops[self._rollout_key(event)] = _Drop(reason, point, as_int(event.get("version")))
+        self._drops[event.rollout_id] = _Drop(event.reason, event.point, event.version)
 
-    def _on_batch_taken(self, event: Mapping[str, Any]) -> None:
+    def _on_batch_taken(self, event: BatchTakenEvent) -> None:
         self._batches += 1
-        tally = self._tally(as_int(event.get("version")))
-        head_lags = as_int_list(event.get("head_lags"))
-        tail_lags = as_int_list(event.get("tail_lags"))
-        rollout_ids = event.get("rollout_ids")
-        consumed = len(rollout_ids) if isinstance(rollout_ids, list) else len(head_lags)
-        tally.consumed += consumed
-        tally.head_lags.extend(head_lags)
-        tally.tail_lags.extend(tail_lags)
-        self._lag_histogram.update(head_lags)
-        self._tail_lag_histogram.update(tail_lags)
-        self._tokens_by_lag.update(as_lag_counts(event.get("tokens_by_lag")))
-        self._wait_s += as_float(event.get("wait_s")) or 0.0
+        tally = self._tally(event.version)
+        tally.consumed += len(event.rollout_ids)
+        tally.head_lags.extend(event.head_lags)
+        tally.tail_lags.extend(event.tail_lags)
+        self._lag_histogram.update(event.head_lags)
+        self._tail_lag_histogram.update(event.tail_lags)
+        self._tokens_by_lag.update(as_lag_counts(event.tokens_by_lag))
+        self._wait_s += event.wait_s
 
-    def _on_capacity(self, event: Mapping[str, Any]) -> None:
-        terms = {k: n for k in CAPACITY_TERMS if (n := as_int(event.get(k))) is not None}
-        counters = {k: n for k in EXECUTOR_COUNTERS if (n := as_int(event.get(k))) is not None}
-        version = as_int(event.get("version"))
-        tally = self._tally(version)
+    def _on_capacity(self, event: CapacityEvent) -> None:
+        fields = event.fields_dict()
+        terms = {k: fields[k] for k in CAPACITY_TERMS}
+        counters = {k: fields[k] for k in EXECUTOR_COUNTERS}
+        tally = self._tally(event.version)
         tally.capacity = terms
-        running = terms.get("running")
-        if running is not None:
-            tally.peak_running = max(running, tally.peak_running or 0)
-        self._last_capacity = {**terms, **counters}
-        if version is not None:
-            self._last_capacity["version"] = version
+        tally.peak_running = max(event.running, tally.peak_running or 0)
+        self._last_capacity = {**terms, **counters, "version": event.version}
         self._count_exhausted(terms)
-        ts = as_float(event.get("ts"))
         self._series.append(
             CapacityPoint(
-                t=ts if ts is not None else (self._last_ts or 0.0),
-                version=version,
-                capacity=terms.get("capacity"),
-                running=running,
-                accepted_live=terms.get("accepted_live"),
-                concurrency_room=terms.get("concurrency_room"),
-                staleness_room=terms.get("staleness_room"),
+                t=event.ts if event.ts is not None else (self._last_ts or 0.0),
+                version=event.version,
+                capacity=event.capacity,
+                running=event.running,
+                accepted_live=event.accepted_live,
+                concurrency_room=event.concurrency_room,
+                staleness_room=event.staleness_room,
             )
         )
 
-    def _on_weight_update(self, event: Mapping[str, Any]) -> None:
+    def _on_weight_update(self, event: WeightUpdateEvent) -> None:
         self._weight_updates += 1
-        phases = as_float_map(event.get("phases"))
-        self._phases.update(phases)
-        total = as_float(event.get("total_s"))
-        self._update_s += total if total is not None else sum(phases.values())
+        self._phases.update(event.phases)
+        self._update_s += event.total_s
 
-    def _on_server_state(self, event: Mapping[str, Any]) -> None:
-        return None  # the dashboard's business; staleness does not depend on it
-
-    def _on_train_step(self, event: Mapping[str, Any]) -> None:
+    def _on_train_step(self, event: TrainStepEvent) -> None:
         self._train_steps += 1
-        self._train_s += as_float(event.get("step_s")) or 0.0
+        self._train_s += event.step_s
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -396,13 +359,6 @@ class StalenessAccumulator:
         if version is None:
             return self._unversioned
         return self._versions.setdefault(version, _VersionTally())
-
-    def _rollout_key(self, event: Mapping[str, Any]) -> Any:
-        rollout_id = event.get("rollout_id")
-        if isinstance(rollout_id, str | int) and not isinstance(rollout_id, bool):
-            return rollout_id
-        self._anonymous += 1
-        return ("anonymous", self._anonymous)
 
     def _count_exhausted(self, terms: Mapping[str, int]) -> None:
         capacity = terms.get("capacity")
@@ -415,7 +371,7 @@ class StalenessAccumulator:
 
     # --- the result ---------------------------------------------------------------------------
 
-    def summary(self, *, skipped_lines: int = 0) -> StalenessSummary:
+    def summary(self, *, skipped_lines: int = 0, unknown_events: int = 0) -> StalenessSummary:
         dropped_by_reason = Counter(d.reason for d in self._drops.values())
         dropped_by_point = Counter(d.point for d in self._drops.values())
         rejected = sum(1 for key in self._rejected if key not in self._drops)
@@ -448,7 +404,7 @@ class StalenessAccumulator:
             last_capacity=dict(self._last_capacity) if self._last_capacity else None,
             capacity_series=self._relative_series(),
             advice=[],
-            events=self._events,
+            events=self._events + unknown_events,
             known_events=self._known,
             skipped_lines=skipped_lines,
         )
@@ -640,3 +596,16 @@ def _mean(values: list[int]) -> float | None:
 
 def _string_keys(counts: Mapping[int, int]) -> dict[str, int]:
     return {str(k): v for k, v in counts.items()}
+
+
+_HANDLERS: dict[type[Event], Callable[[StalenessAccumulator, Any], None]] = {
+    RunStartedEvent: StalenessAccumulator._on_run_started,
+    RunFinishedEvent: StalenessAccumulator._on_run_finished,
+    RolloutSubmittedEvent: StalenessAccumulator._on_rollout_submitted,
+    RolloutFinishedEvent: StalenessAccumulator._on_rollout_finished,
+    SampleDroppedEvent: StalenessAccumulator._on_sample_dropped,
+    BatchTakenEvent: StalenessAccumulator._on_batch_taken,
+    CapacityEvent: StalenessAccumulator._on_capacity,
+    WeightUpdateEvent: StalenessAccumulator._on_weight_update,
+    TrainStepEvent: StalenessAccumulator._on_train_step,
+}

@@ -60,6 +60,9 @@ def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     seconds = max(0.0, seconds)
+    if 0 < seconds < 1:
+        # A tiny model's optimizer step takes milliseconds; "0.0s" would say nothing.
+        return f"{seconds * 1000:.0f}ms"
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)

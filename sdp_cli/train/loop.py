@@ -18,6 +18,7 @@ from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
+from sdp_cli.telemetry.schema import CheckpointEvent, TrainStepEvent
 from sdp_cli.train.actor import Actor
 from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
 from sdp_cli.train.update import UpdateServers, WeightUpdate
@@ -82,7 +83,9 @@ class TrainingLoop:
     def run_step(self) -> None:
         index = self.step
         wait_started = time.monotonic()
-        groups = self.executor.take(self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s)
+        groups = self.executor.take(
+            self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s, step=index
+        )
         wait_s = time.monotonic() - wait_started
         stats = self.actor.train_step(groups, self.version)
         self.count_skipped(stats)
@@ -136,32 +139,33 @@ class TrainingLoop:
         tokens = trained_tokens(groups)
         cycle_s = wait_s + step_s + phases["total_s"]
         self.events.emit(
-            "train_step",
-            # 0-based index of the step; with no resume it equals the version trained.
-            step=index,
-            version=trained_version,
-            reward=stats["reward_mean"],
-            loss=stats.get("loss"),
-            clip_frac=stats.get("clip_frac"),
-            behav_weight_mean=stats.get("behav_weight_mean"),
-            behav_weight_max=stats.get("behav_weight_max"),
-            masked_frac=stats.get("masked_frac"),
-            grad_norm=stats.get("grad_norm"),
-            # The loss or gradient norm was not finite: the weights were left as they were.
-            skipped=bool(stats.get("skipped")),
-            skipped_steps=self.skipped_steps,
-            stats=stats,
-            rollouts=len(groups),
-            rollout_ids=[g.rollout_id for g in groups],
-            # Data positions identify a sample across a resume (rollout ids restart at v·B).
-            positions=[g.meta.get("position") for g in groups],
-            samples=samples,
-            tokens=tokens,
-            wait_s=wait_s,
-            step_s=step_s,
-            update_s=phases["total_s"],
-            samples_per_s=samples / cycle_s if cycle_s > 0 else 0.0,
-            gen_tokens_per_s=tokens / cycle_s if cycle_s > 0 else 0.0,
+            TrainStepEvent(
+                # 0-based index of the step; with no resume it equals the version trained.
+                step=index,
+                version=trained_version,
+                reward=stats["reward_mean"],
+                loss=stats.get("loss"),
+                clip_frac=stats.get("clip_frac"),
+                behav_weight_mean=stats.get("behav_weight_mean"),
+                behav_weight_max=stats.get("behav_weight_max"),
+                masked_frac=stats.get("masked_frac"),
+                grad_norm=stats.get("grad_norm"),
+                # The loss or gradient norm was not finite: the weights were left as they were.
+                skipped=bool(stats.get("skipped")),
+                skipped_steps=self.skipped_steps,
+                stats=stats,
+                rollouts=len(groups),
+                rollout_ids=[g.rollout_id for g in groups],
+                # Data positions identify a sample across a resume (rollout ids restart at v·B).
+                positions=[g.meta.get("position") for g in groups],
+                samples=samples,
+                tokens=tokens,
+                wait_s=wait_s,
+                step_s=step_s,
+                update_s=phases["total_s"],
+                samples_per_s=samples / cycle_s if cycle_s > 0 else 0.0,
+                gen_tokens_per_s=tokens / cycle_s if cycle_s > 0 else 0.0,
+            )
         )
 
     def save_checkpoint(self) -> Path:
@@ -177,5 +181,5 @@ class TrainingLoop:
             state,
             keep=self.cfg.train.keep_checkpoints,
         )
-        self.events.emit("checkpoint", step=self.step, version=self.version, path=str(path))
+        self.events.emit(CheckpointEvent(step=self.step, version=self.version, path=str(path)))
         return path

@@ -24,12 +24,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sdp_cli.config.schema import ProxMode
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
 from sdp_cli.telemetry.events import EventSink
+from sdp_cli.telemetry.schema import ProximalRecomputeEvent, WeightUpdateEvent
 
 if TYPE_CHECKING:
     from sdp_cli.inference.client import InferenceClient
@@ -161,19 +162,21 @@ class WeightUpdate:
 
     def _emit_recompute(self, stats: RecomputeStats, late: RecomputeStats, settled: bool) -> None:
         self._events.emit(
-            "proximal_recompute",
-            **stats.as_dict(),
-            # Of `samples`, those that finished while the update was under way.
-            late_samples=late.samples,
-            settled=settled,
+            ProximalRecomputeEvent(
+                **stats.as_dict(),
+                # Of `samples`, those that finished while the update was under way.
+                late_samples=late.samples,
+                settled=settled,
+            )
         )
 
     def _emit_update(self, result: UpdateResult) -> None:
-        fields: dict[str, Any] = {
-            "version": result.version,
-            "phases": result.phases,
-            "server_phases": result.server_phases,
-            "weights_dir": None if result.weights_dir is None else str(result.weights_dir),
-            "total_s": result.total_s,
-        }
-        self._events.emit("weight_update", **fields)
+        self._events.emit(
+            WeightUpdateEvent(
+                version=result.version,
+                phases=result.phases,
+                server_phases=result.server_phases,
+                weights_dir=None if result.weights_dir is None else str(result.weights_dir),
+                total_s=result.total_s,
+            )
+        )
