@@ -1,8 +1,6 @@
-"""Tolerant readers for event fields.
-
-Logs come from runs of any age and from writers that may be killed mid-run, so a field can be
-missing, null or of the wrong type. Readers of the log never raise on such a field: they see None
-(or an empty container) and carry on.
+"""Tolerant readers for values the event schema does not type: live executor snapshots shown by
+the dashboard, and lag keys of JSON objects (strings in the log). They never raise: a value that
+does not fit reads as None (or is left out).
 """
 
 from __future__ import annotations
@@ -23,23 +21,6 @@ def as_int(value: Any) -> int | None:
     return None
 
 
-def as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def as_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def as_int_list(value: Any) -> list[int]:
-    if not isinstance(value, list | tuple):
-        return []
-    return [n for n in (as_int(item) for item in value) if n is not None]
-
-
 def as_lag_counts(value: Any) -> dict[int, int]:
     """{"0": 12, "1": 3} (JSON object keys are strings) → {0: 12, 1: 3}."""
     if not isinstance(value, Mapping):
@@ -51,12 +32,6 @@ def as_lag_counts(value: Any) -> dict[int, int]:
         if lag is not None and n is not None:
             counts[lag] = counts.get(lag, 0) + n
     return counts
-
-
-def as_float_map(value: Any) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): f for k, v in value.items() if (f := as_float(v)) is not None}
 
 
 def _lag_key(key: Any) -> int | None:
