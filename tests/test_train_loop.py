@@ -15,19 +15,10 @@ from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.telemetry.events import EventRecorder
+from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
 from sdp_cli.train.checkpoint import TrainState
 from sdp_cli.train.loop import NonFiniteTrainingError, TrainingLoop
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, type: str, **fields: Any) -> None:
-        self.events.append({"type": type, **fields})
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == kind]
 
 
 class OneTokenWorkflow:
@@ -74,7 +65,9 @@ class ScriptedActor:
         return self.tmp_path / f"v{version}"
 
 
-def run_loop(tmp_path: Path, skipped: list[bool], limit: int) -> tuple[Sink, FakeServers, Any]:
+def run_loop(
+    tmp_path: Path, skipped: list[bool], limit: int
+) -> tuple[EventRecorder, FakeServers, Any]:
     cfg = SdpConfig()
     cfg = replace(
         cfg,
@@ -89,7 +82,7 @@ def run_loop(tmp_path: Path, skipped: list[bool], limit: int) -> tuple[Sink, Fak
     )
     workflow = OneTokenWorkflow()
     servers = FakeServers(workflow)
-    sink = Sink()
+    sink = EventRecorder()
     executor = RolloutExecutor(workflow, cfg.rollout, cfg.train.prox_mode, events=sink)
     executor.start()
     loop = TrainingLoop(
@@ -115,12 +108,12 @@ def test_skipped_steps_are_counted_and_a_finite_step_resets_the_run_of_them(
 ) -> None:
     sink, servers, result = run_loop(tmp_path, [True, False, True, True, False], limit=3)
     assert not isinstance(result, Exception) and result.steps == 5
-    steps = sink.of("train_step")
-    assert [e["skipped"] for e in steps] == [True, False, True, True, False]
-    assert [e["skipped_steps"] for e in steps] == [1, 1, 2, 3, 3]
+    steps = sink.of(TrainStepEvent)
+    assert [e.skipped for e in steps] == [True, False, True, True, False]
+    assert [e.skipped_steps for e in steps] == [1, 1, 2, 3, 3]
     # A skipped step still moves the version: the servers load every one.
     assert servers.loaded == [1, 2, 3, 4, 5]
-    assert len(sink.of("weight_update")) == 5
+    assert len(sink.of(WeightUpdateEvent)) == 5
 
 
 def test_the_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path: Path) -> None:
@@ -128,7 +121,7 @@ def test_the_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path: Path) -> Non
     assert isinstance(outcome, NonFiniteTrainingError)
     assert "2 training steps in a row" in str(outcome)
     assert "train.max_nonfinite_steps" in str(outcome)
-    assert len(sink.of("train_step")) == 3
+    assert len(sink.of(TrainStepEvent)) == 3
 
 
 @pytest.mark.parametrize("value", [0, -1])
