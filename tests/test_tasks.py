@@ -174,11 +174,13 @@ def test_math_task_walks_a_seeded_shuffle_of_every_record(
 ) -> None:
     cfg = replace(TaskConfig(), name="math_jsonl", path=MATH_SMALL)
     task = get_task(cfg, tokenizer)
-    n = sum(1 for line in resolve_data_path(MATH_SMALL).read_text().splitlines() if line)
+    train = task.train_indices
+    n = len(train)
+    assert 0 < n < len(task)  # some records are held out for evaluation
     epoch0 = [task.sample_prompt(i).meta["index"] for i in range(n)]
     epoch1 = [task.sample_prompt(n + i).meta["index"] for i in range(n)]
-    assert sorted(epoch0) == sorted(epoch1) == list(range(n))
-    assert epoch0 != epoch1 and epoch0 != list(range(n))
+    assert sorted(epoch0) == sorted(epoch1) == sorted(train)
+    assert epoch0 != epoch1 and epoch0 != sorted(train)
     again = get_task(cfg, tokenizer)
     assert [again.sample_prompt(i) for i in range(2 * n)] == [
         task.sample_prompt(i) for i in range(2 * n)
@@ -198,9 +200,9 @@ def test_math_prompt_template_is_configurable(tokenizer: PreTrainedTokenizerBase
     ("content", "problem"),
     [
         ("", "no records"),
-        ('{"question": "q"}\n', "'question' and 'answer'"),
-        ("not json\n", "not valid JSON"),
-        ('{"question": "q", "answer": "none"}\n', "no number"),
+        ('{"question": "q"}\n', "no field 'answer'"),
+        ("not json\n", "cannot read"),
+        ('{"question": "q", "answer": "none"}\n', "finds no answer"),
     ],
 )
 def test_bad_math_files_are_config_errors_with_the_line(
@@ -209,7 +211,7 @@ def test_bad_math_files_are_config_errors_with_the_line(
     path = tmp_path / "data.jsonl"
     path.write_text(content)
     cfg = replace(TaskConfig(), name="math_jsonl", path=str(path))
-    with pytest.raises(ConfigError, match=r"task\.path") as info:
+    with pytest.raises(ConfigError, match=r"task\.(path|answer_field)") as info:
         get_task(cfg, tokenizer)
     assert problem in str(info.value)
 

@@ -257,10 +257,11 @@ def inference_client(
 def rollout_workflow(run: RunInputs, client: InferenceClient) -> RLVRWorkflow:
     """Prompts continue from the checkpoint's data position on resume."""
     cfg, state, tokenizer = run.cfg, run.state, run.tokenizer
+    stops = run.task.stop_token_ids
     return RLVRWorkflow(
         run.task,
         client,
-        lambda ids: decode_completion(tokenizer, ids),
+        lambda ids: decode_completion(tokenizer, ids, stops),
         cfg.rollout,
         eos_token_id=tokenizer.eos_token_id,
         run_seed=cfg.run.seed,

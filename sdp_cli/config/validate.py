@@ -67,6 +67,22 @@ def _file_task_has_a_path(cfg: DictConfig) -> None:
         )
 
 
+def _task_options(cfg: DictConfig) -> None:
+    mode = str(cfg.task.chat_template).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ConfigError(
+            "task.chat_template",
+            f"'{cfg.task.chat_template}' is not a chat template mode",
+            "use one of auto, true, false",
+        )
+    if cfg.task.name == "reasoning_gym" and not cfg.task.dataset:
+        raise ConfigError(
+            "task.dataset",
+            "the reasoning_gym task needs a dataset name",
+            "set task.dataset=NAME, e.g. task.dataset=chain_sum",
+        )
+
+
 def _weight_floor_below_cap(cfg: DictConfig) -> None:
     cap, floor = cfg.train.behav_weight_cap, cfg.train.behav_weight_floor
     if cap is not None and floor is not None and floor > cap:
@@ -84,4 +100,5 @@ def validate(cfg: DictConfig) -> None:
     _heads_divide_hidden_size(cfg)
     _length_range_ordered(cfg)
     _file_task_has_a_path(cfg)
+    _task_options(cfg)
     _weight_floor_below_cap(cfg)

@@ -47,7 +47,10 @@ class RLVRWorkflow:
         self.generator = generator
         self.decode = decode
         self.rollout = rollout
-        self.stop_token_ids = () if eos_token_id is None else (eos_token_id,)
+        # EOS, and the task's own stop tokens (a chat template's end-of-turn token).
+        stops = [] if eos_token_id is None else [eos_token_id]
+        stops += [t for t in getattr(task, "stop_token_ids", ()) if t not in stops]
+        self.stop_token_ids = tuple(stops)
         self.run_seed = run_seed
         # Data position of rollout id 0; a resumed run sets it so ids restarting at v·B
         # continue the prompt stream where the checkpoint left it.

@@ -1,17 +1,18 @@
-"""`math_jsonl`: GSM8K-style lines {"question": ..., "answer": ...} with a numeric verifier.
+"""`math_jsonl`: question/answer records from a local JSONL or Parquet file (read with Hugging
+Face `datasets`), verified with `math-verify`.
 
-The answer may be a bare number or GSM8K's "reasoning #### 42". A completion is right when the
-number after its last '####' (or, without one, its last number) equals the reference
-numerically, so "1,000", "1000.0" and "1000" all match.
+The reference may be a bare answer or GSM8K's "reasoning #### 42". A completion's answer is what
+follows its last '####' when it has one, else what math-verify finds in it (the last \\boxed{}
+or, without one, the last expression); it is right when math-verify finds it equal to the
+reference, so "1,000" and "1000", "0.5" and "\\frac{1}{2}" match.
 """
 
 from __future__ import annotations
 
-import json
-import random
+import logging
 import re
+import tempfile
 from collections.abc import Mapping
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,14 @@ from transformers import PreTrainedTokenizerBase
 
 from sdp_cli.config.schema import TaskConfig
 from sdp_cli.errors import ConfigError
-from sdp_cli.tasks.base import Prompt, encode_prompt
+from sdp_cli.tasks.base import Prompt
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.records import RecordSplit
 
 BUILTIN_PREFIX = "builtin:"
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "question: {question}\nanswer:"
+CHAT_TEMPLATE = "{question}"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _FINAL_MARKER = "####"
 _REL_TOLERANCE = 1e-6
@@ -66,29 +71,95 @@ def resolve_data_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def _record(line: str, where: str) -> dict[str, str]:
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ConfigError("task.path", f"{where}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(item, dict) or "question" not in item or "answer" not in item:
-        raise ConfigError("task.path", f"{where}: each line needs 'question' and 'answer' keys")
-    if extract_answer(str(item["answer"])) is None:
-        raise ConfigError("task.path", f"{where}: the answer has no number")
-    return {"question": str(item["question"]), "answer": str(item["answer"])}
+def final_answer_text(text: str) -> str:
+    """What follows the last '####', or the whole text without one."""
+    return text.rsplit(_FINAL_MARKER, 1)[1] if _FINAL_MARKER in text else text
 
 
-def load_records(path: Path) -> list[dict[str, str]]:
+def _parse(text: str) -> list[object]:
+    from math_verify import parse
+
+    # math-verify's own timeout uses SIGALRM, which works only on the main thread; rewards are
+    # computed on the executor's thread, and completions are short.
+    return list(parse(text, parsing_timeout=None))  # type: ignore[arg-type]
+
+
+def math_verify_reward(completion_text: str, meta: Mapping[str, Any]) -> float:
+    """1.0 when math-verify finds the completion's answer equal to `meta["answer"]`."""
+    from math_verify import verify
+
+    gold = _parse(final_answer_text(str(meta["answer"])))
+    got = _parse(final_answer_text(completion_text))
+    if not gold or not got:
+        return 0.0
+    return 1.0 if verify(gold, got, timeout_seconds=None) else 0.0  # type: ignore[arg-type]
+
+
+def _quiet_libraries() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    # math-verify warns on every call that its timeout is off (on purpose, see _parse).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _file_format(path: Path) -> str:
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            "task.path",
+            f"'{path}' is not a JSONL or Parquet file",
+            f"use a file ending in {', '.join(FILE_FORMATS)}",
+        )
+    return fmt
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """The rows of a local JSONL or Parquet file, through Hugging Face `datasets` (its cache
+    goes to a temporary directory, so nothing is left behind)."""
     if not path.is_file():
         raise ConfigError("task.path", f"data file '{path}' not found", "set task.path=FILE.jsonl")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = [
-        _record(line, f"{path}:{number}")
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
-    ]
-    if not records:
+    fmt = _file_format(path)
+    if path.stat().st_size == 0:
         raise ConfigError("task.path", f"data file '{path}' has no records")
+    _quiet_libraries()
+    from datasets import load_dataset
+
+    with tempfile.TemporaryDirectory(prefix="sdp-datasets-") as cache:
+        try:
+            table = load_dataset(
+                fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
+            )
+        except Exception as exc:  # datasets wraps the parser's error in its own
+            cause = exc.__cause__ or exc
+            raise ConfigError("task.path", f"cannot read '{path}': {cause}") from None
+        return [dict(row) for row in table]
+
+
+def _field_of(row: dict[str, Any], key: str, name: str, where: str) -> str:
+    if name not in row or row[name] is None:
+        raise ConfigError(
+            key, f"{where}: no field '{name}' (fields: {', '.join(sorted(row))})", f"set {key}"
+        )
+    return str(row[name])
+
+
+def load_records(
+    path: Path, question_field: str = "question", answer_field: str = "answer"
+) -> list[dict[str, str]]:
+    """Question/answer records; every reference answer must be one math-verify can read."""
+    rows = read_table(path)
+    if not rows:
+        raise ConfigError("task.path", f"data file '{path}' has no records")
+    records = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{path} record {number}"
+        question = _field_of(row, "task.question_field", question_field, where)
+        answer = _field_of(row, "task.answer_field", answer_field, where)
+        if not _parse(final_answer_text(answer)):
+            raise ConfigError("task.path", f"{where}: math-verify finds no answer in {answer!r}")
+        records.append({"question": question, "answer": answer})
     return records
 
 
@@ -110,60 +181,74 @@ def check_math_config(cfg: TaskConfig) -> str:
     if not cfg.path:
         raise ConfigError("task.path", "the math_jsonl task needs a data file")
     path = resolve_data_path(cfg.path)
-    records = load_records(path)
+    records = load_records(path, cfg.question_field, cfg.answer_field)
     check_template(cfg.prompt_template or DEFAULT_TEMPLATE)
     return f"task data {path}: {len(records)} records"
 
 
 class MathJsonlTask:
-    """Prompts in a fresh seeded shuffle of the file each epoch."""
+    """Training prompts in a fresh seeded shuffle of the training records each epoch."""
 
     name = "math_jsonl"
 
     def __init__(
         self,
         records: list[dict[str, str]],
-        tokenizer: PreTrainedTokenizerBase,
+        prompt_format: PromptFormat,
         *,
         template: str = DEFAULT_TEMPLATE,
         seed: int = 0,
+        eval_fraction: float = 0.1,
     ) -> None:
         self._records = records
-        self._tokenizer = tokenizer
+        self._format = prompt_format
+        self.stop_token_ids = prompt_format.stop_token_ids()
         self._template = template
-        self._seed = seed
+        self._split = RecordSplit(
+            self.name,
+            [r["question"] for r in records],
+            seed=seed,
+            eval_fraction=eval_fraction,
+        )
 
     @classmethod
     def from_config(cls, cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> MathJsonlTask:
         if not cfg.path:
             raise ConfigError("task.path", "the math_jsonl task needs a data file")
-        check_template(cfg.prompt_template or DEFAULT_TEMPLATE)
+        records = load_records(resolve_data_path(cfg.path), cfg.question_field, cfg.answer_field)
+        prompt_format = PromptFormat.from_config(cfg, tokenizer)
+        # A chat template makes the question the user's turn as it is; a plain-text prompt
+        # needs the cue of the default template.
+        default = CHAT_TEMPLATE if prompt_format.use_chat_template else DEFAULT_TEMPLATE
+        check_template(cfg.prompt_template or default)
         return cls(
-            load_records(resolve_data_path(cfg.path)),
-            tokenizer,
-            template=cfg.prompt_template or DEFAULT_TEMPLATE,
+            records,
+            prompt_format,
+            template=cfg.prompt_template or default,
             seed=cfg.seed,
+            eval_fraction=cfg.eval_fraction,
         )
 
     def __len__(self) -> int:
         return len(self._records)
 
-    @lru_cache(maxsize=2)  # noqa: B019 - one task per run; the order of an epoch is reused.
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._records)))
-        random.Random(f"{self.name}:{self._seed}:{epoch}").shuffle(order)
-        return order
+    @property
+    def train_indices(self) -> list[int]:
+        return list(self._split.train)
 
     def record_index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self._records))
-        return self._epoch_order(epoch)[offset]
+        return self._split.train_index(position)
+
+    def _prompt(self, index: int) -> Prompt:
+        record = self._records[index]
+        text, ids = self._format.encode(self._template.format(question=record["question"]))
+        return Prompt(text, ids, {"answer": record["answer"], "index": index})
 
     def sample_prompt(self, position: int) -> Prompt:
-        index = self.record_index(position)
-        record = self._records[index]
-        text = self._template.format(question=record["question"])
-        meta = {"answer": record["answer"], "index": index}
-        return Prompt(text, encode_prompt(self._tokenizer, text), meta)
+        return self._prompt(self.record_index(position))
+
+    def eval_prompts(self, n: int) -> list[Prompt]:
+        return [self._prompt(index) for index in self._split.eval_indices(n)]
 
     def reward(self, completion_text: str, meta: Mapping[str, Any]) -> float:
-        return numeric_reward(completion_text, meta)
+        return math_verify_reward(completion_text, meta)

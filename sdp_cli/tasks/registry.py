@@ -12,6 +12,8 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.config.schema import TaskConfig
 from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.gym import ReasoningGymTask
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
 
@@ -22,19 +24,27 @@ TaskCheck = Callable[[TaskConfig], str]
 
 
 def _reverse(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
-    return DigitStringTask(
-        "reverse",
-        reverse_digits,
-        tokenizer,
-        min_len=cfg.min_len,
-        max_len=cfg.max_len,
-        seed=cfg.seed,
-    )
+    return _digit_task("reverse", reverse_digits, cfg, tokenizer)
 
 
 def _copy(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    return _digit_task("copy", copy_digits, cfg, tokenizer)
+
+
+def _digit_task(
+    name: str,
+    transform: Callable[[str], str],
+    cfg: TaskConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Task:
     return DigitStringTask(
-        "copy", copy_digits, tokenizer, min_len=cfg.min_len, max_len=cfg.max_len, seed=cfg.seed
+        name,
+        transform,
+        PromptFormat.from_config(cfg, tokenizer),
+        min_len=cfg.min_len,
+        max_len=cfg.max_len,
+        seed=cfg.seed,
+        eval_fraction=cfg.eval_fraction,
     )
 
 
@@ -42,10 +52,15 @@ def _math_jsonl(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     return MathJsonlTask.from_config(cfg, tokenizer)
 
 
+def _reasoning_gym(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    return ReasoningGymTask.from_config(cfg, tokenizer)
+
+
 _TASKS: dict[str, TaskFactory] = {
     "reverse": _reverse,
     "copy": _copy,
     "math_jsonl": _math_jsonl,
+    "reasoning_gym": _reasoning_gym,
 }
 
 
@@ -96,12 +111,16 @@ class _CustomRewardTask:
 
     def __init__(self, inner: Task, reward_fn: RewardFn, dotted: str) -> None:
         self.name = inner.name
+        self.stop_token_ids = inner.stop_token_ids
         self._inner = inner
         self._reward_fn = reward_fn
         self._dotted = dotted
 
     def sample_prompt(self, position: int) -> Prompt:
         return self._inner.sample_prompt(position)
+
+    def eval_prompts(self, n: int) -> list[Prompt]:
+        return self._inner.eval_prompts(n)
 
     def reward(self, completion_text: str, meta: Mapping[str, Any]) -> float:
         value = float(self._reward_fn(completion_text, meta))

@@ -1,0 +1,123 @@
+"""`reasoning_gym`: any procedural dataset of the reasoning-gym library, scored by its own
+`score_answer`.
+
+`task.dataset` names the generator and `task.dataset_config` holds its options (for example
+`chain_sum` with `min_terms`, `max_digits`...). The dataset is generated once, offline and
+seeded by `task.seed`, with `task.dataset_size` items; the held-out split is by question, so
+a question the generator repeats is either always trained on or never.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from sdp_cli.config.schema import TaskConfig
+from sdp_cli.errors import ConfigError, MissingDependencyError
+from sdp_cli.tasks.base import Prompt
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.records import RecordSplit
+
+DEFAULT_TEMPLATE = "{question}"
+
+
+def dataset_names() -> list[str]:
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def create_dataset(name: str, options: Mapping[str, Any], *, seed: int, size: int) -> Any:
+    """The reasoning-gym dataset `name`; unknown names and options are config errors."""
+    try:
+        import reasoning_gym
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "task=reasoning_gym needs the 'reasoning-gym' package: pip install reasoning-gym"
+        ) from exc
+    if name not in dataset_names():
+        raise ConfigError(
+            "task.dataset",
+            f"reasoning-gym has no dataset '{name}'",
+            "use one of its datasets, e.g. chain_sum, basic_arithmetic, leg_counting "
+            "(python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')",
+        )
+    try:
+        return reasoning_gym.create_dataset(name, seed=seed, size=size, **dict(options))
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(
+            "task.dataset_config",
+            f"reasoning-gym dataset '{name}' refuses the options {dict(options)}: {exc}",
+            "use the fields of its config class (reasoning_gym.factory.DATASETS[name][1])",
+        ) from None
+
+
+def answer_of(completion_text: str) -> str:
+    """The answer a completion gives: inside <answer>...</answer> when it uses the tags
+    (reasoning-gym's convention), else the whole stripped text."""
+    from reasoning_gym.utils import extract_answer
+
+    tagged = extract_answer(completion_text)
+    return (tagged if tagged is not None else completion_text).strip()
+
+
+class ReasoningGymTask:
+    name = "reasoning_gym"
+
+    def __init__(
+        self,
+        dataset_name: str,
+        options: Mapping[str, Any],
+        prompt_format: PromptFormat,
+        *,
+        seed: int = 0,
+        size: int = 5000,
+        eval_fraction: float = 0.1,
+        template: str = DEFAULT_TEMPLATE,
+    ) -> None:
+        self.dataset_name = dataset_name
+        self._dataset = create_dataset(dataset_name, options, seed=seed, size=size)
+        # Generated once: the split needs every question, and rewards look entries up.
+        self._entries = [self._dataset[i] for i in range(size)]
+        self._format = prompt_format
+        self.stop_token_ids = prompt_format.stop_token_ids()
+        self._template = template
+        self._split = RecordSplit(
+            f"{self.name}:{dataset_name}",
+            [entry["question"] for entry in self._entries],
+            seed=seed,
+            eval_fraction=eval_fraction,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> ReasoningGymTask:
+        if not cfg.dataset:
+            raise ConfigError("task.dataset", "the reasoning_gym task needs a dataset name")
+        return cls(
+            cfg.dataset,
+            dict(cfg.dataset_config),
+            PromptFormat.from_config(cfg, tokenizer),
+            seed=cfg.seed,
+            size=cfg.dataset_size,
+            eval_fraction=cfg.eval_fraction,
+            template=cfg.prompt_template or DEFAULT_TEMPLATE,
+        )
+
+    def _prompt(self, index: int) -> Prompt:
+        entry = self._entries[index]
+        text, ids = self._format.encode(self._template.format(question=entry["question"]))
+        meta = {"answer": str(entry["answer"]), "index": index, "dataset": self.dataset_name}
+        return Prompt(text, ids, meta)
+
+    def sample_prompt(self, position: int) -> Prompt:
+        return self._prompt(self._split.train_index(position))
+
+    def eval_prompts(self, n: int) -> list[Prompt]:
+        return [self._prompt(index) for index in self._split.eval_indices(n)]
+
+    def reward(self, completion_text: str, meta: Mapping[str, Any]) -> float:
+        entry = self._entries[int(meta["index"])]
+        score = float(self._dataset.score_answer(answer_of(completion_text), entry))
+        return min(1.0, max(0.0, score))
