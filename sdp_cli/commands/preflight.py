@@ -13,12 +13,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import BUILTIN_MODEL, Device, ModelConfig, SdpConfig, ServerConfig
+from sdp_cli.config.schema import Device, ModelConfig, SdpConfig, ServerConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import CPU_HEAD_SIZES, check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.registry import RegistryError, read_registry
-from sdp_cli.model import check_model_dir
+from sdp_cli.model import builtin_name, check_model_dir, smollm2
 from sdp_cli.tasks import check_task, get_task, load_tokenizer
 from sdp_cli.train.checkpoint import latest_checkpoint
 
@@ -42,9 +42,9 @@ def check_model(cfg: SdpConfig) -> list[str]:
     model = cfg.model
     path = check_model_dir(model)
     check_model_fits_servers(cfg, path, launching=not cfg.server.registry)
-    if model.path == BUILTIN_MODEL and not path.is_dir():
+    if builtin_name(model.path) and not path.is_dir():
         return [
-            f"model {BUILTIN_MODEL}: made at first use in {path} "
+            f"model {model.path}: made at first use in {path} "
             "(prompt lengths are checked once it exists)"
         ]
     # The tokenizer is what the tasks encode prompts with; a directory of weights alone fails.
@@ -66,10 +66,13 @@ class ModelShape:
 def model_shape(model: ModelConfig, path: Path) -> ModelShape:
     """Head size and context of the model, from its config.json (or the built-in model's keys
     when it has not been made yet)."""
-    if model.path == BUILTIN_MODEL:
+    name = builtin_name(model.path)
+    if name == "tiny":
         return ModelShape(
             model.hidden_size // model.num_heads, model.max_position_embeddings, "model.num_heads"
         )
+    if name == "smollm2-135m" and not (path / "config.json").is_file():
+        return ModelShape(smollm2.HEAD_DIM, smollm2.MAX_POSITIONS, "model.path")
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

