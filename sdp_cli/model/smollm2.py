@@ -77,7 +77,7 @@ def _require_gguf() -> None:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(
-            "building smollm2-135m needs the 'gguf' package: pip install 'sdp-cli[models]'"
+            "building smollm2-135m needs the 'gguf' package: pip install gguf==0.19.0"
         ) from exc
 
 

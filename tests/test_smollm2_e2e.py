@@ -1,0 +1,69 @@
+"""A real pretrained model end to end: `sdp init-model smollm2-135m` builds SmolLM2-135M-Instruct
+from the PyPI wheel, and `sdp train` with the SmolLM2 chain_sum example trains two steps on a
+real vLLM CPU server, its prompts formatted by the model's chat template."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+from sdp_cli.inference import client as client_module
+from sdp_cli.telemetry.events import read_events
+
+pytestmark = pytest.mark.vllm
+runner = CliRunner()
+EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "examples" / "smollm2-chain-sum.yaml"
+SYSTEM_PROMPT = "Give only the final number."
+
+
+def test_smollm2_trains_on_chain_sum_through_its_chat_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = time.perf_counter()
+    made = runner.invoke(app, ["init-model", "smollm2-135m"])
+    assert made.exit_code == 0, made.output
+    assert "smollm2-135m created" in made.output
+    model_dir = Path(made.output.split(": ", 1)[1].replace("\n", "").strip())
+    again = runner.invoke(app, ["init-model", "smollm2-135m"])
+    assert again.exit_code == 0 and "already present" in again.output
+    built_s = time.perf_counter() - start
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    system_turn = tokenizer(f"system\n{SYSTEM_PROMPT}", add_special_tokens=False)["input_ids"]
+    assistant_cue = [im_start, *tokenizer("assistant\n", add_special_tokens=False)["input_ids"]]
+
+    sent: list[tuple[list[int], dict[str, Any]]] = []
+    real_generate_body = client_module.generate_body
+
+    def recording_generate_body(request_id: str, token_ids: list[int], sampling: dict) -> dict:
+        sent.append((list(token_ids), dict(sampling)))
+        return real_generate_body(request_id, token_ids, sampling)
+
+    monkeypatch.setattr(client_module, "generate_body", recording_generate_body)
+    run_dir = tmp_path / "run"
+    trained = runner.invoke(
+        app, ["train", f"conf={EXAMPLE}", "train.steps=2", f"run.dir={run_dir}"]
+    )
+    assert trained.exit_code == 0, trained.output
+
+    steps = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "train_step"]
+    assert [s["step"] for s in steps] == [0, 1]
+    assert sent, "no generate request reached the server"
+    for token_ids, sampling in sent:
+        # The chat template's turns, system prompt included, and the assistant cue the model
+        # answers after; generation stops at its end-of-turn token.
+        assert token_ids[0] == im_start
+        assert token_ids[1 : 1 + len(system_turn)] == system_turn
+        assert token_ids[1 + len(system_turn)] == im_end
+        assert im_end in sampling["stop_token_ids"]
+    first_prompt, _ = sent[0]
+    assert first_prompt[-len(assistant_cue) :] == assistant_cue
+    print(f"init-model (build + no-op) {built_s:.1f} s; train {len(steps)} steps ok")
