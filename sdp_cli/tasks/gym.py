@@ -54,6 +54,22 @@ def create_dataset(name: str, options: Mapping[str, Any], *, seed: int, size: in
         ) from None
 
 
+def check_reasoning_gym_config(cfg: TaskConfig) -> str:
+    """The dataset name and options, checked by generating one item (for `--dry-run`)."""
+    if not cfg.dataset:
+        raise ConfigError("task.dataset", "the reasoning_gym task needs a dataset name")
+    dataset = create_dataset(cfg.dataset, dict(cfg.dataset_config), seed=cfg.seed, size=1)
+    try:
+        dataset[0]
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(
+            "task.dataset_config",
+            f"reasoning-gym dataset '{cfg.dataset}' cannot generate with {dict(cfg.dataset_config)}"
+            f": {exc}",
+        ) from None
+    return f"reasoning-gym dataset {cfg.dataset} generates with {dict(cfg.dataset_config)}"
+
+
 def answer_of(completion_text: str) -> str:
     """The answer a completion gives: inside <answer>...</answer> when it uses the tags
     (reasoning-gym's convention), else the whole stripped text."""

@@ -100,7 +100,9 @@ def _quiet_libraries() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # A file it cannot parse is reported as a ConfigError naming the line; its own error log
+    # (with a traceback) would only repeat it.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     # math-verify warns on every call that its timeout is off (on purpose, see _parse).
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
@@ -143,6 +145,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 def _raise_first_bad_line(path: Path) -> None:
     """Point at the line `datasets` could not parse (its own error names none)."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    if not any(line.strip() for line in lines):
+        raise ConfigError("task.path", f"data file '{path}' has no records")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -13,7 +13,7 @@ from sdp_cli.config.schema import TaskConfig
 from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
 from sdp_cli.tasks.chat import PromptFormat
-from sdp_cli.tasks.gym import ReasoningGymTask
+from sdp_cli.tasks.gym import ReasoningGymTask, check_reasoning_gym_config
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
 
@@ -64,7 +64,10 @@ _TASKS: dict[str, TaskFactory] = {
 }
 
 
-_CHECKS: dict[str, TaskCheck] = {"math_jsonl": check_math_config}
+_CHECKS: dict[str, TaskCheck] = {
+    "math_jsonl": check_math_config,
+    "reasoning_gym": check_reasoning_gym_config,
+}
 
 
 def register_task(name: str, factory: TaskFactory, check: TaskCheck | None = None) -> None:
