@@ -49,8 +49,9 @@ def test_smollm2_trains_on_chain_sum_through_its_chat_template(
 
     monkeypatch.setattr(client_module, "generate_body", recording_generate_body)
     run_dir = tmp_path / "run"
+    tiny_batch = ["rollout.batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=8"]
     trained = runner.invoke(
-        app, ["train", f"conf={EXAMPLE}", "train.steps=2", f"run.dir={run_dir}"]
+        app, ["train", f"conf={EXAMPLE}", "train.steps=2", f"run.dir={run_dir}", *tiny_batch]
     )
     assert trained.exit_code == 0, trained.output
 

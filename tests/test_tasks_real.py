@@ -205,6 +205,19 @@ def test_reasoning_gym_is_seeded_and_scored_by_the_dataset(
         assert task.reward(str(int(answer) + 1), prompt.meta) == 0.0
 
 
+def test_reasoning_gym_last_number_extraction(tokenizer: PreTrainedTokenizerBase) -> None:
+    whole = chain_sum(tokenizer)
+    last = chain_sum(tokenizer, answer_extract="last_number")
+    prompt = whole.sample_prompt(0)
+    answer = prompt.meta["answer"]
+    sentence = f"The final answer is {answer}."
+    # The dataset's score_answer gives a sentence only partial credit; its last number is exact.
+    assert 0.0 < whole.reward(sentence, prompt.meta) < 1.0
+    assert last.reward(sentence, prompt.meta) == 1.0
+    assert last.reward(f"{answer} plus 1 is {int(answer) + 1}", prompt.meta) == 0.0
+    assert last.reward("no number", prompt.meta) == 0.0
+
+
 def test_reasoning_gym_composes_from_the_task_group() -> None:
     cfg = load_config(
         overrides=[

@@ -347,6 +347,12 @@ class TaskConfig:
     dataset_size: int = setting(
         5000, ge=1, help="reasoning_gym: items generated (offline, seeded by task.seed)"
     )
+    answer_extract: str = setting(
+        "tags",
+        choices=("tags", "last_number"),
+        help="reasoning_gym: what score_answer gets: tags (<answer>...</answer>, else the "
+        "whole completion) or last_number (the last number in it)",
+    )
 
 
 @dataclass

@@ -9,6 +9,7 @@ a question the generator repeats is either always trained on or never.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,13 +71,22 @@ def check_reasoning_gym_config(cfg: TaskConfig) -> str:
     return f"reasoning-gym dataset {cfg.dataset} generates with {dict(cfg.dataset_config)}"
 
 
-def answer_of(completion_text: str) -> str:
+ANSWER_EXTRACTS = ("tags", "last_number")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_of(completion_text: str, extract: str = "tags") -> str:
     """The answer a completion gives: inside <answer>...</answer> when it uses the tags
-    (reasoning-gym's convention), else the whole stripped text."""
+    (reasoning-gym's convention), else the whole stripped text; with `last_number`, the last
+    number in that (for numeric datasets, where a small model wraps the number in a sentence)."""
     from reasoning_gym.utils import extract_answer
 
     tagged = extract_answer(completion_text)
-    return (tagged if tagged is not None else completion_text).strip()
+    answer = (tagged if tagged is not None else completion_text).strip()
+    if extract == "last_number":
+        numbers = _NUMBER.findall(answer.replace(",", ""))
+        return numbers[-1] if numbers else ""
+    return answer
 
 
 class ReasoningGymTask:
@@ -92,8 +102,16 @@ class ReasoningGymTask:
         size: int = 5000,
         eval_fraction: float = 0.1,
         template: str = DEFAULT_TEMPLATE,
+        answer_extract: str = "tags",
     ) -> None:
+        if answer_extract not in ANSWER_EXTRACTS:
+            raise ConfigError(
+                "task.answer_extract",
+                f"'{answer_extract}' is not a way to extract an answer",
+                f"use one of {', '.join(ANSWER_EXTRACTS)}",
+            )
         self.dataset_name = dataset_name
+        self._answer_extract = answer_extract
         self._dataset = create_dataset(dataset_name, options, seed=seed, size=size)
         # Generated once: the split needs every question, and rewards look entries up.
         self._entries = [self._dataset[i] for i in range(size)]
@@ -119,6 +137,7 @@ class ReasoningGymTask:
             size=cfg.dataset_size,
             eval_fraction=cfg.eval_fraction,
             template=cfg.prompt_template or DEFAULT_TEMPLATE,
+            answer_extract=cfg.answer_extract,
         )
 
     def _prompt(self, index: int) -> Prompt:
@@ -135,5 +154,6 @@ class ReasoningGymTask:
 
     def reward(self, completion_text: str, meta: Mapping[str, Any]) -> float:
         entry = self._entries[int(meta["index"])]
-        score = float(self._dataset.score_answer(answer_of(completion_text), entry))
+        answer = answer_of(completion_text, self._answer_extract)
+        score = float(self._dataset.score_answer(answer, entry))
         return min(1.0, max(0.0, score))
