@@ -137,10 +137,11 @@ class RunConfig:
 class ModelConfig:
     path: str = setting(
         BUILTIN_MODEL,
-        help="a local Hugging Face model directory, or builtin:tiny (made by `sdp init-model`)",
+        help="a local Hugging Face model directory, or builtin:tiny / builtin:smollm2-135m (made "
+        "by `sdp init-model NAME`, or on first use)",
     )
     cache_dir: str | None = setting(
-        None, help="where the built-in model is cached; null: $SDP_CACHE_DIR or ~/.cache/sdp"
+        None, help="where built-in models are cached; null: $SDP_CACHE_DIR or ~/.cache/sdp"
     )
     hidden_size: int = setting(128, ge=1, help="built-in model: hidden size")
     num_layers: int = setting(2, ge=1, help="built-in model: decoder layers")
