@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any
 
 import yaml
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdp_cli.config.schema import Rule, SdpConfig, declared_keys
 
@@ -19,12 +19,14 @@ README_END = "<!-- config-keys:end -->"
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, ListConfig):
+    if isinstance(value, ListConfig | DictConfig):
         value = OmegaConf.to_container(value)
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
+    if isinstance(value, dict):  # a free-form mapping such as task.dataset_config
+        return {key: _plain(item) for key, item in value.items()}
     return value
 
 
