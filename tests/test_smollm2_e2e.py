@@ -4,6 +4,7 @@ real vLLM CPU server, its prompts formatted by the model's chat template."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,11 @@ def test_smollm2_trains_on_chain_sum_through_its_chat_template(
     made = runner.invoke(app, ["init-model", "smollm2-135m"])
     assert made.exit_code == 0, made.output
     assert "smollm2-135m created" in made.output
-    model_dir = Path(made.output.split(": ", 1)[1].replace("\n", "").strip())
+    # The conversion's progress bars share the output; the last line names the directory.
+    found = re.search(r"smollm2-135m created in [0-9.]+ s: (\S+)", made.output)
+    assert found, made.output
+    model_dir = Path(found.group(1))
+    assert (model_dir / "model.safetensors").is_file()
     again = runner.invoke(app, ["init-model", "smollm2-135m"])
     assert again.exit_code == 0 and "already present" in again.output
     built_s = time.perf_counter() - start
