@@ -110,6 +110,12 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class TrainDtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 # vLLM's --dtype values.
 SERVER_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -194,6 +200,11 @@ class ServerConfig:
         factory=list,
         help="CPU cores of the server processes (vLLM binds its threads to them); "
         "[] leaves placement to the OS",
+    )
+    gpu_ids: list[int] = setting(
+        factory=list,
+        help="CUDA devices (indices among the visible ones) of the servers launched here, "
+        "server.count × server.tensor_parallel_size of them; [] takes the first visible ones",
     )
     extra_args: list[str] = setting(
         factory=list, help="more vLLM command-line arguments, appended as given"
@@ -306,6 +317,32 @@ class TrainConfig:
     )
     cpu_cores: list[int] = setting(
         factory=list, help="CPU cores of the trainer process; [] leaves placement to the OS"
+    )
+    world_size: int = setting(
+        1, ge=1, help="trainer ranks (processes) on this node; more than one shards with FSDP2"
+    )
+    nnodes: int = setting(1, ge=1, help="nodes with trainer ranks")
+    node_rank: int = setting(
+        0,
+        ge=0,
+        help="this node's index; node 0 also runs the servers, rollouts, event log and dashboard",
+    )
+    master_addr: str = setting("127.0.0.1", help="rendezvous address of the trainer ranks (node 0)")
+    master_port: int = setting(
+        0, ge=0, le=65535, help="rendezvous port; 0 picks a free one (one node only)"
+    )
+    gpu_ids: list[int] = setting(
+        factory=list,
+        help="CUDA devices (indices among the visible ones) of this node's ranks, one per rank; "
+        "[]: local rank r takes device r",
+    )
+    dtype: TrainDtype = setting(
+        TrainDtype.auto,
+        help="parameter and compute dtype; auto: bfloat16 on CUDA (float32 master weights and "
+        "gradient reduction), float32 on CPU",
+    )
+    dist_timeout_s: float = setting(
+        3600.0, gt=0, help="seconds a trainer rank waits in one collective"
     )
 
 

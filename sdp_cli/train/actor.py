@@ -28,6 +28,7 @@ from sdp_cli.train.batch import (
     collate,
     split_by_token_budget,
 )
+from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
 from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
 from sdp_cli.train.weights import export_weights
 
@@ -151,6 +152,15 @@ class Actor:
         started = time.perf_counter()
         batches = self._micro_batches(groups)
         normalizer = sum(b.n_tokens for b in batches)
+        stats, grad_norm, finite = self._optimizer_step(batches, normalizer, version)
+        return step_summary(groups, stats, grad_norm, finite, len(batches), started)
+
+    def _optimizer_step(
+        self, batches: list[TrainBatch], normalizer: int, version: int
+    ) -> tuple[LossStats, float, bool]:
+        """Accumulate the gradients of `batches` (their losses divided by `normalizer`, the
+        token count of the whole batch) and step; returns the statistics, the gradient norm and
+        whether the step was finite (else the weights were left unchanged)."""
         recomputed = self._recomputed_proximal(batches)
         self.optimizer.zero_grad(set_to_none=True)
         stats = LossStats()
@@ -182,25 +192,50 @@ class Actor:
         summary = stats.summary()
         # One overflow would otherwise put NaN into every weight through AdamW: skip the step
         # and leave the caller to decide when too many in a row means the run is broken.
-        finite = math.isfinite(summary["loss"]) and math.isfinite(grad_norm)
+        finite = self._finite_everywhere(
+            math.isfinite(summary["loss"]) and math.isfinite(grad_norm)
+        )
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
         elif normalizer > 0:
             self.optimizer.step()
-        rewards = [r for g in groups for r in g.rewards]
-        return {
-            **summary,
-            "skipped": 0.0 if finite else 1.0,
-            **{f"tokens_lag_{lag}": float(n) for lag, n in stats.tokens_by_lag.items()},
-            "grad_norm": grad_norm,
-            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-            "n_samples": float(len(rewards)),
-            "n_micro_batches": float(len(batches)),
-            "step_time_s": time.perf_counter() - started,
-        }
+        return stats, grad_norm, finite
+
+    def _finite_everywhere(self, finite: bool) -> bool:
+        """Whether the step is finite for every rank taking part (one, here)."""
+        return finite
+
+    def save_tensors(self, target: Path) -> None:
+        """Write the weights and optimizer state of a checkpoint into `target`."""
+        write_model_tensors(target, self.model, self.optimizer)
+
+    def load_tensors(self, path: Path) -> None:
+        read_model_tensors(path, self.model, self.optimizer)
 
     def export_weights(self, weights_dir: Path, version: int) -> Path:
         """Write `weights_dir/v{version}/` for the servers; keeps the newest train.keep_weights."""
         return export_weights(
             self.model, self.model_dir, weights_dir, version, self.train_config.keep_weights
         )
+
+
+def step_summary(
+    groups: Sequence[RolloutGroup],
+    stats: LossStats,
+    grad_norm: float,
+    finite: bool,
+    n_micro_batches: int,
+    started: float,
+) -> dict[str, float]:
+    """The numbers `train_step` returns, from the merged statistics of its micro-batches."""
+    rewards = [r for g in groups for r in g.rewards]
+    return {
+        **stats.summary(),
+        "skipped": 0.0 if finite else 1.0,
+        **{f"tokens_lag_{lag}": float(n) for lag, n in stats.tokens_by_lag.items()},
+        "grad_norm": grad_norm,
+        "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+        "n_samples": float(len(rewards)),
+        "n_micro_batches": float(n_micro_batches),
+        "step_time_s": time.perf_counter() - started,
+    }

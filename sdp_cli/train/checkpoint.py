@@ -13,6 +13,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Write or read a checkpoint's weights and optimizer state in the given directory.
+TensorWriter = Callable[[Path], None]
+TensorReader = Callable[[Path], None]
 
 
 @dataclass
@@ -65,11 +69,29 @@ def _restore_rng(state: dict[str, Any], python_state: list[Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _write_checkpoint(
-    target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState
+def write_model_tensors(
+    target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
+    """The tensors of a one-process trainer: weights as safetensors, the optimizer state."""
     save_model(model, str(target / MODEL_FILE))
     torch.save(optimizer.state_dict(), target / OPTIMIZER_FILE)
+
+
+def read_model_tensors(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    if not (path / MODEL_FILE).is_file():
+        raise ValueError(
+            f"checkpoint {path} has no {MODEL_FILE}: it was written by a sharded trainer "
+            "(train.world_size > 1 or bfloat16); resume it with the same train settings"
+        )
+    load_model(model, str(path / MODEL_FILE), strict=True, device=_device_of(model))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+
+
+def _write_checkpoint(target: Path, write_tensors: TensorWriter, state: TrainState) -> None:
+    write_tensors(target)
     torch.save(_rng_state(), target / RNG_FILE)
     payload = {
         "format": FORMAT_VERSION,
@@ -116,26 +138,35 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     keep: int | None = None,
+    write_tensors: TensorWriter | None = None,
 ) -> Path:
-    """Write `run_dir/checkpoints/step-{state.step}/` and keep the newest `keep` (None: all)."""
+    """Write `run_dir/checkpoints/step-{state.step}/` and keep the newest `keep` (None: all).
+    `write_tensors(dir)` writes the weights and optimizer state (default: `model` and
+    `optimizer` as one process holds them)."""
     final = checkpoints_dir(run_dir) / f"step-{state.step}"
+    writer = write_tensors or (lambda target: write_model_tensors(target, model, optimizer))
     with atomic_dir(final, fsync=True) as tmp:
-        _write_checkpoint(tmp, model, optimizer, state)
+        _write_checkpoint(tmp, writer, state)
     _prune(run_dir, keep)
     return final
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    read_tensors: TensorReader | None = None,
 ) -> TrainState:
     """Restore weights, optimizer state and RNG states from `path` (a `step-N` directory);
-    returns the loop state saved with them."""
+    returns the loop state saved with them. `read_tensors(dir)` replaces the default reading
+    of the weights and optimizer state into `model` and `optimizer`."""
     payload = json.loads((path / STATE_FILE).read_text())
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format {payload.get('format')}, expected 1")
-    load_model(model, str(path / MODEL_FILE), strict=True, device=_device_of(model))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    if read_tensors is not None:
+        read_tensors(path)
+    else:
+        read_model_tensors(path, model, optimizer)
     _restore_rng(torch.load(path / RNG_FILE, weights_only=True), payload["python_rng"])
     return TrainState(
         step=payload["step"],

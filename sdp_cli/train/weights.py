@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -67,9 +68,11 @@ def export_weights(
     weights_dir: Path,
     version: int,
     keep: int,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write `weights_dir/v{version}/` atomically, keep the newest `keep` versions, and return
-    the new directory."""
+    the new directory. `state_dict` (full tensors) replaces the model's own, for a model whose
+    parameters are sharded across ranks."""
     # A "Writing model shards" bar per weight update would scribble over the dashboard.
     hf_logging.disable_progress_bar()
     final = version_dir(weights_dir, version)
@@ -77,7 +80,7 @@ def export_weights(
     with atomic_dir(final) as tmp:
         # Transformers 5 always writes safetensors; save_original_format keeps the checkpoint's
         # own tensor names, which is what vLLM's loader expects.
-        model.save_pretrained(tmp, save_original_format=True)
+        model.save_pretrained(tmp, save_original_format=True, state_dict=state_dict)
         copy_tokenizer_files(source_dir, tmp)
     prune_versions(weights_dir, keep, version)
     return final
