@@ -27,8 +27,9 @@ from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState
 from sdp_cli.launcher.command import server_device
-from sdp_cli.launcher.devices import split_cpu_cores
+from sdp_cli.launcher.devices import split_cpu_cores, visible_cuda_devices
 from sdp_cli.launcher.fleet import ServerFleet
+from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.executor import RolloutExecutor
@@ -40,6 +41,8 @@ from sdp_cli.telemetry.events import EventLog, EventSink
 from sdp_cli.telemetry.schema import RunFinishedEvent
 from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from sdp_cli.train.distributed import total_ranks
+from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
 from sdp_cli.train.update import InferenceServers
 
@@ -77,7 +80,9 @@ def restore_state(cfg: SdpConfig, run_dir: Path, actor: Actor) -> TrainState:
         raise ConfigError(
             "resume", f"no checkpoint in '{run_dir}/checkpoints'", "run without resume=true"
         )
-    return load_checkpoint(checkpoint, actor.model, actor.optimizer)
+    return load_checkpoint(
+        checkpoint, actor.model, actor.optimizer, read_tensors=actor.load_tensors
+    )
 
 
 def attached_pool(registry: Path, timeout_s: float) -> ServerPool:
@@ -115,6 +120,8 @@ def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
     take turns, and the servers do better on every core) and neither was given."""
     if (
         not cfg.run.split_cpus
+        # Every trainer rank would inherit the one trainer core.
+        or cfg.train.world_size > 1
         or cfg.rollout.max_staleness == 0
         or cfg.server.cpu_cores
         or cfg.train.cpu_cores
@@ -158,13 +165,42 @@ def train_command(cfg: SdpConfig, *, dry_run: bool = False, console: Console | N
     if dry_run:
         print_dry_run(with_cpu_placement(cfg), console, checked)
         return
-    print_summary(run_training(cfg, console), console)
+    summary = run_training(cfg, console)
+    if summary is not None:
+        print_summary(summary, console)
 
 
-def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary:
-    cfg = with_cpu_placement(cfg)
+def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary | None:
+    """The run on node 0; on another node (train.node_rank > 0) this node's trainer ranks,
+    which train as node 0's rank 0 says and return None."""
+    check_gpu_placement(cfg)
+    cfg = with_rendezvous(with_cpu_placement(cfg))
+    if cfg.train.node_rank > 0:
+        serve_worker_node(cfg, ensure_model_dir(cfg.model), Path(cfg.run.dir) / "logs")
+        return None
     with pinned_to(cfg.train.cpu_cores):
         return train(cfg, console or Console())
+
+
+def with_rendezvous(cfg: SdpConfig) -> SdpConfig:
+    """A free port for the trainer ranks of a one-node run that left train.master_port at 0."""
+    if total_ranks(cfg.train) == 1 or cfg.train.master_port:
+        return cfg
+    port = free_port(cfg.train.master_addr)
+    return replace(cfg, train=replace(cfg.train, master_port=port))
+
+
+def check_gpu_placement(cfg: SdpConfig) -> None:
+    """server.gpu_ids and train.gpu_ids name visible CUDA devices, and no device twice."""
+    visible = visible_cuda_devices()
+    for key, ids in (("server.gpu_ids", cfg.server.gpu_ids), ("train.gpu_ids", cfg.train.gpu_ids)):
+        beyond = [i for i in ids if i >= len(visible)]
+        if beyond:
+            raise ConfigError(
+                key,
+                f"devices {beyond} are not visible ({len(visible)} CUDA devices are)",
+                f"choose indices below {len(visible)}, or set CUDA_VISIBLE_DEVICES",
+            )
 
 
 @dataclass
@@ -182,9 +218,9 @@ class RunInputs:
 
 def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     quiet_library_progress()
-    run = prepare_inputs(cfg)
     dashboard = Dashboard(console=console)
     with ExitStack() as stack:
+        run = prepare_inputs(cfg, stack)
         events = open_event_log(stack, dashboard, run.run_dir)
         events.emit(
             run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
@@ -223,14 +259,15 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     )
 
 
-def prepare_inputs(cfg: SdpConfig) -> RunInputs:
+def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     """The run directory, model, tokenizer, task and trainer, restored from a checkpoint when
-    resuming; everything that can fail before a server starts."""
+    resuming; everything that can fail before a server starts. The trainer's other ranks stop
+    when `stack` closes, after everything entered later (a rank that died is named then)."""
     run_dir = prepare_run_dir(cfg)
     model_dir = ensure_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     task = get_task(cfg.task, tokenizer)
-    actor = Actor(model_dir, cfg.train, seed=cfg.run.seed)
+    actor = stack.enter_context(trainer_actor(cfg, model_dir, run_dir / "logs"))
     state = restore_state(cfg, run_dir, actor)
     return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state)
 

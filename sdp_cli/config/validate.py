@@ -93,6 +93,55 @@ def _weight_floor_below_cap(cfg: DictConfig) -> None:
         )
 
 
+def _node_rank_below_nnodes(cfg: DictConfig) -> None:
+    train = cfg.train
+    if train.node_rank >= train.nnodes:
+        raise ConfigError(
+            "train.node_rank",
+            f"must be below train.nnodes ({train.nnodes}, got {train.node_rank})",
+            f"set train.node_rank to one of 0..{train.nnodes - 1}",
+        )
+
+
+def _several_nodes_name_a_port(cfg: DictConfig) -> None:
+    if cfg.train.nnodes > 1 and cfg.train.master_port == 0:
+        raise ConfigError(
+            "train.master_port",
+            "several nodes need one rendezvous port known to all of them",
+            "set train.master_port=PORT (free on node 0) and train.master_addr=NODE0_ADDRESS",
+        )
+
+
+def _gpu_ids_fit(cfg: DictConfig) -> None:
+    """Lengths and overlap; whether the devices are visible is checked when the run starts."""
+    servers, trainer = list(cfg.server.gpu_ids), list(cfg.train.gpu_ids)
+    needed = cfg.server.count * cfg.server.tensor_parallel_size
+    if servers and len(servers) != needed:
+        raise ConfigError(
+            "server.gpu_ids",
+            f"needs server.count × server.tensor_parallel_size = {needed} devices "
+            f"(got {len(servers)})",
+            f"list {needed} device indices, or set server.gpu_ids=[]",
+        )
+    if trainer and len(trainer) != cfg.train.world_size:
+        raise ConfigError(
+            "train.gpu_ids",
+            f"needs one device per rank, train.world_size = {cfg.train.world_size} "
+            f"(got {len(trainer)})",
+            f"list {cfg.train.world_size} device indices, or set train.gpu_ids=[]",
+        )
+    for key, ids in (("server.gpu_ids", servers), ("train.gpu_ids", trainer)):
+        if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+            raise ConfigError(key, f"must list distinct device indices >= 0 (got {ids})")
+    shared = sorted(set(servers) & set(trainer))
+    if shared:
+        raise ConfigError(
+            "train.gpu_ids",
+            f"devices {shared} are also in server.gpu_ids",
+            "give the servers and the trainer disjoint devices",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     check_declared_rules(cfg)
     _cores_available(cfg, "server.cpu_cores")
@@ -102,3 +151,6 @@ def validate(cfg: DictConfig) -> None:
     _file_task_has_a_path(cfg)
     _task_options(cfg)
     _weight_floor_below_cap(cfg)
+    _node_rank_below_nnodes(cfg)
+    _several_nodes_name_a_port(cfg)
+    _gpu_ids_fit(cfg)

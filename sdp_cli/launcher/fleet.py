@@ -194,7 +194,10 @@ class ServerFleet:
         count = self.server.count
         if server_device(self.server) != Device.cuda:
             return [None] * count
-        return list(split_devices(count, self.server.tensor_parallel_size, visible_cuda_devices()))
+        devices = visible_cuda_devices()
+        if self.server.gpu_ids:
+            devices = [devices[i] for i in self.server.gpu_ids if i < len(devices)]
+        return list(split_devices(count, self.server.tensor_parallel_size, devices))
 
     async def _start_all(self) -> None:
         taken: set[int] = set()

@@ -180,6 +180,7 @@ class TrainingLoop:
             self.actor.optimizer,
             state,
             keep=self.cfg.train.keep_checkpoints,
+            write_tensors=self.actor.save_tensors,
         )
         self.events.emit(CheckpointEvent(step=self.step, version=self.version, path=str(path)))
         return path
