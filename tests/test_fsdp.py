@@ -19,8 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdp_cli.commands.preflight import check_trainer_device, chosen_devices
 from sdp_cli.config import load_config
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.errors import ConfigError
+from sdp_cli.launcher.devices import visible_cuda_devices
 from sdp_cli.launcher.process import free_port
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor
@@ -182,3 +185,32 @@ def test_ranks_get_shares_of_about_equal_tokens() -> None:
 def test_fewer_samples_than_ranks_leaves_a_share_empty() -> None:
     shares = split_across_ranks([_sample(1, 3)], 3)
     assert [len(share) for share in shares] == [1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["server.gpu_ids=[0]", "train.gpu_ids=[0]"], "train.gpu_ids"),
+        (["train.world_size=2", "train.gpu_ids=[1]"], "train.gpu_ids"),
+        (["server.count=2", "server.gpu_ids=[0]"], "server.gpu_ids"),
+        (["train.nnodes=2", "train.node_rank=2", "train.master_port=29500"], "train.node_rank"),
+        (["train.nnodes=2"], "train.master_port"),
+    ],
+)
+def test_rank_and_device_settings_are_checked(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(overrides=overrides)
+    assert raised.value.key == key
+
+
+def test_bfloat16_on_a_cpu_trainer_is_a_config_error() -> None:
+    cfg = load_config(overrides=["train.device=cpu", "train.dtype=bfloat16"])
+    with pytest.raises(ConfigError) as raised:
+        check_trainer_device(cfg)
+    assert raised.value.key == "train.dtype"
+
+
+def test_gpu_ids_beyond_the_visible_devices_are_a_config_error() -> None:
+    with pytest.raises(ConfigError) as raised:
+        chosen_devices("server.gpu_ids", [len(visible_cuda_devices())])
+    assert "not visible" in raised.value.problem

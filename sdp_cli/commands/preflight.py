@@ -29,6 +29,9 @@ RUN_FILES = ("events.jsonl", "checkpoints", "weights", "servers.json", "config.y
 def preflight(cfg: SdpConfig) -> list[str]:
     """Run every check; returns one line per thing checked. Raises ConfigError (or another
     SdpError, e.g. vLLM missing) at the first problem."""
+    if cfg.train.node_rank > 0:
+        # Only trainer ranks run on this node; node 0 owns the servers and the run directory.
+        return [*check_model(cfg.model), *check_trainer_device(cfg)]
     return [
         *check_model(cfg),
         *check_task(cfg.task),
@@ -142,8 +145,25 @@ def check_servers(server: ServerConfig) -> list[str]:
     check_vllm_installed()
     if server_device(server) != Device.cuda:
         return [f"{server.count} vLLM CPU server(s) to launch"]
-    groups = split_devices(server.count, server.tensor_parallel_size, visible_cuda_devices())
+    devices = chosen_devices("server.gpu_ids", server.gpu_ids)
+    groups = split_devices(server.count, server.tensor_parallel_size, devices)
     return [f"{server.count} vLLM server(s) on CUDA devices {groups}"]
+
+
+def chosen_devices(key: str, ids: list[int]) -> list[str]:
+    """The visible CUDA devices `ids` name (all of them for []); naming one that is not
+    visible is a config error."""
+    visible = visible_cuda_devices()
+    if not ids:
+        return visible
+    beyond = [i for i in ids if i >= len(visible)]
+    if beyond:
+        raise ConfigError(
+            key,
+            f"devices {beyond} are not visible ({len(visible)} CUDA devices are)",
+            f"choose indices below {len(visible)}, or set CUDA_VISIBLE_DEVICES",
+        )
+    return [visible[i] for i in ids]
 
 
 def check_registry(path: Path) -> str:
@@ -163,8 +183,21 @@ def check_registry(path: Path) -> str:
 
 def check_trainer_device(cfg: SdpConfig) -> list[str]:
     from sdp_cli.train.actor import torch_device
+    from sdp_cli.train.distributed import compute_dtype, total_ranks, trainer_on_cuda
 
-    return [f"trainer device {torch_device(cfg.train.device)}"]
+    device = torch_device(cfg.train.device)
+    dtype = str(compute_dtype(cfg.train)).removeprefix("torch.")
+    line = f"trainer device {device}, {dtype}, {total_ranks(cfg.train)} rank(s)"
+    if not trainer_on_cuda(cfg.train):
+        return [line]
+    devices = chosen_devices("train.gpu_ids", cfg.train.gpu_ids)
+    if not cfg.train.gpu_ids and cfg.train.world_size > len(devices):
+        raise ConfigError(
+            "train.world_size",
+            f"{cfg.train.world_size} CUDA ranks need as many visible devices ({len(devices)} are)",
+            f"set train.world_size={len(devices)} or less, or set CUDA_VISIBLE_DEVICES",
+        )
+    return [f"{line} on CUDA devices {devices[: cfg.train.world_size]}"]
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -27,7 +27,7 @@ from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState
 from sdp_cli.launcher.command import server_device
-from sdp_cli.launcher.devices import split_cpu_cores, visible_cuda_devices
+from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
@@ -173,7 +173,6 @@ def train_command(cfg: SdpConfig, *, dry_run: bool = False, console: Console | N
 def run_training(cfg: SdpConfig, console: Console | None = None) -> TrainSummary | None:
     """The run on node 0; on another node (train.node_rank > 0) this node's trainer ranks,
     which train as node 0's rank 0 says and return None."""
-    check_gpu_placement(cfg)
     cfg = with_rendezvous(with_cpu_placement(cfg))
     if cfg.train.node_rank > 0:
         serve_worker_node(cfg, ensure_model_dir(cfg.model), Path(cfg.run.dir) / "logs")
@@ -188,19 +187,6 @@ def with_rendezvous(cfg: SdpConfig) -> SdpConfig:
         return cfg
     port = free_port(cfg.train.master_addr)
     return replace(cfg, train=replace(cfg.train, master_port=port))
-
-
-def check_gpu_placement(cfg: SdpConfig) -> None:
-    """server.gpu_ids and train.gpu_ids name visible CUDA devices, and no device twice."""
-    visible = visible_cuda_devices()
-    for key, ids in (("server.gpu_ids", cfg.server.gpu_ids), ("train.gpu_ids", cfg.train.gpu_ids)):
-        beyond = [i for i in ids if i >= len(visible)]
-        if beyond:
-            raise ConfigError(
-                key,
-                f"devices {beyond} are not visible ({len(visible)} CUDA devices are)",
-                f"choose indices below {len(visible)}, or set CUDA_VISIBLE_DEVICES",
-            )
 
 
 @dataclass

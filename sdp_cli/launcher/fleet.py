@@ -196,6 +196,7 @@ class ServerFleet:
             return [None] * count
         devices = visible_cuda_devices()
         if self.server.gpu_ids:
+            # `sdp train` checked that they are visible (commands/preflight.py).
             devices = [devices[i] for i in self.server.gpu_ids if i < len(devices)]
         return list(split_devices(count, self.server.tensor_parallel_size, devices))
 
