@@ -23,7 +23,7 @@ RANKS = ["train.world_size=2", "train.steps=4", "train.checkpoint_every=2"]
 
 def is_trainer_rank(process: psutil.Process) -> bool:
     try:
-        return "multiprocessing.spawn" in " ".join(process.cmdline())
+        return "spawn_main" in " ".join(process.cmdline())
     except psutil.Error:
         return False
 
