@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,6 +119,7 @@ class ShardedActor(Actor):
         super().__init__(model_dir, train, seed=seed)
         self.info = info
         self.channel = channel
+        self.cuda_index = torch.cuda.current_device() if self.device.type == "cuda" else None
         self.model = shard_model(self.model, compute_dtype(train))
         # Built over the sharded parameters, so every rank keeps the state of its shard only.
         self.optimizer = torch.optim.AdamW(
@@ -144,8 +145,11 @@ class ShardedActor(Actor):
         return step_summary(groups, merged, grad_norm, finite, n_micro, started)
 
     def export_weights(self, weights_dir: Path, version: int) -> Path:
-        self.channel.send(Command.export)
-        state = self.full_state_dict()
+        # The training loop exports from a worker thread, and the current CUDA device is
+        # per thread: gather on this rank's device.
+        with self._on_rank_device():
+            self.channel.send(Command.export)
+            state = self.full_state_dict()
         return export_weights(
             self.model,
             self.model_dir,
@@ -154,6 +158,11 @@ class ShardedActor(Actor):
             self.train_config.keep_weights,
             state_dict=state,
         )
+
+    def _on_rank_device(self) -> AbstractContextManager[object]:
+        if self.cuda_index is None:
+            return nullcontext()
+        return torch.cuda.device(self.cuda_index)
 
     def save_tensors(self, target: Path) -> None:
         self.channel.send(Command.save, str(target))
