@@ -1,12 +1,10 @@
 """`sdp train train.world_size=2` end to end on real vLLM CPU servers: two FSDP2 gloo ranks
-train, export weights the servers load, checkpoint; SIGKILL of rank 0 leaves no trainer rank;
-the run resumes from its last checkpoint and completes."""
+train, export weights the servers load, checkpoint; SIGKILL of rank 0 leaves no process of the
+run (rank or server); the run resumes from its last checkpoint and completes."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -45,19 +43,17 @@ def test_two_ranks_train_checkpoint_survive_a_crash_and_resume(tmp_path: Path) -
             children = descendants_alive(proc.pid) or children
             time.sleep(0.2)
         children = descendants_alive(proc.pid) or children
+        # Read before the kill: a dead process has no command line to read.
+        ranks = [p for p in children if is_trainer_rank(p)]
         proc.kill()
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    ranks = [p for p in children if is_trainer_rank(p)]
     assert len(ranks) == 1, "rank 0 should have started rank 1"
-    # The kernel kills rank 1 when rank 0 dies (parent-death signal).
-    assert still_running_after(ranks, 10.0) == []
-    servers = [p for p in children if p not in ranks]
-    for server in servers:  # whatever else is left must not outlive the test
-        with contextlib.suppress(OSError):
-            os.killpg(server.pid, signal.SIGKILL)
+    assert len(children) > len(ranks), "rank 0 should have started a server"
+    # Rank 1 dies by its parent-death signal, the servers by their guard's watchdog.
+    assert still_running_after(children, 15.0) == []
     assert (run_dir / "checkpoints" / "step-2" / "sharded" / ".metadata").is_file()
     assert (run_dir / "logs" / "trainer-rank1.log").is_file()
 
