@@ -10,7 +10,9 @@ from pathlib import Path
 from sdp_cli.telemetry.events import (
     EventLog,
     EventTail,
+    NullEventLog,
     event_line,
+    keeps_events,
     parse_event_line,
     read_events,
 )
@@ -127,3 +129,10 @@ def test_telemetry_imports_no_other_sdp_part() -> None:
     assert result.returncode == 0, result.stderr
     # Nothing but telemetry and errors; matplotlib only once a plot is asked for.
     assert result.stdout.strip() == "[] False"
+
+
+def test_only_the_null_sink_is_known_to_discard_events(tmp_path: Path) -> None:
+    # Hot paths skip building events for it; every other sink gets them all.
+    assert not keeps_events(NullEventLog())
+    with EventLog(tmp_path / "events.jsonl") as log:
+        assert keeps_events(log)

@@ -20,7 +20,7 @@ from sdp_cli.rollout.strategy import (
     StalenessStrategy,
 )
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
 from sdp_cli.telemetry.schema import (
     BatchTakenEvent,
     CapacityEvent,
@@ -49,6 +49,7 @@ class StalenessControl:
         self.manager = manager
         self.strategy = strategy
         self.events: EventSink = events if events is not None else NullEventLog()
+        self._keeps_events = keeps_events(self.events)
         self._buffer: deque[Buffered] = deque()
         # The version each running rollout was submitted at.
         self._submit_version: dict[int, int] = {}
@@ -79,7 +80,8 @@ class StalenessControl:
         if rollout_id is not None:
             version = self.manager.version
             self._submit_version[rollout_id] = version
-            self.events.emit(RolloutSubmittedEvent(rollout_id=rollout_id, version=version))
+            if self._keeps_events:
+                self.events.emit(RolloutSubmittedEvent(rollout_id=rollout_id, version=version))
         return rollout_id
 
     # ---- finish ---------------------------------------------------------------------------
@@ -227,6 +229,8 @@ class StalenessControl:
 
     def _emit_drops(self, dropped: list[Dropped], point: DropPoint) -> None:
         # One event per drop; the loop is kept lean because a purge may drop thousands.
+        if not self._keeps_events:
+            return
         version = self.version
         point_text = str(point)
         emit = self.events.emit
@@ -254,6 +258,8 @@ class StalenessControl:
         reason: str | None,
         error: str | None = None,
     ) -> None:
+        if not self._keeps_events:
+            return
         version = self.version
         reason_text = None if reason is None else str(reason)
         if item is None:

@@ -33,7 +33,7 @@ from sdp_cli.rollout.recompute import (
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink, NullEventLog
+from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
 from sdp_cli.telemetry.schema import CapacityEvent
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class RolloutExecutor:
         self._batch_size = rollout.batch_size
         self._take_timeout_s = rollout.take_timeout_s
         self._events: EventSink = events if events is not None else NullEventLog()
+        self._keeps_events = keeps_events(self._events)
         self._recomputer = (
             ProximalRecomputer(scorer, rollout.recompute_batch_size, rollout.recompute_concurrency)
             if scorer
@@ -568,6 +569,8 @@ class RolloutExecutor:
         self._emit_capacity()
 
     def _emit_capacity(self) -> None:
+        if not self._keeps_events:
+            return
         event = self._control.capacity_event()
         if event == self._capacity_last:
             return

@@ -29,6 +29,12 @@ class NullEventLog:
         return None
 
 
+def keeps_events(sink: EventSink) -> bool:
+    """False for a sink that discards every event: a hot path (a purge dropping thousands of
+    samples, a simulation sweep) then skips building the events at all."""
+    return not isinstance(sink, NullEventLog)
+
+
 E = TypeVar("E", bound=Event)
 
 
