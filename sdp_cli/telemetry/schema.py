@@ -46,10 +46,6 @@ class Event:
         """The event's own fields (without `ts` and `type`), shallow: lists stay shared."""
         return {name: getattr(self, name) for name in _field_names(type(self))}
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to the log: `ts`, `type`, then the fields."""
-        return {"ts": self.ts, "type": self.type, **self.fields_dict()}
-
 
 EVENT_TYPES: dict[str, type[Event]] = {}
 
