@@ -10,11 +10,16 @@ checked, never silently on screen.
 Adding an event type (or a field):
 1. Write a `@dataclass(frozen=True, kw_only=True)` subclass of `Event` below, with the class
    variable `type` set to the name written in the log, one annotated field per key, and a
-   comment per field that is not obvious. Fields added to an existing type get a default (None
-   for "not known"), so logs written before the field existed still parse.
+   comment per field that is not obvious. Field types are what JSON holds: int, float, str,
+   bool, `X | None`, `list[X]`, `dict[str, X]`. Fields added to an existing type get a default
+   (None for "not known"), so logs written before the field existed still parse.
 2. Register it with the `@event_type` decorator: that puts it in `EVENT_TYPES`, which every
    reader uses. Emit it where it happens: `events.emit(MyEvent(...))`.
-3. Readers that do not care about it need no change: they skip types they do not handle.
+3. Readers that do not care about it need no change: they skip types they do not handle. A
+   reader that shows it adds a handler keyed by the class (see the dashboard's `_HANDLERS`).
+4. Add the name to `ALL_TYPES` in tests/test_telemetry_schema.py. The logs of a simulated run
+   and of the end-to-end vLLM run are parsed strictly there and in tests/test_train_e2e.py, so
+   a writer that logs a key the dataclass does not declare fails a test.
 
 Rules the parser enforces (`parse_event`): a line whose `type` is not in `EVENT_TYPES` is
 "unknown" (a newer sdp wrote it; readers skip it); a known type with a missing required field or a
