@@ -15,8 +15,10 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
+from sdp_cli.commands.train import report_server_states
+from sdp_cli.inference.pool import ServerPool, ServerState
 from sdp_cli.telemetry.dashboard import MAX_REFRESH_PER_SECOND, Dashboard
-from sdp_cli.telemetry.events import EventLog, read_events
+from sdp_cli.telemetry.events import EventLog, EventRecorder, read_events
 from sdp_cli.telemetry.schema import (
     BatchTakenEvent,
     Event,
@@ -309,3 +311,21 @@ def test_emitting_from_many_threads_while_rendering(recorded: Any) -> None:
     text = rendered_text(dashboard, console)
     # 4 writers × 200 drops on top of the log's 2.
     assert "802  head_lag 801 · no_recompute 1" in text
+
+
+def test_attached_servers_are_logged_and_shown_like_a_fleet() -> None:
+    # `sdp train server.registry=...` starts no fleet; its servers still reach the panel.
+    pool = ServerPool()
+    for port in (8001, 8002):
+        pool.add(f"http://127.0.0.1:{port}", state=ServerState.ready)
+    sink = EventRecorder()
+    report_server_states(pool, sink)
+    pool.set_version(1, 4)
+    states = sink.of(ServerStateEvent)
+    assert [(e.server, e.version) for e in states] == [(0, 0), (1, 0), (1, 4)]
+    console = Console(record=True, width=140, color_system=None)
+    dashboard = Dashboard(console=console, live=False)
+    dashboard.feed(states)
+    text = " ".join(rendered_text(dashboard, console).split())
+    assert "0 http://127.0.0.1:8001 ready 0 0" in text
+    assert "1 http://127.0.0.1:8002 ready 4 0" in text

@@ -25,7 +25,7 @@ from sdp_cli.config.events import run_started_event
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
-from sdp_cli.inference.pool import ServerPool, ServerState
+from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.command import server_device
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.fleet import ServerFleet
@@ -38,7 +38,7 @@ from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
-from sdp_cli.telemetry.schema import RunFinishedEvent
+from sdp_cli.telemetry.schema import RunFinishedEvent, ServerStateEvent
 from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from sdp_cli.train.distributed import total_ranks
@@ -93,12 +93,34 @@ def attached_pool(registry: Path, timeout_s: float) -> ServerPool:
     return pool
 
 
+def report_server_states(pool: ServerPool, events: EventSink) -> None:
+    """Attached servers have no fleet here to log them: log each one's state now and whenever
+    it changes (version after an update, ...), so the dashboard shows them as it shows a fleet."""
+
+    def emit(status: ServerStatus) -> None:
+        events.emit(
+            ServerStateEvent(
+                server=status.index,
+                address=status.address,
+                state=status.state.value,
+                version=status.version,
+                restarts=status.restarts,
+            )
+        )
+
+    pool.subscribe(emit)
+    for status in pool.snapshot():
+        emit(status)
+
+
 @contextmanager
 def server_pool(
     cfg: SdpConfig, model_dir: Path, run_dir: Path, events: EventSink
 ) -> Iterator[ServerPool]:
     if cfg.server.registry:
-        yield attached_pool(Path(cfg.server.registry), cfg.server.request_timeout_s)
+        pool = attached_pool(Path(cfg.server.registry), cfg.server.request_timeout_s)
+        report_server_states(pool, events)
+        yield pool
         return
     fleet = ServerFleet(cfg.server, model_dir, run_dir, events=events)
     try:
