@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -686,3 +688,31 @@ SIMULATED_RUN_OVERRIDES = [
     "rollout.max_concurrent=16",
     "rollout.max_staleness=1",
 ]
+
+
+@contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """Make `directory` refuse new entries, also for root (which ignores permission bits: the
+    immutable attribute binds it). Checked, so a test cannot pass on a directory that stayed
+    writable."""
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+    try:
+        probe = directory / ".probe"
+        with pytest.raises(OSError):
+            probe.mkdir()
+        yield
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(mode)
+
+
+@pytest.fixture
+def make_unwritable() -> Callable[[Path], AbstractContextManager[None]]:
+    return unwritable

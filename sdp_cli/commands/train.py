@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +33,7 @@ from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
@@ -237,8 +238,11 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         console.print(f"run dir {run.run_dir}: starting servers...", highlight=False)
         pool = stack.enter_context(server_pool(cfg, run.model_dir, run.run_dir, events))
         client = inference_client(cfg, pool, run.tokenizer)
-        workflow = rollout_workflow(run, client)
-        executor = start_executor(stack, cfg, workflow, client, events, run.state.version)
+        positions = restored_positions(run.state)
+        workflow = rollout_workflow(run, client, positions)
+        executor = start_executor(
+            stack, cfg, workflow, client, events, run.state.version, positions
+        )
         dashboard.add_snapshot(executor.snapshot)
         give_servers_trainer_weights(cfg, run, executor, client)
         executor.resume()
@@ -248,18 +252,22 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             executor,
             InferenceServers(client),
             events,
-            data_position=_data_position(workflow, executor),
+            data_positions=positions.state,
             start=run.state,
         )
         stack.enter_context(dashboard)
         result = loop.run()
         elapsed_s = time.monotonic() - started
+        finished = positions.state()
         events.emit(
             RunFinishedEvent(
                 steps=result.steps,
                 version=result.version,
                 wall_s=result.wall_s,
                 elapsed_s=elapsed_s,
+                # With the trained positions in the log, these say that none was skipped.
+                next_position=finished.next_position,
+                untrained_positions=finished.untrained,
             )
         )
     return TrainSummary(
@@ -299,9 +307,15 @@ def inference_client(
     )
 
 
-def rollout_workflow(run: RunInputs, client: InferenceClient) -> RLVRWorkflow:
-    """Prompts continue from the checkpoint's data position on resume."""
-    cfg, state, tokenizer = run.cfg, run.state, run.tokenizer
+def restored_positions(state: TrainState) -> DataPositions:
+    """On resume, the positions the checkpoint had not trained come first, then new ones."""
+    return DataPositions(PositionState(state.data_position, list(state.untrained_positions)))
+
+
+def rollout_workflow(
+    run: RunInputs, client: InferenceClient, positions: DataPositions
+) -> RLVRWorkflow:
+    cfg, tokenizer = run.cfg, run.tokenizer
     stops = run.task.stop_token_ids
     return RLVRWorkflow(
         run.task,
@@ -310,7 +324,7 @@ def rollout_workflow(run: RunInputs, client: InferenceClient) -> RLVRWorkflow:
         cfg.rollout,
         eos_token_id=tokenizer.eos_token_id,
         run_seed=cfg.run.seed,
-        position_offset=state.data_position - state.version * cfg.rollout.batch_size,
+        positions=positions,
     )
 
 
@@ -321,12 +335,18 @@ def start_executor(
     client: InferenceClient,
     events: EventSink,
     version: int,
+    positions: DataPositions,
 ) -> RolloutExecutor:
     """The rollout executor at the restored version, started paused (nothing is submitted
     before the servers hold the trainer's weights); on the way out it closes the client on its
     own loop, then stops."""
     executor = RolloutExecutor(
-        workflow, cfg.rollout, cfg.train.prox_mode, events=events, scorer=client.score_many
+        workflow,
+        cfg.rollout,
+        cfg.train.prox_mode,
+        events=events,
+        scorer=client.score_many,
+        positions=positions,
     )
     executor.restore(version)
     executor.start(paused=True)
@@ -344,10 +364,6 @@ def give_servers_trainer_weights(
     executor.run_sync(
         client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
     )
-
-
-def _data_position(workflow: RLVRWorkflow, executor: RolloutExecutor) -> Callable[[], int]:
-    return lambda: workflow.position_offset + int(executor.snapshot()["submitted"])
 
 
 def print_summary(summary: TrainSummary, console: Console) -> None:

@@ -12,6 +12,7 @@ from collections import deque
 from enum import StrEnum
 from typing import Any
 
+from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import (
     Buffered,
@@ -45,8 +46,12 @@ class StalenessControl:
         strategy: StalenessStrategy,
         events: EventSink | None = None,
         defer_free: bool = False,
+        positions: DataPositions | None = None,
     ) -> None:
         self.manager = manager
+        # Data positions follow the ledger: a rollout that ends without being trained gives
+        # its position back for replay (rollout/positions.py).
+        self.positions = positions
         self.strategy = strategy
         self.events: EventSink = events if events is not None else NullEventLog()
         self._keeps_events = keeps_events(self.events)
@@ -80,8 +85,12 @@ class StalenessControl:
         if rollout_id is not None:
             version = self.manager.version
             self._submit_version[rollout_id] = version
+            # The position is assigned even when no event is kept: the workflow reads it.
+            position = None if self.positions is None else self.positions.assign(rollout_id)
             if self._keeps_events:
-                self.events.emit(RolloutSubmittedEvent(rollout_id=rollout_id, version=version))
+                self.events.emit(
+                    RolloutSubmittedEvent(rollout_id=rollout_id, version=version, position=position)
+                )
         return rollout_id
 
     # ---- finish ---------------------------------------------------------------------------
@@ -92,6 +101,7 @@ class StalenessControl:
         if group is None or not group.samples:
             reason = RejectReason.error if error else RejectReason.no_group
             self.manager.reject(rollout_id, reason)
+            self._give_back([rollout_id])
             self._emit_finished(rollout_id, None, accepted=False, reason=reason, error=error)
             return False
         group.rollout_id = rollout_id
@@ -100,6 +110,7 @@ class StalenessControl:
         drop = self.strategy.drop_reason(item, self.version)
         if drop is not None:
             self.manager.drop_at_finish(rollout_id, drop)
+            self._give_back([rollout_id])
             self._emit_finished(rollout_id, item, accepted=False, reason=drop)
             self._emit_drops([(item, drop)], DropPoint.finish)
             return False
@@ -112,6 +123,7 @@ class StalenessControl:
         """An in-flight rollout cancelled at shutdown: it produced no group."""
         self._submit_version.pop(rollout_id, None)
         self.manager.reject(rollout_id, RejectReason.cancelled)
+        self._give_back([rollout_id])
         self._emit_finished(rollout_id, None, accepted=False, reason=RejectReason.cancelled)
 
     # ---- version change -------------------------------------------------------------------
@@ -162,6 +174,8 @@ class StalenessControl:
         groups = [item.group for item in taken]
         rollout_ids = [group.rollout_id for group in groups]
         self.manager.consume(rollout_ids)
+        if self.positions is not None:
+            self.positions.trained(rollout_ids)
         self._emit_batch_taken(taken, rollout_ids, version, wait_s, step)
         return groups
 
@@ -169,7 +183,9 @@ class StalenessControl:
         """Hand back every buffered group (shutdown), in order."""
         items = list(self._buffer)
         self._buffer.clear()
-        self.manager.drain([item.group.rollout_id for item in items])
+        rollout_ids = [item.group.rollout_id for item in items]
+        self.manager.drain(rollout_ids)
+        self._give_back(rollout_ids)
         return [item.group for item in items]
 
     def restore(self, version: int) -> None:
@@ -212,9 +228,14 @@ class StalenessControl:
             by_reason.setdefault(reason, []).append(item.group.rollout_id)
         for reason, ids in by_reason.items():
             self.manager.drop_buffered(ids, reason)
+            self._give_back(ids)
         self._emit_drops(dropped, point)
         if self._defer_free:
             self._unreleased.append(dropped)
+
+    def _give_back(self, rollout_ids: list[int]) -> None:
+        if self.positions is not None:
+            self.positions.give_back(rollout_ids)
 
     def release_dropped(self, at_most: int = 2000) -> bool:
         """Free up to `at_most` dropped groups kept by defer_free; True if more remain."""

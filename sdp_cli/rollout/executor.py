@@ -23,6 +23,7 @@ from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import StalenessControl
+from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.recompute import (
     ProximalRecomputer,
     RecomputeStats,
@@ -70,6 +71,7 @@ class RolloutExecutor:
         loop_factory: LoopFactory | None = None,
         capacity_interval_s: float = 0.5,
         max_consecutive_errors: int = 100,
+        positions: DataPositions | None = None,
     ) -> None:
         self._workflow = workflow
         self._batch_size = rollout.batch_size
@@ -105,7 +107,9 @@ class RolloutExecutor:
             max_concurrent=rollout.max_concurrent,
         )
         strategy = make_strategy(rollout.strategy, rollout.max_staleness, prox_mode)
-        self._control = StalenessControl(manager, strategy, self._events, defer_free=True)
+        self._control = StalenessControl(
+            manager, strategy, self._events, defer_free=True, positions=positions
+        )
         self._releasing = False
 
         # Set on the loop thread when it starts (`_on_loop_start`).

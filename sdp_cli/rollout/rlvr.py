@@ -1,7 +1,8 @@
 """Single-turn RLVR workflow: one prompt, `n_samples` completions, each rewarded by the task.
 
-The data position of a rollout is its id plus an offset: ids are unique and increase, and a
-resumed run shifts the offset so that it never replays a prompt it already submitted.
+The data position of a rollout (which prompt of the task's stream it works on) comes from the
+executor's `DataPositions`, which replays the positions of rollouts that were not trained; without
+one, the position is the rollout id.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 
 from sdp_cli.config.schema import RolloutConfig
 from sdp_cli.inference.types import Completion, Gate, SamplingParams
+from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt, Task
 
@@ -41,7 +43,7 @@ class RLVRWorkflow:
         rollout: RolloutConfig,
         eos_token_id: int | None,
         run_seed: int = 0,
-        position_offset: int = 0,
+        positions: DataPositions | None = None,
     ) -> None:
         self.task = task
         self.generator = generator
@@ -52,9 +54,8 @@ class RLVRWorkflow:
         stops += [t for t in getattr(task, "stop_token_ids", ()) if t not in stops]
         self.stop_token_ids = tuple(stops)
         self.run_seed = run_seed
-        # Data position of rollout id 0; a resumed run sets it so ids restarting at v·B
-        # continue the prompt stream where the checkpoint left it.
-        self.position_offset = position_offset
+        # The same object the executor settles positions in (rollout/positions.py).
+        self.positions = positions
 
     def sampling(self, rollout_id: int, sample_index: int) -> SamplingParams:
         return SamplingParams(
@@ -76,7 +77,7 @@ class RLVRWorkflow:
         )
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup | None:
-        position = self.position_offset + rollout_id
+        position = rollout_id if self.positions is None else self.positions.position(rollout_id)
         prompt = self.task.sample_prompt(position)
         completions = await asyncio.gather(
             *(

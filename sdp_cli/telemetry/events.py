@@ -69,6 +69,11 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file = self.path.open("a", encoding="utf-8")
+        if _ends_mid_line(self.path):
+            # A killed writer cut its last line: end it, so that this run's first event does
+            # not join it on one unparsable line (a resumed run's run_started would be lost).
+            self._file.write("\n")
+            self._file.flush()
 
     def emit(self, event: Event) -> None:
         line = event_line(event)
@@ -86,6 +91,14 @@ class EventLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with path.open("rb") as handle:
+        if handle.seek(0, 2) == 0:
+            return False
+        handle.seek(-1, 2)
+        return handle.read(1) != b"\n"
 
 
 def _jsonable(value: Any) -> Any:

@@ -115,6 +115,8 @@ class RolloutSubmittedEvent(Event):
     rollout_id: int
     # The executor version when it was admitted.
     version: int
+    # The data position (prompt of the task's stream) it generates for; None without one.
+    position: int | None = None
 
 
 @event_type
@@ -297,6 +299,10 @@ class RunFinishedEvent(Event):
     # Seconds from run_started to run_finished: the loop plus starting servers and the first
     # weight load (what the dashboard header calls "elapsed").
     elapsed_s: float | None = None
+    # Positions below next_position are trained except untrained_positions (in flight or
+    # buffered at the end); None in logs written before positions were kept.
+    next_position: int | None = None
+    untrained_positions: list[int] | None = None
 
 
 # ---- parsing --------------------------------------------------------------------------------

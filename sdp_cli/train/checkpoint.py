@@ -14,14 +14,17 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from sdp_cli.common.atomic import atomic_dir, is_leftover
+from sdp_cli.common.faults import hold_point
+from sdp_cli.errors import SdpError
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -41,8 +44,16 @@ class TrainState:
 
     step: int
     version: int
-    # Next data position of the task's prompt stream.
+    # Next unused data position of the task's prompt stream ...
     data_position: int
+    # ... and the positions below it not trained yet (in flight, buffered or waiting for a
+    # replay when the checkpoint was written); a resumed run generates them first.
+    untrained_positions: list[int] = field(default_factory=list)
+
+
+class CheckpointWriteError(SdpError):
+    """A checkpoint could not be written (directory not writable, disk full); the ones
+    written before are untouched."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -74,6 +85,7 @@ def write_model_tensors(
 ) -> None:
     """The tensors of a one-process trainer: weights as safetensors, the optimizer state."""
     save_model(model, str(target / MODEL_FILE))
+    hold_point("checkpoint_write")
     torch.save(optimizer.state_dict(), target / OPTIMIZER_FILE)
 
 
@@ -145,10 +157,27 @@ def save_checkpoint(
     `optimizer` as one process holds them)."""
     final = checkpoints_dir(run_dir) / f"step-{state.step}"
     writer = write_tensors or (lambda target: write_model_tensors(target, model, optimizer))
-    with atomic_dir(final, fsync=True) as tmp:
-        _write_checkpoint(tmp, writer, state)
-    _prune(run_dir, keep)
+    try:
+        with atomic_dir(final, fsync=True) as tmp:
+            _write_checkpoint(tmp, writer, state)
+        _prune(run_dir, keep)
+    except (OSError, SafetensorError) as exc:
+        # safetensors reports a failed write (a full disk) as its own error.
+        raise CheckpointWriteError(
+            f"cannot write checkpoint '{final}': {exc}\n  {resume_hint(run_dir)}"
+        ) from exc
     return final
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where a run stopped by a failed write can continue from."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "no checkpoint was written before: fix the directory and start the run again"
+    return (
+        f"the previous checkpoint '{latest}' is intact: fix the directory and continue with "
+        "resume=true"
+    )
 
 
 def load_checkpoint(
@@ -172,6 +201,8 @@ def load_checkpoint(
         step=payload["step"],
         version=payload["version"],
         data_position=payload["data_position"],
+        # Absent in checkpoints written before positions were replayed.
+        untrained_positions=payload.get("untrained_positions", []),
     )
 
 

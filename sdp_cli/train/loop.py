@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import CheckpointEvent, TrainStepEvent
@@ -23,8 +25,8 @@ from sdp_cli.train.actor import Actor
 from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
 from sdp_cli.train.update import UpdateServers, WeightUpdate
 
-# The next unused data position of the task's prompt stream (for checkpoints).
-DataPosition = Callable[[], int]
+# Which data positions are trained so far (for checkpoints).
+DataPositionState = Callable[[], PositionState]
 
 
 @dataclass
@@ -51,7 +53,7 @@ class TrainingLoop:
         executor: RolloutExecutor,
         servers: UpdateServers,
         events: EventSink,
-        data_position: DataPosition,
+        data_positions: DataPositionState,
         start: TrainState,
     ) -> None:
         self.cfg = cfg
@@ -67,7 +69,7 @@ class TrainingLoop:
             events,
             settle_timeout_s=cfg.train.update_timeout_s,
         )
-        self.data_position = data_position
+        self.data_positions = data_positions
         self.step = start.step
         self.version = start.version
         self.rewards: list[float] = []
@@ -83,6 +85,7 @@ class TrainingLoop:
     def run_step(self) -> None:
         index = self.step
         wait_started = time.monotonic()
+        hold_point("generation")
         groups = self.executor.take(
             self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s, step=index
         )
@@ -169,10 +172,14 @@ class TrainingLoop:
         )
 
     def save_checkpoint(self) -> Path:
+        # Taken between steps: every position of the steps so far is trained, and the ones
+        # handed out since are in the untrained list, to be replayed after a resume.
+        positions = self.data_positions()
         state = TrainState(
             step=self.step,
             version=self.version,
-            data_position=self.data_position(),
+            data_position=positions.next_position,
+            untrained_positions=positions.untrained,
         )
         path = save_checkpoint(
             self.run_dir,

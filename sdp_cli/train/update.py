@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import ProxMode
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
@@ -134,6 +135,7 @@ class WeightUpdate:
         finally:
             if first_pass is not None and not first_pass.done():
                 first_pass.cancel()
+        hold_point("weight_update")
         result.server_phases = await timed(
             "reload_s", self._servers.load_weights(result.weights_dir, new_version)
         )

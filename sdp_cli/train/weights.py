@@ -12,11 +12,13 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from sdp_cli.common.atomic import atomic_dir
+from sdp_cli.errors import SdpError
 
 # Files of the source model directory that the exported weights replace.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -24,6 +26,10 @@ _WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.
 _WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
 # A complete version, or (group 2) the leftover of a writer killed half-way (common/atomic.py).
 _VERSION_DIR = re.compile(r"^v(\d+)((?:\.tmp|\.old)-\d+)?$")
+
+
+class WeightsExportError(SdpError):
+    """The weights for the servers could not be written (directory not writable, disk full)."""
 
 
 def version_dir(weights_dir: Path, version: int) -> Path:
@@ -42,21 +48,29 @@ def copy_tokenizer_files(source_dir: Path, target_dir: Path) -> None:
 
 
 def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
-    """Delete complete versions older than the newest `keep`, and leftover `.tmp` directories of
-    other versions (from a killed process). Returns what was deleted."""
-    complete: list[tuple[int, Path]] = []
-    stale_tmp: list[Path] = []
+    """Keep `current` and the newest `keep` - 1 versions before it; delete older versions,
+    versions newer than `current`, and leftovers of writers killed half-way (of other versions).
+    Returns what was deleted.
+
+    Versions newer than `current` exist only after a resume: the killed run had exported them
+    past its last checkpoint, and the resumed run will write its own. Counting them among the
+    newest `keep` would delete the version just written."""
+    kept: list[tuple[int, Path]] = []
+    doomed: list[Path] = []
     for item in weights_dir.iterdir():
         match = _VERSION_DIR.match(item.name)
         if not match or not item.is_dir():
             continue
+        version = int(match.group(1))
         if match.group(2):
-            if int(match.group(1)) != current:
-                stale_tmp.append(item)
+            if version != current:
+                doomed.append(item)
+        elif version > current:
+            doomed.append(item)
         else:
-            complete.append((int(match.group(1)), item))
-    complete.sort()
-    doomed = [path for _, path in complete[: max(len(complete) - keep, 0)]] + stale_tmp
+            kept.append((version, item))
+    kept.sort()
+    doomed += [path for _, path in kept[: max(len(kept) - max(keep, 1), 0)]]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -76,11 +90,18 @@ def export_weights(
     # A "Writing model shards" bar per weight update would scribble over the dashboard.
     hf_logging.disable_progress_bar()
     final = version_dir(weights_dir, version)
-    # An existing version (a re-export after resume) is replaced.
-    with atomic_dir(final) as tmp:
-        # Transformers 5 always writes safetensors; save_original_format keeps the checkpoint's
-        # own tensor names, which is what vLLM's loader expects.
-        model.save_pretrained(tmp, save_original_format=True, state_dict=state_dict)
-        copy_tokenizer_files(source_dir, tmp)
-    prune_versions(weights_dir, keep, version)
+    try:
+        # An existing version (a re-export after resume) is replaced.
+        with atomic_dir(final) as tmp:
+            # Transformers 5 always writes safetensors; save_original_format keeps the
+            # checkpoint's own tensor names, which is what vLLM's loader expects.
+            model.save_pretrained(tmp, save_original_format=True, state_dict=state_dict)
+            copy_tokenizer_files(source_dir, tmp)
+        prune_versions(weights_dir, keep, version)
+    except (OSError, SafetensorError) as exc:
+        raise WeightsExportError(
+            f"cannot export the weights for the servers to '{final}': {exc}\n"
+            "  the checkpoints written before are intact: fix the directory and continue with "
+            "resume=true"
+        ) from exc
     return final
