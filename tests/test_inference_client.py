@@ -446,12 +446,28 @@ def test_a_server_failing_the_update_is_handed_to_the_supervisor(tmp_path: Path)
     assert pool.status(1).version == 1
 
 
-def test_update_fails_loudly_when_every_server_fails(tmp_path: Path) -> None:
+def test_update_fails_loudly_when_every_attached_server_fails(tmp_path: Path) -> None:
     fake = FakeServers(lambda a, p, b: httpx.Response(500))
     with pytest.raises(WeightUpdateError):
         asyncio.run(
             make_client(ServerPool([A]), fake).update_weights(str(weights_dir(tmp_path)), 1)
         )
+
+
+def test_under_a_supervisor_every_server_failing_the_update_is_restarted_not_fatal(
+    tmp_path: Path,
+) -> None:
+    """The only server was killed just before the update: the supervisor restarts it with the
+    new weights (the pool's target), so the run goes on."""
+    fake = FakeServers(lambda a, p, b: httpx.Response(500))
+    pool = ServerPool([A])
+    pool.supervised = True
+    weights = weights_dir(tmp_path)
+    timings = asyncio.run(make_client(pool, fake).update_weights(str(weights), 1))
+    assert timings["failed"] == 1 and timings["servers"] == 0
+    assert pool.status(0).state == ServerState.restarting
+    assert pool.take_restart_request(0) is not None
+    assert pool.target().version == 1 and pool.target().weights_dir == str(weights)
 
 
 def test_an_incomplete_weights_dir_is_refused_before_any_server_is_touched(tmp_path: Path) -> None:

@@ -244,7 +244,10 @@ class InferenceClient:
                 for key, value in result.as_dict().items():
                     timings[key] = max(timings[key], value)
         failed = sum(result is None for result in results)
-        if targets and failed == len(targets):
+        # Under a supervisor a server that failed (one just killed, say) is restarted with
+        # these weights before it serves again, so the run can go on; attached servers have no
+        # one to bring them back.
+        if targets and failed == len(targets) and not self.pool.supervised:
             raise WeightUpdateError(
                 f"loading '{path}' as version {version} failed on all {failed} servers"
             )

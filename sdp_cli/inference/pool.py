@@ -66,6 +66,9 @@ class ServerPool:
         self._entries: list[_Entry] = []
         self._listeners: list[Listener] = []
         self._target = WeightsTarget(version=version)
+        # True when a supervisor (launcher.ServerFleet) restarts the servers a restart is
+        # requested for, and loads the target weights into them before they serve again.
+        self.supervised = False
         for address in addresses:
             self.add(address, state=state, version=version)
 

@@ -90,6 +90,7 @@ class ServerFleet:
         self.pool = pool if pool is not None else ServerPool()
         if len(self.pool):
             raise ValueError("ServerFleet needs an empty ServerPool; it adds its own servers")
+        self.pool.supervised = True
         self.observe_servers = observe_servers
         self.restart_backoff_s = restart_backoff_s
         self.hang_after_s = hang_after_s

@@ -94,7 +94,7 @@ def watchdog(owner: int, pgid: int) -> None:
     os._exit(0)
 
 
-def main(argv: list[str]) -> None:
+def guard(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
         sys.stderr.write("usage: guard.py OWNER_PID -- COMMAND...\n")
         sys.exit(2)
@@ -111,4 +111,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard(sys.argv[1:])
