@@ -194,6 +194,15 @@ def test_a_server_handed_over_for_restart_is_not_routed_to() -> None:
     assert pool.take_restart_request(0) is None
 
 
+def test_a_server_the_supervisor_is_already_restarting_is_not_restarted_twice() -> None:
+    """Killed just before an update: the supervisor saw the exit and is restarting it when the
+    update fails on it; that restart loads the new weights, so no second one is asked for."""
+    pool = ServerPool([A])
+    pool.set_state(0, ServerState.restarting)  # the supervisor's restart is under way
+    pool.request_restart(0, "weight update failed")
+    assert pool.take_restart_request(0) is None
+
+
 def test_marking_ready_fails_when_the_target_moved_on_during_a_sync() -> None:
     pool = ServerPool([A], state=ServerState.restarting)
     pool.set_target_weights("/w/v2", 2)

@@ -140,7 +140,12 @@ class ServerPool:
         when it failed the weight-update protocol)."""
         with self._lock:
             entry = self._entries[index]
-            if entry.status.state == ServerState.dead:
+            # A server already (re)starting loads the target weights before it serves (the
+            # target is set before any update is sent), so a failure seen meanwhile (the
+            # server was just killed, say) must not cost a second restart.
+            if entry.status.state in (ServerState.dead, ServerState.starting):
+                return
+            if entry.status.state == ServerState.restarting and entry.restart_reason is None:
                 return
             entry.restart_reason = reason
         self._update(index, state=ServerState.restarting)
