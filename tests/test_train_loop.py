@@ -14,6 +14,7 @@ from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
+from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.telemetry.events import EventRecorder
 from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
@@ -91,7 +92,7 @@ def run_loop(
         executor,
         servers,
         sink,
-        data_position=lambda: 0,
+        data_positions=PositionState,
         start=TrainState(step=0, version=0, data_position=0),
     )
     try:
