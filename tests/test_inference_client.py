@@ -547,3 +547,20 @@ def test_concurrent_requests_get_their_own_kept_alive_connections(
     assert set(second) == set(first), "connections were not kept alive and reused"
     # All 16 ran at once, not queued behind each other on a few connections.
     assert elapsed < 1.0
+
+
+def test_aborting_generation_goes_on_past_a_server_that_just_died() -> None:
+    """The weight update aborts generation on every ready server; one SIGKILLed a moment ago
+    refuses the connection, which must not end the run (its supervisor restarts it)."""
+
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        if address == A:
+            raise httpx.ConnectError("connection refused")
+        return {}
+
+    fake = FakeServers(handler)
+    pool = ServerPool([A, B])
+    asyncio.run(make_client(pool, fake).abort_generation())
+    assert fake.paths(B) == ["/pause", "/resume"]
+    # Requests are steered to the server that answered until the health check catches up.
+    assert {pool.acquire().index for _ in range(3)} == {1}  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -57,6 +58,8 @@ ScoreItem = tuple[Sequence[int], Sequence[int]]
 # A segment that returns "abort" without a single new token this many times in a row means the
 # servers abort everything they get; give up rather than spin.
 MAX_EMPTY_ABORTS = 50
+
+log = logging.getLogger(__name__)
 
 
 class InferenceClient:
@@ -267,6 +270,12 @@ class InferenceClient:
     async def _abort_one(self, http: httpx.AsyncClient, server: ServerStatus) -> None:
         try:
             await pause_server(http, server.address, self.update_timeout_s, clear_cache=False)
+        except (httpx.HTTPError, OSError) as exc:
+            # A server that just died (SIGKILL, crash) cannot be paused, nor does it generate:
+            # its requests fail and are retried elsewhere, and its supervisor restarts it. The
+            # weight update goes on; steer requests away until the health check catches up.
+            log.warning("aborting generation on %s failed: %r", server.address, exc)
+            self.pool.report_unreachable(server.index)
         finally:
             # Resume even after a failed pause, in case the pause went through.
             with contextlib.suppress(httpx.HTTPError, OSError):
