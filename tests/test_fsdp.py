@@ -27,7 +27,12 @@ from sdp_cli.launcher.process import free_port
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor
 from sdp_cli.train.batch import TokenSample
-from sdp_cli.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sdp_cli.train.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    read_model_tensors,
+    save_checkpoint,
+)
 from sdp_cli.train.distributed import TrainerRankDied
 from sdp_cli.train.fsdp import split_across_ranks, trainer_actor
 
@@ -196,3 +201,10 @@ def test_gpu_ids_beyond_the_visible_devices_are_a_config_error() -> None:
     with pytest.raises(ConfigError) as raised:
         chosen_devices("server.gpu_ids", [len(visible_cuda_devices())])
     assert "not visible" in raised.value.problem
+
+
+def test_a_sharded_checkpoint_refused_by_a_one_process_trainer(tmp_path: Path) -> None:
+    (tmp_path / "sharded").mkdir()
+    with pytest.raises(ConfigError) as raised:
+        read_model_tensors(tmp_path, torch.nn.Linear(2, 2), None)
+    assert raised.value.key == "train.world_size"

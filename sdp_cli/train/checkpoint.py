@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from sdp_cli.common.atomic import atomic_dir, is_leftover
 from sdp_cli.common.faults import hold_point
-from sdp_cli.errors import SdpError
+from sdp_cli.errors import ConfigError, SdpError
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -93,9 +93,11 @@ def read_model_tensors(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> None:
     if not (path / MODEL_FILE).is_file():
-        raise ValueError(
-            f"checkpoint {path} has no {MODEL_FILE}: it was written by a sharded trainer "
-            "(train.world_size > 1 or bfloat16); resume it with the same train settings"
+        raise ConfigError(
+            "train.world_size",
+            f"checkpoint {path} was written by a sharded trainer (FSDP2: train.world_size > 1 "
+            "or bfloat16), and this trainer is one float32 process",
+            "resume with the train.world_size and train.dtype the run was started with",
         )
     load_model(model, str(path / MODEL_FILE), strict=True, device=_device_of(model))
     if optimizer is not None:

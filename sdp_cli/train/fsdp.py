@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from sdp_cli.config.schema import SdpConfig, TrainConfig
+from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.train.actor import Actor, step_summary
 from sdp_cli.train.batch import (
@@ -170,9 +171,11 @@ class ShardedActor(Actor):
 
     def load_tensors(self, path: Path) -> None:
         if not (path / SHARDED_DIR).is_dir():
-            raise ValueError(
-                f"checkpoint {path} has no {SHARDED_DIR}/: it was written by a one-process "
-                "trainer; resume it with train.world_size=1 and train.dtype=float32"
+            raise ConfigError(
+                "train.world_size",
+                f"checkpoint {path} was written by a one-process float32 trainer, and this "
+                "trainer is sharded (FSDP2)",
+                "resume with train.world_size=1 and train.dtype=float32",
             )
         self.channel.send(Command.load, str(path))
         self._load_sharded(path)
