@@ -9,6 +9,7 @@ are summed, not averaged, across ranks, so N ranks take the same step as one ran
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -275,6 +276,9 @@ def _serve_rank(cfg: SdpConfig, model_dir: Path, local_rank: int) -> None:
 def _spawned_rank(index: int, cfg: SdpConfig, model_dir: Path, log_dir: Path) -> None:
     """Entry point of local rank `index + 1` in its own process."""
     die_with_parent()
+    # Ctrl-C reaches the whole process group: rank 0 alone decides how the run stops (and
+    # stops this rank), so that a rank dying of SIGINT is not reported as a failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     local_rank = index + 1
     redirect_output(rank_log(log_dir, rank_info(cfg.train, local_rank).rank))
     _serve_rank(cfg, model_dir, local_rank)
