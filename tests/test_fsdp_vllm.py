@@ -14,6 +14,8 @@ import psutil
 import pytest
 from test_train_e2e import SMALL, descendants_alive, events_of, still_running_after, train
 
+from sdp_cli.telemetry.schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
+
 pytestmark = pytest.mark.vllm
 
 RANKS = ["train.world_size=2", "train.steps=4", "train.checkpoint_every=2"]
@@ -58,14 +60,14 @@ def test_two_ranks_train_checkpoint_survive_a_crash_and_resume(tmp_path: Path) -
     assert (run_dir / "logs" / "trainer-rank1.log").is_file()
 
     train(run_dir, *RANKS, "resume=true")
-    started = [e for e in events_of(run_dir, "run_started") if e["resumed_from_step"]]
-    assert [e["resumed_from_step"] for e in started] == [2]
-    steps = events_of(run_dir, "train_step")
-    assert [s["step"] for s in steps if s["step"] >= 2][-2:] == [2, 3]
-    assert all(s["loss"] is not None and s["grad_norm"] >= 0 for s in steps)
+    started = [e for e in events_of(run_dir, RunStartedEvent) if e.resumed_from_step]
+    assert [e.resumed_from_step for e in started] == [2]
+    steps = events_of(run_dir, TrainStepEvent)
+    assert [s.step for s in steps if s.step >= 2][-2:] == [2, 3]
+    assert all(s.loss is not None and s.grad_norm is not None for s in steps)
     # Every update exported the gathered full weights and every server reloaded them.
-    updates = events_of(run_dir, "weight_update")
-    assert updates[-1]["version"] == 4 and "reload_s" in updates[-1]["phases"]
+    updates = events_of(run_dir, WeightUpdateEvent)
+    assert updates[-1].version == 4 and "reload_s" in updates[-1].phases
     assert (run_dir / "weights" / "v4" / "model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "step-4" / "sharded" / ".metadata").is_file()
     # The finished run left no rank behind.
