@@ -1,14 +1,18 @@
-"""Where `sdp train` runs its CPU servers and its CPU trainer (run.split_cpus)."""
+"""`sdp train` without servers: where it runs its CPU servers and trainer (run.split_cpus), and
+its closing line."""
 
 from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from sdp_cli.commands.train import pinned_to, with_cpu_placement
+from sdp_cli.commands.train import TrainSummary, pinned_to, print_summary, with_cpu_placement
 from sdp_cli.config import load_config
+from sdp_cli.train.loop import LoopResult
 
 
 @pytest.fixture
@@ -54,3 +58,12 @@ def test_pinned_to_moves_this_thread_and_the_threads_it_starts_then_restores() -
         thread.join()
     assert seen == [{core}]
     assert os.sched_getaffinity(0) == before
+
+
+def test_the_closing_line_says_which_time_is_which(tmp_path: Path) -> None:
+    console = Console(record=True, width=300)
+    result = LoopResult(steps=30, version=30, rewards=[0.5] * 30, wall_s=9.54)
+    print_summary(TrainSummary(tmp_path, result, resumed_from=0, elapsed_s=39.2), console)
+    line = console.export_text()
+    # The header's "elapsed" runs from run_started; the loop is part of it.
+    assert "done: 30 steps, version 30; training loop 9.5 s of 39.2 s elapsed" in line
