@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sdp_cli.cli import app
 from sdp_cli.inference import client as client_module
 from sdp_cli.telemetry.events import read_events
+from sdp_cli.telemetry.schema import TrainStepEvent
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()
@@ -60,8 +61,8 @@ def test_smollm2_trains_on_chain_sum_through_its_chat_template(
     )
     assert trained.exit_code == 0, trained.output
 
-    steps = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "train_step"]
-    assert [s["step"] for s in steps] == [0, 1]
+    steps = [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, TrainStepEvent)]
+    assert [s.step for s in steps] == [0, 1]
     assert sent, "no generate request reached the server"
     for token_ids, sampling in sent:
         # The chat template's turns, system prompt included, and the assistant cue the model
