@@ -14,10 +14,12 @@ from sdp_cli.commands.preflight import check_model_fits_servers
 from sdp_cli.commands.signals import Terminated, signals_ignored
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.inference.pool import ServerState
+from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.command import check_vllm_installed
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.server import ServerStartError
 from sdp_cli.model import check_model_dir, ensure_model_dir
+from sdp_cli.telemetry.dashboard import short_node
 from sdp_cli.telemetry.events import EventLog
 
 _STATE_STYLE = {
@@ -30,15 +32,21 @@ _STATE_STYLE = {
 
 def status_table(fleet: ServerFleet) -> Table:
     table = Table(title=f"vLLM servers — registry {fleet.registry_path}", title_justify="left")
-    for column in ("#", "address", "state", "version", "in-flight", "restarts", "pid"):
+    # Servers on Ray run on cluster nodes; local processes have none.
+    nodes = {s.index: fleet.node_of(s.index) for s in fleet.pool.snapshot()}
+    with_nodes = any(nodes.values())
+    columns = ["#", "address", *(["node"] if with_nodes else []), "state"]
+    for column in (*columns, "version", "in-flight", "restarts", "pid"):
         table.add_column(column, justify="right" if column in ("#", "version") else "left")
     for status in fleet.pool.snapshot():
         pid = fleet.pid(status.index)
         in_flight = fleet.loads.get(status.index, status.in_flight)
         style = _STATE_STYLE[status.state]
+        node = [short_node(nodes.get(status.index))] if with_nodes else []
         table.add_row(
             str(status.index),
             status.address,
+            *node,
             f"[{style}]{status.state.value}[/]",
             str(status.version),
             str(in_flight),
@@ -59,8 +67,8 @@ def launch_servers(cfg: SdpConfig, console: Console | None = None) -> int:
     run_dir = Path(cfg.run.dir)
     registry = Path(cfg.server.registry) if cfg.server.registry else run_dir / "servers.json"
     events = EventLog(run_dir / "events.jsonl")
-    fleet = ServerFleet(
-        cfg.server, model_dir, run_dir, registry_path=registry, events=events, observe_servers=True
+    fleet = make_fleet(
+        cfg, model_dir, run_dir, registry_path=registry, events=events, observe_servers=True
     )
     try:
         console.print(

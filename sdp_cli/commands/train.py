@@ -22,13 +22,13 @@ from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.events import run_started_event
-from sdp_cli.config.schema import Device
+from sdp_cli.config.schema import Device, ServerBackend
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
+from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.command import server_device
 from sdp_cli.launcher.devices import split_cpu_cores
-from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
@@ -123,7 +123,7 @@ def server_pool(
         report_server_states(pool, events)
         yield pool
         return
-    fleet = ServerFleet(cfg.server, model_dir, run_dir, events=events)
+    fleet = make_fleet(cfg, model_dir, run_dir, events=events)
     try:
         yield fleet.start()
     finally:
@@ -149,6 +149,8 @@ def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
         or cfg.server.cpu_cores
         or cfg.train.cpu_cores
         or cfg.server.registry
+        # This machine's cores mean nothing on the nodes of a joined Ray cluster.
+        or (cfg.server.backend == ServerBackend.ray and cfg.ray.address != "local")
         or server_device(cfg.server) != Device.cpu
         or torch_device(cfg.train.device).type != "cpu"
     ):

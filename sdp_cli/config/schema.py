@@ -116,6 +116,29 @@ class TrainDtype(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class ServerBackend(StrEnum):
+    # Child processes of this machine.
+    process = "process"
+    # One Ray actor per server, placed on the nodes of a Ray cluster.
+    ray = "ray"
+
+
+class RayPlacement(StrEnum):
+    """Placement-group strategy of the servers' bundles (Ray's names, lower case)."""
+
+    spread = "spread"
+    pack = "pack"
+    strict_spread = "strict_spread"
+    strict_pack = "strict_pack"
+
+
+class WeightsTransport(StrEnum):
+    # Servers read the exported directory itself: one machine or a shared filesystem.
+    filesystem = "filesystem"
+    # Through Ray's object store to each server's node-local disk.
+    ray = "ray"
+
+
 # vLLM's --dtype values.
 SERVER_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -208,6 +231,50 @@ class ServerConfig:
     )
     extra_args: list[str] = setting(
         factory=list, help="more vLLM command-line arguments, appended as given"
+    )
+    backend: ServerBackend = setting(
+        ServerBackend.process,
+        help="process: child processes of this machine; ray: one Ray actor per server on a "
+        "Ray cluster (see ray.*)",
+    )
+
+
+@dataclass
+class RayConfig:
+    address: str = setting(
+        "local",
+        help="local: a private Ray instance for the run, stopped with it; auto: the cluster "
+        "`ray start` joined on this machine; HOST:PORT: that cluster's head",
+    )
+    local_nodes: int = setting(
+        1,
+        ge=1,
+        help="logical nodes of a local instance, each with the custom resource node<i>: 1 "
+        "(rehearses a multi-node placement on one machine)",
+    )
+    placement: RayPlacement = setting(
+        RayPlacement.spread, help="placement-group strategy of the servers' bundles"
+    )
+    cpus_per_server: float = setting(1.0, ge=0, help="CPUs each server's bundle reserves")
+    gpus_per_server: float | None = setting(
+        None,
+        ge=0,
+        help="GPUs each server's bundle reserves; null: server.tensor_parallel_size on CUDA, "
+        "0 on the CPU",
+    )
+    staging_dir: str | None = setting(
+        None,
+        help="node-local directory where each server's actor writes staged weights "
+        "(weights.transport=ray); null: the node's temporary directory",
+    )
+
+
+@dataclass
+class WeightsConfig:
+    transport: WeightsTransport = setting(
+        WeightsTransport.filesystem,
+        help="filesystem: servers read run.dir/weights/v<N>; ray: through Ray's object store "
+        "to each server's node-local disk (needs server.backend=ray)",
     )
 
 
@@ -418,6 +485,8 @@ class SdpConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

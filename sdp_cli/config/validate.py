@@ -4,7 +4,9 @@ and the fix."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -142,6 +144,43 @@ def _gpu_ids_fit(cfg: DictConfig) -> None:
         )
 
 
+RAY_INSTALL_HINT = (
+    "install it with `pip install 'sdp-cli[ray]'` (scripts/setup.sh does), "
+    "or set server.backend=process"
+)
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def _ray_settings(cfg: DictConfig) -> None:
+    """The Ray backend needs the package and an address it can use; weights.transport=ray
+    needs the Ray backend."""
+    backend = str(cfg.server.backend)
+    if str(cfg.weights.transport) == "ray" and backend != "ray":
+        raise ConfigError(
+            "weights.transport",
+            "`ray` needs the servers on Ray (got server.backend=process)",
+            "set server.backend=ray, or weights.transport=filesystem",
+        )
+    if backend != "ray":
+        return
+    if not ray_installed():
+        raise ConfigError(
+            "server.backend",
+            "`ray` needs the ray package, which is not installed",
+            RAY_INSTALL_HINT,
+        )
+    address = str(cfg.ray.address)
+    if address not in ("local", "auto") and not re.fullmatch(r"(ray://)?[^\s:/]+:\d+", address):
+        raise ConfigError(
+            "ray.address",
+            f"must be local, auto or HOST:PORT (got {address!r})",
+            "set ray.address=local to start a private Ray instance for the run",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     check_declared_rules(cfg)
     _cores_available(cfg, "server.cpu_cores")
@@ -154,3 +193,4 @@ def validate(cfg: DictConfig) -> None:
     _node_rank_below_nnodes(cfg)
     _several_nodes_name_a_port(cfg)
     _gpu_ids_fit(cfg)
+    _ray_settings(cfg)

@@ -286,8 +286,9 @@ class InferenceClient:
     ) -> PhaseTimings | None:
         http = self._http()
         try:
+            local_path = await self.pool.weights_path_for(server.index, path, version)
             timings = await update_server_weights(
-                http, server.address, path, version, self.update_timeout_s
+                http, server.address, local_path, version, self.update_timeout_s
             )
         except (httpx.HTTPError, OSError) as exc:
             # Unpause it in case it can still serve, then let the supervisor restart it: its

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -42,6 +42,9 @@ class WeightsTarget:
 
 
 Listener = Callable[[ServerStatus], None]
+# (server index, exported weights directory, version) -> the directory that server loads from;
+# the launcher installs one when the servers cannot read the exported directory itself.
+WeightsStager = Callable[[int, str, int], Awaitable[str]]
 
 # How long the client steers other requests away from a server that refused a connection,
 # giving the supervisor's health check time to take it out of routing.
@@ -69,6 +72,7 @@ class ServerPool:
         # True when a supervisor (launcher.ServerFleet) restarts the servers a restart is
         # requested for, and loads the target weights into them before they serve again.
         self.supervised = False
+        self._stager: WeightsStager | None = None
         for address in addresses:
             self.add(address, state=state, version=version)
 
@@ -164,6 +168,18 @@ class ServerPool:
     def target(self) -> WeightsTarget:
         with self._lock:
             return self._target
+
+    def set_weights_stager(self, stager: WeightsStager | None) -> None:
+        """Have every weight load first copy the exported directory to where the server can
+        read it (its node's local disk, with Ray); None reads the exported directory itself."""
+        self._stager = stager
+
+    async def weights_path_for(self, index: int, weights_dir: str, version: int) -> str:
+        """The directory server `index` should load `version` from."""
+        stager = self._stager
+        if stager is None:
+            return weights_dir
+        return await stager(index, weights_dir, version)
 
     def mark_ready_if_current(self, index: int, version: int) -> bool:
         """Mark a freshly synced server ready, unless the target moved on while it was being

@@ -148,6 +148,10 @@ class ServerFleet:
         proc = self._procs.get(index)
         return proc.pid if proc else None
 
+    def node_of(self, index: int) -> str | None:
+        """The cluster node server `index` runs on; None for local processes."""
+        return None
+
     def stop(self) -> None:
         """Stop the supervisor and every server process group; idempotent."""
         if self._stopped:
@@ -298,9 +302,8 @@ class ServerFleet:
             if target.weights_dir is None:
                 await set_server_version(self._client(), address, target.version, timeout)
             else:
-                await update_server_weights(
-                    self._client(), address, target.weights_dir, target.version, timeout
-                )
+                path = await self.pool.weights_path_for(index, target.weights_dir, target.version)
+                await update_server_weights(self._client(), address, path, target.version, timeout)
             if self.pool.mark_ready_if_current(index, target.version):
                 self._last_healthy[index] = time.monotonic()
                 return
@@ -415,6 +418,7 @@ class ServerFleet:
                 restarts=status.restarts,
                 pid=proc.pid if proc else None,
                 reason=reason or None,
+                node=self.node_of(index),
             )
         )
 

@@ -30,13 +30,27 @@ class RegistryEntry:
     state: str
     restarts: int
     started_at: float
+    # Ray backend only: the node the server runs on, and the node-local directory it last
+    # loaded weights from (weights.transport=ray).
+    node: str | None = None
+    weights_dir: str | None = None
 
 
 _KEYS = tuple(f.name for f in fields(RegistryEntry))
+_OPTIONAL_KEYS = ("node", "weights_dir")
+
+
+def _entry_json(entry: RegistryEntry) -> dict[str, object]:
+    """The entry's fields; the Ray-only ones only when set, so a local fleet's file is as before."""
+    data = asdict(entry)
+    for key in _OPTIONAL_KEYS:
+        if data[key] is None:
+            del data[key]
+    return data
 
 
 def write_registry(path: Path, entries: list[RegistryEntry]) -> None:
-    text = json.dumps({"servers": [asdict(e) for e in entries]}, indent=2)
+    text = json.dumps({"servers": [_entry_json(e) for e in entries]}, indent=2)
     write_text_atomically(Path(path), text + "\n")
 
 
@@ -55,7 +69,10 @@ def read_registry(path: Path) -> list[RegistryEntry]:
     if not isinstance(servers, list):
         raise RegistryError(f"registry file '{path}' has no \"servers\" list")
     try:
-        return [RegistryEntry(**{k: item[k] for k in _KEYS}) for item in servers]
+        return [
+            RegistryEntry(**{k: item[k] for k in _KEYS if k in item or k not in _OPTIONAL_KEYS})
+            for item in servers
+        ]
     except (KeyError, TypeError) as exc:
         raise RegistryError(f"registry file '{path}' has a malformed entry: {exc!r}") from None
 

@@ -622,6 +622,11 @@ def _weight_update_panel(state: _State) -> Panel:
     return Panel(Group(head, table), title="weight update", title_align="left")
 
 
+def short_node(node: str | None) -> str:
+    """A Ray node id is 56 hex digits; its first 12 tell nodes apart."""
+    return node[:12] if node else "-"
+
+
 def _servers_panel(state: _State) -> Panel:
     if not state.servers:
         return Panel(Text("no server reported yet", style="dim"), title="servers")
@@ -637,7 +642,7 @@ def _servers_panel(state: _State) -> Panel:
     for server in servers:
         row: list[RenderableType] = [str(server.server), server.address]
         if with_node:
-            row.append(server.node or "local")
+            row.append(short_node(server.node) if server.node else "local")
         row += [
             Text(server.state, style=SERVER_STATE_STYLES.get(server.state, "")),
             _n(server.version),

@@ -1,0 +1,43 @@
+"""The fleet for `server.backend`: local processes, or Ray actors (only imported then, so
+the process backend never needs Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdp_cli.config.schema import SdpConfig, ServerBackend
+from sdp_cli.launcher.fleet import ServerFleet
+from sdp_cli.telemetry.events import EventSink
+
+
+def make_fleet(
+    cfg: SdpConfig,
+    model_dir: Path,
+    run_dir: Path,
+    *,
+    registry_path: Path | None = None,
+    events: EventSink | None = None,
+    observe_servers: bool = False,
+) -> ServerFleet:
+    """An unstarted fleet of `cfg.server.count` servers on the configured backend."""
+    if cfg.server.backend == ServerBackend.ray:
+        from sdp_cli.launcher.ray_fleet import RayServerFleet
+
+        return RayServerFleet(
+            cfg.server,
+            cfg.ray,
+            model_dir,
+            run_dir,
+            transport=cfg.weights.transport,
+            registry_path=registry_path,
+            events=events,
+            observe_servers=observe_servers,
+        )
+    return ServerFleet(
+        cfg.server,
+        model_dir,
+        run_dir,
+        registry_path=registry_path,
+        events=events,
+        observe_servers=observe_servers,
+    )
