@@ -139,3 +139,11 @@ def test_dashboard_shows_the_node_of_each_server() -> None:
     text = console.export_text()
     assert "node" in text and "ffffffffffff" in text and node not in text
     assert "10.0.0.5:8000" in text
+
+
+def test_dry_run_on_ray_starts_nothing_and_says_where_the_servers_go(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["train", "--dry-run", "server.backend=ray", "server.count=2", f"run.dir={tmp_path}"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 vLLM server(s) as Ray actors (ray.address=local)" in result.output

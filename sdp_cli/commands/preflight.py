@@ -13,7 +13,14 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import Device, ModelConfig, SdpConfig, ServerConfig
+from sdp_cli.config.schema import (
+    Device,
+    ModelConfig,
+    RayConfig,
+    SdpConfig,
+    ServerBackend,
+    ServerConfig,
+)
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import CPU_HEAD_SIZES, check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
@@ -35,7 +42,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
     return [
         *check_model(cfg),
         *check_task(cfg.task),
-        *check_servers(cfg.server),
+        *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
         *check_run_dir(cfg),
     ]
@@ -139,10 +146,14 @@ def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str
     )
 
 
-def check_servers(server: ServerConfig) -> list[str]:
+def check_servers(server: ServerConfig, ray: RayConfig | None = None) -> list[str]:
     if server.registry:
         return [check_registry(Path(server.registry))]
     check_vllm_installed()
+    if server.backend == ServerBackend.ray:
+        # Ray hands each server's actor its devices on its node; nothing to count here.
+        address = ray.address if ray is not None else "local"
+        return [f"{server.count} vLLM server(s) as Ray actors (ray.address={address})"]
     if server_device(server) != Device.cuda:
         return [f"{server.count} vLLM CPU server(s) to launch"]
     devices = chosen_devices("server.gpu_ids", server.gpu_ids)
