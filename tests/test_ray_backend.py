@@ -179,7 +179,7 @@ def test_sdp_train_on_ray_stages_weights_per_node_within_the_bound(tmp_path: Pat
     assert left_running(since) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_sdp_train_on_ray_leaves_no_actor_server_or_ray_instance(
     tmp_path: Path, signum: int
 ) -> None:

@@ -54,18 +54,19 @@ def server_resources(server: ServerConfig, ray_cfg: RayConfig) -> dict[str, floa
 
 
 @contextlib.contextmanager
-def sigterm_kept() -> Iterator[None]:
-    """Restore the SIGTERM handler that was installed on entry (main thread only)."""
+def signal_handlers_kept() -> Iterator[None]:
+    """Restore the SIGINT and SIGTERM handlers installed on entry (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        # None: installed outside Python, which cannot be put back.
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            # None: installed outside Python, which cannot be put back.
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 class RaySession:
@@ -90,8 +91,9 @@ class RaySession:
         else:
             address = self.cfg.address
         # ray.init makes SIGTERM exit at once (sys.exit from wherever the main thread is);
-        # keep the handler sdp had, whose clean stop also stops the servers and Ray.
-        with sigterm_kept():
+        # keep the handlers sdp's command installed, whose clean stop also stops the servers
+        # and Ray.
+        with signal_handlers_kept():
             # log_to_driver off: the actors' output would interleave with the dashboard; each
             # server logs to its own file.
             self.ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
