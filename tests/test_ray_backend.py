@@ -17,13 +17,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import pytest
 
 from sdp_cli.telemetry.events import read_events
+from sdp_cli.telemetry.schema import (
+    BatchTakenEvent,
+    Event,
+    ServerStateEvent,
+    TrainStepEvent,
+    WeightUpdateEvent,
+)
 
 pytestmark = pytest.mark.vllm
+E = TypeVar("E", bound=Event)
 
 TESTS = Path(__file__).parent
 SMALL = [
@@ -58,8 +66,8 @@ def left_running(since: float) -> list[str]:
     return ray_or_vllm_processes(since)
 
 
-def events_of(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(run_dir / "events.jsonl") if e["type"] == kind]
+def events_of(run_dir: Path, kind: type[E]) -> list[E]:
+    return [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, kind)]
 
 
 def test_two_servers_on_two_nodes_generate_load_staged_weights_and_survive_a_kill(
@@ -169,11 +177,11 @@ def test_sdp_train_on_ray_stages_weights_per_node_within_the_bound(tmp_path: Pat
             assert Path(path).is_relative_to(staging)
             assert f"server-{index}-{nodes[index][:12]}" in path
     assert {Path(p).name for p in seen[0] | seen[1]} <= {"v1", "v2", "v3"}
-    assert [u["version"] for u in events_of(run_dir, "weight_update")] == [1, 2, 3]
-    assert {e.get("node") for e in events_of(run_dir, "server_state")} >= set(nodes)
-    for batch in events_of(run_dir, "batch_taken"):
-        assert all(0 <= lag <= 2 for lag in batch["head_lags"] + batch["tail_lags"])
-    assert len(events_of(run_dir, "train_step")) == 3
+    assert [u.version for u in events_of(run_dir, WeightUpdateEvent)] == [1, 2, 3]
+    assert {e.node for e in events_of(run_dir, ServerStateEvent)} >= set(nodes)
+    for batch in events_of(run_dir, BatchTakenEvent):
+        assert all(0 <= lag <= 2 for lag in batch.head_lags + batch.tail_lags)
+    assert len(events_of(run_dir, TrainStepEvent)) == 3
     # Old versions and the model copies were deleted on every node; nothing keeps running.
     assert list(staging.glob("*")) == []
     assert left_running(since) == []

@@ -27,6 +27,7 @@ from sdp_cli.launcher.ray_cluster import server_resources
 from sdp_cli.launcher.ray_fleet import RayServerFleet
 from sdp_cli.launcher.registry import RegistryEntry, read_registry, write_registry
 from sdp_cli.telemetry.dashboard import Dashboard
+from sdp_cli.telemetry.schema import ServerStateEvent
 
 runner = CliRunner()
 
@@ -127,13 +128,14 @@ def test_dashboard_shows_the_node_of_each_server() -> None:
     dashboard = Dashboard(console=console, live=False)
     node = "f" * 12 + "0" * 44
     dashboard.emit(
-        "server_state",
-        server=0,
-        address="http://10.0.0.5:8000",
-        state="ready",
-        version=3,
-        restarts=1,
-        node=node,
+        ServerStateEvent(
+            server=0,
+            address="http://10.0.0.5:8000",
+            state="ready",
+            version=3,
+            restarts=1,
+            node=node,
+        )
     )
     console.print(dashboard.render())
     text = console.export_text()
