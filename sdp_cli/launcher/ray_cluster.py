@@ -85,15 +85,15 @@ class RaySession:
         return self._cluster is not None
 
     def connect(self) -> None:
-        if self.cfg.address == "local":
-            self._cluster = self._start_local_nodes()
-            address = self._cluster.address
-        else:
-            address = self.cfg.address
-        # ray.init makes SIGTERM exit at once (sys.exit from wherever the main thread is);
-        # keep the handlers sdp's command installed, whose clean stop also stops the servers
-        # and Ray.
+        # Starting a local node and ray.init each install a SIGTERM handler that exits at
+        # once (after draining the node for up to 30 s); keep the handlers sdp's command
+        # installed, whose clean stop also stops the servers, the actors and Ray.
         with signal_handlers_kept():
+            if self.cfg.address == "local":
+                self._cluster = self._start_local_nodes()
+                address = self._cluster.address
+            else:
+                address = self.cfg.address
             # log_to_driver off: the actors' output would interleave with the dashboard; each
             # server logs to its own file.
             self.ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
