@@ -212,8 +212,9 @@ def trainer_kills(work: Path, steps: int, kills: int, fleet: Path, rng: random.R
     run_dir = work / "trainer-kills"
     args = [f"run.dir={run_dir}", f"train.steps={steps}", *SMALL, f"server.registry={fleet}"]
     for kill in range(kills):
-        # The first kill comes after the first checkpoint (step 3), so there is one to resume.
-        point = f"{rng.choice(POINTS)}:{rng.randint(1, 3)}" if kill else "weight_update:5"
+        # Each moment in turn, at a random occurrence; the first kill comes after the first
+        # checkpoint (step 3), so there is one to resume from.
+        point = f"{POINTS[kill % len(POINTS)]}:{rng.randint(1, 3)}" if kill else "weight_update:5"
         resume = ["resume=true"] if kill else []
         if kill_at(point, [*args, *resume], work):
             row.faults += 1
@@ -227,7 +228,8 @@ def write_failures(work: Path, steps: int, fleet: Path) -> Row:
     row = Row("weights / checkpoints dir unwritable, resumed")
     run_dir = work / "write-failures"
     args = [f"run.dir={run_dir}", f"train.steps={steps}", *SMALL, f"server.registry={fleet}"]
-    kill_at("generation:5", args, work)
+    if not kill_at("generation:5", args, work):
+        raise SystemExit(f"chaos: the run in {run_dir} ended before its hold point")
     for name in ("weights", "checkpoints"):
         with unwritable(run_dir / name):
             code = run([*args, "resume=true"], work / "train.log")
