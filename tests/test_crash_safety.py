@@ -202,6 +202,16 @@ def test_weights_of_the_resumed_version_survive_pruning(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v73", "v74", "v75"]
 
 
+def test_the_version_the_servers_hold_survives_the_export_of_the_next(tmp_path: Path) -> None:
+    """With keep_weights=1, exporting v2 must keep v1: until the servers load v2 it is the
+    target a server restarted meanwhile loads (found by the fault suite: a killed server's
+    restart failed twice on a deleted v1)."""
+    for version in (0, 1, 2):
+        (tmp_path / f"v{version}").mkdir()
+    prune_versions(tmp_path, keep=1, current=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]
+
+
 def small_actor(model_dir: Path) -> Actor:
     return Actor(model_dir, TrainConfig(), seed=0)
 

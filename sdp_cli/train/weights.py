@@ -32,6 +32,10 @@ class WeightsExportError(SdpError):
     """The weights for the servers could not be written (directory not writable, disk full)."""
 
 
+# The version the servers hold and the one being exported for them.
+MIN_KEPT_VERSIONS = 2
+
+
 def version_dir(weights_dir: Path, version: int) -> Path:
     return weights_dir / f"v{version}"
 
@@ -48,10 +52,12 @@ def copy_tokenizer_files(source_dir: Path, target_dir: Path) -> None:
 
 
 def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
-    """Keep `current` and the newest `keep` - 1 versions before it; delete older versions,
-    versions newer than `current`, and leftovers of writers killed half-way (of other versions).
-    Returns what was deleted.
+    """Keep `current` and the newest versions before it, `keep` in all but never fewer than two;
+    delete older versions, versions newer than `current`, and leftovers of writers killed
+    half-way (of other versions). Returns what was deleted.
 
+    Two at least, because the export of v+1 comes before the servers load it: until then v is
+    what they hold and what a server restarted meanwhile (one that was killed) must load.
     Versions newer than `current` exist only after a resume: the killed run had exported them
     past its last checkpoint, and the resumed run will write its own. Counting them among the
     newest `keep` would delete the version just written."""
@@ -70,7 +76,7 @@ def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
         else:
             kept.append((version, item))
     kept.sort()
-    doomed += [path for _, path in kept[: max(len(kept) - max(keep, 1), 0)]]
+    doomed += [path for _, path in kept[: max(len(kept) - max(keep, MIN_KEPT_VERSIONS), 0)]]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
