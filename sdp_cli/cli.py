@@ -145,6 +145,15 @@ def cmd_simulate(
             help="Write the run log DIR/events.jsonl (as sdp train does); not with --sweep.",
         ),
     ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibrate",
+            metavar="RUN_DIR",
+            help="Take simulate.* timing (token latency, tokens per completion, step time per "
+            "token, update time) from RUN_DIR/events.jsonl; the overrides given still win.",
+        ),
+    ] = None,
 ) -> None:
     """Run the real executor against simulated servers and trainer (capacity planning)."""
     from sdp_cli.commands.simulate import simulate
@@ -154,6 +163,8 @@ def cmd_simulate(
         as_json=as_json,
         sweep=sweep,
         run_dir=run_dir,
+        calibrate_from=calibrate,
+        load_before=lambda before, extra: _load([*before, *(args or []), *extra]),
     )
 
 

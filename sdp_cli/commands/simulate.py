@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,11 +12,20 @@ from rich.console import Console
 from sdp_cli.config import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.simulate import parse_sweep, run_simulation, run_sweep
+from sdp_cli.simulate.calibrate import (
+    Calibration,
+    calibrated_token_latency,
+    read_calibration,
+    simulate_to_log,
+)
 from sdp_cli.simulate.report import print_result, print_sweep, to_json
 from sdp_cli.telemetry.events import EventLog
 
 # Loads the config from the command's arguments plus the extra overrides given.
 ConfigLoader = Callable[[list[str]], SdpConfig]
+# Loads the config with `before` ahead of the command's arguments (which win over it) and
+# `extra` after them.
+BaseLoader = Callable[[list[str], list[str]], SdpConfig]
 
 
 def simulate(
@@ -25,9 +35,18 @@ def simulate(
     sweep: str | None = None,
     run_dir: Path | None = None,
     console: Console | None = None,
+    calibrate_from: Path | None = None,
+    load_before: BaseLoader | None = None,
 ) -> None:
-    """`run_dir`: write the run log RUN_DIR/events.jsonl (one simulation only)."""
+    """`run_dir`: write the run log RUN_DIR/events.jsonl (one simulation only).
+    `calibrate_from`: simulate that run's shape with timing from its log;
+    `load_before(before, extra)` loads the config with `before` placed ahead of the command's
+    own overrides and `extra` after them (needed with `calibrate_from`)."""
     console = console or Console()
+    if calibrate_from is not None:
+        if load_before is None:
+            raise ValueError("calibrate_from needs load_before")
+        load = calibrated_loader(load, load_before, calibrate_from, as_json, console)
     if sweep is None:
         simulate_once(load([]), as_json, console, run_dir)
     elif run_dir is not None:
@@ -57,3 +76,51 @@ def simulate_sweep(load: ConfigLoader, sweep: str, as_json: bool, console: Conso
         sys.stdout.write(to_json(rows) + "\n")
     else:
         print_sweep(key, rows, console)
+
+
+def calibrated_loader(
+    load: ConfigLoader,
+    load_before: BaseLoader,
+    run_dir: Path,
+    as_json: bool,
+    console: Console,
+) -> ConfigLoader:
+    """A loader whose configs have the calibrated run's shape and simulate.* values, each with
+    the step time for its own batch size; the command's own overrides still win over them."""
+    calibration = read_calibration(run_dir)
+    with tempfile.TemporaryDirectory(prefix="sdp-calibrate-") as scratch:
+        latency = calibrated_token_latency(
+            calibration,
+            # The run's shape and timing over the command's overrides (server_batch, jitter
+            # and seed of the simulation still come from them).
+            load,
+            simulate_to_log,
+            Path(scratch),
+        )
+    print_calibration(calibration, latency, as_json, console)
+
+    def load_calibrated(extra: list[str]) -> SdpConfig:
+        shape = list(calibration.run_shape)
+        shaped = load_before(shape, extra)
+        return load_before([*shape, *calibration.overrides_for(shaped, latency)], extra)
+
+    return load_calibrated
+
+
+def print_calibration(
+    calibration: Calibration, latency: float, as_json: bool, console: Console
+) -> None:
+    # With --json stdout carries only the result, so the calibration goes to stderr.
+    out = Console(stderr=True) if as_json else console
+    c = calibration
+    out.print(f"[bold]Calibrated from[/bold] {c.run_dir / 'events.jsonl'}")
+    out.print(
+        f"  {c.rollouts} rollouts: {c.mean_new_tokens:.1f} tokens per completion, "
+        f"{c.rollout_token_latency_s * 1e3:.3f} ms per token submit→finish "
+        f"→ simulate.token_latency_s={latency:.6g}"
+    )
+    out.print(
+        f"  {c.steps} train steps: step_s ≈ {c.step_intercept_s:.4g} + "
+        f"{c.step_s_per_token:.4g}·tokens"
+    )
+    out.print(f"  {c.updates} weight updates: simulate.update_s={c.update_s:.4g}")

@@ -1,0 +1,121 @@
+"""`sdp simulate --calibrate`: parameters read back from a log the simulator wrote with known
+timing, and predictions of the run it was calibrated on and of another configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+from sdp_cli.config import load_config
+from sdp_cli.simulate import run_simulation
+from sdp_cli.simulate.calibrate import line_fit, read_calibration, simulate_to_log
+
+runner = CliRunner()
+
+TRUE_TIMING = {
+    "simulate.token_latency_s": 0.01,
+    "simulate.mean_new_tokens": 24,
+    "simulate.train_step_s": 0.3,
+    "simulate.update_s": 0.05,
+}
+RUN_SHAPE = [
+    "train.steps=12",
+    "server.count=2",
+    "rollout.batch_size=4",
+    "rollout.max_concurrent=16",
+    "rollout.max_staleness=1",
+]
+
+
+def overrides(shape: list[str]) -> list[str]:
+    return [*shape, *(f"{key}={value}" for key, value in TRUE_TIMING.items())]
+
+
+@pytest.fixture(scope="module")
+def calibration_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("calibration-run")
+    simulate_to_log(load_config(None, overrides(RUN_SHAPE)), run_dir / "events.jsonl")
+    return run_dir
+
+
+def calibrated_json(run_dir: Path, *args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["simulate", "--calibrate", str(run_dir), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_calibration_reads_back_the_timing_the_log_was_made_with(calibration_run: Path) -> None:
+    calibration = read_calibration(calibration_run)
+    # Gamma-distributed lengths: the mean over ~50 groups is within a few percent of 24.
+    assert calibration.mean_new_tokens == pytest.approx(24, rel=0.15)
+    assert calibration.step_intercept_s == pytest.approx(0.3)
+    assert calibration.step_s_per_token == 0.0
+    assert calibration.update_s == pytest.approx(0.05, rel=1e-6)
+    assert calibration.steps == 12 and calibration.updates == 12
+    # Submit→finish includes waiting for a group's longest completion and pauses: above 0.01.
+    assert calibration.rollout_token_latency_s > 0.01
+
+
+def test_step_time_is_a_line_in_tokens() -> None:
+    intercept, slope = line_fit([100, 200, 300], [1.5, 2.5, 3.5])
+    assert (intercept, slope) == pytest.approx((0.5, 0.01))
+    assert line_fit([100, 100], [1.0, 2.0]) == (1.5, 0.0)
+
+
+def test_calibrated_simulation_recovers_the_token_latency(calibration_run: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--calibrate", str(calibration_run)])
+    assert result.exit_code == 0, result.output
+    latency = float(result.output.split("simulate.token_latency_s=")[1].split()[0])
+    assert latency == pytest.approx(0.01, rel=0.1)
+    assert "step_s ≈ 0.3 + 0·tokens" in result.output
+
+
+@pytest.mark.parametrize(
+    "change",
+    [[], ["rollout.max_staleness=2", "rollout.batch_size=8"], ["rollout.max_staleness=0"]],
+)
+def test_calibrated_simulation_predicts_the_run_and_another_configuration(
+    calibration_run: Path, change: list[str]
+) -> None:
+    predicted = calibrated_json(calibration_run, *change)
+    truth = run_simulation(load_config(None, overrides([*RUN_SHAPE, *change])))
+    assert predicted["batch_size"] == truth["batch_size"]
+    assert predicted["max_staleness"] == truth["max_staleness"]
+    assert predicted["samples_per_s"] == pytest.approx(truth["samples_per_s"], rel=0.1)
+
+
+def test_the_step_time_scales_with_the_batch(tmp_path: Path) -> None:
+    # A log whose step time grows with tokens (0.1 s + 2 ms per token) at two batch sizes.
+    run_dir = tmp_path / "run"
+    lines = [
+        {"type": "run_started", "ts": 0.0, "run": "r", "steps": 2, "max_staleness": 0,
+         "batch_size": 2, "strategy": "segment_wise", "prox_mode": "recompute",
+         "n_samples": 2, "max_concurrent": 4, "server_count": 1},
+        {"type": "rollout_submitted", "ts": 1.0, "rollout_id": 0, "version": 0},
+        {"type": "rollout_finished", "ts": 2.0, "rollout_id": 0, "version": 0,
+         "accepted": True, "n_tokens": 100},
+        {"type": "train_step", "ts": 3.0, "step": 0, "version": 0, "tokens": 100,
+         "step_s": 0.3},
+        {"type": "train_step", "ts": 4.0, "step": 1, "version": 1, "tokens": 200,
+         "step_s": 0.5},
+    ]  # fmt: skip
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    calibration = read_calibration(run_dir)
+    assert calibration.rollout_token_latency_s == pytest.approx(0.02)
+    assert calibration.mean_new_tokens == 50
+    assert calibration.train_step_s(400) == pytest.approx(0.9)
+    # 8 prompts × 2 samples × 50 tokens = 800 tokens: 0.1 + 0.002 · 800.
+    cfg = load_config(None, ["rollout.batch_size=8", "rollout.n_samples=2"])
+    assert "simulate.train_step_s=1.7" in calibration.overrides_for(cfg, 0.02)
+
+
+def test_calibrate_without_a_log_exits_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--calibrate", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no run log" in result.output
