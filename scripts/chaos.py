@@ -181,7 +181,15 @@ def server_kills(work: Path, steps: int, kills: int, rng: random.Random) -> Row:
     row = Row("server SIGKILLed during sdp train")
     run_dir = work / "server-kills"
     servers = run_dir / "servers.json"
-    args = [f"run.dir={run_dir}", f"train.steps={steps}", *SMALL, f"server.max_restarts={kills}"]
+    args = [
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        *SMALL,
+        f"server.max_restarts={kills}",
+        # An update waits up to this long for rollouts stuck on the killed server to settle
+        # (they wait for its restart); 30 s instead of 120 keeps the scenario short.
+        "train.update_timeout_s=30",
+    ]
     proc = start("train", args, work / "train.log")
 
     def ready_with(restarts: int) -> bool:
