@@ -190,3 +190,16 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_leaves_the_weights(
     stats = actor.train_step(stale_groups(actor, version=3), version=3)
     assert stats["skipped"] == 0.0
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(actor), strict=True))
+
+
+def test_logprobs_are_of_the_tempered_distribution(tiny_model_dir: Path) -> None:
+    actor = Actor(tiny_model_dir, TrainConfig(), seed=0, temperature=0.7)
+    prompt, output = PROMPTS[1], OUTPUTS[1]
+    (got,) = actor.score([prompt], [output])
+    with torch.no_grad():
+        logits = actor.model(torch.tensor([prompt + output])).logits[0]
+    tempered = torch.log_softmax(logits / 0.7, dim=-1)
+    want = [float(tempered[len(prompt) - 1 + i, tok]) for i, tok in enumerate(output)]
+    assert got == pytest.approx(want, abs=1e-5)
+    (plain,) = make_actor(tiny_model_dir).score([prompt], [output])
+    assert max(abs(a - b) for a, b in zip(got, plain, strict=True)) > 1e-2

@@ -135,3 +135,25 @@ def test_dry_run_prints_config_and_capacity_plan(tmp_path: Path) -> None:
     # (η + v + 1)·B at v = 0 and v = 1 with η = 1, B = 4.
     assert "│       0 │         8 │" in result.output
     assert "│       1 │        12 │" in result.output
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("rollout.temperature=-0.5", "rollout.temperature"),
+        ("rollout.top_p=0.9", "rollout.top_p"),
+        ("rollout.top_k=20", "rollout.top_k"),
+    ],
+)
+def test_sampling_the_loss_cannot_account_for_is_refused(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert caught.value.key == key
+    result = runner.invoke(app, ["config", "show", override])
+    assert result.exit_code == 2 and key in result.output and "Traceback" not in result.output
+
+
+def test_temperature_and_untruncated_sampling_are_accepted() -> None:
+    cfg = load_config(None, ["rollout.temperature=0.7", "rollout.top_k=0"])
+    assert cfg.rollout.temperature == 0.7 and cfg.rollout.top_p == 1.0

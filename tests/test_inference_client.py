@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from sdp_cli.inference import (
     InferenceClient,
@@ -30,7 +31,11 @@ from sdp_cli.inference import (
     WeightUpdateError,
 )
 from sdp_cli.inference.connections import ConnectionPool
-from sdp_cli.inference.protocol import parse_prompt_logprobs, versions_from_spans
+from sdp_cli.inference.protocol import (
+    parse_prompt_logprobs,
+    prompt_logprobs_body,
+    versions_from_spans,
+)
 from sdp_cli.inference.types import Completion
 
 A, B = "http://a:1", "http://b:2"
@@ -126,6 +131,28 @@ def test_batched_prompt_logprobs_are_matched_to_prompts_by_choice_index() -> Non
         ]
     }
     assert parse_prompt_logprobs(payload, [[1, 7], [2, 5]], [1, 1]) == [[-7.0], [-5.0]]
+
+
+def test_tempered_prompt_logprobs_are_log_softmax_of_the_logits_over_t() -> None:
+    logits = [2.0, 0.5, -1.0, 0.0]
+    raw = torch.log_softmax(torch.tensor(logits), dim=-1).tolist()
+    entry = {str(token): {"logprob": lp} for token, lp in enumerate(raw)}
+    payload = {"choices": [{"prompt_logprobs": [None, entry]}]}
+    want = torch.log_softmax(torch.tensor(logits) / 0.7, dim=-1)[1].item()
+    (got,) = parse_prompt_logprobs(payload, [[3, 1]], [1], temperature=0.7)
+    assert got == pytest.approx([want], abs=1e-6)
+    assert got != pytest.approx([raw[1]], abs=1e-2)
+
+
+def test_tempered_prompt_logprobs_need_the_whole_distribution() -> None:
+    payload = {"choices": [{"prompt_logprobs": [None, {"1": {"logprob": -0.5}}]}]}
+    with pytest.raises(ServerProtocolError, match="whole distribution"):
+        parse_prompt_logprobs(payload, [[3, 1]], [1], temperature=0.7)
+
+
+def test_only_a_tempered_recompute_asks_for_the_whole_distribution() -> None:
+    assert prompt_logprobs_body([[1, 2]], "m")["prompt_logprobs"] == 0
+    assert prompt_logprobs_body([[1, 2]], "m", whole_distribution=True)["prompt_logprobs"] == -1
 
 
 def test_a_batched_answer_missing_a_prompt_is_a_protocol_error() -> None:

@@ -279,3 +279,41 @@ def test_reload_changes_logprobs_and_weight_info(
     for address in vllm_fleet.addresses:
         assert httpx.get(f"{address}/weight_info").json() == {"weight_version": str(version)}
     assert [s.version for s in vllm_fleet.pool.snapshot()] == [version, version]
+
+
+def test_at_temperature_the_trainer_and_the_recompute_match_the_behaviour_logprobs(
+    vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
+) -> None:
+    """At T = 0.7 the servers report logprobs of softmax(z/T) (processed logprobs), the actor
+    divides its logits by T and the recompute tempers vLLM's prompt logprobs: all three agree
+    on the same weights; at T = 1 the trainer would not."""
+    from sdp_cli.config.schema import TrainConfig
+    from sdp_cli.train.actor import Actor
+
+    temperature = 0.7
+    weights = write_tiny_weights(21)
+
+    async def go() -> tuple[list[Completion], list[list[float]]]:
+        async with InferenceClient(vllm_fleet.pool) as client:
+            await client.update_weights(str(weights), current_version(vllm_fleet) + 1)
+            completions = await asyncio.gather(
+                *(
+                    client.generate(PROMPT, SamplingParams(temperature=temperature, seed=s), 24)
+                    for s in range(4)
+                )
+            )
+            pairs = [(PROMPT, c.output_ids) for c in completions]
+            return list(completions), await client.score_many(pairs, temperature=temperature)
+
+    completions, recomputed = run(go())
+    outputs = [c.output_ids for c in completions]
+    assert sum(len(o) for o in outputs) >= 20
+    trainer = Actor(weights, TrainConfig(), temperature=temperature).score([PROMPT] * 4, outputs)
+    plain = Actor(weights, TrainConfig()).score([PROMPT] * 4, outputs)
+    behaviour = [lp for c in completions for lp in c.logprobs]
+    flat = [lp for row in trainer for lp in row]
+    assert max(abs(a - b) for a, b in zip(flat, behaviour, strict=True)) < 1e-3
+    flat_recomputed = [lp for row in recomputed for lp in row]
+    assert max(abs(a - b) for a, b in zip(flat_recomputed, behaviour, strict=True)) < 1e-3
+    flat_plain = [lp for row in plain for lp in row]
+    assert max(abs(a - b) for a, b in zip(flat_plain, behaviour, strict=True)) > 1e-2

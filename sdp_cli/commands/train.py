@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -347,7 +348,8 @@ def start_executor(
         cfg.rollout,
         cfg.train.prox_mode,
         events=events,
-        scorer=client.score_many,
+        # Proximal logprobs of the same tempered distribution as the behaviour ones.
+        scorer=partial(client.score_many, temperature=cfg.rollout.temperature),
         positions=positions,
     )
     executor.restore(version)

@@ -304,8 +304,22 @@ class RolloutConfig:
         why="0 is greedy decoding: every completion of a group is the same, so GRPO has "
         "nothing to compare, and the trainer divides its logits by the temperature",
     )
-    top_p: float = setting(1.0, gt=0, le=1, help="nucleus sampling; 1 disables it")
-    top_k: int = setting(-1, ge=-1, help="sample from the k most likely tokens; -1 disables it")
+    top_p: float = setting(
+        1.0,
+        ge=1,
+        le=1,
+        help="nucleus sampling; only 1 (off) is accepted",
+        why="the loss needs the logprobs of the distribution tokens are drawn from, and the "
+        "trainer and the proximal recompute do not truncate; lower rollout.temperature instead",
+    )
+    top_k: int = setting(
+        -1,
+        ge=-1,
+        le=0,
+        help="top-k sampling; only -1 or 0 (off) are accepted",
+        why="the loss needs the logprobs of the distribution tokens are drawn from, and the "
+        "trainer and the proximal recompute do not truncate; lower rollout.temperature instead",
+    )
     take_timeout_s: float = setting(
         600.0, gt=0, help="seconds the trainer waits for a batch before the run stops"
     )

@@ -203,26 +203,36 @@ class InferenceClient:
         """Logprob of each output token given the prompt and the output before it."""
         return await self.prompt_logprobs(list(prompt_ids) + list(output_ids), len(prompt_ids))
 
-    async def score_many(self, samples: Sequence[ScoreItem]) -> list[list[float]]:
+    async def score_many(
+        self, samples: Sequence[ScoreItem], temperature: float = 1.0
+    ) -> list[list[float]]:
         """`score` for many (prompt_ids, output_ids) pairs, in order: one request per ready
-        server, each carrying its share of the samples as a prompt list."""
+        server, each carrying its share of the samples as a prompt list. At a `temperature`
+        other than 1 the logprobs are of softmax(z/T), the distribution tokens are sampled from
+        (each request then carries the whole vocabulary per position)."""
         sequences = [list(prompt) + list(output) for prompt, output in samples]
         starts = [len(prompt) for prompt, _ in samples]
         if any(start < 1 for start in starts):
             raise ValueError("every sample needs a prompt of at least one token")
         shares = split_evenly(len(sequences), max(1, len(self.pool.ready_addresses())))
         answers = await asyncio.gather(
-            *(self._prompt_logprobs_request(sequences[part], starts[part]) for part in shares)
+            *(
+                self._prompt_logprobs_request(sequences[part], starts[part], temperature)
+                for part in shares
+            )
         )
         return [logprobs for answer in answers for logprobs in answer]
 
     async def _prompt_logprobs_request(
-        self, sequences: list[list[int]], starts: list[int]
+        self, sequences: list[list[int]], starts: list[int], temperature: float = 1.0
     ) -> list[list[float]]:
+        whole = temperature != 1.0
         payload, _ = await self._with_retries(
-            "POST", COMPLETIONS_PATH, lambda: prompt_logprobs_body(sequences, self.model_name)
+            "POST",
+            COMPLETIONS_PATH,
+            lambda: prompt_logprobs_body(sequences, self.model_name, whole_distribution=whole),
         )
-        return parse_prompt_logprobs(payload, sequences, starts)
+        return parse_prompt_logprobs(payload, sequences, starts, temperature)
 
     # ---- weights ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Kept free of I/O so the parsing rules are unit-testable against recorded answers
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +89,13 @@ def parse_generate_answer(payload: dict[str, Any]) -> GenerateAnswer:
     )
 
 
-def prompt_logprobs_body(sequences: list[list[int]], model: str) -> dict[str, Any]:
+def prompt_logprobs_body(
+    sequences: list[list[int]], model: str, whole_distribution: bool = False
+) -> dict[str, Any]:
     """One request for many sequences: vLLM runs a list of prompts through the engine together,
-    so a batch costs one HTTP round trip instead of one per sequence."""
+    so a batch costs one HTTP round trip instead of one per sequence. `whole_distribution` asks
+    for every token's logprob at each position (to temper them here: vLLM's prompt logprobs
+    are always at temperature 1)."""
     return {
         "model": model,
         "prompt": sequences,
@@ -100,7 +105,7 @@ def prompt_logprobs_body(sequences: list[list[int]], model: str) -> dict[str, An
         "top_k": -1,
         "min_p": 0.0,
         "seed": 0,
-        "prompt_logprobs": 0,
+        "prompt_logprobs": -1 if whole_distribution else 0,
         "logprobs": None,
         "echo": False,
         "stream": False,
@@ -108,9 +113,13 @@ def prompt_logprobs_body(sequences: list[list[int]], model: str) -> dict[str, An
 
 
 def parse_prompt_logprobs(
-    payload: dict[str, Any], sequences: list[list[int]], starts: list[int]
+    payload: dict[str, Any],
+    sequences: list[list[int]],
+    starts: list[int],
+    temperature: float = 1.0,
 ) -> list[list[float]]:
-    """For each sequence, the logprob of ids[i] given ids[:i] for i >= its start. Choice k
+    """For each sequence, the logprob of ids[i] given ids[:i] for i >= its start, at
+    `temperature` (other than 1 needs the answer of a `whole_distribution` request). Choice k
     answers prompt k (matched by its `index`); entry i of its `prompt_logprobs` is keyed by the
     token id as a string (entry 0 is null)."""
     try:
@@ -120,12 +129,30 @@ def parse_prompt_logprobs(
                 f"prompt_logprobs answer has {len(choices)} choices for {len(sequences)} prompts"
             )
         return [
-            _sequence_logprobs(choice["prompt_logprobs"], ids, start)
+            _sequence_logprobs(choice["prompt_logprobs"], ids, start, temperature)
             for choice, ids, start in zip(choices, sequences, starts, strict=True)
         ]
     except (KeyError, IndexError, TypeError) as exc:
         raise ServerProtocolError(f"unexpected prompt_logprobs answer: {exc!r}") from None
 
 
-def _sequence_logprobs(entries: list[Any], ids: list[int], start: int) -> list[float]:
-    return [float(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
+def _sequence_logprobs(
+    entries: list[Any], ids: list[int], start: int, temperature: float
+) -> list[float]:
+    if temperature == 1.0:
+        return [float(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
+    return [tempered_logprob(entries[i], ids[i], temperature) for i in range(start, len(ids))]
+
+
+def tempered_logprob(entry: dict[str, Any], token_id: int, temperature: float) -> float:
+    """log softmax(z/T) of `token_id` from the temperature-1 logprobs of the whole vocabulary:
+    log p = z − c, so (log p)/T differs from z/T by a constant that the softmax cancels."""
+    if len(entry) < 2:
+        raise ServerProtocolError(
+            "prompt logprobs at a temperature other than 1 need the whole distribution; "
+            "the server answered one token per position (start it with --max-logprobs -1)"
+        )
+    scaled = [float(value["logprob"]) / temperature for value in entry.values()]
+    top = max(scaled)
+    normalizer = top + math.log(sum(math.exp(x - top) for x in scaled))
+    return float(entry[str(token_id)]["logprob"]) / temperature - normalizer

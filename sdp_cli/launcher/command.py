@@ -61,6 +61,14 @@ def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
         "--generation-config",
         "vllm",
         "--enable-scale-out",
+        # Behaviour logprobs of the distribution tokens are sampled from (after temperature),
+        # not of the raw logits: the trainer and the proximal recompute use the same one.
+        "--logprobs-mode",
+        "processed_logprobs",
+        # The recompute at a temperature other than 1 asks for the whole distribution at each
+        # position (prompt logprobs are never tempered by vLLM).
+        "--max-logprobs",
+        "-1",
     ]
     if server.enforce_eager:
         cmd.append("--enforce-eager")

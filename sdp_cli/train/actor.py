@@ -75,8 +75,15 @@ def _pad_id(model: PreTrainedModel) -> int:
 
 
 class Actor:
-    def __init__(self, model_dir: Path, train: TrainConfig, seed: int = 0) -> None:
+    def __init__(
+        self, model_dir: Path, train: TrainConfig, seed: int = 0, temperature: float = 1.0
+    ) -> None:
+        """`temperature` is the sampling temperature of the rollouts: every logprob the actor
+        computes is of softmax(logits / temperature), the distribution tokens were drawn from."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature})")
         seed_everything(seed)
+        self.temperature = temperature
         limit_cpu_threads(train)
         self.model_dir = Path(model_dir)
         self.train_config = train
@@ -106,6 +113,8 @@ class Actor:
         ).logits
         # The logits at column j predict the token at column j + 1.
         logits = logits[:, -(n_out + 1) : -1, :].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         targets = batch.output_ids.unsqueeze(-1)
         return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 

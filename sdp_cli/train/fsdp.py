@@ -117,8 +117,9 @@ class ShardedActor(Actor):
         info: RankInfo,
         channel: RankChannel,
         seed: int = 0,
+        temperature: float = 1.0,
     ) -> None:
-        super().__init__(model_dir, train, seed=seed)
+        super().__init__(model_dir, train, seed=seed, temperature=temperature)
         self.info = info
         self.channel = channel
         self.cuda_index = torch.cuda.current_device() if self.device.type == "cuda" else None
@@ -262,7 +263,14 @@ def _join(
     info = rank_info(cfg.train, local_rank)
     group = init_rank(cfg.train, info)
     channel = RankChannel(group, info, before_send=ranks.check if ranks else None)
-    return ShardedActor(model_dir, cfg.train, info, channel, seed=cfg.run.seed)
+    return ShardedActor(
+        model_dir,
+        cfg.train,
+        info,
+        channel,
+        seed=cfg.run.seed,
+        temperature=cfg.rollout.temperature,
+    )
 
 
 def _serve_rank(cfg: SdpConfig, model_dir: Path, local_rank: int) -> None:
@@ -306,7 +314,7 @@ def trainer_actor(cfg: SdpConfig, model_dir: Path, log_dir: Path) -> Iterator[Ac
 
     `cfg.train.master_port` must be set when there is more than one rank."""
     if not uses_sharded_trainer(cfg.train):
-        yield Actor(model_dir, cfg.train, seed=cfg.run.seed)
+        yield Actor(model_dir, cfg.train, seed=cfg.run.seed, temperature=cfg.rollout.temperature)
         return
     with local_ranks(cfg, model_dir, log_dir) as ranks:
         try:
