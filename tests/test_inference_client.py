@@ -482,6 +482,30 @@ def test_a_server_failing_the_update_is_handed_to_the_supervisor(tmp_path: Path)
     assert pool.status(1).version == 1
 
 
+def test_abort_generation_pauses_with_abort_and_resumes_every_ready_server() -> None:
+    fake = FakeServers(lambda a, p, b: {})
+    pool = ServerPool([A, B, "http://c:3"])
+    pool.set_state(2, ServerState.restarting)
+    asyncio.run(make_client(pool, fake).abort_generation())
+    for address in (A, B):
+        assert fake.paths(address) == ["/pause", "/resume"]
+    assert fake.paths("http://c:3") == []
+    pause = next(body for a, p, body in fake.calls if a == A and p == "/pause")
+    # The prefix cache survives: the same weights serve the scoring that follows.
+    assert pause == {"mode": "abort", "clear_cache": "false"}
+    assert [s.state for s in pool.snapshot()][:2] == [ServerState.ready, ServerState.ready]
+
+
+def test_a_tempered_score_asks_for_the_whole_distribution() -> None:
+    fake = FakeServers(prompt_logprobs_of_minus_token_id)
+    client = make_client(ServerPool([A]), fake)
+    asyncio.run(client.score_many([([1], [3])], temperature=1.0))
+    assert fake.calls[-1][2]["prompt_logprobs"] == 0
+    with pytest.raises(ServerProtocolError, match="whole distribution"):
+        asyncio.run(client.score_many([([1], [3])], temperature=0.7))
+    assert fake.calls[-1][2]["prompt_logprobs"] == -1
+
+
 def test_update_fails_loudly_when_every_attached_server_fails(tmp_path: Path) -> None:
     fake = FakeServers(lambda a, p, b: httpx.Response(500))
     with pytest.raises(WeightUpdateError):
