@@ -278,8 +278,8 @@ def test_parse_sweep() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_no_sample_that_needed_the_proximal_recompute_misses_it(seed: int) -> None:
     """Long completions finish while the update is under way; with early scoring off the
-    update's own passes must cover them all (a single pass before the abort missed 12-16 of
-    them per run with these settings)."""
+    update's own passes must cover them all (a single pass before the abort, the protocol
+    before, missed 8-16 per run with these settings, 56 over seeds 0-4)."""
     sink = EventRecorder()
     result = simulate(
         "simulate.mean_new_tokens=64",
