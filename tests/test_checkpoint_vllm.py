@@ -30,7 +30,9 @@ def generate(address: str, request_id: str) -> tuple[list[int], list[float]]:
         "stream": False,
         "sampling_params": {
             "max_tokens": 8,
-            "min_tokens": 8,
+            # ignore_eos, not min_tokens: min_tokens masks EOS before sampling, and the servers
+            # report logprobs of the distribution sampled from (the actor scores it unmasked).
+            "ignore_eos": True,
             "temperature": 1.0,
             "top_p": 1.0,
             "top_k": -1,

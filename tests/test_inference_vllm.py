@@ -213,7 +213,9 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
             await client.update_weights(str(first), old)
             tasks = [
                 asyncio.create_task(
-                    client.generate(p, SamplingParams(seed=i, min_tokens=length), length)
+                    # ignore_eos, not min_tokens: min_tokens masks EOS before sampling, and
+                    # the servers report logprobs of the distribution sampled from.
+                    client.generate(p, SamplingParams(seed=i, ignore_eos=True), length)
                 )
                 for i, p in enumerate(prompts)
             ]
