@@ -33,7 +33,7 @@ from sdp_cli.train.checkpoint import (
     read_model_tensors,
     save_checkpoint,
 )
-from sdp_cli.train.distributed import TrainerRankDied
+from sdp_cli.train.distributed import TrainerRankDied, rank_info
 from sdp_cli.train.fsdp import split_across_ranks, trainer_actor
 
 PROMPTS = [[1, 5, 6, 7, 45], [1, 8, 45], [1, 5, 5, 5, 5, 5, 5, 5, 45], [1, 9, 9, 45]]
@@ -208,3 +208,10 @@ def test_a_sharded_checkpoint_refused_by_a_one_process_trainer(tmp_path: Path) -
     with pytest.raises(ConfigError) as raised:
         read_model_tensors(tmp_path, torch.nn.Linear(2, 2), None)
     assert raised.value.key == "train.world_size"
+
+
+def test_ranks_are_numbered_node_by_node() -> None:
+    nodes = ["train.nnodes=3", "train.node_rank=1", "train.master_port=1"]
+    train = load_config(overrides=["train.world_size=2", *nodes]).train
+    infos = [rank_info(train, local) for local in (0, 1)]
+    assert [(i.rank, i.world_size, i.is_main) for i in infos] == [(2, 6, False), (3, 6, False)]
