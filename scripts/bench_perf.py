@@ -12,9 +12,9 @@ Measures, on the same model, tokens and torch threads:
   step with logprobs taken from a full-vocabulary `log_softmax` ([rows, L, vocab] float32).
   Each variant runs in its own child process (a fresh allocator); the child resets the kernel's
   peak-RSS mark (`/proc/self/clear_refs`, 5) after loading the model and building the batch,
-  runs one step and reads `VmHWM` from `/proc/self/status`: peak RSS minus RSS before the step.
-  This counts what the step holds in memory (activations, logits, gradients, the optimizer
-  state AdamW creates in its first step), as the OS sees it.
+  runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
+  `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
+  memory (activations, logits, gradients), as the OS sees it.
 
 `update_share`, `async_over_sync` and `simulate_error` need real vLLM runs of SmolLM2 and are not
 measured by this version of the script: they print null with the reason.
@@ -237,6 +237,8 @@ def child_peak(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     groups = synthetic_groups(args, vocab_size(path))
     actor = make_actor(path, args.threads, args.child_peak)
+    # A first step creates AdamW's state (2 × the weights), which would hide the logits.
+    actor.train_step(groups, 0)
     before = rss_bytes("VmRSS")
     # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then the step's own.
     Path("/proc/self/clear_refs").write_text("5")
