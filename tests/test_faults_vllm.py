@@ -194,7 +194,15 @@ def test_server_killed_twice_then_sdp_train_killed_during_generation(
     engine core, watchdog) is gone within 10 s. The run resumes on the shared fleet and
     finishes; the positions are trained exactly once across both sessions."""
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", f"train.steps={STEPS}", *SMALL, "server.health_interval_s=0.5"]
+    args = [
+        f"run.dir={run_dir}",
+        f"train.steps={STEPS}",
+        *SMALL,
+        "server.health_interval_s=0.5",
+        # An update waits up to this long for rollouts stuck on the killed server (they wait for
+        # its restart) before it goes on; 30 s instead of 120 keeps the test short.
+        "train.update_timeout_s=30",
+    ]
     marker = tmp_path / "held"
     proc = sdp(
         "train",
