@@ -30,7 +30,17 @@ from sdp_cli.tasks import check_task, get_task, load_tokenizer
 from sdp_cli.train.checkpoint import latest_checkpoint
 
 # What `sdp train` writes into run.dir; any of the first two means a run is already there.
-RUN_FILES = ("events.jsonl", "checkpoints", "weights", "servers.json", "config.yaml", "logs")
+RUN_FILES = (
+    "events.jsonl",
+    "checkpoints",
+    "weights",
+    "servers.json",
+    "config.yaml",
+    "logs",
+    "samples.jsonl",
+    "tensorboard",
+    "wandb",
+)
 
 
 def preflight(cfg: SdpConfig) -> list[str]:

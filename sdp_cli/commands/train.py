@@ -40,12 +40,15 @@ from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
+from sdp_cli.telemetry.metrics import MetricsSink, open_writers
 from sdp_cli.telemetry.schema import RunFinishedEvent, ServerStateEvent
 from sdp_cli.train.actor import Actor, torch_device
 from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from sdp_cli.train.distributed import total_ranks
+from sdp_cli.train.evaluate import Evaluator
 from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
+from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
 from sdp_cli.train.update import InferenceServers
 
 
@@ -233,7 +236,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     dashboard = Dashboard(console=console)
     with ExitStack() as stack:
         run = prepare_inputs(cfg, stack)
-        events = open_event_log(stack, dashboard, run.run_dir)
+        events = open_event_log(stack, dashboard, run)
         events.emit(
             run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
         )
@@ -248,6 +251,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         )
         dashboard.add_snapshot(executor.snapshot)
         give_servers_trainer_weights(cfg, run, executor, client)
+        samples = open_sample_log(stack, run, executor)
         executor.resume()
         loop = TrainingLoop(
             cfg,
@@ -257,6 +261,8 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             events,
             data_positions=positions.state,
             start=run.state,
+            evaluator=evaluator(run, client, workflow.stop_token_ids),
+            samples=samples,
         )
         stack.enter_context(dashboard)
         result = loop.run()
@@ -291,11 +297,68 @@ def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state)
 
 
-def open_event_log(stack: ExitStack, dashboard: Dashboard, run_dir: Path) -> EventSink:
-    """The run log, also fed to the dashboard; closed last."""
-    events = dashboard.wrap(EventLog(run_dir / "events.jsonl"))
+def open_event_log(stack: ExitStack, dashboard: Dashboard, run: RunInputs) -> EventSink:
+    """The run log, also fed to the metric backends (log.backends) and the dashboard; closed
+    last."""
+    cfg = run.cfg
+    sink: EventSink = EventLog(run.run_dir / "events.jsonl")
+    writers = open_writers(
+        cfg.log.backends,
+        run.run_dir,
+        project=cfg.log.wandb_project,
+        mode=cfg.log.wandb_mode,
+        name=cfg.run.name,
+        config=_plain_config(cfg),
+    )
+    if writers:
+        sink = MetricsSink(sink, writers)
+    events = dashboard.wrap(sink)
     stack.callback(events.close)
     return events
+
+
+def _plain_config(cfg: SdpConfig) -> dict[str, object]:
+    import yaml
+
+    return yaml.safe_load(config_to_yaml(cfg))
+
+
+def open_sample_log(
+    stack: ExitStack, run: RunInputs, executor: RolloutExecutor
+) -> SampleLog | None:
+    """samples.jsonl: a few trained completions per step and the dropped rollouts."""
+    log = run.cfg.log
+    if log.samples_per_step == 0:
+        return None
+    stops = run.task.stop_token_ids
+    samples = SampleLog(
+        run.run_dir / SAMPLES_FILE,
+        lambda ids: decode_completion(run.tokenizer, ids, stops),
+        per_step=log.samples_per_step,
+        with_dropped=log.dropped_samples,
+    )
+    executor.watch_drops(samples.dropped)
+    stack.callback(samples.close)
+    return samples
+
+
+def evaluator(
+    run: RunInputs, client: InferenceClient, stop_token_ids: tuple[int, ...]
+) -> Evaluator | None:
+    """Held-out evaluation every eval.every steps; None when it is off."""
+    cfg = run.cfg
+    if cfg.eval.every == 0:
+        return None
+    stops = run.task.stop_token_ids
+    return Evaluator(
+        run.task,
+        client,
+        lambda ids: decode_completion(run.tokenizer, ids, stops),
+        cfg.eval,
+        cfg.rollout,
+        stop_token_ids,
+        seed=cfg.run.seed,
+    )
 
 
 def inference_client(

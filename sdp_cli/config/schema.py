@@ -10,7 +10,7 @@ table print the same declarations.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
@@ -51,6 +51,9 @@ class Rule:
     def accepts(self, value: Any) -> bool:
         if value is None:
             return True
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            # A list key: every element must be allowed.
+            return all(self.accepts(element) for element in value)
         if self.choices is not None:
             return str(value) in self.choices
         checks = (
@@ -102,6 +105,17 @@ class ProxMode(StrEnum):
 class WeightBoundMode(StrEnum):
     mask = "mask"
     clamp = "clamp"
+
+
+class LrSchedule(StrEnum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class LogBackend(StrEnum):
+    tensorboard = "tensorboard"
+    wandb = "wandb"
 
 
 class Device(StrEnum):
@@ -425,6 +439,64 @@ class TrainConfig:
     dist_timeout_s: float = setting(
         3600.0, gt=0, help="seconds a trainer rank waits in one collective"
     )
+    lr_schedule: LrSchedule = setting(
+        LrSchedule.constant,
+        help="learning rate after warm-up: constant, linear decay or cosine decay to "
+        "train.min_lr_ratio·lr at train.steps",
+    )
+    warmup_steps: int = setting(0, ge=0, help="steps of linear warm-up from 0 to train.lr")
+    min_lr_ratio: float = setting(
+        0.0, ge=0, le=1, help="linear/cosine: the final learning rate as a fraction of train.lr"
+    )
+    kl_coef: float = setting(
+        0.0,
+        ge=0,
+        help="weight of a KL penalty to the frozen initial model (k3 estimator per token); 0 "
+        "loads no reference model",
+    )
+    gradient_checkpointing: bool = setting(
+        False, help="recompute activations in the backward pass (less memory, more time)"
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation on the training servers, outside the staleness capacity."""
+
+    every: int = setting(
+        0, ge=0, help="steps between evaluations (also one before the first step); 0 disables"
+    )
+    n_prompts: int = setting(64, ge=1, help="held-out prompts per evaluation (task.eval_prompts)")
+    n_samples: int = setting(
+        1, ge=1, help="completions per prompt; pass@k is reported with k = n_samples"
+    )
+    temperature: float = setting(0.0, ge=0, help="sampling temperature; 0 is greedy")
+    max_new_tokens: int | None = setting(
+        None, ge=1, help="longest completion; null: rollout.max_new_tokens"
+    )
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go besides the event log, which is always written."""
+
+    backends: list[str] = setting(
+        factory=list,
+        choices=tuple(b.value for b in LogBackend),
+        help="metric backends: [] (events.jsonl only), [tensorboard], [wandb] or both",
+    )
+    wandb_project: str = setting("sdp", help="W&B project")
+    wandb_mode: str = setting(
+        "offline",
+        choices=("offline", "online", "disabled"),
+        help="W&B mode; offline writes run.dir/wandb and needs no network (wandb sync uploads)",
+    )
+    samples_per_step: int = setting(
+        2, ge=0, help="trained completions per step written to run.dir/samples.jsonl; 0: none"
+    )
+    dropped_samples: bool = setting(
+        True, help="also write dropped rollouts (with their reason) to samples.jsonl"
+    )
 
 
 @dataclass
@@ -505,6 +577,8 @@ class SdpConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     resume: bool = setting(False, help="continue from the newest checkpoint in run.dir")
 
 

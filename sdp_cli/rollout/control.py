@@ -9,6 +9,7 @@ change / take deterministically. The executor calls it only from its event-loop 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -29,6 +30,9 @@ from sdp_cli.telemetry.schema import (
     RolloutSubmittedEvent,
     SampleDroppedEvent,
 )
+
+# (dropped group, reason, point, version): told of every drop, on the executor loop.
+DropListener = Callable[[RolloutGroup, str, str, int], None]
 
 
 class RejectReason(StrEnum):
@@ -65,6 +69,8 @@ class StalenessControl:
         # purge itself, so the executor frees them in small chunks between other callbacks.
         self._defer_free = defer_free
         self._unreleased: list[list[Dropped]] = []
+        # Called with (group, reason, point, version) for every dropped group (samples.jsonl).
+        self.drop_listener: DropListener | None = None
 
     @property
     def version(self) -> int:
@@ -255,7 +261,10 @@ class StalenessControl:
         version = self.version
         point_text = str(point)
         emit = self.events.emit
+        listener = self.drop_listener
         for item, reason in dropped:
+            if listener is not None:
+                listener(item.group, str(reason), point_text, version)
             head, tail = item.head, item.tail
             emit(
                 SampleDroppedEvent(

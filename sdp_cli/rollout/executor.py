@@ -22,7 +22,7 @@ from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.inference.types import Gate
-from sdp_cli.rollout.control import StalenessControl
+from sdp_cli.rollout.control import DropListener, StalenessControl
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.recompute import (
     ProximalRecomputer,
@@ -219,6 +219,11 @@ class RolloutExecutor:
             raise TimeoutError(f"coroutine did not finish within {timeout} s") from None
         except concurrent.futures.CancelledError:
             raise ExecutorStopped("the executor stopped before the call finished") from None
+
+    def watch_drops(self, listener: DropListener) -> None:
+        """Call `listener(group, reason, point, version)` for every group dropped as stale, on the
+        executor loop (keep it quick)."""
+        self._control.drop_listener = listener
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, capacity terms, queue size, version, paused. Cheap; any thread."""

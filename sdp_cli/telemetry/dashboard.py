@@ -40,6 +40,7 @@ from sdp_cli.telemetry.schema import (
     CAPACITY_TERMS,
     BatchTakenEvent,
     CapacityEvent,
+    EvalEvent,
     Event,
     RolloutFinishedEvent,
     RolloutSubmittedEvent,
@@ -117,6 +118,7 @@ class _State:
     weight_update_total_s: float = 0.0
     servers: dict[int, ServerStateEvent] = field(default_factory=dict)
     last_train: TrainStepEvent | None = None
+    last_eval: EvalEvent | None = None
     rewards: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     gen_tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
@@ -146,6 +148,7 @@ class _State:
             weight_update_total_s=self.weight_update_total_s,
             servers=dict(self.servers),
             last_train=self.last_train,
+            last_eval=self.last_eval,
             rewards=deque(self.rewards),
             losses=deque(self.losses),
             gen_tokens_per_s=deque(self.gen_tokens_per_s),
@@ -406,6 +409,10 @@ def _set_version(state: _State, version: int | None) -> None:
 
 
 # Each handler takes its own event type; the table is keyed by that type.
+def _on_eval(state: _State, event: EvalEvent, ts: float | None) -> None:
+    state.last_eval = event
+
+
 _HANDLERS: dict[type[Event], Callable[[_State, Any, float | None], None]] = {
     RunStartedEvent: _on_run_started,
     RunFinishedEvent: _on_run_finished,
@@ -417,6 +424,7 @@ _HANDLERS: dict[type[Event], Callable[[_State, Any, float | None], None]] = {
     WeightUpdateEvent: _on_weight_update,
     ServerStateEvent: _on_server_state,
     TrainStepEvent: _on_train_step,
+    EvalEvent: _on_eval,
 }
 
 
@@ -593,10 +601,20 @@ def _training_panel(state: _State) -> Panel:
         f"{format_number(last and last.masked_frac)}\n"
         f"last step: waited {format_duration(last and last.wait_s)} · trained "
         f"{format_duration(last and last.step_s)} · weight update "
-        f"{format_duration(last and last.update_s)}",
+        f"{format_duration(last and last.update_s)}"
+        f"{_eval_line(state.last_eval)}",
         style="dim",
     )
     return Panel(Group(table, details), title="training", title_align="left")
+
+
+def _eval_line(last: EvalEvent | None) -> str:
+    if last is None:
+        return ""
+    return (
+        f"\neval at step {last.step} (v{last.version}): accuracy {last.accuracy:.3f} · "
+        f"pass@{last.k} {last.pass_at_k:.3f} · {last.n_prompts} prompts"
+    )
 
 
 def _weight_update_panel(state: _State) -> Panel:

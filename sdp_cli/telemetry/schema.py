@@ -259,6 +259,12 @@ class TrainStepEvent(Event):
     behav_weight_max: float | None = None
     masked_frac: float | None = None
     grad_norm: float | None = None
+    # Mean token entropy of the current policy, and a KL estimate behaviour -> current (k3).
+    entropy: float | None = None
+    kl: float | None = None
+    # Learning rate of the step; KL to the reference model when train.kl_coef > 0.
+    lr: float | None = None
+    ref_kl: float | None = None
     # The loss or gradient norm was not finite: the weights were left as they were.
     skipped: bool = False
     # Steps skipped so far in this run.
@@ -277,6 +283,26 @@ class TrainStepEvent(Event):
     update_s: float = 0.0
     samples_per_s: float | None = None
     gen_tokens_per_s: float | None = None
+
+
+@event_type
+@dataclass(frozen=True, kw_only=True)
+class EvalEvent(Event):
+    """Held-out evaluation of the weights the servers hold (`eval.every`)."""
+
+    type: ClassVar[str] = "eval"
+    # Training steps completed when it ran (0: before the first step).
+    step: int
+    version: int
+    # Fraction of completions whose reward is 1 (fully correct).
+    accuracy: float
+    # Fraction of prompts with at least one fully correct completion among k = n_samples.
+    pass_at_k: float
+    k: int
+    mean_reward: float
+    n_prompts: int
+    temperature: float
+    seconds: float
 
 
 @event_type

@@ -30,6 +30,8 @@ from sdp_cli.train.batch import (
 )
 from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
 from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
+from sdp_cli.train.schedule import lr_at
+from sdp_cli.train.token_stats import k3, masked_mean, token_entropy
 from sdp_cli.train.weights import export_weights
 
 
@@ -96,15 +98,27 @@ class Actor:
             self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
         )
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        if train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        # The frozen initial model of the KL penalty; none is loaded when train.kl_coef = 0.
+        self.reference = load_model(self.model_dir, self.device) if train.kl_coef > 0 else None
+        if self.reference is not None:
+            self.reference.requires_grad_(False)
+        self.step_extras: dict[str, float] = {}
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
-        """log π of every output column of `batch` ([rows, L], padding included), with grad.
+        """log π of every output column of `batch` ([rows, L], padding included), with grad."""
+        return token_logprobs(self.output_logits(batch), batch.output_ids)
 
-        Logits are only made for the output columns, and logprobs are logit − logsumexp, which
-        never materialises a full log_softmax over the vocabulary."""
+    def output_logits(self, batch: TrainBatch, model: PreTrainedModel | None = None) -> Tensor:
+        """Logits predicting every output column of `batch` ([rows, L, V], float32), divided
+        by the sampling temperature.
+
+        Logits are only made for the output columns; `token_logprobs` takes logit − logsumexp,
+        which never materialises a full log_softmax over the vocabulary."""
         n_out = batch.n_output_cols
         extra = {"logits_to_keep": n_out + 1} if self._keeps_logits else {}
-        logits = self.model(
+        logits = (model or self.model)(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
@@ -113,10 +127,16 @@ class Actor:
         ).logits
         # The logits at column j predict the token at column j + 1.
         logits = logits[:, -(n_out + 1) : -1, :].float()
+        # Every logprob is of the distribution tokens were sampled from: softmax(z / T).
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        targets = batch.output_ids.unsqueeze(-1)
-        return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return logits
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TrainBatch) -> Tensor | None:
+        if self.reference is None:
+            return None
+        return token_logprobs(self.output_logits(batch, self.reference), batch.output_ids)
 
     @torch.no_grad()
     def score(
@@ -162,7 +182,9 @@ class Actor:
         batches = self._micro_batches(groups)
         normalizer = sum(b.n_tokens for b in batches)
         stats, grad_norm, finite = self._optimizer_step(batches, normalizer, version)
-        return step_summary(groups, stats, grad_norm, finite, len(batches), started)
+        return step_summary(
+            groups, stats, grad_norm, finite, len(batches), started, self.step_extras
+        )
 
     def _optimizer_step(
         self, batches: list[TrainBatch], normalizer: int, version: int
@@ -173,8 +195,12 @@ class Actor:
         recomputed = self._recomputed_proximal(batches)
         self.optimizer.zero_grad(set_to_none=True)
         stats = LossStats()
+        extra = _ExtraStats()
         for batch, prox_pass in zip(batches, recomputed, strict=True):
-            logprobs = self.logprobs(batch)
+            logits = self.output_logits(batch)
+            logprobs = token_logprobs(logits, batch.output_ids)
+            extra.add(batch, logits, logprobs)
+            del logits
             prox = select_proximal(
                 self.prox_mode,
                 logprobs=logprobs,
@@ -195,9 +221,13 @@ class Actor:
                 self.loss_settings,
                 normalizer=normalizer,
             )
+            loss = loss + self.reference_penalty(batch, logprobs, normalizer, extra)
             loss.backward()
             stats = stats.merge(batch_stats)
         grad_norm = self._clip_gradients() if normalizer > 0 else 0.0
+        lr = lr_at(version, self.train_config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         summary = stats.summary()
         # One overflow would otherwise put NaN into every weight through AdamW: skip the step
         # and leave the caller to decide when too many in a row means the run is broken.
@@ -208,6 +238,8 @@ class Actor:
             self.optimizer.zero_grad(set_to_none=True)
         elif normalizer > 0:
             self.optimizer.step()
+        # Rank-local: the schedule's rate, entropy and KL of this rank's tokens.
+        self.step_extras = {"lr": lr, **extra.summary()}
         return stats, grad_norm, finite
 
     def _finite_everywhere(self, finite: bool) -> bool:
@@ -220,6 +252,19 @@ class Actor:
 
     def load_tensors(self, path: Path) -> None:
         read_model_tensors(path, self.model, self.optimizer)
+
+    def reference_penalty(
+        self, batch: TrainBatch, logprobs: Tensor, normalizer: int, extra: _ExtraStats
+    ) -> Tensor:
+        """train.kl_coef × the k3 estimate of KL(current ‖ reference), summed over the batch's
+        output tokens and normalised like the policy loss; 0 without a reference model."""
+        reference = self.reference_logprobs(batch)
+        if reference is None:
+            return logprobs.new_zeros(())
+        mask = batch.loss_mask.bool()
+        per_token = torch.where(mask, k3(logprobs, reference), torch.zeros_like(logprobs))
+        extra.ref_kl_sum += float(per_token.detach().sum().item())
+        return self.train_config.kl_coef * per_token.sum() / max(normalizer, 1)
 
     def export_weights(self, weights_dir: Path, version: int) -> Path:
         """Write `weights_dir/v{version}/` for the servers; keeps the newest train.keep_weights."""
@@ -235,6 +280,7 @@ def step_summary(
     finite: bool,
     n_micro_batches: int,
     started: float,
+    extras: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The numbers `train_step` returns, from the merged statistics of its micro-batches."""
     rewards = [r for g in groups for r in g.rewards]
@@ -243,8 +289,56 @@ def step_summary(
         "skipped": 0.0 if finite else 1.0,
         **{f"tokens_lag_{lag}": float(n) for lag, n in stats.tokens_by_lag.items()},
         "grad_norm": grad_norm,
+        **(extras or {}),
         "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
         "n_samples": float(len(rewards)),
         "n_micro_batches": float(n_micro_batches),
         "step_time_s": time.perf_counter() - started,
     }
+
+
+def token_logprobs(logits: Tensor, output_ids: Tensor) -> Tensor:
+    """log softmax(logits) at each output token, as logit − logsumexp ([rows, L])."""
+    return logits.gather(-1, output_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Hugging Face recomputes activations only in training mode; the actor stays in eval mode
+    so that its logprobs match the servers', which is only equivalent when no dropout is active."""
+    active = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if active:
+        raise ConfigError(
+            "train.gradient_checkpointing",
+            f"the model has {len(active)} active dropout layers, so training mode would change "
+            "its logprobs",
+            "set train.gradient_checkpointing=false",
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+class _ExtraStats:
+    """Entropy of the current policy and the KL estimate behaviour → current over the valid
+    tokens of a step's micro-batches, and the reference KL when it is computed."""
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+        self.entropy_sum = 0.0
+        self.kl_sum = 0.0
+        self.ref_kl_sum = 0.0
+
+    @torch.no_grad()
+    def add(self, batch: TrainBatch, logits: Tensor, logprobs: Tensor) -> None:
+        mask = batch.loss_mask.bool()
+        count = int(mask.sum().item())
+        self.n_tokens += count
+        self.entropy_sum += masked_mean(token_entropy(logits), mask) * count
+        self.kl_sum += masked_mean(k3(batch.behav_logprobs, logprobs.detach()), mask) * count
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n_tokens, 1)
+        return {
+            "entropy": self.entropy_sum / n,
+            "kl": self.kl_sum / n,
+            "ref_kl": self.ref_kl_sum / n,
+        }

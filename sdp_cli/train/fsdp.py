@@ -145,7 +145,8 @@ class ShardedActor(Actor):
         merged = LossStats()
         for part in gathered:
             merged = merged.merge(part)
-        return step_summary(groups, merged, grad_norm, finite, n_micro, started)
+        # Entropy and KL are rank 0's share of the batch; the loss statistics are all ranks'.
+        return step_summary(groups, merged, grad_norm, finite, n_micro, started, self.step_extras)
 
     def export_weights(self, weights_dir: Path, version: int) -> Path:
         # The training loop exports from a worker thread, and the current CUDA device is

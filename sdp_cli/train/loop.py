@@ -20,9 +20,11 @@ from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import CheckpointEvent, TrainStepEvent
+from sdp_cli.telemetry.schema import CheckpointEvent, EvalEvent, TrainStepEvent
 from sdp_cli.train.actor import Actor
 from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
+from sdp_cli.train.evaluate import Evaluator
+from sdp_cli.train.samples import SampleLog
 from sdp_cli.train.update import UpdateServers, WeightUpdate
 
 # Which data positions are trained so far (for checkpoints).
@@ -55,6 +57,8 @@ class TrainingLoop:
         events: EventSink,
         data_positions: DataPositionState,
         start: TrainState,
+        evaluator: Evaluator | None = None,
+        samples: SampleLog | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
@@ -72,14 +76,19 @@ class TrainingLoop:
         self.data_positions = data_positions
         self.step = start.step
         self.version = start.version
+        self.evaluator = evaluator
+        self.samples = samples
         self.rewards: list[float] = []
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
 
     def run(self) -> LoopResult:
         started = time.monotonic()
+        # A baseline before the first step (or where a resumed run left off).
+        self.evaluate_if_due()
         while self.step < self.cfg.train.steps:
             self.run_step()
+            self.evaluate_if_due()
         return LoopResult(self.step, self.version, self.rewards, time.monotonic() - started)
 
     def run_step(self) -> None:
@@ -91,6 +100,8 @@ class TrainingLoop:
         )
         wait_s = time.monotonic() - wait_started
         stats = self.actor.train_step(groups, self.version)
+        if self.samples is not None:
+            self.samples.trained(index, self.version, groups)
         self.count_skipped(stats)
         trained_version = self.version
         phases = self.update_weights(self.version + 1)
@@ -101,6 +112,26 @@ class TrainingLoop:
         self.stop_if_not_finite()
         if checkpoint_due(self.step, self.cfg.train.checkpoint_every):
             self.save_checkpoint()
+
+    def evaluate_if_due(self) -> None:
+        """Evaluate the weights the servers hold now, between two weight updates, so every
+        evaluation completion comes from the one version reported."""
+        if self.evaluator is None or not self.evaluator.due(self.step):
+            return
+        result = self.executor.run_sync(self.evaluator.run())
+        self.events.emit(
+            EvalEvent(
+                step=self.step,
+                version=self.version,
+                accuracy=result.accuracy,
+                pass_at_k=result.pass_at_k,
+                k=result.k,
+                mean_reward=result.mean_reward,
+                n_prompts=result.n_prompts,
+                temperature=self.evaluator.settings.temperature,
+                seconds=result.seconds,
+            )
+        )
 
     def count_skipped(self, stats: dict[str, float]) -> None:
         if stats.get("skipped"):
@@ -153,6 +184,10 @@ class TrainingLoop:
                 behav_weight_max=stats.get("behav_weight_max"),
                 masked_frac=stats.get("masked_frac"),
                 grad_norm=stats.get("grad_norm"),
+                entropy=stats.get("entropy"),
+                kl=stats.get("kl"),
+                lr=stats.get("lr"),
+                ref_kl=stats.get("ref_kl") if self.cfg.train.kl_coef > 0 else None,
                 # The loss or gradient norm was not finite: the weights were left as they were.
                 skipped=bool(stats.get("skipped")),
                 skipped_steps=self.skipped_steps,
