@@ -122,6 +122,26 @@ def cmd_inspect_staleness(
     inspect_staleness(run_dir, follow=follow, as_json=as_json, plot=plot)
 
 
+@app.command("samples")
+@user_errors
+def cmd_samples(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory holding samples.jsonl (or the file itself).")
+    ],
+    last: Annotated[int, typer.Option("--last", "-n", help="Show the last N records.")] = 10,
+    dropped: Annotated[
+        bool, typer.Option("--dropped", help="Only rollouts dropped as stale.")
+    ] = False,
+    trained: Annotated[bool, typer.Option("--trained", help="Only trained completions.")] = False,
+    step: Annotated[int | None, typer.Option("--step", help="Only this training step.")] = None,
+) -> None:
+    """Show trained and dropped completions of a run (prompt, text, reward, token versions)."""
+    from sdp_cli.commands.samples import show_samples
+
+    kind = "dropped" if dropped else "trained" if trained else None
+    show_samples(run_dir, last=last, kind=kind, step=step)
+
+
 @app.command("simulate")
 @user_errors
 def cmd_simulate(

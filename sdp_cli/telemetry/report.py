@@ -180,6 +180,8 @@ def render_summary(
     update_line = _weight_update_line(summary)
     if update_line is not None:
         parts.append(update_line)
+    if summary.evals:
+        parts.append(_eval_accuracy_line(summary))
     parts.extend(_advice_panels(summary))
     if summary.skipped_lines:
         parts.append(
@@ -190,6 +192,16 @@ def render_summary(
             )
         )
     return Group(*parts)
+
+
+def _eval_accuracy_line(summary: StalenessSummary) -> RenderableType:
+    """Held-out accuracy at each evaluation, oldest first."""
+    points = " → ".join(f"{row['accuracy']:.3f} (step {row['step']})" for row in summary.evals[-8:])
+    last = summary.evals[-1]
+    return Text(
+        f"eval accuracy ({last['n_prompts']} held-out prompts): {points}; "
+        f"last pass@{last['k']} {last['pass_at_k']:.3f}"
+    )
 
 
 def _report_header(summary: StalenessSummary, source: str) -> RenderableType:

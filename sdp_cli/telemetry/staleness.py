@@ -25,6 +25,7 @@ from sdp_cli.telemetry.schema import (
     EXECUTOR_COUNTERS,
     BatchTakenEvent,
     CapacityEvent,
+    EvalEvent,
     Event,
     RolloutFinishedEvent,
     RolloutSubmittedEvent,
@@ -162,6 +163,8 @@ class StalenessSummary:
     events: int
     known_events: int
     skipped_lines: int = 0
+    # Held-out evaluations in order: step, version, accuracy, pass_at_k, k, mean_reward.
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def dropped_total(self) -> int:
@@ -211,6 +214,7 @@ class StalenessSummary:
             "events": self.events,
             "known_events": self.known_events,
             "skipped_lines": self.skipped_lines,
+            "evals": [dict(row) for row in self.evals],
         }
 
 
@@ -268,6 +272,7 @@ class StalenessAccumulator:
         self._last_ts: float | None = None
         self._events = 0
         self._known = 0
+        self._evals: list[dict[str, Any]] = []
 
     def add_all(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -347,6 +352,19 @@ class StalenessAccumulator:
         self._phases.update(event.phases)
         self._update_s += event.total_s
 
+    def _on_eval(self, event: EvalEvent) -> None:
+        self._evals.append(
+            {
+                "step": event.step,
+                "version": event.version,
+                "accuracy": event.accuracy,
+                "pass_at_k": event.pass_at_k,
+                "k": event.k,
+                "mean_reward": event.mean_reward,
+                "n_prompts": event.n_prompts,
+            }
+        )
+
     def _on_train_step(self, event: TrainStepEvent) -> None:
         self._train_steps += 1
         self._train_s += event.step_s
@@ -407,6 +425,7 @@ class StalenessAccumulator:
             events=self._events + unknown_events,
             known_events=self._known,
             skipped_lines=skipped_lines,
+            evals=list(self._evals),
         )
         return _with_advice(partial)
 
@@ -608,4 +627,5 @@ _HANDLERS: dict[type[Event], Callable[[StalenessAccumulator, Any], None]] = {
     CapacityEvent: StalenessAccumulator._on_capacity,
     WeightUpdateEvent: StalenessAccumulator._on_weight_update,
     TrainStepEvent: StalenessAccumulator._on_train_step,
+    EvalEvent: StalenessAccumulator._on_eval,
 }
