@@ -23,6 +23,7 @@ from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.schema import (
     BatchTakenEvent,
+    EvalEvent,
     Event,
     RunStartedEvent,
     ServerStateEvent,
@@ -30,6 +31,7 @@ from sdp_cli.telemetry.schema import (
     WeightUpdateEvent,
     parse_event,
 )
+from sdp_cli.train.samples import read_samples
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()
@@ -76,7 +78,14 @@ def train(run_dir: Path, *overrides: str) -> None:
 
 def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: Path) -> None:
     run_dir = tmp_path / "eta1"
-    train(run_dir, "train.steps=5", "rollout.max_staleness=1")
+    train(
+        run_dir,
+        "train.steps=5",
+        "rollout.max_staleness=1",
+        "eval.every=5",
+        "eval.n_prompts=4",
+        "log.backends=[tensorboard]",
+    )
     assert "max_staleness: 1" in (run_dir / "config.yaml").read_text()
     placed = OmegaConf.load(run_dir / "config.yaml")
     split = split_cpu_cores(sorted(os.sched_getaffinity(0)))
@@ -112,6 +121,14 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
         )
     assert "step 4 at v4" in shown
     assert (run_dir / "weights" / "v5" / "model.safetensors").is_file()
+    # Held-out evaluation before the first step and after the last, on the servers' version.
+    evals = events_of(run_dir, EvalEvent)
+    assert [(e.step, e.version, e.n_prompts) for e in evals] == [(0, 0, 4), (5, 5, 4)]
+    assert all(0.0 <= e.accuracy <= e.pass_at_k <= 1.0 for e in evals)
+    trained = [r for r in read_samples(run_dir / "samples.jsonl") if r["kind"] == "trained"]
+    assert [r["step"] for r in trained] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert all(r["head_lag"] <= 1 and r["version_spans"] for r in trained)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     inspected = runner.invoke(app, ["inspect-staleness", str(run_dir), "--json"])
     assert inspected.exit_code == 0, inspected.output
