@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from sdp_cli.cli import app
 from sdp_cli.inference import client as client_module
 from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import TrainStepEvent
+from sdp_cli.telemetry.schema import EvalEvent, TrainStepEvent
+from sdp_cli.train.samples import read_samples
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()
@@ -56,13 +57,28 @@ def test_smollm2_trains_on_chain_sum_through_its_chat_template(
     monkeypatch.setattr(client_module, "generate_body", recording_generate_body)
     run_dir = tmp_path / "run"
     tiny_batch = ["rollout.batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=8"]
-    trained = runner.invoke(
-        app, ["train", f"conf={EXAMPLE}", "train.steps=2", f"run.dir={run_dir}", *tiny_batch]
-    )
+    # The command: two steps, an evaluation after each, TensorBoard curves.
+    command = [
+        "train",
+        f"conf={EXAMPLE}",
+        "train.steps=2",
+        "eval.every=1",
+        "eval.n_prompts=8",
+        "log.backends=[tensorboard]",
+        f"run.dir={run_dir}",
+    ]
+    trained = runner.invoke(app, [*command, *tiny_batch])
     assert trained.exit_code == 0, trained.output
 
-    steps = [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, TrainStepEvent)]
+    events = list(read_events(run_dir / "events.jsonl"))
+    steps = [e for e in events if isinstance(e, TrainStepEvent)]
     assert [s.step for s in steps] == [0, 1]
+    evals = [e for e in events if isinstance(e, EvalEvent)]
+    assert [(e.step, e.n_prompts) for e in evals] == [(0, 8), (1, 8), (2, 8)]
+    samples = list(read_samples(run_dir / "samples.jsonl"))
+    assert [r["step"] for r in samples if r["kind"] == "trained"] == [0, 0, 1, 1]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    print("eval accuracy", [e.accuracy for e in evals])
     assert sent, "no generate request reached the server"
     for token_ids, sampling in sent:
         # The chat template's turns, system prompt included, and the assistant cue the model

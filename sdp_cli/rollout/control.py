@@ -256,15 +256,16 @@ class StalenessControl:
 
     def _emit_drops(self, dropped: list[Dropped], point: DropPoint) -> None:
         # One event per drop; the loop is kept lean because a purge may drop thousands.
-        if not self._keeps_events:
-            return
         version = self.version
         point_text = str(point)
-        emit = self.events.emit
         listener = self.drop_listener
-        for item, reason in dropped:
-            if listener is not None:
+        if listener is not None:
+            for item, reason in dropped:
                 listener(item.group, str(reason), point_text, version)
+        if not self._keeps_events:
+            return
+        emit = self.events.emit
+        for item, reason in dropped:
             head, tail = item.head, item.tail
             emit(
                 SampleDroppedEvent(

@@ -91,7 +91,7 @@ class WandbWriter:
             config=config,
             reinit="finish_previous",
             # Its console output would scribble over the dashboard.
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=wandb.Settings(silent=True, console="off", init_timeout=300),
         )
         self.run.define_metric("trainer_step")
         self.run.define_metric("*", step_metric="trainer_step")
