@@ -3,6 +3,7 @@ field names, read back through each backend's own reader."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,12 @@ def test_wandb_offline_run_is_written_without_network(tmp_path: Path) -> None:
 
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = next(runs[0].glob("run-*.wandb")).read_bytes()
-    # The offline file (what `wandb sync` uploads) holds the history under those names.
-    for key in (b"train/reward", b"train/kl", b"eval/pass@4", b"trainer_step"):
-        assert key in data
+    run_file = next(runs[0].glob("run-*.wandb"))
+    # The offline file (what `wandb sync` uploads) holds the history under those names; W&B's
+    # service process may still be flushing it when finish() returns.
+    keys = (b"train/reward", b"train/kl", b"eval/pass@4", b"trainer_step")
+    deadline = time.monotonic() + 60
+    while not all(key in run_file.read_bytes() for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    data = run_file.read_bytes()
+    assert [key for key in keys if key not in data] == []
