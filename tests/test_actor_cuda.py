@@ -1,4 +1,4 @@
-"""The actor with `train.device=cuda` (DESIGN §4: the trainer runs on CPU or CUDA).
+"""The actor with `train.device=cuda` (the trainer runs on CPU or CUDA).
 
 Marked `cuda`: where torch sees no GPU, conftest deselects them (reported as deselected);
 on a machine with one they run with the rest of the suite.

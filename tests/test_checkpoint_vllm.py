@@ -83,7 +83,8 @@ def test_vllm_loads_exported_weights(tiny_model_dir: Path, tmp_path: Path) -> No
 
         train_once(actor, 1)
         second = actor.export_weights(weights_dir, 2)
-        # DESIGN §5: pause with a cleared cache (no KV from old weights), reload, resume.
+        # docs/design.md, Weight-update protocol: pause with a cleared cache (no KV from old
+        # weights), reload, resume.
         steps = [
             ("pause?mode=abort&clear_cache=true", None),
             (

@@ -1,4 +1,5 @@
-"""The decoupled PPO loss against a per-token Python reference (DESIGN §4), and GRPO advantages."""
+"""The decoupled PPO loss against a per-token Python reference (docs/design.md, The loss),
+and GRPO advantages."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def random_case(seed: int, rows: int = 6, cols: int = 9) -> Case:
 
 
 def reference_loss(case: Case, prox: torch.Tensor, s: LossSettings) -> tuple[float, dict]:
-    """DESIGN §4 one token at a time, in Python floats."""
+    """The loss of docs/design.md one token at a time, in Python floats."""
     numerator, n_valid, n_kept, n_clipped = 0.0, 0, 0, 0
     weights, ratios, lags = [], [], {}
     rows, cols = case.mask.shape

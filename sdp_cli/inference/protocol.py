@@ -1,4 +1,5 @@
-"""The vLLM 0.32 HTTP protocol sdp speaks (DESIGN §5): request bodies and answer parsing.
+"""The vLLM 0.32 HTTP protocol sdp speaks: request bodies and answer parsing
+(docs/design.md, Weight-update protocol).
 
 Kept free of I/O so the parsing rules are unit-testable against recorded answers.
 """

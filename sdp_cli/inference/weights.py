@@ -1,4 +1,5 @@
-"""The weight-update protocol on one server (DESIGN §5): pause → reload → version → resume.
+"""The weight-update protocol on one server: pause → reload → version → resume
+(docs/design.md, Weight-update protocol).
 
 vLLM's `reload_weights(weights_path=DIR)` points the model loader at DIR and reads every
 `*.safetensors` file there (config.json is read too when present). A failed reload leaves the

@@ -1,4 +1,4 @@
-"""The vLLM server command line and environment for one server (DESIGN §5–6)."""
+"""The vLLM server command line and environment for one server (docs/design.md, Servers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The admission formula of DESIGN §3, with every term exposed for the dashboard.
+"""The admission formula, with every term exposed for the dashboard (docs/design.md, Admission
+and capacity).
 
 capacity(v) = min(max_concurrent − running, (η + v + 1)·B − (accepted_live + running))
 """

@@ -1,4 +1,4 @@
-"""Proximal recompute for `prox_mode=segment` (DESIGN §3).
+"""Proximal recompute for `prox_mode=segment` (docs/design.md, Proximal recompute).
 
 Right before the servers move from v to v+1, while they still hold v, every buffered sample with
 tokens of version v−1 gets those tokens' logprobs recomputed under v and stored as p_t. Tokens

@@ -1,4 +1,5 @@
-"""The staleness manager: admission capacity (DESIGN §3) and the counters that conserve rollouts.
+"""The staleness manager: admission capacity and the counters that conserve rollouts
+(docs/design.md, Admission and capacity).
 
 Every rollout id moves through exactly one path:
 
@@ -199,7 +200,8 @@ class StalenessManager:
 
 
 def conservation_holds(snapshot: dict[str, Any]) -> bool:
-    """submitted = running + accepted_live + rejected + dropped (DESIGN §3)."""
+    """submitted = running + accepted_live + rejected + dropped (docs/design.md, Admission
+        and capacity)."""
     return snapshot["submitted"] == (
         snapshot["running"]
         + snapshot["accepted_live"]

@@ -1,4 +1,5 @@
-"""Staleness strategies (DESIGN §3): which finished rollouts may still be trained on.
+"""Staleness strategies: which finished rollouts may still be trained on (docs/design.md,
+Strategies).
 
 `standard` admits by capacity only and never drops. `segment_wise` drops a group when
 

@@ -1,7 +1,7 @@
 """The sample types that flow from the workflow through the executor to the trainer.
 
 A `Trajectory` is one completion; a `RolloutGroup` is the `n_samples` completions of one prompt.
-Capacity, acceptance and staleness are decided per group (DESIGN §2).
+Capacity, acceptance and staleness are decided per group (docs/design.md, Words).
 """
 
 from __future__ import annotations

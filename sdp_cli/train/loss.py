@@ -1,4 +1,5 @@
-"""The decoupled PPO loss of DESIGN §4, on padded per-token tensors of shape [batch, T].
+"""The decoupled PPO loss (docs/design.md, The loss), on padded per-token tensors of shape
+[batch, T].
 
 Per output token: r = exp(π − p), pg = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) (optionally
 dual-clipped for A < 0), behaviour weight w = exp(p − μ) without gradient, and
