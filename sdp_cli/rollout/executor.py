@@ -1,5 +1,6 @@
 """The rollout executor (docs/design.md, Executor): an asyncio loop in its own thread that
-submits rollouts while capacity allows, applies the staleness strategy and serves batches to the trainer.
+submits rollouts while capacity allows, applies the staleness strategy and serves batches to
+the trainer.
 
 The trainer's thread uses the blocking methods (`take`, `pause`, `set_version`, ...); each one
 runs its `*_async` twin on the executor loop and waits for it, so all state is touched by one

@@ -201,7 +201,7 @@ class StalenessManager:
 
 def conservation_holds(snapshot: dict[str, Any]) -> bool:
     """submitted = running + accepted_live + rejected + dropped (docs/design.md, Admission
-        and capacity)."""
+    and capacity)."""
     return snapshot["submitted"] == (
         snapshot["running"]
         + snapshot["accepted_live"]
