@@ -204,7 +204,9 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
 ) -> None:
     first, second = write_tiny_weights(1), write_tiny_weights(2)
     recorder = RecordingTransport()
-    prompts = [[1, 5 + i, 6, 7] for i in range(6)]
+    # Enough completions that some are still generating after the sleep below on an idle
+    # machine too (the tiny model decodes 240 tokens of a handful of requests in about 0.5 s).
+    prompts = [[1, 5 + i, 6, 7] for i in range(48)]
     length = 240
 
     async def go() -> tuple[int, list[Completion], list[list[float]], list[list[float]]]:
