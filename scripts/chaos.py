@@ -23,7 +23,6 @@ was SIGKILLed). Every vLLM start goes through the caller's lock: run it under
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -38,10 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE, POINTS
-from sdp_cli.launcher.process import group_alive
+from sdp_cli.launcher.process import group_alive, processes_of, still_running
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.positions import audit_positions
 from sdp_cli.telemetry.schema import Event
@@ -120,43 +117,17 @@ def run(args: list[str], log: Path) -> int:
         ).returncode
 
 
-def owned_processes(owner: int, registry_path: Path) -> list[psutil.Process]:
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        found.update({p.pid: p for p in psutil.Process(owner).children(recursive=True)})
-    groups = {s["pgid"] for s in registry(registry_path) if s.get("pgid")}
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) in groups:
-                found[proc.pid] = proc
-        except (OSError, psutil.Error):
-            continue
-    found.pop(owner, None)
-    return list(found.values())
-
-
-def still_alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
-
-
 def sigkill_owner(proc: Any, registry_path: Path) -> int:
     """SIGKILL an owner; returns how many of its processes are alive 10 s later (then kills
     them, so one failure does not spoil the next scenario)."""
-    owned = owned_processes(proc.pid, registry_path)
     groups = {s["pgid"] for s in registry(registry_path) if s.get("pgid")}
+    owned = processes_of(proc.pid, groups)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while still_alive(owned) and time.monotonic() < deadline:
+    while still_running(owned) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = still_alive(owned)
+    left = still_running(owned)
     for orphan in left:
         orphan.kill()
     for group in groups:

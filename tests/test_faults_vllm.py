@@ -21,12 +21,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from sdp_cli.common.atomic import is_leftover
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
-from sdp_cli.launcher.process import group_alive
+from sdp_cli.launcher.process import group_alive, processes_of, still_running
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.positions import audit_positions
 from sdp_cli.telemetry.schema import Event
@@ -77,48 +76,20 @@ def sdp(command: str, *args: str, log: Path, env: dict[str, str] | None = None) 
         )
 
 
-def processes_of(owner: int, registry_path: Path) -> list[psutil.Process]:
-    """Everything the owner started: its descendants and every member of its servers' groups."""
-    found: dict[int, psutil.Process] = {}
-    try:
-        for child in psutil.Process(owner).children(recursive=True):
-            found[child.pid] = child
-    except psutil.NoSuchProcess:
-        pass
-    groups = {s["pgid"] for s in registry(registry_path) if s.get("pgid")}
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) in groups:
-                found[proc.pid] = proc
-        except (OSError, psutil.Error):
-            continue
-    found.pop(owner, None)
-    return list(found.values())
-
-
-def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    living = []
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                living.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return living
-
-
 def sigkill_and_check_nothing_is_left(proc: subprocess.Popen, registry_path: Path) -> float:
     """SIGKILL `proc`; every process it started must be gone within 10 s. Returns the seconds
     it took."""
-    owned = processes_of(proc.pid, registry_path)
     groups = {s["pgid"] for s in registry(registry_path) if s.get("pgid")}
+    owned = processes_of(proc.pid, groups)
     proc.kill()
     proc.wait(timeout=10)
     killed_at = time.monotonic()
     deadline = killed_at + 10
-    while (alive(owned) or any(group_alive(g) for g in groups)) and time.monotonic() < deadline:
+    while (
+        still_running(owned) or any(group_alive(g) for g in groups)
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [" ".join(p.cmdline())[:80] for p in alive(owned)]
+    left = [" ".join(p.cmdline())[:80] for p in still_running(owned)]
     assert not left, f"processes outlived their SIGKILLed owner by 10 s: {left}"
     assert not any(group_alive(g) for g in groups)
     return time.monotonic() - killed_at

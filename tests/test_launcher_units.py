@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,3 +232,21 @@ def test_server_load_is_running_plus_waiting_requests() -> None:
         'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 2.0\n'
     )
     assert requests_on_server(text) == 5
+
+
+def test_processes_of_a_run_finds_its_server_groups_and_notices_when_they_end() -> None:
+    import psutil
+
+    from sdp_cli.launcher.process import processes_of, still_running
+
+    server = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        found = processes_of(os.getpid(), [server.pid])
+        assert server.pid in {p.pid for p in found}
+        assert os.getpid() not in {p.pid for p in found}
+        assert server.pid in {p.pid for p in still_running(found)}
+    finally:
+        server.kill()
+        server.wait()
+    assert still_running([psutil.Process(os.getpid())]) != []
+    assert server.pid not in {p.pid for p in still_running(found)}

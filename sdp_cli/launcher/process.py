@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -86,6 +86,31 @@ def _is_running(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def processes_of(owner: int, pgids: Iterable[int]) -> list[psutil.Process]:
+    """Every process a run's owner started, the owner itself excluded: its descendants and every
+    member of its servers' process groups (`pgids`, from the registry), which a SIGKILLed owner
+    no longer parents. The crash tests and scripts/chaos.py look for orphans with it."""
+    found: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        found.update({p.pid: p for p in psutil.Process(owner).children(recursive=True)})
+    groups = set(pgids)
+    for proc in psutil.process_iter():
+        if _pgid(proc) in groups:
+            found[proc.pid] = proc
+    found.pop(owner, None)
+    return list(found.values())
+
+
+def still_running(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` that still run (not exited, not a zombie, pid not reused)."""
+    living = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and _is_running(proc):
+                living.append(proc)
+    return living
 
 
 # Runs a command so that its process group dies with this process (see the file).
