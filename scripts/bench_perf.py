@@ -2,10 +2,11 @@
 
 Measures, on the same model, tokens and torch threads:
 
-- `trainer_vs_hf`: tokens/s of the actor's train step (`Actor.train_step`: forward with logits
-  for the output columns only, logprob = logit − logsumexp, decoupled PPO loss, backward, AdamW
-  step) over tokens/s of a plain Hugging Face step (`model(input_ids, labels=...)`: the full
-  logits and the model's own cross-entropy, backward, AdamW step) on the same micro-batches.
+- `trainer_vs_hf`: tokens/s of the actor's train step (`Actor.train_step`: the decoder forward,
+  the LM head on the output positions a chunk at a time (`sdp_cli/train/chunked_logprobs.py`),
+  decoupled PPO loss, backward, AdamW step) over tokens/s of a plain Hugging Face step
+  (`model(input_ids, labels=...)`: the full logits and the model's own cross-entropy,
+  backward, AdamW step) on the same micro-batches.
   The two alternate for `--rounds` rounds after one warm-up each; the figure is the ratio of the
   medians. `train.prox_mode=segment`, so the actor makes no extra proximal forward pass.
 - `peak_memory_vs_full`: the peak resident memory that one actor train step adds, over the same
@@ -14,13 +15,32 @@ Measures, on the same model, tokens and torch threads:
   peak-RSS mark (`/proc/self/clear_refs`, 5) after loading the model and building the batch,
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
-  memory (activations, logits, gradients), as the OS sees it.
+  memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
+  every output logit at once (`train.logit_chunk_tokens=0`), and each figure less the gradients
+  (the same bytes in every variant): `peak_memory_above_grads_vs_full`.
 
-`update_share`, `async_over_sync` and `simulate_error` need real vLLM runs of SmolLM2 and are not
-measured by this version of the script: they print null with the reason.
+Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
+`conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
+`tiny`), attached to two vLLM fleets started here: `os` (servers on every core) and `split`
+(servers and trainer on their own cores, what `sdp train` does at η ≥ 1). Each figure is the
+median over `--run-rounds` alternating rounds of the steady steps (all but the first):
+
+- `sync` η = 0 on `os`, `async-os` and `async-split` η = 2, `sync-2b` η = 0 at twice the batch;
+  the trainer has every core (torch threads) except in `async-split`, where it has its own.
+- `async_over_sync`: trained samples/s of the better η = 2 placement over η = 0 (whose best
+  placement is `os`: the two take turns, so the servers do better on every core). Both are
+  also given against the machine's limit: cores ÷ CPU seconds per trained sample of generation
+  (the vLLM processes) plus training (this process), as the η = 0 run measures them, where the
+  two take turns and so each runs alone.
+- `update_share`: the whole weight update (`weight_update.total_s`: pause, recompute, export,
+  reload, version, resume) over the train step (`train_step.step_s`) of the run `sdp train`
+  does by default at η = 2 (`async-split`), with the mean of each phase.
+- `simulate_error`: `sdp simulate --calibrate` on the `sync` run's log (first round) predicts
+  `async-os` and `sync-2b`; the prediction's log goes through the same steady-step arithmetic
+  as the real runs; the figure is the larger relative error of the two.
 
     .venv/bin/python scripts/bench_perf.py [--quick] [--model tiny|smollm2-135m] [--threads N]
-        [--rounds R]
+        [--rounds R] [--run-steps N] [--run-rounds R] [--no-runs]
 
 The last line of output is one JSON object with every figure.
 """
@@ -29,10 +49,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +62,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
 
 from sdp_cli.config import load_config
 from sdp_cli.config.schema import TrainConfig
@@ -47,18 +70,21 @@ from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor, load_model
 from sdp_cli.train.batch import TrainBatch
-from sdp_cli.train.chunked_logprobs import chunked_token_logprobs
 
 # --model NAME → the config group that selects it.
 MODEL_GROUPS = {"tiny": "tiny", "smollm2-135m": "smollm2"}
-NOT_MEASURED = {
-    "update_share": "needs a real vLLM run of SmolLM2 (weight update vs train step); "
-    "not implemented in this version of the script",
-    "async_over_sync": "needs real vLLM runs of SmolLM2 at η = 2 and η = 0 "
-    "(scripts/bench_train.py measures it on the default config); not implemented here",
-    "simulate_error": "needs real vLLM runs of SmolLM2 to calibrate `sdp simulate --calibrate` "
-    "on and to compare its prediction with; not implemented here",
+EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "examples" / "smollm2-chain-sum.yaml"
+# The real runs: name → (fleet placement, η, batch size multiple, trainer torch threads; 0 is
+# every core). At η = 0 the trainer and the servers take turns, so each gets every core.
+RUNS = {
+    "sync": ("os", 0, 1, 0),
+    "async-os": ("os", 2, 1, 0),
+    "async-split": ("split", 2, 1, 1),
+    "sync-2b": ("os", 0, 2, 0),
 }
+# The runs `sdp simulate --calibrate sync` predicts.
+PREDICTED = ("async-os", "sync-2b")
+RUN_KEYS = ("update_share", "async_over_sync", "simulate_error")
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,16 +100,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=96)
+    parser.add_argument("--run-steps", type=int, default=None, help="steps per run (12, 30)")
+    parser.add_argument("--run-rounds", type=int, default=None, help="rounds of runs (1, 2)")
+    parser.add_argument("--no-runs", action="store_true", help="skip the real sdp train runs")
     # Internal: one peak-memory measurement in this (child) process.
     parser.add_argument("--child-peak", choices=PEAK_VARIANTS, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    overrides = [f"model={MODEL_GROUPS[args.model]}"]
-    if args.cache_dir:
-        overrides.append(f"model.cache_dir={args.cache_dir}")
-    return ensure_model_dir(load_config(None, overrides).model)
+    return ensure_model_dir(load_config(None, model_overrides(args)).model)
 
 
 def vocab_size(path: Path) -> int:
@@ -114,43 +140,33 @@ def synthetic_groups(args: argparse.Namespace, vocab: int) -> list[RolloutGroup]
 
 
 def make_actor(path: Path, threads: int, variant: str = "actor") -> Actor:
-    train = replace(TrainConfig(), prox_mode="segment", cpu_threads=threads)
-    return VARIANTS[variant](path, train, seed=0)
+    actor_class, chunk_tokens = VARIANTS[variant]
+    train = replace(
+        TrainConfig(), prox_mode="segment", cpu_threads=threads, logit_chunk_tokens=chunk_tokens
+    )
+    return actor_class(path, train, seed=0)
 
 
 class FullVocabActor(Actor):
-    """The actor with logprobs read from a full-vocabulary log_softmax: the reference whose
-    peak memory the real actor is compared with."""
+    """The actor with logprobs and entropy read from a full-vocabulary log_softmax over every
+    output position: the reference whose peak memory the real actor is compared with."""
 
-    def logprobs(self, batch: TrainBatch) -> Tensor:
+    def logprobs_and_entropy(
+        self, batch: TrainBatch, model: PreTrainedModel | None = None
+    ) -> tuple[Tensor, Tensor]:
         n_out = batch.n_output_cols
-        logits = self.model(
+        logits = (model or self.model)(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
         ).logits
         logprobs = logits[:, -(n_out + 1) : -1, :].float().log_softmax(dim=-1)
-        return logprobs.gather(-1, batch.output_ids.unsqueeze(-1)).squeeze(-1)
-
-
-class ChunkedHeadActor(Actor):
-    """The actor with the LM head applied a chunk of positions at a time under checkpointing
-    (sdp_cli/train/chunked_logprobs.py), measured here before it goes into the actor: it reads
-    the decoder's hidden states directly, which a model sharded at its root (FSDP2) does not
-    allow, and assumes logits are the LM head's output (no scaling or soft-capping)."""
+        entropy = -(logprobs.detach().exp() * logprobs.detach()).sum(dim=-1)
+        return logprobs.gather(-1, batch.output_ids.unsqueeze(-1)).squeeze(-1), entropy
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
-        n_out = batch.n_output_cols
-        hidden = self.model.get_decoder()(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        return chunked_token_logprobs(
-            hidden[:, -(n_out + 1) : -1], self.model.get_output_embeddings(), batch.output_ids
-        )
+        return self.logprobs_and_entropy(batch)[0]
 
 
 class HfStep:
@@ -180,10 +196,11 @@ class HfStep:
         self.optimizer.step()
 
 
-VARIANTS: dict[str, type[Actor]] = {
-    "actor": Actor,
-    "full": FullVocabActor,
-    "chunked": ChunkedHeadActor,
+# Variant → (actor class, train.logit_chunk_tokens).
+VARIANTS: dict[str, tuple[type[Actor], int]] = {
+    "actor": (Actor, TrainConfig().logit_chunk_tokens),
+    "unchunked": (Actor, 0),
+    "full": (FullVocabActor, 0),
 }
 PEAK_VARIANTS = tuple(VARIANTS)
 
@@ -243,21 +260,33 @@ def child_peak(args: argparse.Namespace) -> None:
     # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then the step's own.
     Path("/proc/self/clear_refs").write_text("5")
     actor.train_step(groups, 0)
-    print(json.dumps({"peak_added_bytes": rss_bytes("VmHWM") - before, "rss_before": before}))
+    # The step frees its gradients at the end (zero_grad(set_to_none=True)) and allocates them
+    # again in backward: the same bytes in every variant.
+    grad_bytes = sum(p.numel() * p.element_size() for p in actor.model.parameters())
+    added = rss_bytes("VmHWM") - before
+    print(json.dumps({"peak_added_bytes": added, "grad_bytes": grad_bytes, "rss_before": before}))
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
     peaks = {}
+    grads = {}
     for variant in PEAK_VARIANTS:
         command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_added_bytes"]
+        found = json.loads(out.strip().splitlines()[-1])
+        peaks[variant] = found["peak_added_bytes"]
+        grads[variant] = found["grad_bytes"]
+    # What the step adds beyond the gradients: activations, logits, logprobs.
+    above = {variant: peaks[variant] - grads[variant] for variant in PEAK_VARIANTS}
     return {
         "actor_step_peak_mib": peaks["actor"] / 2**20,
         "full_log_softmax_step_peak_mib": peaks["full"] / 2**20,
-        "chunked_head_step_peak_mib": peaks["chunked"] / 2**20,
+        "unchunked_step_peak_mib": peaks["unchunked"] / 2**20,
+        "grad_mib": grads["actor"] / 2**20,
         "peak_memory_vs_full": peaks["actor"] / peaks["full"],
-        "chunked_vs_full": peaks["chunked"] / peaks["full"],
+        "unchunked_vs_full": peaks["unchunked"] / peaks["full"],
+        "above_grads_vs_full": above["actor"] / above["full"],
+        "unchunked_above_grads_vs_full": above["unchunked"] / above["full"],
     }
 
 
@@ -268,6 +297,105 @@ def child_args(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         out += ["--prompts", str(args.prompts)]
     return out + (["--quick"] if args.quick else [])
+
+
+def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Path, int]:
+    """Each run's steady-step figures (medians over the rounds), the work directory and the
+    base batch size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import core_list, medians, replace_eta, train_once
+    from rich.console import Console
+
+    from sdp_cli.commands.train import with_cpu_placement
+    from sdp_cli.launcher.fleet import ServerFleet
+
+    conf = EXAMPLE if args.model == "smollm2-135m" else None
+    model = model_overrides(args)
+    steps = args.run_steps or (12 if args.quick else 30)
+    rounds = args.run_rounds or (1 if args.quick else 2)
+    work = Path(tempfile.mkdtemp(prefix="sdp-bench-perf-"))
+    base = load_config(None if conf is None else str(conf), [f"run.dir={work}", *model])
+    placements = {"os": base, "split": with_cpu_placement(replace_eta(base, 2))}
+    console = Console(stderr=True, quiet=True)
+    fleets: dict[str, ServerFleet] = {}
+    found: dict[str, list[dict[str, float]]] = {}
+    try:
+        for placement, cfg in placements.items():
+            fleet_dir = work / f"fleet-{placement}"
+            fleet = ServerFleet(cfg.server, ensure_model_dir(cfg.model), fleet_dir)
+            fleet.start()
+            fleets[placement] = fleet
+        for round_index in range(rounds):
+            for name, (placement, eta, multiple, threads) in RUNS.items():
+                overrides = [
+                    *model,
+                    f"train.steps={steps}",
+                    f"rollout.max_staleness={eta}",
+                    f"rollout.batch_size={base.rollout.batch_size * multiple}",
+                    f"train.cpu_threads={threads}",
+                    f"train.cpu_cores={core_list(placements[placement].train.cpu_cores)}",
+                    f"server.registry={fleets[placement].registry_path}",
+                    "train.checkpoint_every=100000",
+                    "eval.every=0",
+                ]
+                print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
+                run_dir = work / f"{name}-round{round_index}"
+                found.setdefault(name, []).append(train_once(run_dir, overrides, console, conf))
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
+    figures = {name: medians(results) for name, results in found.items()}
+    return figures, work, base.rollout.batch_size
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = [f"model={MODEL_GROUPS[args.model]}"]
+    if args.cache_dir:
+        overrides.append(f"model.cache_dir={args.cache_dir}")
+    return overrides
+
+
+def simulated(calibrated_run: Path, overrides: list[str], out: Path) -> dict[str, float]:
+    """`sdp simulate --calibrate` on a run's log with `overrides`, read as a real run is."""
+    from bench_train import steady_steps, step_numbers
+
+    command = [sys.executable, "-m", "sdp_cli", "simulate", "--calibrate", str(calibrated_run)]
+    command += ["--run-dir", str(out), *overrides]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return step_numbers(*steady_steps(out))
+
+
+def run_figures(args: argparse.Namespace) -> dict[str, Any]:
+    runs, work, batch_size = real_runs(args)
+    sync = runs["sync"]
+    best_async = max(("async-os", "async-split"), key=lambda name: runs[name]["samples_per_s"])
+    # CPU seconds per trained sample with the trainer and the servers taking turns.
+    cpu_s = (sync["trainer_cpu_ms_per_sample"] + sync["vllm_cpu_ms_per_sample"]) / 1000
+    limit = len(os.sched_getaffinity(0)) / cpu_s
+    default = runs["async-split"]
+    shapes = {
+        "async-os": ["rollout.max_staleness=2"],
+        "sync-2b": [f"rollout.batch_size={2 * batch_size}"],
+    }
+    predictions = {
+        name: simulated(work / "sync-round0", shape, work / f"simulated-{name}")["samples_per_s"]
+        for name, shape in shapes.items()
+    }
+    errors = {
+        name: abs(predicted - runs[name]["samples_per_s"]) / runs[name]["samples_per_s"]
+        for name, predicted in predictions.items()
+    }
+    return {
+        "runs": runs,
+        "best_async": best_async,
+        "machine_limit_samples_per_s": limit,
+        "predicted_samples_per_s": predictions,
+        "prediction_errors": errors,
+        # Both shares are of the steady cycle; their ratio is the update over the train step.
+        "update_share": default["update_share"] / default["train_share"],
+        "async_over_sync": runs[best_async]["samples_per_s"] / sync["samples_per_s"],
+        "simulate_error": max(errors.values()),
+    }
 
 
 def main() -> None:
@@ -292,21 +420,57 @@ def main() -> None:
     )
     memory = peak_memory(args)
     print(
-        f"peak memory one step adds (peak RSS − RSS before, own process each): actor "
-        f"{memory['actor_step_peak_mib']:.1f} MiB vs full-vocabulary log_softmax "
+        f"peak memory one step adds (peak RSS − RSS before, own process each): actor (LM head "
+        f"in chunks) {memory['actor_step_peak_mib']:.1f} MiB vs full-vocabulary log_softmax "
         f"{memory['full_log_softmax_step_peak_mib']:.1f} MiB → peak_memory_vs_full = "
-        f"{memory['peak_memory_vs_full']:.3f} (target ≤ 0.6); with the LM head in chunks "
-        f"(not in the actor yet) {memory['chunked_head_step_peak_mib']:.1f} MiB → "
-        f"{memory['chunked_vs_full']:.3f} of the full-vocabulary step"
+        f"{memory['peak_memory_vs_full']:.3f} (target ≤ 0.6); the actor with every output "
+        f"logit at once (train.logit_chunk_tokens=0) {memory['unchunked_step_peak_mib']:.1f} "
+        f"MiB → {memory['unchunked_vs_full']:.3f} of the full-vocabulary step"
     )
-    for key, reason in NOT_MEASURED.items():
-        print(f"{key}: not measured: {reason}")
+    print(
+        f"the same beyond the gradients ({memory['grad_mib']:.1f} MiB in every variant, "
+        f"allocated in backward): actor {memory['above_grads_vs_full']:.3f}, every output "
+        f"logit at once {memory['unchunked_above_grads_vs_full']:.3f} of the full-vocabulary step"
+    )
+    figures = {key: None for key in RUN_KEYS}
+    if not args.no_runs:
+        found = run_figures(args)
+        print_runs(found)
+        figures = {key: round(found[key], 4) for key in RUN_KEYS}
     result: dict[str, Any] = {
         "trainer_vs_hf": round(throughput["trainer_vs_hf"], 4),
         "peak_memory_vs_full": round(memory["peak_memory_vs_full"], 4),
-        **dict.fromkeys(NOT_MEASURED),
+        **figures,
+        "peak_memory_above_grads_vs_full": round(memory["above_grads_vs_full"], 4),
     }
     print(json.dumps(result))
+
+
+def print_runs(found: dict[str, Any]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import describe
+
+    for name, figures in found["runs"].items():
+        print(describe(name, figures))
+    limit = found["machine_limit_samples_per_s"]
+    sync = found["runs"]["sync"]["samples_per_s"]
+    best = found["runs"][found["best_async"]]["samples_per_s"]
+    print(
+        f"machine limit (cores ÷ CPU s per trained sample of vLLM + trainer in the η = 0 run): "
+        f"{limit:.2f} samples/s; η = 0 reaches {sync / limit:.0%} of it, η = 2 "
+        f"({found['best_async']}) {best / limit:.0%}"
+    )
+    print(
+        f"async_over_sync = {found['async_over_sync']:.3f} (target ≥ 1.2); update_share = "
+        f"{found['update_share']:.3f} of a train step in async-split (target ≤ 0.05)"
+    )
+    for name, predicted in found["predicted_samples_per_s"].items():
+        measured = found["runs"][name]["samples_per_s"]
+        print(
+            f"simulate --calibrate sync → {name}: predicted {predicted:.3f} samples/s, measured "
+            f"{measured:.3f} (error {found['prediction_errors'][name]:.1%})"
+        )
+    print(f"simulate_error = {found['simulate_error']:.3f} (target ≤ 0.15)")
 
 
 def fmt(values: list[float]) -> str:

@@ -62,6 +62,11 @@ def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) 
     for event in updates:
         for name, seconds in event.phases.items():
             phases[name] = phases.get(name, 0.0) + seconds / len(updates)
+        # The servers' own phases of the reload (vLLM's pause, load, resume...).
+        for name, seconds in event.server_phases.items():
+            if name.endswith("_s"):
+                key = f"server_{name}"
+                phases[key] = phases.get(key, 0.0) + seconds / len(updates)
     return {
         "steps": len(steady),
         "samples_per_s": sum(s.samples for s in steady) / cycle,
@@ -113,8 +118,12 @@ class CpuSampler:
         return last[0] - first[0], last[1] - first[1], last[2] - first[2]
 
 
-def train_once(run_dir: Path, overrides: list[str], console: Console) -> dict[str, float]:
-    cfg = load_config(None, [f"run.dir={run_dir}", *overrides])
+def train_once(
+    run_dir: Path, overrides: list[str], console: Console, conf: Path | None = None
+) -> dict[str, float]:
+    """One `sdp train` in this process (on `conf` when given): its steady-step figures and
+    where the CPU went."""
+    cfg = load_config(None if conf is None else str(conf), [f"run.dir={run_dir}", *overrides])
     with CpuSampler() as cpu:
         run_training(cfg, console)
     steps, updates = steady_steps(run_dir)

@@ -392,6 +392,15 @@ class TrainConfig:
     )
     adv_eps: float = setting(1e-6, gt=0, help="GRPO advantage: reward − mean over std + adv_eps")
     micro_batch_tokens: int = setting(4096, ge=1, help="tokens per forward/backward pass")
+    logit_chunk_tokens: int = setting(
+        512,
+        ge=0,
+        help="positions whose vocabulary logits exist at once: the LM head makes logprobs and "
+        "entropy a chunk at a time, and again in backward (one more head matmul per step, "
+        "instead of holding tokens × vocabulary logits); 0 makes all output logits at once. "
+        "Models whose logits are not a bias-free LM head's output, and the sharded trainer, "
+        "always use 0",
+    )
     checkpoint_every: int = setting(10, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = setting(2, ge=1, help="newest checkpoints kept in run.dir/checkpoints")
     keep_weights: int = setting(3, ge=1, help="newest weight exports kept in run.dir/weights")

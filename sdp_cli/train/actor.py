@@ -29,6 +29,7 @@ from sdp_cli.train.batch import (
     split_by_token_budget,
 )
 from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
+from sdp_cli.train.chunked_logprobs import chunked_logprobs_and_entropy
 from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
 from sdp_cli.train.schedule import lr_at
 from sdp_cli.train.token_stats import k3, masked_mean, token_entropy
@@ -98,6 +99,7 @@ class Actor:
             self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
         )
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.logit_chunk_tokens = train.logit_chunk_tokens if has_plain_lm_head(self.model) else 0
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         # The frozen initial model of the KL penalty; none is loaded when train.kl_coef = 0.
@@ -108,7 +110,38 @@ class Actor:
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
         """log π of every output column of `batch` ([rows, L], padding included), with grad."""
+        if self.logit_chunk_tokens:
+            return self.logprobs_and_entropy(batch)[0]
         return token_logprobs(self.output_logits(batch), batch.output_ids)
+
+    def logprobs_and_entropy(
+        self, batch: TrainBatch, model: PreTrainedModel | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """log π of every output column ([rows, L], with grad) and the policy's entropy there
+        (no grad)."""
+        model = model or self.model
+        if not self.logit_chunk_tokens:
+            logits = self.output_logits(batch, model)
+            return token_logprobs(logits, batch.output_ids), token_entropy(logits)
+        return chunked_logprobs_and_entropy(
+            self.output_hidden(batch, model),
+            model.get_output_embeddings().weight,
+            batch.output_ids,
+            self.temperature,
+            self.logit_chunk_tokens,
+        )
+
+    def output_hidden(self, batch: TrainBatch, model: PreTrainedModel) -> Tensor:
+        """The decoder's last hidden states at the positions that predict the output columns
+        ([rows, L, H]), for an LM head applied in chunks."""
+        n_out = batch.n_output_cols
+        hidden = model.get_decoder()(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden[:, -(n_out + 1) : -1, :]
 
     def output_logits(self, batch: TrainBatch, model: PreTrainedModel | None = None) -> Tensor:
         """Logits predicting every output column of `batch` ([rows, L, V], float32), divided
@@ -136,6 +169,8 @@ class Actor:
     def reference_logprobs(self, batch: TrainBatch) -> Tensor | None:
         if self.reference is None:
             return None
+        if self.logit_chunk_tokens:
+            return self.logprobs_and_entropy(batch, self.reference)[0]
         return token_logprobs(self.output_logits(batch, self.reference), batch.output_ids)
 
     @torch.no_grad()
@@ -197,10 +232,8 @@ class Actor:
         stats = LossStats()
         extra = _ExtraStats()
         for batch, prox_pass in zip(batches, recomputed, strict=True):
-            logits = self.output_logits(batch)
-            logprobs = token_logprobs(logits, batch.output_ids)
-            extra.add(batch, logits, logprobs)
-            del logits
+            logprobs, entropy = self.logprobs_and_entropy(batch)
+            extra.add(batch, entropy, logprobs)
             prox = select_proximal(
                 self.prox_mode,
                 logprobs=logprobs,
@@ -302,6 +335,23 @@ def token_logprobs(logits: Tensor, output_ids: Tensor) -> Tensor:
     return logits.gather(-1, output_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def has_plain_lm_head(model: PreTrainedModel) -> bool:
+    """Whether the model's logits are its bias-free LM head applied to its decoder's last
+    hidden states, nothing more (no soft-capping or scaling), so the head can run in chunks."""
+    head = model.get_output_embeddings()
+    config = model.config
+    scaled = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hasattr(model, "get_decoder")
+        and not scaled
+    )
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Hugging Face recomputes activations only in training mode; the actor stays in eval mode
     so that its logprobs match the servers', which is only equivalent when no dropout is active."""
@@ -328,11 +378,11 @@ class _ExtraStats:
         self.ref_kl_sum = 0.0
 
     @torch.no_grad()
-    def add(self, batch: TrainBatch, logits: Tensor, logprobs: Tensor) -> None:
+    def add(self, batch: TrainBatch, entropy: Tensor, logprobs: Tensor) -> None:
         mask = batch.loss_mask.bool()
         count = int(mask.sum().item())
         self.n_tokens += count
-        self.entropy_sum += masked_mean(token_entropy(logits), mask) * count
+        self.entropy_sum += masked_mean(entropy, mask) * count
         self.kl_sum += masked_mean(k3(batch.behav_logprobs, logprobs.detach()), mask) * count
 
     def summary(self) -> dict[str, float]:

@@ -120,6 +120,9 @@ class ShardedActor(Actor):
         temperature: float = 1.0,
     ) -> None:
         super().__init__(model_dir, train, seed=seed, temperature=temperature)
+        # The chunked LM head calls the decoder directly, which skips the unsharding that
+        # FSDP2 does in the root module's forward.
+        self.logit_chunk_tokens = 0
         self.info = info
         self.channel = channel
         self.cuda_index = torch.cuda.current_device() if self.device.type == "cuda" else None
