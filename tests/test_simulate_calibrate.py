@@ -70,9 +70,27 @@ def test_step_time_is_a_line_in_tokens() -> None:
 def test_calibrated_simulation_recovers_the_token_latency(calibration_run: Path) -> None:
     result = runner.invoke(app, ["simulate", "--calibrate", str(calibration_run)])
     assert result.exit_code == 0, result.output
-    latency = float(result.output.split("simulate.token_latency_s=")[1].split()[0])
-    assert latency == pytest.approx(0.01, rel=0.1)
+    latency = float(result.output.split("simulate.token_latency_s=")[1].split(",")[0])
+    per_seq = float(result.output.split("simulate.token_latency_per_seq_s=")[1].split()[0])
+    # The log was made with 10 ms per token whatever the batch: the line is (nearly) flat.
+    assert latency + per_seq * 8 == pytest.approx(0.01, rel=0.1)
     assert "step_s ≈ 0.3 + 0·tokens" in result.output
+
+
+def test_latency_grows_with_the_completions_decoding_at_once(tmp_path: Path) -> None:
+    # A server whose tokens take 4 ms plus 1 ms for each other completion in its batch.
+    timing = ["simulate.token_latency_s=0.004", "simulate.token_latency_per_seq_s=0.001"]
+    shape = ["train.steps=12", "server.count=1", "rollout.batch_size=4", "rollout.n_samples=4"]
+    shape += ["rollout.max_concurrent=16", "rollout.max_staleness=0", "simulate.server_batch=64"]
+    run_dir = tmp_path / "run"
+    simulate_to_log(load_config(None, [*shape, *timing]), run_dir / "events.jsonl")
+    calibration = read_calibration(run_dir)
+    assert calibration.latency_per_seq_s > 0
+    # More requests at once (η = 2, twice the batch): the flat latency of one run would miss.
+    change = ["rollout.max_staleness=2", "rollout.batch_size=8", "rollout.max_concurrent=48"]
+    predicted = calibrated_json(run_dir, *change)
+    truth = run_simulation(load_config(None, [*shape, *timing, *change]))
+    assert predicted["samples_per_s"] == pytest.approx(truth["samples_per_s"], rel=0.15)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +130,7 @@ def test_the_step_time_scales_with_the_batch(tmp_path: Path) -> None:
     assert calibration.train_step_s(400) == pytest.approx(0.9)
     # 8 prompts × 2 samples × 50 tokens = 800 tokens: 0.1 + 0.002 · 800.
     cfg = load_config(None, ["rollout.batch_size=8", "rollout.n_samples=2"])
-    assert "simulate.train_step_s=1.7" in calibration.overrides_for(cfg, 0.02)
+    assert "simulate.train_step_s=1.7" in calibration.overrides_for(cfg, 1.0)
 
 
 def test_calibrate_without_a_log_exits_2(tmp_path: Path) -> None:

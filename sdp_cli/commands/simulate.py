@@ -14,7 +14,7 @@ from sdp_cli.errors import SdpError
 from sdp_cli.simulate import parse_sweep, run_simulation, run_sweep
 from sdp_cli.simulate.calibrate import (
     Calibration,
-    calibrated_token_latency,
+    calibrated_latency_scale,
     read_calibration,
     simulate_to_log,
 )
@@ -89,7 +89,7 @@ def calibrated_loader(
     the step time for its own batch size; the command's own overrides still win over them."""
     calibration = read_calibration(run_dir)
     with tempfile.TemporaryDirectory(prefix="sdp-calibrate-") as scratch:
-        latency = calibrated_token_latency(
+        scale = calibrated_latency_scale(
             calibration,
             # The run's shape and timing over the command's overrides (server_batch, jitter
             # and seed of the simulation still come from them).
@@ -97,18 +97,18 @@ def calibrated_loader(
             simulate_to_log,
             Path(scratch),
         )
-    print_calibration(calibration, latency, as_json, console)
+    print_calibration(calibration, scale, as_json, console)
 
     def load_calibrated(extra: list[str]) -> SdpConfig:
         shape = list(calibration.run_shape)
         shaped = load_before(shape, extra)
-        return load_before([*shape, *calibration.overrides_for(shaped, latency)], extra)
+        return load_before([*shape, *calibration.overrides_for(shaped, scale)], extra)
 
     return load_calibrated
 
 
 def print_calibration(
-    calibration: Calibration, latency: float, as_json: bool, console: Console
+    calibration: Calibration, scale: float, as_json: bool, console: Console
 ) -> None:
     # With --json stdout carries only the result, so the calibration goes to stderr.
     out = Console(stderr=True) if as_json else console
@@ -117,7 +117,10 @@ def print_calibration(
     out.print(
         f"  {c.rollouts} rollouts: {c.mean_new_tokens:.1f} tokens per completion, "
         f"{c.rollout_token_latency_s * 1e3:.3f} ms per token submit→finish "
-        f"→ simulate.token_latency_s={latency:.6g}"
+        f"({c.latency_intercept_s * 1e3:.3f} + {c.latency_per_seq_s * 1e3:.3f}·completions "
+        f"decoding per server) → simulate.token_latency_s="
+        f"{c.latency_intercept_s * scale:.6g}, simulate.token_latency_per_seq_s="
+        f"{c.latency_per_seq_s * scale:.6g}"
     )
     out.print(
         f"  {c.steps} train steps: step_s ≈ {c.step_intercept_s:.4g} + "

@@ -562,6 +562,12 @@ class SimulateConfig:
     token_latency_s: float = setting(
         0.002, ge=0, help="mean seconds per generated token for one request"
     )
+    token_latency_per_seq_s: float = setting(
+        0.0,
+        ge=0,
+        help="more mean seconds per token for each request decoding on the same server at the "
+        "time, itself included (a server decodes its batch in one step, slower as it grows)",
+    )
     latency_jitter: float = setting(
         0.3, ge=0, help="relative spread (lognormal sigma) of per-token latency"
     )

@@ -21,7 +21,7 @@ from sdp_cli.rollout.strategy import (
     DropPoint,
     StalenessStrategy,
 )
-from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
 from sdp_cli.telemetry.schema import (
     BatchTakenEvent,
@@ -317,6 +317,7 @@ class StalenessControl:
                 n_segments=max(s.n_segments for s in samples),
                 reward=sum(s.reward for s in samples) / len(samples),
                 error=error,
+                **completion_timings(samples),
             )
         self.events.emit(event)
 
@@ -344,3 +345,11 @@ class StalenessControl:
                 wait_s=wait_s,
             )
         )
+
+
+def completion_timings(samples: list[Trajectory]) -> dict[str, Any]:
+    """`completion_s` and `completion_tokens` of a finished event, when every sample was timed."""
+    times = [s.generate_s for s in samples]
+    if not samples or any(t is None for t in times):
+        return {}
+    return {"completion_s": times, "completion_tokens": [len(s.output_ids) for s in samples]}

@@ -8,6 +8,7 @@ one, the position is the rollout id.
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Callable
 from typing import Protocol
@@ -66,7 +67,9 @@ class RLVRWorkflow:
             stop_token_ids=self.stop_token_ids,
         )
 
-    def to_trajectory(self, prompt: Prompt, completion: Completion) -> Trajectory:
+    def to_trajectory(
+        self, prompt: Prompt, completion: Completion, generate_s: float | None = None
+    ) -> Trajectory:
         return Trajectory(
             prompt_ids=list(prompt.prompt_ids),
             output_ids=list(completion.output_ids),
@@ -74,25 +77,29 @@ class RLVRWorkflow:
             versions=list(completion.versions),
             reward=float(self.task.reward(self.decode(completion.output_ids), prompt.meta)),
             n_segments=completion.n_segments,
+            generate_s=generate_s,
         )
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup | None:
         position = rollout_id if self.positions is None else self.positions.position(rollout_id)
         prompt = self.task.sample_prompt(position)
-        completions = await asyncio.gather(
-            *(
-                self.generator.generate(
-                    list(prompt.prompt_ids),
-                    self.sampling(rollout_id, index),
-                    self.rollout.max_new_tokens,
-                    gate=gate,
-                )
-                for index in range(self.rollout.n_samples)
+        started = time.monotonic()
+
+        async def timed_completion(index: int) -> tuple[Completion, float]:
+            completion = await self.generator.generate(
+                list(prompt.prompt_ids),
+                self.sampling(rollout_id, index),
+                self.rollout.max_new_tokens,
+                gate=gate,
             )
+            return completion, time.monotonic() - started
+
+        completions = await asyncio.gather(
+            *(timed_completion(index) for index in range(self.rollout.n_samples))
         )
         return RolloutGroup(
             rollout_id=rollout_id,
-            samples=[self.to_trajectory(prompt, c) for c in completions],
+            samples=[self.to_trajectory(prompt, c, seconds) for c, seconds in completions],
             submit_version=executor_version,
             meta={**prompt.meta, "prompt": prompt.text, "position": position},
         )

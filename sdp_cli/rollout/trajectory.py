@@ -27,6 +27,8 @@ class Trajectory:
     reward: float = 0.0
     # Number of segments (runs of tokens under one version) the completion was generated in.
     n_segments: int = 1
+    # Seconds from the rollout's start until this completion's last token; None if not timed.
+    generate_s: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.output_ids)

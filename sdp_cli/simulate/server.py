@@ -1,21 +1,21 @@
 """Simulated inference servers that behave like vLLM where staleness is concerned.
 
 Each server decodes at most `server_batch` requests at once (the rest wait for a slot); a
-request's tokens each take a lognormal time with mean `token_latency_s`. A pause in abort mode
-works like vLLM's: requests decoding return at once with the tokens produced so far and
-`finish_reason="abort"`, requests waiting for a slot return with none, requests that arrive while
-paused wait until resume, and everything decoded after a weight update carries the new version.
-The client turns an abort into a new segment.
+request's tokens each take a lognormal time with mean `token_latency_s` plus
+`token_latency_per_seq_s` for each request decoding at that moment (itself included). A pause
+in abort mode works like vLLM's: requests decoding return at once with the tokens produced so
+far and `finish_reason="abort"`, requests waiting for a slot return with none, requests that
+arrive while paused wait until resume, and everything decoded after a weight update carries the
+new version. The client turns an abort into a new segment.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 
 from sdp_cli.config.schema import SimulateConfig
@@ -38,13 +38,9 @@ class SimulatedSegment:
 
 @dataclass(eq=False)
 class _Decoding:
-    """One request holding a decode slot."""
+    """One request holding a decode slot; `aborted` is set by a pause with abort."""
 
-    done: asyncio.Future[float | None]
-    timer: asyncio.TimerHandle
-    started: float
-    # Simulated seconds from `started` until each token is out.
-    token_done_at: list[float] = field(default_factory=list)
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SimulatedServer:
@@ -63,10 +59,7 @@ class SimulatedServer:
         self.load = 0
         self.busy_s = 0.0
         self._busy_since: float | None = None
-        sigma = max(sim.latency_jitter, 0.0)
-        # Lognormal with the configured mean: E[exp(N(mu, σ²))] = exp(mu + σ²/2).
-        self._log_mu = math.log(sim.token_latency_s) - sigma**2 / 2 if sim.token_latency_s else 0.0
-        self._sigma = sigma
+        self._sigma = max(sim.latency_jitter, 0.0)
         self.tokens_out = 0
         self.aborted = 0
         # Counts pauses with abort, so a request waiting for a slot knows it was aborted.
@@ -88,24 +81,28 @@ class SimulatedServer:
 
     async def _decode(self, max_tokens: int) -> SimulatedSegment:
         version = self.version
-        if self._sim.token_latency_s <= 0:
+        if self._sim.token_latency_s <= 0 and self._sim.token_latency_per_seq_s <= 0:
             return self._segment(max_tokens, version, "length")
-        latencies = [self._rng.lognormvariate(self._log_mu, self._sigma) for _ in range(max_tokens)]
-        token_done_at = list(accumulate(latencies))
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[float | None] = loop.create_future()
-        timer = loop.call_later(self._time.loop_seconds(token_done_at[-1]), _finish, done)
-        request = _Decoding(done, timer, self._time.now(), token_done_at)
+        request = _Decoding()
         self._start_busy(request)
+        produced = 0
         try:
-            aborted_after = await done
+            while produced < max_tokens:
+                # The requests decoding on a server share its steps: more of them, slower tokens.
+                decoding = len(self._decoding)
+                mean = self._sim.token_latency_s + self._sim.token_latency_per_seq_s * decoding
+                # Lognormal with that mean: E[exp(N(mu, σ²))] = exp(mu + σ²/2).
+                latency = self._rng.lognormvariate(math.log(mean) - self._sigma**2 / 2, self._sigma)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        request.aborted.wait(), timeout=self._time.loop_seconds(latency)
+                    )
+                if request.aborted.is_set():
+                    return self._segment(produced, version, "abort")
+                produced += 1
         finally:
-            timer.cancel()
             self._end_busy(request)
-        if aborted_after is None:
-            return self._segment(max_tokens, version, "length")
-        produced = bisect.bisect_right(token_done_at, aborted_after)
-        return self._segment(produced, version, "abort")
+        return self._segment(produced, version, "length")
 
     def _segment(self, n_tokens: int, version: int, finish_reason: str) -> SimulatedSegment:
         self.tokens_out += n_tokens
@@ -121,10 +118,9 @@ class SimulatedServer:
         """`POST /pause?mode=abort`: in-flight requests return what they have so far."""
         self._open.clear()
         self._aborts += 1
-        now = self._time.now()
         for request in list(self._decoding):
-            if not request.done.done():
-                request.done.set_result(now - request.started)
+            if not request.aborted.is_set():
+                request.aborted.set()
                 self.aborted += 1
 
     def resume(self) -> None:
@@ -145,11 +141,6 @@ class SimulatedServer:
         """Simulated seconds with at least one request decoding, up to `now`."""
         running = now - self._busy_since if self._busy_since is not None else 0.0
         return self.busy_s + running
-
-
-def _finish(done: asyncio.Future[float | None]) -> None:
-    if not done.done():
-        done.set_result(None)
 
 
 class SimulatedFleet:
@@ -180,6 +171,10 @@ class SimulatedFleet:
                     version=server.version,
                 )
             )
+
+    def now(self) -> float:
+        """Simulated seconds on the running loop."""
+        return self._time.now()
 
     def _least_loaded(self) -> SimulatedServer:
         return min(self.servers, key=lambda server: server.load)

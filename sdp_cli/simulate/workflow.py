@@ -25,11 +25,14 @@ class SimulatedWorkflow:
         self._rng = rng
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
+        started = self._pool.now()
         if self._n_samples == 1:
-            samples = [await self._complete(gate)]
+            samples = [await self._complete(gate, started)]
         else:
             samples = list(
-                await asyncio.gather(*(self._complete(gate) for _ in range(self._n_samples)))
+                await asyncio.gather(
+                    *(self._complete(gate, started) for _ in range(self._n_samples))
+                )
             )
         return RolloutGroup(rollout_id=rollout_id, samples=samples, submit_version=executor_version)
 
@@ -37,7 +40,7 @@ class SimulatedWorkflow:
         mean = self._mean_new_tokens
         return max(1, round(self._rng.gammavariate(_LENGTH_SHAPE, mean / _LENGTH_SHAPE)))
 
-    async def _complete(self, gate: Gate) -> Trajectory:
+    async def _complete(self, gate: Gate, started: float) -> Trajectory:
         target = self._draw_length()
         output_ids: list[int] = []
         logprobs: list[float] = []
@@ -58,4 +61,5 @@ class SimulatedWorkflow:
             versions=versions,
             reward=self._rng.random(),
             n_segments=segments,
+            generate_s=self._pool.now() - started,
         )
