@@ -34,7 +34,9 @@ median over `--run-rounds` alternating rounds of the steady steps (all but the f
   two take turns and so each runs alone.
 - `update_share`: the whole weight update (`weight_update.total_s`: pause, recompute, export,
   reload, version, resume) over the train step (`train_step.step_s`) of the run `sdp train`
-  does by default at η = 2 (`async-split`), with the mean of each phase.
+  does by default at η = 2 (`async-split`), with the mean of each phase. The runs export into
+  a memory-backed directory (`train.weights_dir=memory`); before them, one export alone into a
+  directory on disk and into /dev/shm, alternating (medians), shows the difference.
 - `simulate_error`: `sdp simulate --calibrate` on the `sync` run's log (first round) predicts
   `async-os` and `sync-2b`; the prediction's log goes through the same steady-step arithmetic
   as the real runs; the figure is the larger relative error of the two.
@@ -51,12 +53,14 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,7 @@ from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor, load_model
 from sdp_cli.train.batch import TrainBatch
+from sdp_cli.train.weights import MEMORY_ROOT
 
 # --model NAME → the config group that selects it.
 MODEL_GROUPS = {"tiny": "tiny", "smollm2-135m": "smollm2"}
@@ -241,6 +246,25 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     }
 
 
+def export_timing(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Seconds of one weight export for the servers (`Actor.export_weights`: safetensors,
+    config, tokenizer files, written atomically) into a directory on disk and into a
+    memory-backed one (/dev/shm, `train.weights_dir=memory`), alternating, medians."""
+    actor = make_actor(path, args.threads)
+    rounds = args.rounds or (3 if args.quick else 5)
+    places = {"disk": Path(tempfile.mkdtemp(prefix="sdp-bench-export-"))}
+    places["memory"] = Path(tempfile.mkdtemp(prefix="sdp-bench-export-", dir=MEMORY_ROOT))
+    seconds: dict[str, list[float]] = {name: [] for name in places}
+    try:
+        for version in range(rounds):
+            for name, place in places.items():
+                seconds[name].append(timed(partial(actor.export_weights, place, version)))
+    finally:
+        for place in places.values():
+            shutil.rmtree(place, ignore_errors=True)
+    return {"rounds": rounds, **{f"{name}_s": values for name, values in seconds.items()}}
+
+
 def rss_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -337,6 +361,8 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
                     f"server.registry={fleets[placement].registry_path}",
                     "train.checkpoint_every=100000",
                     "eval.every=0",
+                    # The faster place for the exports (export_timing measures both).
+                    "train.weights_dir=memory",
                 ]
                 print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
                 run_dir = work / f"{name}-round{round_index}"
@@ -431,6 +457,12 @@ def main() -> None:
         f"the same beyond the gradients ({memory['grad_mib']:.1f} MiB in every variant, "
         f"allocated in backward): actor {memory['above_grads_vs_full']:.3f}, every output "
         f"logit at once {memory['unchunked_above_grads_vs_full']:.3f} of the full-vocabulary step"
+    )
+    exports = export_timing(args, path)
+    print(
+        f"weight export ({exports['rounds']} alternating rounds, medians): disk "
+        f"{statistics.median(exports['disk_s']):.3f} s {fmt(exports['disk_s'])}, memory-backed "
+        f"{statistics.median(exports['memory_s']):.3f} s {fmt(exports['memory_s'])}"
     )
     figures = {key: None for key in RUN_KEYS}
     if not args.no_runs:

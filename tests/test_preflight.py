@@ -208,6 +208,35 @@ def test_a_run_directory_that_holds_a_run(tmp_path: Path) -> None:
     assert code == 0, output
 
 
+def test_a_memory_weights_dir_needs_dev_shm_and_local_servers(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sdp_cli.train import weights
+
+    code, output = dry_run(tmp_path, "train.weights_dir=memory")
+    assert code == 0 and "weight exports in /dev/shm/sdp-weights-" in output, output
+    refused(
+        tmp_path,
+        "train.weights_dir",
+        "train.weights_dir=memory",
+        "server.backend=ray",
+        "ray.address=10.0.0.1:6379",
+        hint="other nodes",
+    )
+    refused(
+        tmp_path,
+        "train.weights_dir",
+        "train.weights_dir=memory",
+        # A million exports of the model do not fit.
+        f"model.path={tiny_model_dir}",
+        "train.keep_weights=1000000",
+        hint="--shm-size",
+    )
+    monkeypatch.setattr(weights, "MEMORY_ROOT", tmp_path / "no-shm")
+    monkeypatch.setattr("sdp_cli.commands.preflight.MEMORY_ROOT", tmp_path / "no-shm")
+    refused(tmp_path, "train.weights_dir", "train.weights_dir=memory", hint="does not have")
+
+
 def test_train_checks_before_it_starts_anything(tmp_path: Path) -> None:
     """Without --dry-run the same checks stop `sdp train` before the run directory or a server
     exists (a server would take tens of seconds to start)."""

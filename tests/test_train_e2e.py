@@ -139,11 +139,24 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
 
 def test_eta_zero_trains_only_tokens_of_the_version_being_trained(tmp_path: Path) -> None:
     run_dir = tmp_path / "eta0"
-    train(run_dir, "train.steps=3", "rollout.max_staleness=0", "rollout.strategy=standard")
+    # The weights go through a memory-backed directory, which the run deletes at its end.
+    train(
+        run_dir,
+        "train.steps=3",
+        "rollout.max_staleness=0",
+        "rollout.strategy=standard",
+        "train.weights_dir=memory",
+    )
     schema_checked_log(run_dir)
     for batch in events_of(run_dir, BatchTakenEvent):
         assert set(batch.tokens_by_lag) == {"0"}
         assert batch.head_lags == [0, 0, 0, 0]
+    updates = events_of(run_dir, WeightUpdateEvent)
+    assert [u.version for u in updates] == [1, 2, 3]
+    exported = {Path(u.weights_dir or "").parent for u in updates}
+    assert len(exported) == 1 and exported.pop().parent == Path("/dev/shm")
+    assert not any(Path(u.weights_dir or "").exists() for u in updates)
+    assert not (run_dir / "weights").exists()
 
 
 def descendants_alive(pid: int) -> list[psutil.Process]:

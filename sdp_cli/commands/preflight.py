@@ -7,6 +7,7 @@ of after the servers have started; `sdp train --dry-run` runs the same checks.""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from sdp_cli.launcher.registry import RegistryError, read_registry
 from sdp_cli.model import builtin_name, check_model_dir, smollm2
 from sdp_cli.tasks import check_task, get_task, load_tokenizer
 from sdp_cli.train.checkpoint import latest_checkpoint
+from sdp_cli.train.weights import MEMORY_ROOT, MEMORY_WEIGHTS, weights_dir_for
 
 # What `sdp train` writes into run.dir; any of the first two means a run is already there.
 RUN_FILES = (
@@ -55,6 +57,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
         *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
         *check_run_dir(cfg),
+        *check_weights_dir(cfg),
     ]
 
 
@@ -223,6 +226,42 @@ def check_trainer_device(cfg: SdpConfig) -> list[str]:
 
 def holds_run(run_dir: Path) -> bool:
     return (run_dir / "events.jsonl").exists() or (run_dir / "checkpoints").exists()
+
+
+def check_weights_dir(cfg: SdpConfig) -> list[str]:
+    """A memory-backed weights directory needs /dev/shm, and servers on this machine."""
+    if cfg.train.weights_dir != MEMORY_WEIGHTS:
+        return []
+    if not MEMORY_ROOT.is_dir():
+        raise ConfigError(
+            "train.weights_dir",
+            f"'memory' needs {MEMORY_ROOT}, which this machine does not have",
+            "leave train.weights_dir empty (run.dir/weights) or give a directory",
+        )
+    if cfg.server.backend == ServerBackend.ray and cfg.ray.address != "local":
+        raise ConfigError(
+            "train.weights_dir",
+            "'memory' is on this machine only, and servers on a joined Ray cluster's other "
+            "nodes could not read it",
+            "leave train.weights_dir empty or give a directory every node can read",
+        )
+    # The exports kept, plus the one being written.
+    needed = (cfg.train.keep_weights + 1) * weight_bytes(check_model_dir(cfg.model))
+    free = shutil.disk_usage(MEMORY_ROOT).free
+    if free < needed:
+        raise ConfigError(
+            "train.weights_dir",
+            f"'memory' would hold {cfg.train.keep_weights + 1} exports of "
+            f"{needed / 2**30 / (cfg.train.keep_weights + 1):.2f} GiB in {MEMORY_ROOT}, which "
+            f"has {free / 2**30:.2f} GiB free",
+            "lower train.keep_weights, make /dev/shm larger (docker run --shm-size), or leave "
+            "train.weights_dir empty",
+        )
+    return [f"weight exports in {weights_dir_for(cfg.train.weights_dir, Path(cfg.run.dir))}"]
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
 def check_run_dir(cfg: SdpConfig) -> list[str]:

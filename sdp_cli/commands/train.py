@@ -50,6 +50,7 @@ from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
 from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
 from sdp_cli.train.update import InferenceServers
+from sdp_cli.train.weights import MEMORY_WEIGHTS, weights_dir_for
 
 
 @dataclass
@@ -236,6 +237,10 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
     dashboard = Dashboard(console=console)
     with ExitStack() as stack:
         run = prepare_inputs(cfg, stack)
+        if cfg.train.weights_dir == MEMORY_WEIGHTS:
+            # Entered before the servers, so it goes after they stop.
+            memory = weights_dir_for(cfg.train.weights_dir, run.run_dir)
+            stack.callback(shutil.rmtree, memory, ignore_errors=True)
         events = open_event_log(stack, dashboard, run)
         events.emit(
             run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
@@ -427,7 +432,8 @@ def give_servers_trainer_weights(
 ) -> None:
     """Attached servers may hold any weights, and a resumed run's servers start from the base
     model: give every server the trainer's weights before the first rollout."""
-    initial = run.actor.export_weights(run.run_dir / "weights", run.state.version)
+    weights_dir = weights_dir_for(cfg.train.weights_dir, run.run_dir)
+    initial = run.actor.export_weights(weights_dir, run.state.version)
     executor.run_sync(
         client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
     )

@@ -403,7 +403,14 @@ class TrainConfig:
     )
     checkpoint_every: int = setting(10, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = setting(2, ge=1, help="newest checkpoints kept in run.dir/checkpoints")
-    keep_weights: int = setting(3, ge=1, help="newest weight exports kept in run.dir/weights")
+    keep_weights: int = setting(3, ge=1, help="newest weight exports kept in the weights dir")
+    weights_dir: str = setting(
+        "",
+        help="where the weight exports for the servers go: empty is run.dir/weights; `memory` "
+        "is a memory-backed directory (/dev/shm), deleted when the run ends: no disk writeback "
+        "in the weight update, but keep_weights exports held in RAM and readable only by "
+        "servers on this machine; or any other directory",
+    )
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"
     )

@@ -26,6 +26,7 @@ from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
 from sdp_cli.train.evaluate import Evaluator
 from sdp_cli.train.samples import SampleLog
 from sdp_cli.train.update import UpdateServers, WeightUpdate
+from sdp_cli.train.weights import weights_dir_for
 
 # Which data positions are trained so far (for checkpoints).
 DataPositionState = Callable[[], PositionState]
@@ -62,6 +63,7 @@ class TrainingLoop:
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        self.weights_dir = weights_dir_for(cfg.train.weights_dir, self.run_dir)
         self.actor = actor
         self.executor = executor
         self.events = events
@@ -152,7 +154,7 @@ class TrainingLoop:
 
     async def export_weights(self, version: int) -> Path:
         """Write weights/v{version}/ on a worker thread while the loop serves the recompute."""
-        return await asyncio.to_thread(self.actor.export_weights, self.run_dir / "weights", version)
+        return await asyncio.to_thread(self.actor.export_weights, self.weights_dir, version)
 
     def update_weights(self, new_version: int) -> dict[str, float]:
         """The weight-update protocol; returns the time of each phase and the total."""

@@ -8,6 +8,7 @@ config, generation config, tokenizer files), so it works both for vLLM's
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -34,6 +35,22 @@ class WeightsExportError(SdpError):
 
 # The version the servers hold and the one being exported for them.
 MIN_KEPT_VERSIONS = 2
+
+
+# train.weights_dir: a memory-backed directory, deleted at the end of the run.
+MEMORY_WEIGHTS = "memory"
+MEMORY_ROOT = Path("/dev/shm")
+
+
+def weights_dir_for(setting: str, run_dir: Path) -> Path:
+    """The directory of the weight exports that train.weights_dir names for a run."""
+    if not setting:
+        return run_dir / "weights"
+    if setting == MEMORY_WEIGHTS:
+        # One per run directory, so two runs on a machine never share one.
+        digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        return MEMORY_ROOT / f"sdp-weights-{digest}"
+    return Path(setting)
 
 
 def version_dir(weights_dir: Path, version: int) -> Path:
