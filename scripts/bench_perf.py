@@ -224,14 +224,19 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     batches = actor._micro_batches(groups)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     rounds = args.rounds or (2 if args.quick else 5)
+    prompts = [s.prompt_ids for g in groups for s in g.samples]
+    outputs = [s.output_ids for g in groups for s in g.samples]
     actor_s: list[float] = []
     hf_s: list[float] = []
+    score_s: list[float] = []
     # One warm-up each, then alternating rounds so a slow spell hits both sides.
     timed(lambda: actor.train_step(groups, 0))
     timed(lambda: hf(batches))
     for _ in range(rounds):
         actor_s.append(timed(lambda: actor.train_step(groups, 0)))
         hf_s.append(timed(lambda: hf(batches)))
+        # What scoring the batch's tokens on the trainer (a proximal recompute there) costs.
+        score_s.append(timed(lambda: actor.score(prompts, outputs)))
     actor_tps = tokens / statistics.median(actor_s)
     hf_tps = tokens / statistics.median(hf_s)
     return {
@@ -240,6 +245,7 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "rounds": rounds,
         "actor_step_s": actor_s,
         "hf_step_s": hf_s,
+        "score_s": score_s,
         "actor_tokens_per_s": actor_tps,
         "hf_tokens_per_s": hf_tps,
         "trainer_vs_hf": actor_tps / hf_tps,
@@ -443,6 +449,12 @@ def main() -> None:
         f"per step (medians of {throughput['rounds']} alternating rounds; actor s "
         f"{fmt(throughput['actor_step_s'])}, HF s {fmt(throughput['hf_step_s'])}) → "
         f"trainer_vs_hf = {throughput['trainer_vs_hf']:.3f} (target ≥ 0.9)"
+    )
+    score = statistics.median(throughput["score_s"])
+    step = statistics.median(throughput["actor_step_s"])
+    print(
+        f"scoring the same tokens on the trainer (Actor.score, no grad, what a proximal "
+        f"recompute on the trainer costs): {score:.3f} s, {score / step:.2f} of a train step"
     )
     memory = peak_memory(args)
     print(

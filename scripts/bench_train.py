@@ -67,9 +67,12 @@ def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) 
             if name.endswith("_s"):
                 key = f"server_{name}"
                 phases[key] = phases.get(key, 0.0) + seconds / len(updates)
+    padding = [s.stats["padding_frac"] for s in steady if "padding_frac" in s.stats]
     return {
         "steps": len(steady),
         "samples_per_s": sum(s.samples for s in steady) / cycle,
+        # Share of the trainer's positions that were padding (what packing could save at most).
+        "padding_frac": statistics.fmean(padding) if padding else float("nan"),
         "wait_share": wait / cycle,
         "train_share": train / cycle,
         "update_share": update / cycle,
@@ -153,7 +156,8 @@ def describe(name: str, r: dict[str, float]) -> str:
         f"training {r['train_share']:.0%}, weight update {r['update_share']:.0%} of a step "
         f"(ms: {phases}); {r['cores_busy']:.2f} cores busy, CPU per trained sample: "
         f"trainer {r['trainer_cpu_ms_per_sample']:.1f} ms, "
-        f"vLLM {r['vllm_cpu_ms_per_sample']:.1f} ms"
+        f"vLLM {r['vllm_cpu_ms_per_sample']:.1f} ms; trainer positions padding "
+        f"{r['padding_frac']:.1%}"
     )
 
 

@@ -92,3 +92,17 @@ def test_a_sample_needs_a_prompt_token() -> None:
 def test_collate_rejects_an_empty_list() -> None:
     with pytest.raises(ValueError, match="empty"):
         collate([], PAD)
+
+
+def test_padding_fraction_counts_the_padded_positions() -> None:
+    from sdp_cli.train.actor import padding_fraction
+    from sdp_cli.train.batch import TokenSample
+
+    def sample(prompt: int, output: int) -> TokenSample:
+        zeros = [0.0] * output
+        return TokenSample([5] * prompt, [6] * output, zeros, zeros, [0] * output, 1.0, 0.0)
+
+    # Rows of 3 + 4 positions: the first sample fills them, the second has 1 + 2 of 7.
+    batch = collate([sample(3, 4), sample(1, 2)], pad_id=0)
+    assert padding_fraction([batch]) == pytest.approx(4 / 14)
+    assert padding_fraction([collate([sample(2, 2)], pad_id=0)]) == 0.0

@@ -217,9 +217,8 @@ class Actor:
         batches = self._micro_batches(groups)
         normalizer = sum(b.n_tokens for b in batches)
         stats, grad_norm, finite = self._optimizer_step(batches, normalizer, version)
-        return step_summary(
-            groups, stats, grad_norm, finite, len(batches), started, self.step_extras
-        )
+        extras = {**self.step_extras, "padding_frac": padding_fraction(batches)}
+        return step_summary(groups, stats, grad_norm, finite, len(batches), started, extras)
 
     def _optimizer_step(
         self, batches: list[TrainBatch], normalizer: int, version: int
@@ -328,6 +327,14 @@ def step_summary(
         "n_micro_batches": float(n_micro_batches),
         "step_time_s": time.perf_counter() - started,
     }
+
+
+def padding_fraction(batches: Sequence[TrainBatch]) -> float:
+    """Share of the micro-batches' positions that are padding: what packing sequences into
+    rows instead could save at most."""
+    positions = sum(b.attention_mask.numel() for b in batches)
+    real = sum(int(b.attention_mask.sum().item()) for b in batches)
+    return 1.0 - real / positions if positions else 0.0
 
 
 def token_logprobs(logits: Tensor, output_ids: Tensor) -> Tensor:
