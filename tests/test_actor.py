@@ -97,6 +97,34 @@ def test_train_step_is_deterministic(tiny_model_dir: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_lm_head_in_chunks_trains_like_every_logit_at_once(
+    tiny_model_dir: Path, temperature: float
+) -> None:
+    """A chunk of 5 positions over padded micro-batches: the same statistics and gradients as
+    making every output logit at once."""
+    actors = [
+        Actor(
+            tiny_model_dir,
+            replace(TrainConfig(), logit_chunk_tokens=chunk, lr=0.0),
+            seed=0,
+            temperature=temperature,
+        )
+        for chunk in (0, 5)
+    ]
+    assert [actor.logit_chunk_tokens for actor in actors] == [0, 5]
+    groups = stale_groups(actors[0], version=3)
+    whole, chunked = (actor.train_step(groups, version=3) for actor in actors)
+    for key in ("loss", "grad_norm", "clip_frac", "entropy", "kl", "padding_frac"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    assert whole["padding_frac"] > 0
+    for x, y in zip(actors[0].model.parameters(), actors[1].model.parameters(), strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+    scores = [actor.score(PROMPTS, OUTPUTS) for actor in actors]
+    for a, b in zip(*scores, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 @pytest.mark.parametrize("mode", list(ProxMode))
 def test_micro_batches_accumulate_the_full_batch_gradient(
     tiny_model_dir: Path, mode: ProxMode

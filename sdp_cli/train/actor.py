@@ -118,18 +118,22 @@ class Actor:
         self, batch: TrainBatch, model: PreTrainedModel | None = None
     ) -> tuple[Tensor, Tensor]:
         """log π of every output column ([rows, L], with grad) and the policy's entropy there
-        (no grad)."""
+        (no grad); with the LM head in chunks, 0 at padding."""
         model = model or self.model
         if not self.logit_chunk_tokens:
             logits = self.output_logits(batch, model)
             return token_logprobs(logits, batch.output_ids), token_entropy(logits)
-        return chunked_logprobs_and_entropy(
-            self.output_hidden(batch, model),
+        # Only the positions of real output tokens go through the LM head; padding gets 0.
+        real = batch.attention_mask[:, -batch.n_output_cols :].bool()
+        logprobs, entropy = chunked_logprobs_and_entropy(
+            self.output_hidden(batch, model)[real].unsqueeze(0),
             model.get_output_embeddings().weight,
-            batch.output_ids,
+            batch.output_ids[real].unsqueeze(0),
             self.temperature,
             self.logit_chunk_tokens,
         )
+        zeros = torch.zeros(real.shape, dtype=logprobs.dtype, device=logprobs.device)
+        return zeros.masked_scatter(real, logprobs), zeros.masked_scatter(real, entropy)
 
     def output_hidden(self, batch: TrainBatch, model: PreTrainedModel) -> Tensor:
         """The decoder's last hidden states at the positions that predict the output columns
