@@ -58,6 +58,15 @@ def test_bad_values_stop_a_dry_run_naming_the_key(
     assert len(output.strip().splitlines()) <= 2
 
 
+def test_the_trainer_scores_the_recompute_only_as_one_process() -> None:
+    refused(
+        ["config", "show", "rollout.recompute_on=trainer", "train.world_size=2"],
+        "rollout.recompute_on",
+        "rollout.recompute_on=server or train.world_size=1",
+    )
+    refused(["config", "show", "rollout.recompute_on=gpu"], "rollout.recompute_on", "server")
+
+
 @pytest.mark.parametrize("command", [["config", "show"], ["simulate"]])
 def test_simulate_keys_are_checked_by_every_command(command: list[str]) -> None:
     refused([*command, "simulate.update_s=-1"], "simulate.update_s", ">= 0")

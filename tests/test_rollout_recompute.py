@@ -181,3 +181,30 @@ def test_early_scoring_skips_what_it_already_scored_and_stops_when_told() -> Non
     # The first group is not sent again; of the two new ones, one call is made before the stop.
     assert scored == 1
     assert len(scorer.calls) == 2
+
+
+def test_scores_taken_elsewhere_are_kept_and_only_the_rest_goes_to_the_scorer() -> None:
+    """rollout.recompute_on=trainer: the trainer scores what `pending` lists, `keep` holds the
+    answers, and the update sends only what finished later to the servers."""
+    scorer = CountingScorer()
+    recomputer = ProximalRecomputer(scorer)
+    early, fresh_tokens_only = sample([3, 4], prompt=1), sample([4, 4], prompt=2)
+    groups = [RolloutGroup(0, [early, fresh_tokens_only])]
+    jobs = recomputer.pending(groups, version=4)
+    assert [(s, positions) for s, positions in jobs] == [(early, [0])]
+    recomputer.keep(early, [-0.5, -0.6], version=4)
+    assert recomputer.pending(groups, version=4) == []
+    # A sample that finished after the trainer scored.
+    late = sample([3, 3], prompt=3)
+    stats = asyncio.run(recomputer.recompute([*groups, RolloutGroup(1, [late])], version=4))
+    assert early.prox_logprobs == [-0.5, -2.0]
+    assert late.prox_logprobs == [-7.0, -7.0]
+    assert [prompt for call in scorer.calls for prompt, _ in call] == [[3]]
+    assert (stats.samples, stats.early_samples) == (2, 1)
+
+
+def test_scores_of_the_wrong_length_are_not_kept() -> None:
+    recomputer = ProximalRecomputer(CountingScorer())
+    buffered = sample([3, 4])
+    recomputer.keep(buffered, [-0.5], version=4)
+    assert len(recomputer.pending([RolloutGroup(0, [buffered])], version=4)) == 1

@@ -25,6 +25,8 @@ from sdp_cli.telemetry.schema import (
     BatchTakenEvent,
     EvalEvent,
     Event,
+    ProximalRecomputeEvent,
+    RolloutFinishedEvent,
     RunStartedEvent,
     ServerStateEvent,
     TrainStepEvent,
@@ -135,6 +137,28 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
     report = json.loads(inspected.output)
     assert report["steps"] == 5
     assert report["max_trained_lag"] <= 1
+    # Each completion's time and tokens, for `sdp simulate --calibrate`.
+    finished = [e for e in events_of(run_dir, RolloutFinishedEvent) if e.n_tokens > 0]
+    assert finished
+    for event in finished:
+        assert event.completion_s is not None and event.completion_tokens is not None
+        assert len(event.completion_s) == 2 and all(t > 0 for t in event.completion_s)
+        assert sum(event.completion_tokens) == event.n_tokens
+
+
+def test_the_trainer_can_score_the_proximal_recompute(tmp_path: Path) -> None:
+    run_dir = tmp_path / "trainer-recompute"
+    train(run_dir, "train.steps=5", "rollout.max_staleness=2", "rollout.recompute_on=trainer")
+    steps = events_of(run_dir, TrainStepEvent)
+    assert [s.step for s in steps] == [0, 1, 2, 3, 4]
+    by_trainer = sum(int(s.stats.get("trainer_recompute_samples", 0)) for s in steps)
+    recomputes = events_of(run_dir, ProximalRecomputeEvent)
+    # What the trainer scored is written at the updates as scores taken early (none by the
+    # servers: their early scoring is off), the rest scored by the servers then.
+    assert by_trainer > 0
+    assert sum(r.early_samples for r in recomputes) <= by_trainer
+    assert sum(r.early_samples for r in recomputes) > 0
+    assert all(r.failures == 0 and r.settled for r in recomputes)
 
 
 def test_eta_zero_trains_only_tokens_of_the_version_being_trained(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
         *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
         *check_run_dir(cfg),
-        *check_weights_dir(cfg),
+        *check_memory_weights_dir(cfg),
     ]
 
 
@@ -228,7 +228,7 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "events.jsonl").exists() or (run_dir / "checkpoints").exists()
 
 
-def check_weights_dir(cfg: SdpConfig) -> list[str]:
+def check_memory_weights_dir(cfg: SdpConfig) -> list[str]:
     """A memory-backed weights directory needs /dev/shm, and servers on this machine."""
     if cfg.train.weights_dir != MEMORY_WEIGHTS:
         return []

@@ -102,6 +102,11 @@ class ProxMode(StrEnum):
     loglinear = "loglinear"
 
 
+class RecomputeOn(StrEnum):
+    server = "server"
+    trainer = "trainer"
+
+
 class WeightBoundMode(StrEnum):
     mask = "mask"
     clamp = "clamp"
@@ -347,6 +352,13 @@ class RolloutConfig:
         True,
         help="score buffered samples while the trainer trains, so the update waits only for "
         "the last ones (segment mode; the p_t written are the same either way)",
+    )
+    recompute_on: RecomputeOn = setting(
+        RecomputeOn.server,
+        help="who scores the buffered v−1 tokens under v (segment mode): server (vLLM, early "
+        "while the trainer trains, and at the update), or trainer (its version-v weights, "
+        "before its optimizer step, what is buffered then; what finishes during the step is "
+        "scored by the servers at the update). Trainer needs train.world_size=1",
     )
 
 

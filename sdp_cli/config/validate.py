@@ -95,6 +95,16 @@ def _weight_floor_below_cap(cfg: DictConfig) -> None:
         )
 
 
+def _trainer_recompute_on_one_rank(cfg: DictConfig) -> None:
+    if cfg.rollout.recompute_on == "trainer" and cfg.train.world_size > 1:
+        raise ConfigError(
+            "rollout.recompute_on",
+            "trainer scores with the one-process trainer; the sharded trainer "
+            f"(train.world_size = {cfg.train.world_size}) does not score outside its step",
+            "set rollout.recompute_on=server or train.world_size=1",
+        )
+
+
 def _node_rank_below_nnodes(cfg: DictConfig) -> None:
     train = cfg.train
     if train.node_rank >= train.nnodes:
@@ -191,6 +201,7 @@ def validate(cfg: DictConfig) -> None:
     _task_options(cfg)
     _weight_floor_below_cap(cfg)
     _node_rank_below_nnodes(cfg)
+    _trainer_recompute_on_one_rank(cfg)
     _several_nodes_name_a_port(cfg)
     _gpu_ids_fit(cfg)
     _ray_settings(cfg)

@@ -20,12 +20,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
-from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.config.schema import ProxMode, RecomputeOn, RolloutConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import DropListener, StalenessControl
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.recompute import (
+    Job,
     ProximalRecomputer,
     RecomputeStats,
     Scorer,
@@ -87,7 +88,10 @@ class RolloutExecutor:
         self._needs_recompute = needs_proximal_recompute(prox_mode)
         # Segment mode scores buffered samples while the trainer trains (recompute.py).
         self._score_early = (
-            self._recomputer is not None and self._needs_recompute and rollout.recompute_early
+            self._recomputer is not None
+            and self._needs_recompute
+            and rollout.recompute_early
+            and rollout.recompute_on == RecomputeOn.server
         )
         # Samples that needed the recompute at a version change and did not get it (a bug in
         # the weight-update protocol if ever > 0; the simulator reports it).
@@ -512,6 +516,27 @@ class RolloutExecutor:
             self._capacity_handle = None
         self._emit_capacity()
         return leftovers
+
+    async def proximal_jobs_async(self, version: int) -> list[Job]:
+        """The buffered samples the update from `version` will recompute and that have no
+        score yet, for a scorer outside the executor (rollout.recompute_on=trainer)."""
+        if self._recomputer is None or not self._needs_recompute:
+            return []
+        async with self._buffer_lock:
+            if self._control.version != version:
+                return []
+            groups = [item.group for item in self._control.buffered()]
+            return self._recomputer.pending(groups, version)
+
+    async def keep_proximal_async(
+        self, jobs: list[Job], scores: list[list[float]], version: int
+    ) -> None:
+        """Hold scores taken under `version` outside the executor for its update; like the
+        early scores, written only into samples still buffered then."""
+        if self._recomputer is None or self._control.version != version:
+            return
+        for (sample, _), sample_scores in zip(jobs, scores, strict=True):
+            self._recomputer.keep(sample, sample_scores, version)
 
     # ---- early proximal scoring --------------------------------------------------------------
 

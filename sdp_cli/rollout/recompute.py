@@ -128,21 +128,30 @@ class ProximalRecomputer:
         """Score, under `version`, the samples of `groups` that its recompute will need and
         that have no early score yet; keep the answers for `recompute(…, version)`. Stops
         starting new scoring calls once `keep_going()` is false. Returns the samples scored."""
-        self._forget_older_than(version)
-        jobs = [
-            job
-            for job in _samples_needing_recompute(groups, version)
-            if self._early_score(job[0], version) is None
-        ]
         scored = 0
 
         def keep(sample: Trajectory, positions: list[int], scores: list[float]) -> None:
             nonlocal scored
-            self._early[id(sample)] = _EarlyScore(sample, version, scores)
+            self.keep(sample, scores, version)
             scored += 1
 
-        await self._score_all(jobs, keep, keep_going)
+        await self._score_all(self.pending(groups, version), keep, keep_going)
         return scored
+
+    def pending(self, groups: Iterable[RolloutGroup], version: int) -> list[Job]:
+        """The samples of `groups` that `recompute(…, version)` will need and that have no
+        early score yet, with their version−1 positions."""
+        self._forget_older_than(version)
+        return [
+            job
+            for job in _samples_needing_recompute(groups, version)
+            if self._early_score(job[0], version) is None
+        ]
+
+    def keep(self, sample: Trajectory, scores: list[float], version: int) -> None:
+        """Hold `scores` (every output token's logprob under `version`) for the recompute."""
+        if len(scores) == len(sample.output_ids):
+            self._early[id(sample)] = _EarlyScore(sample, version, scores)
 
     def _early_score(self, sample: Trajectory, version: int) -> list[float] | None:
         early = self._early.get(id(sample))

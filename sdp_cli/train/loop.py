@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.schema import RecomputeOn, SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
+from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import CheckpointEvent, EvalEvent, TrainStepEvent
@@ -64,6 +65,10 @@ class TrainingLoop:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.weights_dir = weights_dir_for(cfg.train.weights_dir, self.run_dir)
+        self.recompute_on_trainer = (
+            cfg.rollout.recompute_on == RecomputeOn.trainer
+            and needs_proximal_recompute(cfg.train.prox_mode)
+        )
         self.actor = actor
         self.executor = executor
         self.events = events
@@ -101,7 +106,13 @@ class TrainingLoop:
             self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s, step=index
         )
         wait_s = time.monotonic() - wait_started
+        recompute_s, recomputed = self.score_proximal_on_trainer()
         stats = self.actor.train_step(groups, self.version)
+        if recomputed:
+            # The trainer's scoring is part of its step.
+            stats["step_time_s"] += recompute_s
+            stats["trainer_recompute_s"] = recompute_s
+            stats["trainer_recompute_samples"] = float(recomputed)
         if self.samples is not None:
             self.samples.trained(index, self.version, groups)
         self.count_skipped(stats)
@@ -114,6 +125,23 @@ class TrainingLoop:
         self.stop_if_not_finite()
         if checkpoint_due(self.step, self.cfg.train.checkpoint_every):
             self.save_checkpoint()
+
+    def score_proximal_on_trainer(self) -> tuple[float, int]:
+        """rollout.recompute_on=trainer: score the buffered version−1 tokens with the
+        trainer's weights, which are still this version's before its optimizer step; the
+        servers score at the update only what finishes meanwhile. Returns the seconds and the
+        samples scored."""
+        if not self.recompute_on_trainer:
+            return 0.0, 0
+        started = time.monotonic()
+        jobs = self.executor.run_sync(self.executor.proximal_jobs_async(self.version))
+        if not jobs:
+            return 0.0, 0
+        scores = self.actor.score(
+            [sample.prompt_ids for sample, _ in jobs], [sample.output_ids for sample, _ in jobs]
+        )
+        self.executor.run_sync(self.executor.keep_proximal_async(jobs, scores, self.version))
+        return time.monotonic() - started, len(jobs)
 
     def evaluate_if_due(self) -> None:
         """Evaluate the weights the servers hold now, between two weight updates, so every
