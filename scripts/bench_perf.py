@@ -27,7 +27,9 @@ median over `--run-rounds` alternating rounds of the steady steps (all but the f
 
 - η = 0 on each placement (`sync-os`: the trainer on every core; `sync-split`: the trainer on
   its one core), η = 2 on each (`async-split`, the trainer on its core; `async-os`, one trainer
-  thread as `sdp train` gives it), and η = 0 at twice the batch on `split` (`sync-split-2b`).
+  thread as `sdp train` gives it), `async-split-trainer-recompute` (η = 2 with
+  `rollout.recompute_on=trainer`: the proximal recompute on the trainer instead of the
+  servers), and η = 0 at twice the batch on `split` (`sync-split-2b`).
 - `async_over_sync`: trained samples/s of the better η = 2 placement over the better η = 0
   one. Both are also given against the machine's limit: cores ÷ CPU seconds per trained sample
   of generation (the vLLM processes) plus training (this process), as `sync-os` measures them,
@@ -81,20 +83,21 @@ from sdp_cli.train.weights import MEMORY_ROOT
 # --model NAME → the config group that selects it.
 MODEL_GROUPS = {"tiny": "tiny", "smollm2-135m": "smollm2"}
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "examples" / "smollm2-chain-sum.yaml"
-# The real runs: name → (fleet placement, η, batch size multiple, trainer torch threads; 0 is
-# every core).
-RUNS = {
+# The real runs: name → (fleet placement, η, batch size multiple, trainer torch threads (0 is
+# every core), other overrides).
+RUNS: dict[str, tuple[str, int, int, int, tuple[str, ...]]] = {
     # The trainer and the servers take turns, so each gets every core.
-    "sync-os": ("os", 0, 1, 0),
-    "sync-split": ("split", 0, 1, 1),
-    "async-split": ("split", 2, 1, 1),
-    "async-os": ("os", 2, 1, 1),
-    "sync-split-2b": ("split", 0, 2, 1),
+    "sync-os": ("os", 0, 1, 0, ()),
+    "sync-split": ("split", 0, 1, 1, ()),
+    "async-split": ("split", 2, 1, 1, ()),
+    "async-split-trainer-recompute": ("split", 2, 1, 1, ("rollout.recompute_on=trainer",)),
+    "async-os": ("os", 2, 1, 1, ()),
+    "sync-split-2b": ("split", 0, 2, 1, ()),
 }
 # `sdp simulate --calibrate` on this run predicts the others of the same placement.
 CALIBRATED = "sync-split"
 SYNC_RUNS = ("sync-os", "sync-split")
-ASYNC_RUNS = ("async-split", "async-os")
+ASYNC_RUNS = ("async-split", "async-split-trainer-recompute", "async-os")
 RUN_KEYS = ("update_share", "async_over_sync", "simulate_error")
 
 
@@ -362,7 +365,7 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
             fleet.start()
             fleets[placement] = fleet
         for round_index in range(rounds):
-            for name, (placement, eta, multiple, threads) in RUNS.items():
+            for name, (placement, eta, multiple, threads, extra) in RUNS.items():
                 overrides = [
                     *model,
                     f"train.steps={steps}",
@@ -375,6 +378,7 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
                     "eval.every=0",
                     # The faster place for the exports (export_timing measures both).
                     "train.weights_dir=memory",
+                    *extra,
                 ]
                 print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
                 run_dir = work / f"{name}-round{round_index}"
