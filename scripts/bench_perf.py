@@ -16,8 +16,9 @@ Measures, on the same model, tokens and torch threads:
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
   memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
-  every output logit at once (`train.logit_chunk_tokens=0`), and each figure less the gradients
-  (the same bytes in every variant): `peak_memory_above_grads_vs_full`.
+  every output logit at once (`train.logit_chunk_tokens=0`), each figure less the gradients
+  (the same bytes in every variant: `peak_memory_above_grads_vs_full`), and both sides under
+  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`).
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
@@ -154,9 +155,13 @@ def synthetic_groups(args: argparse.Namespace, vocab: int) -> list[RolloutGroup]
 
 
 def make_actor(path: Path, threads: int, variant: str = "actor") -> Actor:
-    actor_class, chunk_tokens = VARIANTS[variant]
+    actor_class, chunk_tokens, checkpointing = VARIANTS[variant]
     train = replace(
-        TrainConfig(), prox_mode="segment", cpu_threads=threads, logit_chunk_tokens=chunk_tokens
+        TrainConfig(),
+        prox_mode="segment",
+        cpu_threads=threads,
+        logit_chunk_tokens=chunk_tokens,
+        gradient_checkpointing=checkpointing,
     )
     return actor_class(path, train, seed=0)
 
@@ -211,10 +216,14 @@ class HfStep:
 
 
 # Variant → (actor class, train.logit_chunk_tokens).
-VARIANTS: dict[str, tuple[type[Actor], int]] = {
-    "actor": (Actor, TrainConfig().logit_chunk_tokens),
-    "unchunked": (Actor, 0),
-    "full": (FullVocabActor, 0),
+# Variant → (actor class, train.logit_chunk_tokens, train.gradient_checkpointing).
+VARIANTS: dict[str, tuple[type[Actor], int, bool]] = {
+    "actor": (Actor, TrainConfig().logit_chunk_tokens, False),
+    "unchunked": (Actor, 0, False),
+    "full": (FullVocabActor, 0, False),
+    # With the decoder's activations recomputed, the logits are what is left to save.
+    "actor-checkpointed": (Actor, TrainConfig().logit_chunk_tokens, True),
+    "full-checkpointed": (FullVocabActor, 0, True),
 }
 PEAK_VARIANTS = tuple(VARIANTS)
 
@@ -325,6 +334,9 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_vs_full": peaks["actor"] / peaks["full"],
         "unchunked_vs_full": peaks["unchunked"] / peaks["full"],
         "above_grads_vs_full": above["actor"] / above["full"],
+        "actor_checkpointed_peak_mib": peaks["actor-checkpointed"] / 2**20,
+        "full_checkpointed_peak_mib": peaks["full-checkpointed"] / 2**20,
+        "checkpointed_vs_full": peaks["actor-checkpointed"] / peaks["full-checkpointed"],
         "unchunked_above_grads_vs_full": above["unchunked"] / above["full"],
     }
 
@@ -483,6 +495,12 @@ def main() -> None:
         f"allocated in backward): actor {memory['above_grads_vs_full']:.3f}, every output "
         f"logit at once {memory['unchunked_above_grads_vs_full']:.3f} of the full-vocabulary step"
     )
+    print(
+        f"both with train.gradient_checkpointing (the decoder's activations recomputed, so the "
+        f"logits are what is left): actor {memory['actor_checkpointed_peak_mib']:.1f} MiB vs "
+        f"full-vocabulary {memory['full_checkpointed_peak_mib']:.1f} MiB → "
+        f"{memory['checkpointed_vs_full']:.3f}"
+    )
     exports = export_timing(args, path)
     print(
         f"weight export ({exports['rounds']} alternating rounds, medians): disk "
@@ -499,6 +517,7 @@ def main() -> None:
         "peak_memory_vs_full": round(memory["peak_memory_vs_full"], 4),
         **figures,
         "peak_memory_above_grads_vs_full": round(memory["above_grads_vs_full"], 4),
+        "peak_memory_checkpointed_vs_full": round(memory["checkpointed_vs_full"], 4),
     }
     print(json.dumps(result))
 
