@@ -16,9 +16,10 @@ Measures, on the same model, tokens and torch threads:
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
   memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
-  every output logit at once (`train.logit_chunk_tokens=0`), each figure less the gradients
-  (the same bytes in every variant: `peak_memory_above_grads_vs_full`), and both sides under
-  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`).
+  every output logit at once (`train.logit_chunk_tokens=0`), both sides under
+  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`), and each step's forward
+  and backward alone, its optimizer step made a no-op (`peak_memory_forward_backward_vs_full`):
+  AdamW's foreach step makes temporaries the size of the weights, the same in every variant.
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -297,47 +299,55 @@ def rss_bytes(field: str) -> int:
 
 
 def child_peak(args: argparse.Namespace) -> None:
-    """Prints the bytes of resident memory one train step adds at its peak."""
+    """Prints the bytes of resident memory one train step adds at its peak: the whole step, and
+    its forward and backward alone (the optimizer step made a no-op)."""
     path = model_dir(args)
     torch.set_num_threads(args.threads)
     groups = synthetic_groups(args, vocab_size(path))
     actor = make_actor(path, args.threads, args.child_peak)
-    # A first step creates AdamW's state (2 × the weights), which would hide the logits.
+    # A first step creates AdamW's state (2 × the weights) and the gradients; from then on a
+    # step frees the gradients it finds and makes them again in backward.
     actor.train_step(groups, 0)
+    step = actor.optimizer.step
+    actor.optimizer.step = lambda *_, **__: None  # type: ignore[method-assign]
+    forward_backward = peak_added(lambda: actor.train_step(groups, 0))
+    actor.optimizer.step = step  # type: ignore[method-assign]
+    whole = peak_added(lambda: actor.train_step(groups, 0))
+    print(json.dumps({"whole_step": whole, "forward_backward": forward_backward}))
+
+
+def peak_added(run: Any) -> int:
+    """Peak resident bytes while `run()` runs, over the resident bytes before it."""
     before = rss_bytes("VmRSS")
-    # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then the step's own.
+    # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then this run's own.
     Path("/proc/self/clear_refs").write_text("5")
-    actor.train_step(groups, 0)
-    # The step frees its gradients at the end (zero_grad(set_to_none=True)) and allocates them
-    # again in backward: the same bytes in every variant.
-    grad_bytes = sum(p.numel() * p.element_size() for p in actor.model.parameters())
-    added = rss_bytes("VmHWM") - before
-    print(json.dumps({"peak_added_bytes": added, "grad_bytes": grad_bytes, "rss_before": before}))
+    run()
+    return rss_bytes("VmHWM") - before
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
-    peaks = {}
-    grads = {}
+    peaks: dict[str, dict[str, int]] = {}
     for variant in PEAK_VARIANTS:
         command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        found = json.loads(out.strip().splitlines()[-1])
-        peaks[variant] = found["peak_added_bytes"]
-        grads[variant] = found["grad_bytes"]
-    # What the step adds beyond the gradients: activations, logits, logprobs.
-    above = {variant: peaks[variant] - grads[variant] for variant in PEAK_VARIANTS}
+        peaks[variant] = json.loads(out.strip().splitlines()[-1])
+    mib = {f"{v}_{part}_mib": n / 2**20 for v, parts in peaks.items() for part, n in parts.items()}
+
+    def ratio(variant: str, reference: str, part: str) -> float:
+        # A tiny model's step can fit in memory the allocator already holds: nothing added.
+        below = peaks[reference][part]
+        return peaks[variant][part] / below if below > 0 else float("nan")
+
     return {
-        "actor_step_peak_mib": peaks["actor"] / 2**20,
-        "full_log_softmax_step_peak_mib": peaks["full"] / 2**20,
-        "unchunked_step_peak_mib": peaks["unchunked"] / 2**20,
-        "grad_mib": grads["actor"] / 2**20,
-        "peak_memory_vs_full": peaks["actor"] / peaks["full"],
-        "unchunked_vs_full": peaks["unchunked"] / peaks["full"],
-        "above_grads_vs_full": above["actor"] / above["full"],
-        "actor_checkpointed_peak_mib": peaks["actor-checkpointed"] / 2**20,
-        "full_checkpointed_peak_mib": peaks["full-checkpointed"] / 2**20,
-        "checkpointed_vs_full": peaks["actor-checkpointed"] / peaks["full-checkpointed"],
-        "unchunked_above_grads_vs_full": above["unchunked"] / above["full"],
+        **mib,
+        "peak_memory_vs_full": ratio("actor", "full", "whole_step"),
+        "unchunked_vs_full": ratio("unchunked", "full", "whole_step"),
+        "forward_backward_vs_full": ratio("actor", "full", "forward_backward"),
+        "unchunked_forward_backward_vs_full": ratio("unchunked", "full", "forward_backward"),
+        "checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed", "whole_step"),
+        "checkpointed_forward_backward_vs_full": ratio(
+            "actor-checkpointed", "full-checkpointed", "forward_backward"
+        ),
     }
 
 
@@ -482,25 +492,7 @@ def main() -> None:
         f"recompute on the trainer costs): {score:.3f} s, {score / step:.2f} of a train step"
     )
     memory = peak_memory(args)
-    print(
-        f"peak memory one step adds (peak RSS − RSS before, own process each): actor (LM head "
-        f"in chunks) {memory['actor_step_peak_mib']:.1f} MiB vs full-vocabulary log_softmax "
-        f"{memory['full_log_softmax_step_peak_mib']:.1f} MiB → peak_memory_vs_full = "
-        f"{memory['peak_memory_vs_full']:.3f} (target ≤ 0.6); the actor with every output "
-        f"logit at once (train.logit_chunk_tokens=0) {memory['unchunked_step_peak_mib']:.1f} "
-        f"MiB → {memory['unchunked_vs_full']:.3f} of the full-vocabulary step"
-    )
-    print(
-        f"the same beyond the gradients ({memory['grad_mib']:.1f} MiB in every variant, "
-        f"allocated in backward): actor {memory['above_grads_vs_full']:.3f}, every output "
-        f"logit at once {memory['unchunked_above_grads_vs_full']:.3f} of the full-vocabulary step"
-    )
-    print(
-        f"both with train.gradient_checkpointing (the decoder's activations recomputed, so the "
-        f"logits are what is left): actor {memory['actor_checkpointed_peak_mib']:.1f} MiB vs "
-        f"full-vocabulary {memory['full_checkpointed_peak_mib']:.1f} MiB → "
-        f"{memory['checkpointed_vs_full']:.3f}"
-    )
+    print_memory(memory)
     exports = export_timing(args, path)
     print(
         f"weight export ({exports['rounds']} alternating rounds, medians): disk "
@@ -514,12 +506,31 @@ def main() -> None:
         figures = {key: round(found[key], 4) for key in RUN_KEYS}
     result: dict[str, Any] = {
         "trainer_vs_hf": round(throughput["trainer_vs_hf"], 4),
-        "peak_memory_vs_full": round(memory["peak_memory_vs_full"], 4),
+        "peak_memory_vs_full": figure(memory["peak_memory_vs_full"]),
         **figures,
-        "peak_memory_above_grads_vs_full": round(memory["above_grads_vs_full"], 4),
-        "peak_memory_checkpointed_vs_full": round(memory["checkpointed_vs_full"], 4),
+        "peak_memory_forward_backward_vs_full": figure(memory["forward_backward_vs_full"]),
+        "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
     }
     print(json.dumps(result))
+
+
+def print_memory(m: dict[str, Any]) -> None:
+    print(
+        "peak resident memory one train step adds (peak RSS − RSS before, each variant in its "
+        "own process; MiB, whole step / forward + backward alone):"
+    )
+    for variant in PEAK_VARIANTS:
+        print(
+            f"  {variant}: {m[f'{variant}_whole_step_mib']:.1f} / "
+            f"{m[f'{variant}_forward_backward_mib']:.1f}"
+        )
+    print(
+        f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6; forward + "
+        f"backward alone {m['forward_backward_vs_full']:.3f}); every output logit at once "
+        f"{m['unchunked_vs_full']:.3f} ({m['unchunked_forward_backward_vs_full']:.3f}); both "
+        f"under gradient checkpointing {m['checkpointed_vs_full']:.3f} "
+        f"({m['checkpointed_forward_backward_vs_full']:.3f})"
+    )
 
 
 def print_runs(found: dict[str, Any]) -> None:
@@ -549,6 +560,11 @@ def print_runs(found: dict[str, Any]) -> None:
             f"{measured:.3f} (error {found['prediction_errors'][name]:.1%})"
         )
     print(f"simulate_error = {found['simulate_error']:.3f} (target ≤ 0.15)")
+
+
+def figure(value: float) -> float | None:
+    """A ratio for the JSON line: rounded, or null when it could not be measured."""
+    return None if math.isnan(value) else round(value, 4)
 
 
 def fmt(values: list[float]) -> str:
