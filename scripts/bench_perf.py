@@ -16,10 +16,8 @@ Measures, on the same model, tokens and torch threads:
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
   memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
-  every output logit at once (`train.logit_chunk_tokens=0`), both sides under
-  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`), and each step's forward
-  and backward alone, its optimizer step made a no-op (`peak_memory_forward_backward_vs_full`):
-  AdamW's foreach step makes temporaries the size of the weights, the same in every variant.
+  every output logit at once (`train.logit_chunk_tokens=0`) and both sides under
+  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`).
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
@@ -299,55 +297,38 @@ def rss_bytes(field: str) -> int:
 
 
 def child_peak(args: argparse.Namespace) -> None:
-    """Prints the bytes of resident memory one train step adds at its peak: the whole step, and
-    its forward and backward alone (the optimizer step made a no-op)."""
+    """Prints the bytes of resident memory one train step adds at its peak."""
     path = model_dir(args)
     torch.set_num_threads(args.threads)
     groups = synthetic_groups(args, vocab_size(path))
     actor = make_actor(path, args.threads, args.child_peak)
     # A first step creates AdamW's state (2 × the weights) and the gradients; from then on a
-    # step frees the gradients it finds and makes them again in backward.
+    # step frees the gradients it finds and makes them again in backward. What one process
+    # measured before shapes what its allocator holds, so each process measures one step.
     actor.train_step(groups, 0)
-    step = actor.optimizer.step
-    actor.optimizer.step = lambda *_, **__: None  # type: ignore[method-assign]
-    forward_backward = peak_added(lambda: actor.train_step(groups, 0))
-    actor.optimizer.step = step  # type: ignore[method-assign]
-    whole = peak_added(lambda: actor.train_step(groups, 0))
-    print(json.dumps({"whole_step": whole, "forward_backward": forward_backward}))
-
-
-def peak_added(run: Any) -> int:
-    """Peak resident bytes while `run()` runs, over the resident bytes before it."""
     before = rss_bytes("VmRSS")
-    # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then this run's own.
+    # Reset the peak-RSS mark (VmHWM) to the current RSS: the peak is then the step's own.
     Path("/proc/self/clear_refs").write_text("5")
-    run()
-    return rss_bytes("VmHWM") - before
+    actor.train_step(groups, 0)
+    print(json.dumps({"peak_added_bytes": rss_bytes("VmHWM") - before}))
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
-    peaks: dict[str, dict[str, int]] = {}
+    peaks: dict[str, int] = {}
     for variant in PEAK_VARIANTS:
         command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        peaks[variant] = json.loads(out.strip().splitlines()[-1])
-    mib = {f"{v}_{part}_mib": n / 2**20 for v, parts in peaks.items() for part, n in parts.items()}
+        peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_added_bytes"]
 
-    def ratio(variant: str, reference: str, part: str) -> float:
+    def ratio(variant: str, reference: str) -> float:
         # A tiny model's step can fit in memory the allocator already holds: nothing added.
-        below = peaks[reference][part]
-        return peaks[variant][part] / below if below > 0 else float("nan")
+        return peaks[variant] / peaks[reference] if peaks[reference] > 0 else float("nan")
 
     return {
-        **mib,
-        "peak_memory_vs_full": ratio("actor", "full", "whole_step"),
-        "unchunked_vs_full": ratio("unchunked", "full", "whole_step"),
-        "forward_backward_vs_full": ratio("actor", "full", "forward_backward"),
-        "unchunked_forward_backward_vs_full": ratio("unchunked", "full", "forward_backward"),
-        "checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed", "whole_step"),
-        "checkpointed_forward_backward_vs_full": ratio(
-            "actor-checkpointed", "full-checkpointed", "forward_backward"
-        ),
+        **{f"{variant}_mib": n / 2**20 for variant, n in peaks.items()},
+        "peak_memory_vs_full": ratio("actor", "full"),
+        "unchunked_vs_full": ratio("unchunked", "full"),
+        "checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed"),
     }
 
 
@@ -508,28 +489,21 @@ def main() -> None:
         "trainer_vs_hf": round(throughput["trainer_vs_hf"], 4),
         "peak_memory_vs_full": figure(memory["peak_memory_vs_full"]),
         **figures,
-        "peak_memory_forward_backward_vs_full": figure(memory["forward_backward_vs_full"]),
         "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
     }
     print(json.dumps(result))
 
 
 def print_memory(m: dict[str, Any]) -> None:
+    sizes = ", ".join(f"{variant} {m[f'{variant}_mib']:.1f}" for variant in PEAK_VARIANTS)
     print(
-        "peak resident memory one train step adds (peak RSS − RSS before, each variant in its "
-        "own process; MiB, whole step / forward + backward alone):"
+        f"peak resident memory one train step adds (peak RSS − RSS before, each variant in its "
+        f"own process), MiB: {sizes}"
     )
-    for variant in PEAK_VARIANTS:
-        print(
-            f"  {variant}: {m[f'{variant}_whole_step_mib']:.1f} / "
-            f"{m[f'{variant}_forward_backward_mib']:.1f}"
-        )
     print(
-        f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6; forward + "
-        f"backward alone {m['forward_backward_vs_full']:.3f}); every output logit at once "
-        f"{m['unchunked_vs_full']:.3f} ({m['unchunked_forward_backward_vs_full']:.3f}); both "
-        f"under gradient checkpointing {m['checkpointed_vs_full']:.3f} "
-        f"({m['checkpointed_forward_backward_vs_full']:.3f})"
+        f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6); every output "
+        f"logit at once {m['unchunked_vs_full']:.3f}; both under gradient checkpointing "
+        f"{m['checkpointed_vs_full']:.3f}"
     )
 
 
