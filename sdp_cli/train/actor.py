@@ -108,11 +108,13 @@ class Actor:
             self.reference.requires_grad_(False)
         self.step_extras: dict[str, float] = {}
 
-    def logprobs(self, batch: TrainBatch) -> Tensor:
-        """log π of every output column of `batch` ([rows, L], padding included), with grad."""
+    def logprobs(self, batch: TrainBatch, model: PreTrainedModel | None = None) -> Tensor:
+        """log π of every output column of `batch` ([rows, L], padding included), with grad,
+        under `model` (the actor's own by default)."""
         if self.logit_chunk_tokens:
-            return self.logprobs_and_entropy(batch)[0]
-        return token_logprobs(self.output_logits(batch), batch.output_ids)
+            return self.logprobs_and_entropy(batch, model)[0]
+        # Without the entropy, which would cost a softmax over the vocabulary.
+        return token_logprobs(self.output_logits(batch, model), batch.output_ids)
 
     def logprobs_and_entropy(
         self, batch: TrainBatch, model: PreTrainedModel | None = None
@@ -139,12 +141,7 @@ class Actor:
         """The decoder's last hidden states at the positions that predict the output columns
         ([rows, L, H]), for an LM head applied in chunks."""
         n_out = batch.n_output_cols
-        hidden = model.get_decoder()(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
         return hidden[:, -(n_out + 1) : -1, :]
 
     def output_logits(self, batch: TrainBatch, model: PreTrainedModel | None = None) -> Tensor:
@@ -155,13 +152,7 @@ class Actor:
         which never materialises a full log_softmax over the vocabulary."""
         n_out = batch.n_output_cols
         extra = {"logits_to_keep": n_out + 1} if self._keeps_logits else {}
-        logits = (model or self.model)(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **extra,
-        ).logits
+        logits = (model or self.model)(**batch.model_inputs(), **extra).logits
         # The logits at column j predict the token at column j + 1.
         logits = logits[:, -(n_out + 1) : -1, :].float()
         # Every logprob is of the distribution tokens were sampled from: softmax(z / T).
@@ -173,9 +164,7 @@ class Actor:
     def reference_logprobs(self, batch: TrainBatch) -> Tensor | None:
         if self.reference is None:
             return None
-        if self.logit_chunk_tokens:
-            return self.logprobs_and_entropy(batch, self.reference)[0]
-        return token_logprobs(self.output_logits(batch, self.reference), batch.output_ids)
+        return self.logprobs(batch, self.reference)
 
     @torch.no_grad()
     def score(

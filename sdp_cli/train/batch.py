@@ -65,6 +65,15 @@ class TrainBatch:
     def output_ids(self) -> Tensor:
         return self.input_ids[:, self.output_start :]
 
+    def model_inputs(self) -> dict[str, Tensor | bool]:
+        """Keyword arguments of a causal LM's forward over the whole batch (no KV cache)."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "use_cache": False,
+        }
+
     def to(self, device: torch.device | str) -> TrainBatch:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
         return replace(self, **moved)
