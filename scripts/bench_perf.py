@@ -67,6 +67,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -174,18 +175,13 @@ class FullVocabActor(Actor):
         self, batch: TrainBatch, model: PreTrainedModel | None = None
     ) -> tuple[Tensor, Tensor]:
         n_out = batch.n_output_cols
-        logits = (model or self.model)(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
+        logits = (model or self.model)(**batch.model_inputs()).logits
         logprobs = logits[:, -(n_out + 1) : -1, :].float().log_softmax(dim=-1)
         entropy = -(logprobs.detach().exp() * logprobs.detach()).sum(dim=-1)
         return logprobs.gather(-1, batch.output_ids.unsqueeze(-1)).squeeze(-1), entropy
 
-    def logprobs(self, batch: TrainBatch) -> Tensor:
-        return self.logprobs_and_entropy(batch)[0]
+    def logprobs(self, batch: TrainBatch, model: PreTrainedModel | None = None) -> Tensor:
+        return self.logprobs_and_entropy(batch, model)[0]
 
 
 class HfStep:
@@ -204,13 +200,7 @@ class HfStep:
             n_out = batch.n_output_cols
             labels[:, :-n_out] = -100
             labels[:, -n_out:][batch.loss_mask == 0] = -100
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                labels=labels,
-                use_cache=False,
-            )
+            out = self.model(**batch.model_inputs(), labels=labels)
             out.loss.backward()
         self.optimizer.step()
 
@@ -344,8 +334,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
 def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Path, int]:
     """Each run's steady-step figures (medians over the rounds), the work directory and the
     base batch size."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import core_list, medians, replace_eta, train_once
+    bench_train = bench_train_module()
     from rich.console import Console
 
     from sdp_cli.commands.train import with_cpu_placement
@@ -357,7 +346,7 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
     rounds = args.run_rounds or (1 if args.quick else 2)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-perf-"))
     base = load_config(None if conf is None else str(conf), [f"run.dir={work}", *model])
-    placements = {"os": base, "split": with_cpu_placement(replace_eta(base, 2))}
+    placements = {"os": base, "split": with_cpu_placement(bench_train.replace_eta(base, 2))}
     console = Console(stderr=True, quiet=True)
     fleets: dict[str, ServerFleet] = {}
     found: dict[str, list[dict[str, float]]] = {}
@@ -375,7 +364,7 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
                     f"rollout.max_staleness={eta}",
                     f"rollout.batch_size={base.rollout.batch_size * multiple}",
                     f"train.cpu_threads={threads}",
-                    f"train.cpu_cores={core_list(placements[placement].train.cpu_cores)}",
+                    f"train.cpu_cores={bench_train.core_list(placements[placement].train.cpu_cores)}",
                     f"server.registry={fleets[placement].registry_path}",
                     "train.checkpoint_every=100000",
                     "eval.every=0",
@@ -385,12 +374,23 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
                 ]
                 print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
                 run_dir = work / f"{name}-round{round_index}"
-                found.setdefault(name, []).append(train_once(run_dir, overrides, console, conf))
+                result = bench_train.train_once(run_dir, overrides, console, conf)
+                found.setdefault(name, []).append(result)
     finally:
         for fleet in fleets.values():
             fleet.stop()
-    figures = {name: medians(results) for name, results in found.items()}
+    figures = {name: bench_train.medians(results) for name, results in found.items()}
     return figures, work, base.rollout.batch_size
+
+
+def bench_train_module() -> ModuleType:
+    """scripts/bench_train.py, whose run, step arithmetic and report the runs here share."""
+    scripts = str(Path(__file__).resolve().parent)
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import bench_train
+
+    return bench_train
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -402,12 +402,11 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 def simulated(calibrated_run: Path, overrides: list[str], out: Path) -> dict[str, float]:
     """`sdp simulate --calibrate` on a run's log with `overrides`, read as a real run is."""
-    from bench_train import steady_steps, step_numbers
-
+    bench_train = bench_train_module()
     command = [sys.executable, "-m", "sdp_cli", "simulate", "--calibrate", str(calibrated_run)]
     command += ["--run-dir", str(out), *overrides]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    return step_numbers(*steady_steps(out))
+    return bench_train.step_numbers(*bench_train.steady_steps(out))
 
 
 def run_figures(args: argparse.Namespace) -> dict[str, Any]:
@@ -508,11 +507,8 @@ def print_memory(m: dict[str, Any]) -> None:
 
 
 def print_runs(found: dict[str, Any]) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import describe
-
     for name, figures in found["runs"].items():
-        print(describe(name, figures))
+        print(bench_train_module().describe(name, figures))
     limit = found["machine_limit_samples_per_s"]
     sync = found["runs"][found["best_sync"]]["samples_per_s"]
     best = found["runs"][found["best_async"]]["samples_per_s"]
