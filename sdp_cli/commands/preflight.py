@@ -23,7 +23,12 @@ from sdp_cli.config.schema import (
     ServerConfig,
 )
 from sdp_cli.errors import ConfigError
-from sdp_cli.launcher.command import CPU_HEAD_SIZES, check_vllm_installed, server_device
+from sdp_cli.launcher.command import (
+    CPU_HEAD_SIZES,
+    check_vllm_installed,
+    server_device,
+    servers_may_be_remote,
+)
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.registry import RegistryError, read_registry
 from sdp_cli.model import builtin_name, check_model_dir, smollm2
@@ -238,7 +243,7 @@ def check_memory_weights_dir(cfg: SdpConfig) -> list[str]:
             f"'memory' needs {MEMORY_ROOT}, which this machine does not have",
             "leave train.weights_dir empty (run.dir/weights) or give a directory",
         )
-    if cfg.server.backend == ServerBackend.ray and cfg.ray.address != "local":
+    if servers_may_be_remote(cfg.server, cfg.ray):
         raise ConfigError(
             "train.weights_dir",
             "'memory' is on this machine only, and servers on a joined Ray cluster's other "

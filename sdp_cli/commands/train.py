@@ -23,12 +23,12 @@ from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.events import run_started_event
-from sdp_cli.config.schema import Device, ServerBackend
+from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.backends import make_fleet
-from sdp_cli.launcher.command import server_device
+from sdp_cli.launcher.command import server_device, servers_may_be_remote
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
@@ -155,7 +155,7 @@ def with_cpu_placement(cfg: SdpConfig) -> SdpConfig:
         or cfg.train.cpu_cores
         or cfg.server.registry
         # This machine's cores mean nothing on the nodes of a joined Ray cluster.
-        or (cfg.server.backend == ServerBackend.ray and cfg.ray.address != "local")
+        or servers_may_be_remote(cfg.server, cfg.ray)
         or server_device(cfg.server) != Device.cpu
         or torch_device(cfg.train.device).type != "cpu"
     ):
@@ -230,6 +230,8 @@ class RunInputs:
     task: Task
     actor: Actor
     state: TrainState
+    # Where the weight exports for the servers go (train.weights_dir).
+    weights_dir: Path
 
 
 def train(cfg: SdpConfig, console: Console) -> TrainSummary:
@@ -239,8 +241,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         run = prepare_inputs(cfg, stack)
         if cfg.train.weights_dir == MEMORY_WEIGHTS:
             # Entered before the servers, so it goes after they stop.
-            memory = weights_dir_for(cfg.train.weights_dir, run.run_dir)
-            stack.callback(shutil.rmtree, memory, ignore_errors=True)
+            stack.callback(shutil.rmtree, run.weights_dir, ignore_errors=True)
         events = open_event_log(stack, dashboard, run)
         events.emit(
             run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
@@ -299,7 +300,8 @@ def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     task = get_task(cfg.task, tokenizer)
     actor = stack.enter_context(trainer_actor(cfg, model_dir, run_dir / "logs"))
     state = restore_state(cfg, run_dir, actor)
-    return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state)
+    weights_dir = weights_dir_for(cfg.train.weights_dir, run_dir)
+    return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state, weights_dir)
 
 
 def open_event_log(stack: ExitStack, dashboard: Dashboard, run: RunInputs) -> EventSink:
@@ -432,8 +434,7 @@ def give_servers_trainer_weights(
 ) -> None:
     """Attached servers may hold any weights, and a resumed run's servers start from the base
     model: give every server the trainer's weights before the first rollout."""
-    weights_dir = weights_dir_for(cfg.train.weights_dir, run.run_dir)
-    initial = run.actor.export_weights(weights_dir, run.state.version)
+    initial = run.actor.export_weights(run.weights_dir, run.state.version)
     executor.run_sync(
         client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
     )

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdp_cli.config.schema import Device, ServerConfig
+from sdp_cli.config.schema import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 
 __all__ = [
@@ -33,6 +33,11 @@ def server_device(server: ServerConfig) -> Device:
         return Device.cuda if torch.cuda.is_available() else Device.cpu
     except ImportError:
         return Device.cpu
+
+
+def servers_may_be_remote(server: ServerConfig, ray: RayConfig) -> bool:
+    """Whether servers may run on other machines: on the nodes of a joined Ray cluster."""
+    return server.backend == ServerBackend.ray and ray.address != "local"
 
 
 def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
