@@ -12,7 +12,6 @@ new version. The client turns an abort into a new segment.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -38,9 +37,11 @@ class SimulatedSegment:
 
 @dataclass(eq=False)
 class _Decoding:
-    """One request holding a decode slot; `aborted` is set by a pause with abort."""
+    """One request holding a decode slot; a pause with abort resolves `aborted`."""
 
-    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class SimulatedServer:
@@ -93,11 +94,9 @@ class SimulatedServer:
                 mean = self._sim.token_latency_s + self._sim.token_latency_per_seq_s * decoding
                 # Lognormal with that mean: E[exp(N(mu, σ²))] = exp(mu + σ²/2).
                 latency = self._rng.lognormvariate(math.log(mean) - self._sigma**2 / 2, self._sigma)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        request.aborted.wait(), timeout=self._time.loop_seconds(latency)
-                    )
-                if request.aborted.is_set():
+                # Waiting on the future itself: no task per token, which wait_for would make.
+                await asyncio.wait((request.aborted,), timeout=self._time.loop_seconds(latency))
+                if request.aborted.done():
                     return self._segment(produced, version, "abort")
                 produced += 1
         finally:
@@ -119,8 +118,8 @@ class SimulatedServer:
         self._open.clear()
         self._aborts += 1
         for request in list(self._decoding):
-            if not request.aborted.is_set():
-                request.aborted.set()
+            if not request.aborted.done():
+                request.aborted.set_result(None)
                 self.aborted += 1
 
     def resume(self) -> None:
