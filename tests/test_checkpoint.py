@@ -22,7 +22,7 @@ from sdp_cli.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sdp_cli.train.weights import export_weights
+from sdp_cli.train.weights import export_weights, tensors_for_servers, write_safetensors
 
 PROMPT = [1, 5, 6, 45]
 
@@ -119,6 +119,45 @@ def test_exported_weights_are_a_loadable_model_dir(tiny_model_dir: Path, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("12=")["input_ids"] == [5, 6, 45]
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+
+
+def test_export_in_the_servers_dtype_writes_the_checkpoints_tensors(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    actor = trained_actor(tiny_model_dir, steps=1)
+    out = actor.export_weights(tmp_path / "weights", version=1, dtype=torch.bfloat16)
+    tensors = load_file(out / "model.safetensors")
+    assert tensors.keys() == load_file(tiny_model_dir / "model.safetensors").keys()
+    for name, param in actor.model.state_dict().items():
+        assert tensors[name].dtype == torch.bfloat16, name
+        assert torch.equal(tensors[name], param.to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # The trainer's own config is not changed by the export.
+    assert actor.model.config.dtype == torch.float32
+
+
+def test_only_the_checkpoints_tensors_go_to_the_servers() -> None:
+    weight = torch.randn(4, 3)
+    # A tied LM head is the embedding under a second name, which the checkpoint does not hold.
+    state = {"embed.weight": weight, "lm_head.weight": weight, "norm.weight": torch.ones(3)}
+    tensors = tensors_for_servers(state, frozenset({"embed.weight", "norm.weight"}), None)
+    assert tensors is not None and sorted(tensors) == ["embed.weight", "norm.weight"]
+    # Names the checkpoint has and the model does not (a renamed architecture): no direct write.
+    assert tensors_for_servers(state, frozenset({"model.embed.weight"}), None) is None
+
+
+def test_direct_safetensors_file_reads_back(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.float32).to(torch.bfloat16),
+        # A transposed view: written in its logical order.
+        "c": torch.randn(5, 3).t(),
+    }
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
 
 
 def test_export_keeps_the_newest_versions_and_cleans_leftovers(

@@ -62,7 +62,7 @@ class ScriptedActor:
             "step_time_s": 0.0,
         }
 
-    def export_weights(self, weights_dir: Path, version: int) -> Path:
+    def export_weights(self, weights_dir: Path, version: int, dtype: object = None) -> Path:
         return self.tmp_path / f"v{version}"
 
 

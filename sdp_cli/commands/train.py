@@ -50,7 +50,7 @@ from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
 from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
 from sdp_cli.train.update import InferenceServers
-from sdp_cli.train.weights import MEMORY_WEIGHTS, weights_dir_for
+from sdp_cli.train.weights import MEMORY_WEIGHTS, export_dtype, weights_dir_for
 
 
 @dataclass
@@ -434,7 +434,9 @@ def give_servers_trainer_weights(
 ) -> None:
     """Attached servers may hold any weights, and a resumed run's servers start from the base
     model: give every server the trainer's weights before the first rollout."""
-    initial = run.actor.export_weights(run.weights_dir, run.state.version)
+    initial = run.actor.export_weights(
+        run.weights_dir, run.state.version, export_dtype(cfg.server.dtype)
+    )
     executor.run_sync(
         client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
     )

@@ -291,10 +291,18 @@ class Actor:
         extra.ref_kl_sum += float(per_token.detach().sum().item())
         return self.train_config.kl_coef * per_token.sum() / max(normalizer, 1)
 
-    def export_weights(self, weights_dir: Path, version: int) -> Path:
-        """Write `weights_dir/v{version}/` for the servers; keeps the newest train.keep_weights."""
+    def export_weights(
+        self, weights_dir: Path, version: int, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write `weights_dir/v{version}/` for the servers, in their `dtype` (None: the
+        trainer's); keeps the newest train.keep_weights."""
         return export_weights(
-            self.model, self.model_dir, weights_dir, version, self.train_config.keep_weights
+            self.model,
+            self.model_dir,
+            weights_dir,
+            version,
+            self.train_config.keep_weights,
+            dtype=dtype,
         )
 
 

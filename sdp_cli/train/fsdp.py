@@ -151,7 +151,9 @@ class ShardedActor(Actor):
         # Entropy and KL are rank 0's share of the batch; the loss statistics are all ranks'.
         return step_summary(groups, merged, grad_norm, finite, n_micro, started, self.step_extras)
 
-    def export_weights(self, weights_dir: Path, version: int) -> Path:
+    def export_weights(
+        self, weights_dir: Path, version: int, dtype: torch.dtype | None = None
+    ) -> Path:
         # The training loop exports from a worker thread, and the current CUDA device is
         # per thread: gather on this rank's device.
         with self._on_rank_device():
@@ -164,6 +166,7 @@ class ShardedActor(Actor):
             version,
             self.train_config.keep_weights,
             state_dict=state,
+            dtype=dtype,
         )
 
     def _on_rank_device(self) -> AbstractContextManager[object]:

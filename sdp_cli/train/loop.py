@@ -27,7 +27,7 @@ from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
 from sdp_cli.train.evaluate import Evaluator
 from sdp_cli.train.samples import SampleLog
 from sdp_cli.train.update import UpdateServers, WeightUpdate
-from sdp_cli.train.weights import weights_dir_for
+from sdp_cli.train.weights import export_dtype, weights_dir_for
 
 # Which data positions are trained so far (for checkpoints).
 DataPositionState = Callable[[], PositionState]
@@ -65,6 +65,7 @@ class TrainingLoop:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.weights_dir = weights_dir_for(cfg.train.weights_dir, self.run_dir)
+        self.export_dtype = export_dtype(cfg.server.dtype)
         self.recompute_on_trainer = (
             cfg.rollout.recompute_on == RecomputeOn.trainer
             and needs_proximal_recompute(cfg.train.prox_mode)
@@ -182,7 +183,9 @@ class TrainingLoop:
 
     async def export_weights(self, version: int) -> Path:
         """Write weights/v{version}/ on a worker thread while the loop serves the recompute."""
-        return await asyncio.to_thread(self.actor.export_weights, self.weights_dir, version)
+        return await asyncio.to_thread(
+            self.actor.export_weights, self.weights_dir, version, self.export_dtype
+        )
 
     def update_weights(self, new_version: int) -> dict[str, float]:
         """The weight-update protocol; returns the time of each phase and the total."""

@@ -4,16 +4,28 @@
 config, generation config, tokenizer files), so it works both for vLLM's
 `reload_weights(weights_path=DIR)` and for a fresh `--model DIR`. It is written atomically
 (`common.atomic_dir`), so a reader never sees a half-written version.
+
+The weights go out as exactly the tensors of the source checkpoint (the names vLLM loaded the
+model from: a tied LM head is not written twice), in the servers' dtype, each written straight
+from the parameter's memory into the file. Writing releases the GIL, so the executor's loop
+keeps serving while the trainer exports; `save_pretrained` is the fallback for a model whose
+parameter names differ from its checkpoint's.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import re
 import shutil
+import struct
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -25,6 +37,22 @@ from sdp_cli.errors import SdpError
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
+# The single file the direct export writes (vLLM reads every *.safetensors in the directory).
+WEIGHTS_FILE = "model.safetensors"
+# safetensors' names of the dtypes a server can hold.
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+}
+# vLLM's --dtype → the dtype of the exported tensors; "auto" keeps the trainer's.
+_SERVER_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 # A complete version, or (group 2) the leftover of a writer killed half-way (common/atomic.py).
 _VERSION_DIR = re.compile(r"^v(\d+)((?:\.tmp|\.old)-\d+)?$")
 
@@ -99,6 +127,85 @@ def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
     return doomed
 
 
+def export_dtype(server_dtype: str) -> torch.dtype | None:
+    """The dtype the servers hold (vLLM's --dtype), None for "auto" (the trainer's own)."""
+    return _SERVER_DTYPES.get(server_dtype)
+
+
+@cache
+def checkpoint_tensor_names(source_dir: Path) -> frozenset[str]:
+    """The tensor names of a model directory's safetensors files (read from their headers)."""
+    names: set[str] = set()
+    for path in sorted(source_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return frozenset(names)
+
+
+def tensors_for_servers(
+    state: Mapping[str, Tensor], names: frozenset[str], dtype: torch.dtype | None
+) -> dict[str, Tensor] | None:
+    """The checkpoint's tensors from `state`, in `dtype`; None when `state` lacks one of them
+    (parameter names that differ from the checkpoint's) or holds a dtype safetensors cannot
+    name here."""
+    if not names or not names <= state.keys():
+        return None
+    tensors = {name: state[name].detach() for name in sorted(names)}
+    if dtype is not None:
+        tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+    if any(tensor.dtype not in _SAFETENSORS_DTYPES for tensor in tensors.values()):
+        return None
+    return tensors
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """One safetensors file: an 8-byte header length, the JSON header, then each tensor's bytes
+    written from its own memory (no serialized copy of the whole model in between)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    # The format pads the header with spaces so the data starts 8-byte aligned.
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+            handle.write(flat.cpu().numpy().data)
+
+
+def _write_model_dir(
+    model: PreTrainedModel,
+    source_dir: Path,
+    target: Path,
+    state_dict: dict[str, Tensor] | None,
+    dtype: torch.dtype | None,
+) -> None:
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = tensors_for_servers(state, checkpoint_tensor_names(source_dir), dtype)
+    if tensors is None:
+        # Transformers 5 always writes safetensors; save_original_format keeps the
+        # checkpoint's own tensor names, which is what vLLM's loader expects.
+        model.save_pretrained(target, save_original_format=True, state_dict=state_dict)
+        return
+    write_safetensors(target / WEIGHTS_FILE, tensors)
+    # As save_pretrained does, the config names the dtype of the weights written ("auto"
+    # servers load that one).
+    config = copy.deepcopy(model.config)
+    config.dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config.save_pretrained(target)
+    if model.can_generate():
+        model.generation_config.save_pretrained(target)
+
+
 def export_weights(
     model: PreTrainedModel,
     source_dir: Path,
@@ -106,19 +213,18 @@ def export_weights(
     version: int,
     keep: int,
     state_dict: dict[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `weights_dir/v{version}/` atomically, keep the newest `keep` versions, and return
     the new directory. `state_dict` (full tensors) replaces the model's own, for a model whose
-    parameters are sharded across ranks."""
+    parameters are sharded across ranks; `dtype` is the servers' (None keeps the trainer's)."""
     # A "Writing model shards" bar per weight update would scribble over the dashboard.
     hf_logging.disable_progress_bar()
     final = version_dir(weights_dir, version)
     try:
         # An existing version (a re-export after resume) is replaced.
         with atomic_dir(final) as tmp:
-            # Transformers 5 always writes safetensors; save_original_format keeps the
-            # checkpoint's own tensor names, which is what vLLM's loader expects.
-            model.save_pretrained(tmp, save_original_format=True, state_dict=state_dict)
+            _write_model_dir(model, Path(source_dir), tmp, state_dict, dtype)
             copy_tokenizer_files(source_dir, tmp)
         prune_versions(weights_dir, keep, version)
     except (OSError, SafetensorError) as exc:
