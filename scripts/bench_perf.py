@@ -17,7 +17,9 @@ Measures, on the same model, tokens and torch threads:
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
   memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
   every output logit at once (`train.logit_chunk_tokens=0`) and both sides under
-  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`).
+  `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`), and those two again at
+  `--long-output-len` output tokens per sequence (`peak_memory_long_checkpointed_vs_full`),
+  where the logits, not the decoder's activations or the optimizer, dominate the step.
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
@@ -116,6 +118,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=96)
+    parser.add_argument(
+        "--long-output-len", type=int, default=480, help="output tokens of the long memory shape"
+    )
     parser.add_argument("--run-steps", type=int, default=None, help="steps per run (12, 30)")
     parser.add_argument("--run-rounds", type=int, default=None, help="rounds of runs (1, 2)")
     parser.add_argument("--no-runs", action="store_true", help="skip the real sdp train runs")
@@ -216,6 +221,8 @@ VARIANTS: dict[str, tuple[type[Actor], int, bool]] = {
     "full-checkpointed": (FullVocabActor, 0, True),
 }
 PEAK_VARIANTS = tuple(VARIANTS)
+# Measured again at --long-output-len.
+LONG_VARIANTS = ("actor-checkpointed", "full-checkpointed")
 
 
 def timed(fn: Any) -> float:
@@ -303,22 +310,30 @@ def child_peak(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_added_bytes": rss_bytes("VmHWM") - before}))
 
 
-def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
-    peaks: dict[str, int] = {}
-    for variant in PEAK_VARIANTS:
-        command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_added_bytes"]
+def peak_added_bytes(args: argparse.Namespace, variant: str) -> int:
+    command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["peak_added_bytes"])
 
-    def ratio(variant: str, reference: str) -> float:
+
+def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
+    peaks = {variant: peak_added_bytes(args, variant) for variant in PEAK_VARIANTS}
+    # Long outputs, where the logits outgrow the decoder's checkpointed activations.
+    long_args = argparse.Namespace(**{**vars(args), "output_len": args.long_output_len})
+    long_peaks = {variant: peak_added_bytes(long_args, variant) for variant in LONG_VARIANTS}
+
+    def ratio(variant: str, reference: str, found: dict[str, int] = peaks) -> float:
         # A tiny model's step can fit in memory the allocator already holds: nothing added.
-        return peaks[variant] / peaks[reference] if peaks[reference] > 0 else float("nan")
+        return found[variant] / found[reference] if found[reference] > 0 else float("nan")
 
     return {
         **{f"{variant}_mib": n / 2**20 for variant, n in peaks.items()},
         "peak_memory_vs_full": ratio("actor", "full"),
         "unchunked_vs_full": ratio("unchunked", "full"),
         "checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed"),
+        **{f"long_{variant}_mib": n / 2**20 for variant, n in long_peaks.items()},
+        "long_output_len": args.long_output_len,
+        "long_checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed", long_peaks),
     }
 
 
@@ -489,6 +504,7 @@ def main() -> None:
         "peak_memory_vs_full": figure(memory["peak_memory_vs_full"]),
         **figures,
         "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
+        "peak_memory_long_checkpointed_vs_full": figure(memory["long_checkpointed_vs_full"]),
     }
     print(json.dumps(result))
 
@@ -503,6 +519,11 @@ def print_memory(m: dict[str, Any]) -> None:
         f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6); every output "
         f"logit at once {m['unchunked_vs_full']:.3f}; both under gradient checkpointing "
         f"{m['checkpointed_vs_full']:.3f}"
+    )
+    print(
+        f"at {m['long_output_len']} output tokens per sequence, both under gradient "
+        f"checkpointing: actor {m['long_actor-checkpointed_mib']:.1f} MiB, full log_softmax "
+        f"{m['long_full-checkpointed_mib']:.1f} MiB → {m['long_checkpointed_vs_full']:.3f}"
     )
 
 
