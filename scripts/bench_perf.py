@@ -38,9 +38,12 @@ median over `--run-rounds` alternating rounds of the steady steps (all but the f
   where the two take turns on every core and so each runs alone.
 - `update_share`: the whole weight update (`weight_update.total_s`: pause, recompute, export,
   reload, version, resume) over the train step (`train_step.step_s`) of the run `sdp train`
-  does by default at η = 2 (`async-split`), with the mean of each phase. The runs export into
-  a memory-backed directory (`train.weights_dir=memory`); before them, one export alone into a
-  directory on disk and into /dev/shm, alternating (medians), shows the difference.
+  does by default at η = 2 (`async-split`), with the mean of each phase. After the runs, the
+  `split` fleet reloads weights 3 times with nothing else running: with the export alone
+  (below) this is the floor of an update on this placement (`update_floor_share`). The runs
+  export into a memory-backed directory (`train.weights_dir=memory`); before them, one export
+  alone into a directory on disk and into /dev/shm, alternating (medians), shows the
+  difference.
 - `simulate_error`: `sdp simulate --calibrate` on the `sync-split` run's log (first round)
   predicts `async-split` (η = 2) and `sync-split-2b` (twice the batch), all three with the
   servers and the trainer on their own cores (the simulator does not model two processes
@@ -56,6 +59,7 @@ The last line of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -70,7 +74,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -83,6 +87,9 @@ from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor, load_model
 from sdp_cli.train.batch import TrainBatch
 from sdp_cli.train.weights import MEMORY_ROOT
+
+if TYPE_CHECKING:
+    from sdp_cli.launcher.fleet import ServerFleet
 
 # --model NAME → the config group that selects it.
 MODEL_GROUPS = {"tiny": "tiny", "smollm2-135m": "smollm2"}
@@ -346,9 +353,11 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return out + (["--quick"] if args.quick else [])
 
 
-def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Path, int]:
-    """Each run's steady-step figures (medians over the rounds), the work directory and the
-    base batch size."""
+def real_runs(
+    args: argparse.Namespace,
+) -> tuple[dict[str, dict[str, float]], Path, int, list[float]]:
+    """Each run's steady-step figures (medians over the rounds), the work directory, the base
+    batch size and the seconds of vLLM's reload alone on the `split` fleet."""
     bench_train = bench_train_module()
     from rich.console import Console
 
@@ -391,11 +400,34 @@ def real_runs(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Pa
                 run_dir = work / f"{name}-round{round_index}"
                 result = bench_train.train_once(run_dir, overrides, console, conf)
                 found.setdefault(name, []).append(result)
+        reloads = idle_reloads(fleets["split"], ensure_model_dir(base.model))
     finally:
         for fleet in fleets.values():
             fleet.stop()
     figures = {name: bench_train.medians(results) for name, results in found.items()}
-    return figures, work, base.rollout.batch_size
+    return figures, work, base.rollout.batch_size, reloads
+
+
+def idle_reloads(fleet: ServerFleet, weights: Path, rounds: int = 3) -> list[float]:
+    """Seconds of the servers' reload phase (`reload_weights` over HTTP, vLLM loading and
+    processing every tensor) with nothing else running: the floor of a weight update's reload.
+    Loads the model's own directory, as a version none of the runs used."""
+    import httpx
+
+    from sdp_cli.inference.weights import update_server_weights
+
+    async def reload_all() -> list[float]:
+        seconds: list[float] = []
+        async with httpx.AsyncClient() as http:
+            for version in range(rounds):
+                for address in fleet.addresses:
+                    timings = await update_server_weights(
+                        http, address, str(weights), 1000 + version, timeout_s=120.0
+                    )
+                    seconds.append(timings.reload)
+        return seconds
+
+    return asyncio.run(reload_all())
 
 
 def bench_train_module() -> ModuleType:
@@ -424,8 +456,9 @@ def simulated(calibrated_run: Path, overrides: list[str], out: Path) -> dict[str
     return bench_train.step_numbers(*bench_train.steady_steps(out))
 
 
-def run_figures(args: argparse.Namespace) -> dict[str, Any]:
-    runs, work, batch_size = real_runs(args)
+def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
+    """The real runs' figures; `export_s` is one export into memory alone."""
+    runs, work, batch_size, reloads = real_runs(args)
     best_sync = max(SYNC_RUNS, key=lambda name: runs[name]["samples_per_s"])
     best_async = max(ASYNC_RUNS, key=lambda name: runs[name]["samples_per_s"])
     # CPU seconds per trained sample with the trainer and the servers taking turns.
@@ -455,6 +488,9 @@ def run_figures(args: argparse.Namespace) -> dict[str, Any]:
         "prediction_errors": errors,
         # Both shares are of the steady cycle; their ratio is the update over the train step.
         "update_share": default["update_share"] / default["train_share"],
+        "idle_reload_s": reloads,
+        # An update can be no faster than an export and a reload, each alone.
+        "update_floor_share": (export_s + statistics.median(reloads)) / default["train_step_s"],
         "async_over_sync": runs[best_async]["samples_per_s"] / runs[best_sync]["samples_per_s"],
         "simulate_error": max(errors.values()),
     }
@@ -496,7 +532,7 @@ def main() -> None:
     )
     figures = {key: None for key in RUN_KEYS}
     if not args.no_runs:
-        found = run_figures(args)
+        found = run_figures(args, statistics.median(exports["memory_s"]))
         print_runs(found)
         figures = {key: round(found[key], 4) for key in RUN_KEYS}
     result: dict[str, Any] = {
@@ -542,6 +578,12 @@ def print_runs(found: dict[str, Any]) -> None:
     print(
         f"async_over_sync = {found['async_over_sync']:.3f} (target ≥ 1.2); update_share = "
         f"{found['update_share']:.3f} of a train step in async-split (target ≤ 0.05)"
+    )
+    print(
+        f"vLLM reload alone on the split fleet (nothing else running): "
+        f"{statistics.median(found['idle_reload_s']):.3f} s {fmt(found['idle_reload_s'])}; an "
+        f"export to memory plus that reload is {found['update_floor_share']:.3f} of "
+        f"async-split's mean train step ({found['runs']['async-split']['train_step_s']:.2f} s)"
     )
     for name, predicted in found["predicted_samples_per_s"].items():
         measured = found["runs"][name]["samples_per_s"]

@@ -76,6 +76,7 @@ def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) 
         "wait_share": wait / cycle,
         "train_share": train / cycle,
         "update_share": update / cycle,
+        "train_step_s": train / len(steady),
         **{f"update_{name}_ms": seconds * 1000 for name, seconds in phases.items()},
     }
 
