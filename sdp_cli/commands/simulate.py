@@ -114,13 +114,20 @@ def print_calibration(
     out = Console(stderr=True) if as_json else console
     c = calibration
     out.print(f"[bold]Calibrated from[/bold] {c.run_dir / 'events.jsonl'}")
+    spans = "completions" if c.per_completion else "rollouts (no completion times)"
     out.print(
-        f"  {c.rollouts} rollouts: {c.mean_new_tokens:.1f} tokens per completion, "
-        f"{c.rollout_token_latency_s * 1e3:.3f} ms per token submit→finish "
-        f"({c.latency_intercept_s * 1e3:.3f} + {c.latency_per_seq_s * 1e3:.3f}·completions "
-        f"decoding per server) → simulate.token_latency_s="
-        f"{c.latency_intercept_s * scale:.6g}, simulate.token_latency_per_seq_s="
-        f"{c.latency_per_seq_s * scale:.6g}"
+        f"  {c.rollouts} {spans}: {c.mean_new_tokens:.1f} tokens per completion, "
+        f"{c.completion_s:.3f} s each ({c.rollout_token_latency_s * 1e3:.3f} ms per token)"
+    )
+    out.print(
+        f"  completion s ≈ {c.prefill_s * 1e3:.3f} ms × prefills (its own and those ahead) + "
+        f"tokens × ({c.latency_intercept_s * 1e3:.3f} + {c.latency_per_seq_s * 1e3:.3f} × "
+        "completions decoding per server) ms"
+    )
+    out.print(
+        f"  server time ×{scale:.3f} → simulate.prefill_s={c.prefill_s * scale:.6g}, "
+        f"simulate.token_latency_s={c.latency_intercept_s * scale:.6g}, "
+        f"simulate.token_latency_per_seq_s={c.latency_per_seq_s * scale:.6g}"
     )
     out.print(
         f"  {c.steps} train steps: step_s ≈ {c.step_intercept_s:.4g} + "

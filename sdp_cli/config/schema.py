@@ -587,8 +587,15 @@ class SimulateConfig:
         help="more mean seconds per token for each request decoding on the same server at the "
         "time, itself included (a server decodes its batch in one step, slower as it grows)",
     )
+    prefill_s: float = setting(
+        0.0,
+        ge=0,
+        help="mean seconds to prefill one request's prompt (every segment) before its first "
+        "token; a server prefills one request at a time, first come first served, and its "
+        "decoding requests wait meanwhile",
+    )
     latency_jitter: float = setting(
-        0.3, ge=0, help="relative spread (lognormal sigma) of per-token latency"
+        0.3, ge=0, help="relative spread (lognormal sigma) of per-token and prefill latency"
     )
     server_batch: int = setting(32, ge=1, help="requests one simulated server decodes at once")
     mean_new_tokens: int = setting(16, ge=1, help="mean tokens per completion")

@@ -1,19 +1,22 @@
 """`sdp simulate --calibrate RUN_DIR`: the simulator's timing parameters read from a run's log.
 
 From RUN_DIR/events.jsonl: the tokens per completion (`rollout_finished.n_tokens` over the
-samples per prompt), the seconds per generated token of a rollout (submit to finish over its
-tokens per completion) as a line in the completions decoding on a server meanwhile
-(latency ≈ a + b·sequences: a server decodes its batch in one step, slower as it grows), the
-trainer's step time as a line in the tokens it trained (step_s ≈ a + b·tokens, so another batch
-size gets its own step time) and the mean weight update time. The per-token latency seen in a
-log includes queueing, pauses for weight updates and the wait for a group's longest completion;
-the simulator adds those back by itself, so the latency line it is given is scaled until the
-simulated run shows the measured mean per-token latency.
+samples per prompt); the server time of a completion (start to last token; submit to finish of
+its rollout in older logs) as seconds ≈ prefill_s·k + tokens·(a + b·c), where k is the
+completions in flight per server just after it started (the prompts prefilled ahead of it and
+its own, when requests arrive together) and c the completions in flight per server while it
+decodes, averaged over its tokens (a server decodes its batch in one step, slower as it grows);
+the trainer's step time as a line in the tokens it trained (step_s ≈ a + b·tokens, so another
+batch size gets its own step time) and the mean weight update time. The seconds seen in a log
+include queueing and pauses for weight updates; the simulator adds those back by itself, so the
+server time it is given is scaled until the simulated run shows the measured mean completion
+seconds.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,11 @@ from sdp_cli.telemetry.schema import (
 
 # Rounds of latency correction: each one simulates the calibrated run once (virtual time).
 _LATENCY_ROUNDS = 3
+# Completions that start within this share of a completion's seconds after it count as arriving
+# with it: a log's start times carry the jitter of submission and of the finish events' stamps.
+_TOGETHER = 0.01
+# Rounds of the server-time fit after the first (each recomputes the decoding batch).
+_FIT_ROUNDS = 12
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,11 @@ class Calibration:
     n_samples: int
     # Seconds per token of a completion (start to last token), averaged over completions.
     rollout_token_latency_s: float
-    # That latency ≈ latency_intercept_s + latency_per_seq_s · completions decoding per server.
+    # Seconds of a completion, start to last token, averaged over completions.
+    completion_s: float
+    # Those seconds ≈ prefill_s · prefills it waits for + tokens · (latency_intercept_s +
+    # latency_per_seq_s · completions decoding per server).
+    prefill_s: float
     latency_intercept_s: float
     latency_per_seq_s: float
     mean_new_tokens: float
@@ -54,6 +66,8 @@ class Calibration:
     rollouts: int
     steps: int
     updates: int
+    # Whether the log timed each completion; older logs have one span per rollout.
+    per_completion: bool = True
     # Overrides that give a config the calibrated run's shape (batch, staleness, servers...).
     run_shape: tuple[str, ...] = ()
 
@@ -62,7 +76,7 @@ class Calibration:
 
     def overrides_for(self, cfg: SdpConfig, latency_scale: float) -> list[str]:
         """simulate.* overrides for simulating `cfg` (its batch size sets the step time), with
-        the latency line scaled by `latency_scale`."""
+        the server time (prefill and per-token latency) scaled by `latency_scale`."""
         return self.simulate_overrides(
             cfg.rollout.batch_size * cfg.rollout.n_samples, latency_scale
         )
@@ -78,6 +92,7 @@ class Calibration:
     def simulate_overrides(self, samples_per_step: int, latency_scale: float) -> list[str]:
         tokens = samples_per_step * self.mean_new_tokens
         return [
+            f"simulate.prefill_s={self.prefill_s * latency_scale:.6g}",
             f"simulate.token_latency_s={self.latency_intercept_s * latency_scale:.6g}",
             f"simulate.token_latency_per_seq_s={self.latency_per_seq_s * latency_scale:.6g}",
             f"simulate.mean_new_tokens={max(1, round(self.mean_new_tokens))}",
@@ -86,7 +101,9 @@ class Calibration:
         ]
 
 
-def read_calibration(run_dir: Path) -> Calibration:
+def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
+    """`per_completion=False` reads one span per rollout even where the log timed each
+    completion (to compare a simulated log with an older one)."""
     path = Path(run_dir) / "events.jsonl"
     if not path.is_file():
         raise SdpError(f"--calibrate: no run log at {path}")
@@ -95,29 +112,34 @@ def read_calibration(run_dir: Path) -> Calibration:
     if not started:
         raise SdpError(f"--calibrate: {path} has no run_started event")
     n_samples = started[0].n_samples
-    latencies, lengths, decoding = rollout_timings(events, n_samples, started[0].server_count)
+    times = rollout_timings(events, n_samples, started[0].server_count, per_completion)
     steps = [e for e in events if isinstance(e, TrainStepEvent) and not e.skipped]
     updates = [e.total_s for e in events if isinstance(e, WeightUpdateEvent)]
-    if not latencies or not steps:
+    if not times.seconds or not steps:
         raise SdpError(
-            f"--calibrate: {path} has {len(latencies)} finished rollouts with tokens and "
+            f"--calibrate: {path} has {len(times.seconds)} finished rollouts with tokens and "
             f"{len(steps)} train steps; calibration needs at least one of each"
         )
     intercept, slope = line_fit([float(e.tokens) for e in steps], [e.step_s for e in steps])
-    latency_intercept, latency_slope = latency_line(decoding, latencies)
+    prefill, per_token, per_seq = server_time_fit(times)
     return Calibration(
         run_dir=Path(run_dir),
         n_samples=n_samples,
-        rollout_token_latency_s=statistics.fmean(latencies),
-        latency_intercept_s=latency_intercept,
-        latency_per_seq_s=latency_slope,
-        mean_new_tokens=statistics.fmean(lengths),
+        rollout_token_latency_s=statistics.fmean(
+            s / t for s, t in zip(times.seconds, times.tokens, strict=True)
+        ),
+        completion_s=statistics.fmean(times.seconds),
+        prefill_s=prefill,
+        latency_intercept_s=per_token,
+        latency_per_seq_s=per_seq,
+        mean_new_tokens=statistics.fmean(times.tokens),
         step_intercept_s=intercept,
         step_s_per_token=slope,
         update_s=statistics.fmean(updates) if updates else 0.0,
-        rollouts=len(latencies),
+        rollouts=len(times.seconds),
         steps=len(steps),
         updates=len(updates),
+        per_completion=times.per_completion,
         run_shape=run_shape(started[0]),
     )
 
@@ -143,25 +165,77 @@ def _shape_value(shape: Sequence[str], key: str) -> int:
     raise KeyError(key)
 
 
+@dataclass(frozen=True)
+class CompletionTimes:
+    """The finished completions of a log with tokens (each rollout's mean completion in logs
+    without completion times), as the server-time fit reads them."""
+
+    # (start, end, tokens, completions it stands for), as `completion_spans` gives them.
+    spans: list[tuple[float, float, float, int]]
+    in_flight: InFlight
+    servers: int
+    # Completions in flight per server just after each one started: the prompts prefilled
+    # ahead of it and its own when requests arrive together (all of a step's at η = 0).
+    prefills: list[float]
+    # False when the spans are rollouts (submit to finish), not completions.
+    per_completion: bool
+
+    @property
+    def seconds(self) -> list[float]:
+        return [end - start for start, end, _, _ in self.spans]
+
+    @property
+    def tokens(self) -> list[float]:
+        return [tokens for _, _, tokens, _ in self.spans]
+
+    def decoding(self, prefill_s: float, per_token: float, per_seq: float) -> list[float]:
+        """Completions in flight per server beside each one while it decodes: over its life
+        after the prefills it waited for (`prefill_s` each; a burst is not decoding while its
+        prompts are read), averaged over its tokens, which come faster while fewer decode
+        (a token takes `per_token + per_seq · decoding`; a time average would weigh the
+        crowded, slow stretches more than the tokens made in them)."""
+        decode_from = [
+            min(start + prefill_s * prefills, end - _TOGETHER * (end - start))
+            for (start, end, _, _), prefills in zip(self.spans, self.prefills, strict=True)
+        ]
+        intervals = [(t, end) for t, (_, end, _, _) in zip(decode_from, self.spans, strict=True)]
+
+        def token_rate(open_weight: int) -> float:
+            latency = per_token + per_seq * open_weight / self.servers
+            # Before the first fit no latency is known: every moment counts the same.
+            return 1.0 / latency if latency > 0 else 1.0
+
+        means = self.in_flight.weighted_means(intervals, token_rate)
+        return [mean / self.servers for mean in means]
+
+
 def rollout_timings(
-    events: Sequence[Event], n_samples: int, servers: int = 1
-) -> tuple[list[float], list[float], list[float]]:
-    """(seconds per token, tokens, mean completions decoding per server meanwhile) of each
-    finished completion; of each rollout's mean completion in logs without completion times."""
-    spans = completion_spans(events, n_samples)
+    events: Sequence[Event], n_samples: int, servers: int = 1, per_completion: bool = True
+) -> CompletionTimes:
+    """The times of every finished completion with tokens (`per_completion=False`: of every
+    rollout, as for a log without completion times)."""
+    spans = completion_spans(events, n_samples, per_completion)
     in_flight = InFlight([(start, end, weight) for start, end, _, weight in spans])
-    latencies = [(end - start) / tokens for start, end, tokens, _ in spans]
-    lengths = [tokens for _, _, tokens, _ in spans]
-    decoding = [in_flight.mean(start, end) / max(servers, 1) for start, end, _, _ in spans]
-    return latencies, lengths, decoding
+    servers = max(servers, 1)
+    return CompletionTimes(
+        spans=spans,
+        in_flight=in_flight,
+        servers=servers,
+        prefills=[
+            in_flight.open_after(start + _TOGETHER * (end - start)) / servers
+            for start, end, _, _ in spans
+        ],
+        per_completion=per_completion and all(weight == 1 for *_, weight in spans),
+    )
 
 
 def completion_spans(
-    events: Sequence[Event], n_samples: int
+    events: Sequence[Event], n_samples: int, per_completion: bool = True
 ) -> list[tuple[float, float, float, int]]:
     """(start, end, tokens, completions it stands for) of every finished completion with tokens:
-    one per completion when the log has `completion_s`, else one per rollout (submit to finish,
-    its tokens per completion, standing for its `n_samples` completions)."""
+    one per completion when the log has `completion_s` (and `per_completion`), else one per
+    rollout (submit to finish, its tokens per completion, standing for its `n_samples`
+    completions)."""
     submitted = {
         e.rollout_id: e.ts
         for e in events
@@ -171,7 +245,7 @@ def completion_spans(
     for event in events:
         if not isinstance(event, RolloutFinishedEvent) or event.n_tokens <= 0 or event.ts is None:
             continue
-        if event.completion_s and event.completion_tokens:
+        if per_completion and event.completion_s and event.completion_tokens:
             # The group is done when its last completion is.
             start = event.ts - max(event.completion_s)
             spans += [
@@ -182,8 +256,8 @@ def completion_spans(
             continue
         start = submitted.get(event.rollout_id)
         if start is not None and event.ts > start:
-            per_completion = event.n_tokens / max(n_samples, 1)
-            spans.append((start, event.ts, per_completion, max(n_samples, 1)))
+            tokens_each = event.n_tokens / max(n_samples, 1)
+            spans.append((start, event.ts, tokens_each, max(n_samples, 1)))
     return spans
 
 
@@ -197,40 +271,104 @@ class InFlight:
             + [(end, -weight) for _, end, weight in spans]
         )
         self._times = [t for t, _ in changes]
-        # Weight open just after each change, and the integral of that weight up to it.
-        self._open: list[int] = []
-        self._area: list[float] = []
-        open_now, area, last = 0, 0.0, changes[0][0] if changes else 0.0
-        for t, delta in changes:
-            area += open_now * (t - last)
-            open_now += delta
-            last = t
-            self._open.append(open_now)
-            self._area.append(area)
+        # Weight open just after each change.
+        self._open = list(itertools.accumulate(delta for _, delta in changes))
+        self._area = self._integrals(float)
 
-    def _area_at(self, t: float) -> float:
+    def _integrals(self, value: Callable[[int], float]) -> list[float]:
+        """∫ value(weight open) dt from the first change up to each change."""
+        areas, area = [], 0.0
+        for i, t in enumerate(self._times):
+            if i > 0:
+                area += value(self._open[i - 1]) * (t - self._times[i - 1])
+            areas.append(area)
+        return areas
+
+    def _integral_at(
+        self, areas: Sequence[float], value: Callable[[int], float], t: float
+    ) -> float:
         i = bisect.bisect_right(self._times, t) - 1
         if i < 0:
             return 0.0
-        return self._area[i] + self._open[i] * (t - self._times[i])
+        return areas[i] + value(self._open[i]) * (t - self._times[i])
 
     def mean(self, start: float, end: float) -> float:
-        return (self._area_at(end) - self._area_at(start)) / (end - start)
+        before = self._integral_at(self._area, float, start)
+        return (self._integral_at(self._area, float, end) - before) / (end - start)
+
+    def weighted_means(
+        self, intervals: Sequence[tuple[float, float]], weight: Callable[[int], float]
+    ) -> list[float]:
+        """The mean weight open over each [start, end), each moment counted `weight(weight
+        open)` times."""
+
+        def weighted_open(open_weight: int) -> float:
+            return open_weight * weight(open_weight)
+
+        numerators = self._integrals(weighted_open)
+        denominators = self._integrals(weight)
+        means = []
+        for start, end in intervals:
+            numerator = self._integral_at(numerators, weighted_open, end)
+            numerator -= self._integral_at(numerators, weighted_open, start)
+            denominator = self._integral_at(denominators, weight, end)
+            denominator -= self._integral_at(denominators, weight, start)
+            means.append(numerator / denominator if denominator > 0 else self.mean(start, end))
+        return means
+
+    def open_after(self, t: float) -> int:
+        """Weight open just after `t`: intervals starting at `t` in, those ending at `t` out."""
+        i = bisect.bisect_right(self._times, t) - 1
+        return self._open[i] if i >= 0 else 0
 
 
-def latency_line(decoding: Sequence[float], latencies: Sequence[float]) -> tuple[float, float]:
-    """(intercept, slope) of per-token latency against completions decoding, neither negative.
+def server_time_fit(times: CompletionTimes) -> tuple[float, float, float]:
+    """(prefill_s, a, b) of seconds ≈ prefill_s·k + tokens·(a + b·c), none negative (k: the
+    prefills it waited for, c: completions decoding per server beside it).
 
-    A run shows a narrow range of batch sizes, so the intercept is poorly known: when the
-    least-squares line crosses below zero, the line through the origin; when it falls, the
-    server did not get slower with more work and the flat line at the mean stands."""
-    intercept, slope = line_fit(decoding, latencies)
-    if slope <= 0:
-        return statistics.fmean(latencies), 0.0
-    if intercept < 0:
-        through_origin = sum(x * y for x, y in zip(decoding, latencies, strict=True))
-        return 0.0, through_origin / sum(x * x for x in decoding)
-    return intercept, slope
+    c depends on the fit (a completion decodes after its prefills, and its tokens come faster
+    while fewer decode), so the fit is repeated with the c of the previous round's values,
+    each round going half way to its fit (the plain iteration swings about the answer)."""
+    fitted = nonnegative_fit(times, times.decoding(0.0, 0.0, 0.0))
+    damped = fitted
+    for _ in range(_FIT_ROUNDS):
+        fitted = nonnegative_fit(times, times.decoding(*damped))
+        prefill, per_token, per_seq = ((d + f) / 2 for d, f in zip(damped, fitted, strict=True))
+        damped = (prefill, per_token, per_seq)
+    return fitted
+
+
+def nonnegative_fit(
+    times: CompletionTimes, decoding: Sequence[float]
+) -> tuple[float, float, float]:
+    """(prefill_s, a, b) of seconds ≈ prefill_s·k + tokens·(a + b·c) with c = `decoding`:
+    the non-negative least squares, found by fitting every subset of the three terms and
+    keeping the best fit whose coefficients are all ≥ 0 (a run shows a narrow range of batch
+    sizes, so a free fit can trade one term for a negative other). Fewer terms win ties."""
+    import numpy as np  # only here: `sdp` starts without numpy
+
+    tokens = np.asarray(times.tokens, dtype=float)
+    # Columns in the order ties prefer them: per token, per token and sequence, prefill.
+    columns = np.column_stack(
+        [tokens, tokens * np.asarray(decoding, dtype=float), np.asarray(times.prefills)]
+    )
+    seconds = np.asarray(times.seconds, dtype=float)
+    best = np.zeros(3)
+    best_residual = float(seconds @ seconds)
+    for subset in _term_subsets():
+        coefficients = np.zeros(3)
+        coefficients[subset] = np.linalg.lstsq(columns[:, subset], seconds, rcond=None)[0]
+        residual = float(np.sum((columns @ coefficients - seconds) ** 2))
+        if np.all(coefficients >= 0) and residual < best_residual * (1 - 1e-12):
+            best, best_residual = coefficients, residual
+    per_token, per_seq, prefill = (float(v) for v in best)
+    return prefill, per_token, per_seq
+
+
+def _term_subsets() -> list[list[int]]:
+    """The non-empty subsets of the three terms, smallest first."""
+    subsets = [[i for i in range(3) if mask >> i & 1] for mask in range(1, 8)]
+    return sorted(subsets, key=len)
 
 
 def line_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -247,18 +385,19 @@ def calibrated_latency_scale(
     simulate_log: Callable[[SdpConfig, Path], None],
     scratch: Path,
 ) -> float:
-    """The factor on the latency line with which the simulated run shows the run's measured
-    mean per-token latency.
+    """The factor on the server time (prefill and per-token latency) with which the simulated
+    run shows the run's measured mean completion seconds.
 
     `load_run_config(overrides)`: the calibrated run's own shape plus `overrides`;
     `simulate_log(cfg, path)`: simulate `cfg` writing its log to `path`."""
-    target = calibration.rollout_token_latency_s
+    target = calibration.completion_s
     scale = 1.0
     for round_index in range(_LATENCY_ROUNDS):
         cfg = load_run_config(calibration.overrides_for_run(scale))
         log = scratch / f"round-{round_index}" / "events.jsonl"
         simulate_log(cfg, log)
-        simulated = read_calibration(log.parent).rollout_token_latency_s
+        # Read as the calibrated log was: one span per rollout when it had no completion times.
+        simulated = read_calibration(log.parent, calibration.per_completion).completion_s
         if simulated <= 0:
             break
         scale *= target / simulated
