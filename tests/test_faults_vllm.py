@@ -25,6 +25,7 @@ import pytest
 
 from sdp_cli.common.atomic import is_leftover
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
+from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.process import group_alive, processes_of, still_running
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.positions import audit_positions
@@ -162,8 +163,9 @@ def test_server_killed_twice_then_sdp_train_killed_during_generation(
 ) -> None:
     """Its own server is SIGKILLed twice: the supervisor restarts it and the run goes on. Then
     `sdp train` itself is SIGKILLed while it waits for rollouts: its server group (API server,
-    engine core, watchdog) is gone within 10 s. The run resumes on the shared fleet and
-    finishes; the positions are trained exactly once across both sessions."""
+    engine core, watchdog) is gone within 10 s, and no shared-memory segment of any of the three
+    server groups is left in /dev/shm. The run resumes on the shared fleet and finishes; the
+    positions are trained exactly once across both sessions."""
     run_dir = tmp_path / "run"
     args = [
         f"run.dir={run_dir}",
@@ -189,6 +191,12 @@ def test_server_killed_twice_then_sdp_train_killed_during_generation(
     def restarts() -> int:
         return max((s["restarts"] for s in registry(servers) if s["state"] == "ready"), default=-1)
 
+    # What vLLM's processes share through /dev/shm, seen in each server group before its kill.
+    segments: set[str] = set()
+
+    def note_segments() -> None:
+        segments.update(shared_memory_segments(group_members(registry(servers)[0]["pgid"])))
+
     try:
         for kill in (1, 2):
             wait_for(
@@ -199,14 +207,19 @@ def test_server_killed_twice_then_sdp_train_killed_during_generation(
                 f"a ready server before kill {kill}",
             )
             assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            note_segments()
             os.kill(registry(servers)[0]["pid"], signal.SIGKILL)
             wait_for(
                 lambda k=kill: restarts() == k or proc.poll() is not None, 400, f"restart {kill}"
             )
         wait_for(lambda: marker.exists() or proc.poll() is not None, 400, "hold at generation")
         assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        note_segments()
         took = sigkill_and_check_nothing_is_left(proc, servers)
         print(f"server group gone {took:.1f} s after SIGKILL of sdp train")
+        assert segments, "vLLM's processes mapped no shared memory: nothing was checked"
+        # Unlinked by the supervisor (after each restart) and by the guard (after the owner).
+        assert not [path for path in segments if Path(path).exists()]
     finally:
         if proc.poll() is None:
             proc.kill()

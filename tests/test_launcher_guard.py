@@ -117,3 +117,64 @@ def test_a_guarded_server_keeps_its_pid_and_a_normal_stop_is_not_delayed(tmp_pat
     assert time.monotonic() - started < 3.0
     assert not group_alive(proc.pgid)
     assert not running(grandchild_pid(spec.log_path) or 0)
+
+
+# A "server" that keeps a shared-memory segment out of Python's resource tracker, as vLLM does
+# with its message queues, so nothing unlinks it when the process is killed.
+SHM_SERVER = textwrap.dedent(
+    """
+    import json, time
+    from multiprocessing import shared_memory
+    from unittest import mock
+    with mock.patch("multiprocessing.resource_tracker.register", lambda *a, **k: None):
+        segment = shared_memory.SharedMemory(create=True, size=1 << 20)
+    print(json.dumps({"shm": "/dev/shm/" + segment.name}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def shm_path(log: Path) -> Path | None:
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if line.startswith("{"):
+            return Path(json.loads(line)["shm"])
+    return None
+
+
+def test_a_crashed_servers_shared_memory_is_unlinked_when_it_is_stopped(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", SHM_SERVER]
+    spec = LaunchSpec(0, command, dict(os.environ), tmp_path / "s.log", 0)
+    backend = LocalProcessBackend()
+    proc = backend.start(spec)
+    try:
+        assert wait_until(lambda: shm_path(spec.log_path) is not None, 30)
+        segment = shm_path(spec.log_path)
+        assert segment is not None and segment.exists()
+        proc.remember_shared_memory()
+        assert str(segment) in proc.shared_memory
+        # The server dies by SIGKILL, watchdog and all: nothing of its own unlinks the segment.
+        os.killpg(proc.pgid, signal.SIGKILL)
+        assert wait_until(lambda: not group_alive(proc.pgid), 10)
+        assert segment.exists()
+        backend.stop(proc, grace_s=1.0)
+        assert not segment.exists()
+    finally:
+        backend.stop(proc, grace_s=1.0)
+
+
+def test_the_guard_unlinks_the_shared_memory_of_servers_whose_owner_died(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), SHM_SERVER])
+    try:
+        assert wait_until((tmp_path / "started.json").exists, 30)
+        logs = [tmp_path / f"server-{i}.log" for i in range(2)]
+        assert wait_until(lambda: all(shm_path(log) for log in logs), 30)
+        segments = [shm_path(log) for log in logs]
+        assert all(segment is not None and segment.exists() for segment in segments)
+        owner.kill()
+        owner.wait(timeout=10)
+        started = json.loads((tmp_path / "started.json").read_text())
+        assert wait_until(lambda: not any(group_alive(s["pgid"]) for s in started), 10)
+        assert not any(segment is not None and segment.exists() for segment in segments)
+    finally:
+        if owner.poll() is None:
+            owner.kill()

@@ -231,6 +231,8 @@ class ServerFleet:
             proc, log_start = self._spawn(index, port)
             try:
                 await self._wait_until_serving(index, proc, log_start)
+                # Its shared memory exists now; if it crashes, only this record names it.
+                proc.remember_shared_memory()
                 break
             except PortTakenError:
                 await asyncio.to_thread(self.backend.stop, proc, 1.0)

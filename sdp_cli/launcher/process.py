@@ -20,6 +20,8 @@ from typing import Protocol
 
 import psutil
 
+from sdp_cli.launcher.guard import group_members, remove_shared_memory, shared_memory_segments
+
 
 @dataclass
 class LaunchSpec:
@@ -38,6 +40,12 @@ class ServerProcess:
     pid: int
     pgid: int
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # The shared-memory segments its group had mapped when last looked at, removed when it is
+    # stopped: a server that crashed can no longer be asked which they were.
+    shared_memory: set[str] = field(default_factory=set, repr=False)
+
+    def remember_shared_memory(self) -> None:
+        self.shared_memory |= shared_memory_segments(group_members(self.pgid))
 
     def poll(self) -> int | None:
         """Exit code, or None while it runs."""
@@ -148,11 +156,16 @@ class LocalProcessBackend:
         return ServerProcess(spec=spec, pid=popen.pid, pgid=popen.pid, popen=popen)
 
     def stop(self, proc: ServerProcess, grace_s: float) -> None:
+        """Stop the group, then unlink the shared memory it leaves (a process killed with
+        SIGKILL, or one that crashed, cannot unlink its own)."""
+        proc.remember_shared_memory()
         stop_process_group(proc.pgid, grace_s, reap=proc.poll)
         if proc.popen is not None:
             # Reap the child; the group is already signalled, so a timeout only means a zombie.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=max(grace_s, 1.0))
+        if not group_alive(proc.pgid):
+            remove_shared_memory(proc.shared_memory)
 
 
 def stop_process_group(pgid: int, grace_s: float, reap: Callable[[], object] | None = None) -> None:
