@@ -23,9 +23,12 @@ Measures, on the same model, tokens and torch threads:
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
-`tiny`), attached to two vLLM fleets started here: `os` (servers on every core) and `split`
-(servers and trainer on their own cores, what `sdp train` does at η ≥ 1). Each figure is the
-median over `--run-rounds` alternating rounds of the steady steps (all but the first):
+`tiny`), attached to vLLM fleets started here, one at a time (each round starts `os`, servers
+on every core, for its runs, stops it, then does the same with `split`, servers and trainer on
+their own cores, what `sdp train` does at η ≥ 1). Each figure is the median over
+`--run-rounds` rounds of the steady steps (all but the first). The CPU the trainer and the
+servers use is sampled every 0.5 s (a sampler in the trainer's process at a finer interval
+slowed the runs it measured):
 
 - η = 0 on each placement (`sync-os`: the trainer on every core; `sync-split`: the trainer on
   its one core), η = 2 on each (`async-split`, the trainer on its core; `async-os`, one trainer
@@ -70,6 +73,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -81,7 +86,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import TrainConfig
+from sdp_cli.config.schema import SdpConfig, TrainConfig
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.train.actor import Actor, load_model
@@ -362,7 +367,6 @@ def real_runs(
     from rich.console import Console
 
     from sdp_cli.commands.train import with_cpu_placement
-    from sdp_cli.launcher.fleet import ServerFleet
 
     conf = EXAMPLE if args.model == "smollm2-135m" else None
     model = model_overrides(args)
@@ -372,40 +376,49 @@ def real_runs(
     base = load_config(None if conf is None else str(conf), [f"run.dir={work}", *model])
     placements = {"os": base, "split": with_cpu_placement(bench_train.replace_eta(base, 2))}
     console = Console(stderr=True, quiet=True)
-    fleets: dict[str, ServerFleet] = {}
     found: dict[str, list[dict[str, float]]] = {}
-    try:
+    reloads: list[float] = []
+    for round_index in range(rounds):
         for placement, cfg in placements.items():
-            fleet_dir = work / f"fleet-{placement}"
-            fleet = ServerFleet(cfg.server, ensure_model_dir(cfg.model), fleet_dir)
-            fleet.start()
-            fleets[placement] = fleet
-        for round_index in range(rounds):
-            for name, (placement, eta, multiple, threads, extra) in RUNS.items():
-                overrides = [
-                    *model,
-                    f"train.steps={steps}",
-                    f"rollout.max_staleness={eta}",
-                    f"rollout.batch_size={base.rollout.batch_size * multiple}",
-                    f"train.cpu_threads={threads}",
-                    f"train.cpu_cores={bench_train.core_list(placements[placement].train.cpu_cores)}",
-                    f"server.registry={fleets[placement].registry_path}",
-                    "train.checkpoint_every=100000",
-                    "eval.every=0",
-                    # The faster place for the exports (export_timing measures both).
-                    "train.weights_dir=memory",
-                    *extra,
-                ]
-                print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
-                run_dir = work / f"{name}-round{round_index}"
-                result = bench_train.train_once(run_dir, overrides, console, conf)
-                found.setdefault(name, []).append(result)
-        reloads = idle_reloads(fleets["split"], ensure_model_dir(base.model))
-    finally:
-        for fleet in fleets.values():
-            fleet.stop()
+            # One fleet up at a time: the other's processes and memory stay out of the runs.
+            with running_fleet(cfg, work / f"fleet-{placement}-round{round_index}") as fleet:
+                for name, (where, eta, multiple, threads, extra) in RUNS.items():
+                    if where != placement:
+                        continue
+                    overrides = [
+                        *model,
+                        f"train.steps={steps}",
+                        f"rollout.max_staleness={eta}",
+                        f"rollout.batch_size={base.rollout.batch_size * multiple}",
+                        f"train.cpu_threads={threads}",
+                        f"train.cpu_cores={bench_train.core_list(cfg.train.cpu_cores)}",
+                        f"server.registry={fleet.registry_path}",
+                        "train.checkpoint_every=100000",
+                        "eval.every=0",
+                        # The faster place for the exports (export_timing measures both).
+                        "train.weights_dir=memory",
+                        *extra,
+                    ]
+                    print(f"run {name} round {round_index}: {' '.join(overrides)}", flush=True)
+                    run_dir = work / f"{name}-round{round_index}"
+                    result = bench_train.train_once(run_dir, overrides, console, conf)
+                    found.setdefault(name, []).append(result)
+                if placement == "split":
+                    reloads += idle_reloads(fleet, ensure_model_dir(base.model))
     figures = {name: bench_train.medians(results) for name, results in found.items()}
     return figures, work, base.rollout.batch_size, reloads
+
+
+@contextmanager
+def running_fleet(cfg: SdpConfig, fleet_dir: Path) -> Iterator[ServerFleet]:
+    from sdp_cli.launcher.fleet import ServerFleet
+
+    fleet = ServerFleet(cfg.server, ensure_model_dir(cfg.model), fleet_dir)
+    fleet.start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
 
 
 def idle_reloads(fleet: ServerFleet, weights: Path, rounds: int = 3) -> list[float]:
