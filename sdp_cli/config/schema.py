@@ -214,7 +214,12 @@ class ServerConfig:
     host: str = setting("127.0.0.1", help="address the servers listen on")
     base_port: int = setting(0, ge=0, le=65535, help="first port to try; 0 picks free ports")
     device: Device = setting(Device.auto, help="where vLLM runs; auto: CUDA if torch sees one")
-    dtype: str = setting("float32", choices=SERVER_DTYPES, help="vLLM --dtype")
+    dtype: str = setting(
+        "float32",
+        choices=SERVER_DTYPES,
+        help="vLLM --dtype; the trainer exports its weights for the servers in it (auto: in "
+        "the trainer's)",
+    )
     max_model_len: int = setting(
         256, ge=8, help="vLLM --max-model-len: longest prompt + completion"
     )
