@@ -22,6 +22,7 @@ import psutil
 from sdp_cli.config import load_config
 from sdp_cli.inference import InferenceClient, SamplingParams, ServerPool
 from sdp_cli.launcher.backends import make_fleet
+from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.ray_fleet import RayServerFleet
 from sdp_cli.launcher.registry import read_registry
 
@@ -81,6 +82,7 @@ def fleet_scenario(run_dir: Path, model_dir: Path, weights_dir: Path) -> dict[st
     fleet = make_fleet(cfg, model_dir, run_dir)
     assert isinstance(fleet, RayServerFleet)
     result: dict[str, Any] = {}
+    segments: set[str] = set()
     started = time.monotonic()
     fleet.start()
     try:
@@ -97,6 +99,9 @@ def fleet_scenario(run_dir: Path, model_dir: Path, weights_dir: Path) -> dict[st
             for i, d in fleet.loaded_from.items()
         }
         victim = fleet.process(0).pid
+        # What both servers' vLLM processes share through /dev/shm (one machine here).
+        for index in range(2):
+            segments |= shared_memory_segments(group_members(fleet.process(index).pgid))
         completions = asyncio.run(generate_through_a_kill(fleet, victim))
         result["completions"] = [
             (len(c.output_ids), c.finish_reason, c.n_requests) for c in completions
@@ -119,6 +124,8 @@ def fleet_scenario(run_dir: Path, model_dir: Path, weights_dir: Path) -> dict[st
         fleet.stop()
     time.sleep(1.0)
     result["staging_left"] = sorted(str(p) for p in (run_dir / "staging").glob("*"))
+    result["shm_seen"] = len(segments)
+    result["shm_left"] = sorted(path for path in segments if Path(path).exists())
     result["left_running"] = ray_or_vllm_processes(since)
     return result
 

@@ -122,9 +122,12 @@ def test_two_servers_on_two_nodes_generate_load_staged_weights_and_survive_a_kil
     assert Path(restarted["loaded_from"]).is_relative_to(run_dir / "staging")
     assert result["registry"][0]["restarts"] == 1
 
-    # stop(): no actor, vLLM process or Ray service left, and every node-local copy deleted.
+    # stop(): no actor, vLLM process or Ray service left, every node-local copy deleted, and
+    # no shared-memory segment of either server (the killed one's included) left in /dev/shm.
     assert result["left_running"] == []
     assert result["staging_left"] == []
+    assert result["shm_seen"] > 0
+    assert result["shm_left"] == []
 
 
 def test_sdp_train_on_ray_stages_weights_per_node_within_the_bound(tmp_path: Path) -> None:

@@ -13,7 +13,12 @@ from typer.testing import CliRunner
 from sdp_cli.cli import app
 from sdp_cli.config import load_config
 from sdp_cli.simulate import run_simulation
-from sdp_cli.simulate.calibrate import line_fit, read_calibration, simulate_to_log
+from sdp_cli.simulate.calibrate import (
+    line_fit,
+    read_calibration,
+    simulate_to_log,
+    step_time_line,
+)
 
 runner = CliRunner()
 
@@ -65,6 +70,21 @@ def test_step_time_is_a_line_in_tokens() -> None:
     intercept, slope = line_fit([100, 200, 300], [1.5, 2.5, 3.5])
     assert (intercept, slope) == pytest.approx((0.5, 0.01))
     assert line_fit([100, 100], [1.0, 2.0]) == (1.5, 0.0)
+
+
+def test_step_time_of_a_run_at_one_batch_size_scales_with_the_tokens() -> None:
+    # A real SmolLM2 run at one batch size: its least-squares line falls (9.3 s − 15 ms·token)
+    # and put twice the batch at 0 s; proportional, twice the tokens take twice the time.
+    tokens = [218, 222, 227, 226, 218, 211, 219, 179, 208, 205]
+    seconds = [6.1, 5.76, 5.73, 5.91, 5.79, 6.06, 6.21, 6.48, 6.54, 6.14]
+    assert line_fit(tokens, seconds)[1] < 0
+    intercept, slope = step_time_line(tokens, seconds)
+    assert intercept == 0.0
+    assert slope * 2 * 213.3 == pytest.approx(2 * sum(seconds) / len(seconds), rel=0.05)
+    # Steps that all took the same time (a simulated trainer): flat.
+    assert step_time_line([100, 150, 120], [0.5, 0.5, 0.5]) == (0.5, 0.0)
+    # Two batch sizes: the least-squares line.
+    assert step_time_line([100, 200, 300], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 0.01))
 
 
 def test_calibrated_simulation_recovers_the_token_latency(calibration_run: Path) -> None:

@@ -117,6 +117,12 @@ class ServerActor:
             "model_dir": model_dir,
         }
 
+    def remember_shared_memory(self) -> None:
+        """Record the server's shared-memory segments while it runs, for its stop to unlink
+        even after a crash."""
+        if self.proc is not None:
+            self.proc.remember_shared_memory()
+
     def poll(self) -> int | None:
         """The server's exit code, or None while it runs."""
         return self.proc.poll() if self.proc is not None else -1

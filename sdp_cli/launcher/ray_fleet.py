@@ -69,6 +69,14 @@ class RayServerProcess(ServerProcess):
             # The actor, or its whole node, is gone, and the server with it.
             return -1
 
+    def remember_shared_memory(self) -> None:
+        """The actor records it, on the server's node; its stop unlinks it."""
+        import ray
+        from ray.exceptions import RayError
+
+        with contextlib.suppress(RayError):
+            ray.get(self.actor.remember_shared_memory.remote(), timeout=ACTOR_CALL_S)
+
 
 class RayProcessBackend:
     """`ProcessBackend` over Ray: `start` makes an actor in the server's bundle and has it
@@ -281,6 +289,7 @@ class RayServerFleet(ServerFleet):
             self.pool.set_address(index, proc.address)
             try:
                 await self._wait_until_serving(index, proc, log_start)
+                await asyncio.to_thread(proc.remember_shared_memory)
                 break
             except PortTakenError:
                 await asyncio.to_thread(self.backend.stop, proc, 1.0)

@@ -7,10 +7,10 @@ completions in flight per server just after it started (the prompts prefilled ah
 its own, when requests arrive together) and c the completions in flight per server while it
 decodes, averaged over its tokens (a server decodes its batch in one step, slower as it grows);
 the trainer's step time as a line in the tokens it trained (step_s ≈ a + b·tokens, so another
-batch size gets its own step time) and the mean weight update time. The seconds seen in a log
-include queueing and pauses for weight updates; the simulator adds those back by itself, so the
-server time it is given is scaled until the simulated run shows the measured mean completion
-seconds.
+batch size gets its own step time; proportional, a = 0, for a run at one batch size) and the
+mean weight update time. The seconds seen in a log include queueing and pauses for weight
+updates; the simulator adds those back by itself, so the server time it is given is scaled until
+the simulated run shows the measured mean completion seconds.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
             f"--calibrate: {path} has {len(times.seconds)} finished rollouts with tokens and "
             f"{len(steps)} train steps; calibration needs at least one of each"
         )
-    intercept, slope = line_fit([float(e.tokens) for e in steps], [e.step_s for e in steps])
+    intercept, slope = step_time_line([float(e.tokens) for e in steps], [e.step_s for e in steps])
     prefill, per_token, per_seq = server_time_fit(times)
     return Calibration(
         run_dir=Path(run_dir),
@@ -377,6 +377,32 @@ def line_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
         return statistics.fmean(ys), 0.0
     slope, intercept = statistics.linear_regression(xs, ys)
     return intercept, slope
+
+
+# Below this ratio of the most to the fewest tokens trained in a step, the run had one batch
+# size and the noise of its step times sets the line's slope.
+_WIDE_TOKEN_RANGE = 1.5
+
+
+def step_time_line(tokens: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) of the train step's seconds in its tokens.
+
+    Steps that all took the same time (a simulated trainer) give that flat line. A run at one
+    batch size trains nearly the same tokens every step: a least-squares slope there is noise
+    (measured: 9.3 s − 15 ms·tokens on a SmolLM2 run, which put twice the batch at 0 s), so the
+    step time is taken as proportional to the tokens, which is what the compute of a forward
+    and backward pass is. Wider ranges get the least-squares line, proportional again where
+    that line has a negative slope or intercept."""
+    if max(seconds) - min(seconds) <= 1e-9 * max(seconds):
+        return seconds[0], 0.0
+    proportional = (
+        0.0,
+        sum(s * t for s, t in zip(seconds, tokens, strict=True)) / sum(t * t for t in tokens),
+    )
+    if max(tokens) < _WIDE_TOKEN_RANGE * min(tokens):
+        return proportional
+    intercept, slope = line_fit(tokens, seconds)
+    return proportional if slope <= 0 or intercept < 0 else (intercept, slope)
 
 
 def calibrated_latency_scale(
