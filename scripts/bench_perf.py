@@ -11,7 +11,8 @@ Measures, on the same model, tokens and torch threads:
   medians. `train.prox_mode=segment`, so the actor makes no extra proximal forward pass.
 - `peak_memory_vs_full`: the peak resident memory that one actor train step adds, over the same
   step with logprobs taken from a full-vocabulary `log_softmax` ([rows, L, vocab] float32).
-  Each variant runs in its own child process (a fresh allocator); the child resets the kernel's
+  Each variant runs in its own child process (a fresh allocator, with glibc's malloc thresholds
+  fixed so that RSS follows the live tensors: `STEADY_MALLOC`); the child resets the kernel's
   peak-RSS mark (`/proc/self/clear_refs`, 5) after loading the model and building the batch,
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
@@ -322,9 +323,16 @@ def child_peak(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_added_bytes": rss_bytes("VmHWM") - before}))
 
 
+# glibc's malloc with fixed thresholds: every block over 64 KiB is its own mapping, returned to
+# the OS when freed, so RSS follows the live tensors. With the default, dynamic threshold the
+# same variant's peak varied by 300 MiB from one process to the next; with these, to the byte.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def peak_added_bytes(args: argparse.Namespace, variant: str) -> int:
     command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, **STEADY_MALLOC}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return int(json.loads(out.strip().splitlines()[-1])["peak_added_bytes"])
 
 
