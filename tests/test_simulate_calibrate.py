@@ -14,11 +14,13 @@ from sdp_cli.cli import app
 from sdp_cli.config import load_config
 from sdp_cli.simulate import run_simulation
 from sdp_cli.simulate.calibrate import (
+    fixed_step_s,
     line_fit,
     read_calibration,
     simulate_to_log,
     step_time_line,
 )
+from sdp_cli.telemetry.schema import TrainStepEvent
 
 runner = CliRunner()
 
@@ -81,6 +83,15 @@ def test_step_time_of_a_run_at_one_batch_size_scales_with_the_tokens() -> None:
     intercept, slope = step_time_line(tokens, seconds)
     assert intercept == 0.0
     assert slope * 2 * 213.3 == pytest.approx(2 * sum(seconds) / len(seconds), rel=0.05)
+    # A log whose steps say how long their optimizer step took gives that as the fixed part.
+    steps = [TrainStepEvent(step=i, version=i, stats={"optimizer_s": 1.5 + i}) for i in range(3)]
+    assert fixed_step_s(steps) == pytest.approx(2.5)
+    assert fixed_step_s([*steps, TrainStepEvent(step=3, version=3)]) == 0.0
+    # With the optimizer's 2 s a step known not to grow with the batch, only the rest doubles.
+    mean_tokens, mean_s = sum(tokens) / len(tokens), sum(seconds) / len(seconds)
+    intercept, slope = step_time_line(tokens, seconds, fixed=2.0)
+    assert intercept == 2.0
+    assert intercept + slope * 2 * mean_tokens == pytest.approx(2 + 2 * (mean_s - 2), rel=0.05)
     # Steps that all took the same time (a simulated trainer): flat.
     assert step_time_line([100, 150, 120], [0.5, 0.5, 0.5]) == (0.5, 0.0)
     # Two batch sizes: the least-squares line.

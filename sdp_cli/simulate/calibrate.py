@@ -120,7 +120,9 @@ def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
             f"--calibrate: {path} has {len(times.seconds)} finished rollouts with tokens and "
             f"{len(steps)} train steps; calibration needs at least one of each"
         )
-    intercept, slope = step_time_line([float(e.tokens) for e in steps], [e.step_s for e in steps])
+    intercept, slope = step_time_line(
+        [float(e.tokens) for e in steps], [e.step_s for e in steps], fixed_step_s(steps)
+    )
     prefill, per_token, per_seq = server_time_fit(times)
     return Calibration(
         run_dir=Path(run_dir),
@@ -384,25 +386,34 @@ def line_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 _WIDE_TOKEN_RANGE = 1.5
 
 
-def step_time_line(tokens: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
-    """(intercept, slope) of the train step's seconds in its tokens.
+def fixed_step_s(steps: Sequence[TrainStepEvent]) -> float:
+    """The mean seconds of a step that do not grow with its tokens (the optimizer step, which
+    the trainer logs as `optimizer_s`); 0 for logs without it."""
+    fixed = [e.stats.get("optimizer_s") for e in steps]
+    present = [seconds for seconds in fixed if seconds is not None]
+    return statistics.fmean(present) if present and len(present) == len(fixed) else 0.0
+
+
+def step_time_line(
+    tokens: Sequence[float], seconds: Sequence[float], fixed: float = 0.0
+) -> tuple[float, float]:
+    """(intercept, slope) of the train step's seconds in its tokens, `fixed` of every step's
+    seconds known not to grow with them.
 
     Steps that all took the same time (a simulated trainer) give that flat line. A run at one
     batch size trains nearly the same tokens every step: a least-squares slope there is noise
     (measured: 9.3 s − 15 ms·tokens on a SmolLM2 run, which put twice the batch at 0 s), so the
-    step time is taken as proportional to the tokens, which is what the compute of a forward
-    and backward pass is. Wider ranges get the least-squares line, proportional again where
-    that line has a negative slope or intercept."""
+    rest of the step time is taken as proportional to the tokens, which is what the compute of
+    a forward and backward pass is. Wider ranges get the least-squares line, `fixed` plus the
+    proportional rest again where that line has a negative slope or intercept."""
     if max(seconds) - min(seconds) <= 1e-9 * max(seconds):
         return seconds[0], 0.0
-    proportional = (
-        0.0,
-        sum(s * t for s, t in zip(seconds, tokens, strict=True)) / sum(t * t for t in tokens),
-    )
+    growing = [max(s - fixed, 0.0) for s in seconds]
+    slope = sum(s * t for s, t in zip(growing, tokens, strict=True)) / sum(t * t for t in tokens)
     if max(tokens) < _WIDE_TOKEN_RANGE * min(tokens):
-        return proportional
-    intercept, slope = line_fit(tokens, seconds)
-    return proportional if slope <= 0 or intercept < 0 else (intercept, slope)
+        return fixed, slope
+    intercept, fitted_slope = line_fit(tokens, seconds)
+    return (fixed, slope) if fitted_slope <= 0 or intercept < 0 else (intercept, fitted_slope)
 
 
 def calibrated_latency_scale(

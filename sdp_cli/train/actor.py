@@ -249,6 +249,9 @@ class Actor:
             loss = loss + self.reference_penalty(batch, logprobs, normalizer, extra)
             loss.backward()
             stats = stats.merge(batch_stats)
+        # What follows costs the same whatever the batch: `sdp simulate --calibrate` needs it
+        # apart from the forward and backward, which grow with the tokens.
+        update_started = time.perf_counter()
         grad_norm = self._clip_gradients() if normalizer > 0 else 0.0
         lr = lr_at(version, self.train_config)
         for group in self.optimizer.param_groups:
@@ -264,7 +267,11 @@ class Actor:
         elif normalizer > 0:
             self.optimizer.step()
         # Rank-local: the schedule's rate, entropy and KL of this rank's tokens.
-        self.step_extras = {"lr": lr, **extra.summary()}
+        self.step_extras = {
+            "lr": lr,
+            **extra.summary(),
+            "optimizer_s": time.perf_counter() - update_started,
+        }
         return stats, grad_norm, finite
 
     def _finite_everywhere(self, finite: bool) -> bool:
