@@ -251,7 +251,7 @@ class Actor:
             stats = stats.merge(batch_stats)
         # What follows costs the same whatever the batch: `sdp simulate --calibrate` needs it
         # apart from the forward and backward, which grow with the tokens.
-        update_started = time.perf_counter()
+        optimizer_started = time.perf_counter()
         grad_norm = self._clip_gradients() if normalizer > 0 else 0.0
         lr = lr_at(version, self.train_config)
         for group in self.optimizer.param_groups:
@@ -270,7 +270,7 @@ class Actor:
         self.step_extras = {
             "lr": lr,
             **extra.summary(),
-            "optimizer_s": time.perf_counter() - update_started,
+            "optimizer_s": time.perf_counter() - optimizer_started,
         }
         return stats, grad_norm, finite
 
