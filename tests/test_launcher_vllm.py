@@ -19,6 +19,7 @@ import pytest
 
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, read_registry
+from sdp_cli.launcher.fleet import requests_on_server
 from sdp_cli.launcher.process import group_alive
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.schema import ServerStateEvent
@@ -41,6 +42,18 @@ async def score_on(address: str) -> list[float]:
     """Logprobs of the reference sequence on one particular server."""
     async with InferenceClient(ServerPool([address])) as client:
         return await client.prompt_logprobs(REFERENCE, len(PROMPT))
+
+
+async def wait_for_requests_on(address: str, timeout_s: float = 30.0) -> None:
+    """Until the server's /metrics count a running or waiting request."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            metrics = await http.get(f"{address}/metrics", timeout=5.0)
+            if requests_on_server(metrics.text) > 0:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no request reached {address} within {timeout_s} s")
 
 
 def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
@@ -66,7 +79,9 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
                 )
                 for i in range(requests)
             ]
-            await asyncio.sleep(0.2)
+            # Killed once vLLM itself says requests are on it: a fixed sleep sometimes killed it
+            # (on a loaded machine) before any request had reached it, so nothing was lost.
+            await wait_for_requests_on(vllm_fleet.addresses[0])
             assert vllm_fleet.pool.status(0).in_flight > 0, "nothing to lose on the victim"
             os.kill(victim.pid, signal.SIGKILL)
             return list(await asyncio.gather(*tasks))
