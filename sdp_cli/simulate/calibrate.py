@@ -101,9 +101,8 @@ class Calibration:
         ]
 
 
-def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
-    """`per_completion=False` reads one span per rollout even where the log timed each
-    completion (to compare a simulated log with an older one)."""
+def _run_log(run_dir: Path) -> tuple[Path, list[Event], RunStartedEvent]:
+    """The log's path, its events and its first run_started event."""
     path = Path(run_dir) / "events.jsonl"
     if not path.is_file():
         raise SdpError(f"--calibrate: no run log at {path}")
@@ -111,8 +110,13 @@ def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
     started = [e for e in events if isinstance(e, RunStartedEvent)]
     if not started:
         raise SdpError(f"--calibrate: {path} has no run_started event")
-    n_samples = started[0].n_samples
-    times = rollout_timings(events, n_samples, started[0].server_count, per_completion)
+    return path, events, started[0]
+
+
+def read_calibration(run_dir: Path) -> Calibration:
+    path, events, started = _run_log(run_dir)
+    n_samples = started.n_samples
+    times = rollout_timings(events, n_samples, started.server_count)
     steps = [e for e in events if isinstance(e, TrainStepEvent) and not e.skipped]
     updates = [e.total_s for e in events if isinstance(e, WeightUpdateEvent)]
     if not times.seconds or not steps:
@@ -142,7 +146,7 @@ def read_calibration(run_dir: Path, per_completion: bool = True) -> Calibration:
         steps=len(steps),
         updates=len(updates),
         per_completion=times.per_completion,
-        run_shape=run_shape(started[0]),
+        run_shape=run_shape(started),
     )
 
 
@@ -416,6 +420,15 @@ def step_time_line(
     return (fixed, slope) if fitted_slope <= 0 or intercept < 0 else (intercept, fitted_slope)
 
 
+def mean_completion_s(run_dir: Path, per_completion: bool = True) -> float:
+    """The mean seconds of a log's completions, read as `read_calibration` reads them
+    (`per_completion=False`: one span per rollout even where the log timed each completion, to
+    compare a simulated log with an older one), without fitting anything."""
+    _, events, started = _run_log(run_dir)
+    seconds = rollout_timings(events, started.n_samples, started.server_count, per_completion)
+    return statistics.fmean(seconds.seconds) if seconds.seconds else 0.0
+
+
 def calibrated_latency_scale(
     calibration: Calibration,
     load_run_config: Callable[[list[str]], SdpConfig],
@@ -434,7 +447,7 @@ def calibrated_latency_scale(
         log = scratch / f"round-{round_index}" / "events.jsonl"
         simulate_log(cfg, log)
         # Read as the calibrated log was: one span per rollout when it had no completion times.
-        simulated = read_calibration(log.parent, calibration.per_completion).completion_s
+        simulated = mean_completion_s(log.parent, calibration.per_completion)
         if simulated <= 0:
             break
         scale *= target / simulated
