@@ -4,15 +4,17 @@ Measures, on the same model, tokens and torch threads:
 
 - `trainer_vs_hf`: tokens/s of the actor's train step (`Actor.train_step`: the decoder forward,
   the LM head on the output positions a chunk at a time (`sdp_cli/train/chunked_logprobs.py`),
-  decoupled PPO loss, backward, AdamW step) over tokens/s of a plain Hugging Face step
+  decoupled PPO loss, backward, fused AdamW step) over tokens/s of a plain Hugging Face step
   (`model(input_ids, labels=...)`: the full logits and the model's own cross-entropy,
-  backward, AdamW step) on the same micro-batches.
+  backward, torch's default AdamW step) on the same micro-batches; also both without their
+  optimizer steps (`passes_vs_hf`, printed).
   The two alternate for `--rounds` rounds after one warm-up each; the figure is the ratio of the
   medians. `train.prox_mode=segment`, so the actor makes no extra proximal forward pass.
 - `peak_memory_vs_full`: the peak resident memory that one actor train step adds, over the same
   step with logprobs taken from a full-vocabulary `log_softmax` ([rows, L, vocab] float32).
   Each variant runs in its own child process (a fresh allocator, with glibc's malloc thresholds
-  fixed so that RSS follows the live tensors: `STEADY_MALLOC`); the child resets the kernel's
+  fixed so that RSS follows the live tensors: `STEADY_MALLOC`; as many at once as the cores
+  allow, since they measure bytes, not seconds); the child resets the kernel's
   peak-RSS mark (`/proc/self/clear_refs`, 5) after loading the model and building the batch,
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
@@ -75,6 +77,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
@@ -204,12 +207,14 @@ class FullVocabActor(Actor):
 
 class HfStep:
     """A plain Hugging Face training step on the actor's micro-batches: labels on the output
-    tokens, the model's own loss, backward, AdamW."""
+    tokens, the model's own loss, backward, torch's default AdamW (one tensor at a time on
+    CPU). `optimizer_s` holds the seconds of each `optimizer.step()`."""
 
     def __init__(self, path: Path, actor: Actor) -> None:
         self.model = load_model(path, actor.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=actor.train_config.lr)
+        self.optimizer_s: list[float] = []
 
     def __call__(self, batches: list[TrainBatch]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,7 +225,7 @@ class HfStep:
             labels[:, -n_out:][batch.loss_mask == 0] = -100
             out = self.model(**batch.model_inputs(), labels=labels)
             out.loss.backward()
-        self.optimizer.step()
+        self.optimizer_s.append(timed(self.optimizer.step))
 
 
 # Variant → (actor class, train.logit_chunk_tokens).
@@ -255,18 +260,28 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     prompts = [s.prompt_ids for g in groups for s in g.samples]
     outputs = [s.output_ids for g in groups for s in g.samples]
     actor_s: list[float] = []
+    actor_optimizer_s: list[float] = []
     hf_s: list[float] = []
     score_s: list[float] = []
+
+    def actor_step() -> None:
+        actor_optimizer_s.append(actor.train_step(groups, 0)["optimizer_s"])
+
     # One warm-up each, then alternating rounds so a slow spell hits both sides.
-    timed(lambda: actor.train_step(groups, 0))
+    timed(actor_step)
     timed(lambda: hf(batches))
+    del actor_optimizer_s[:], hf.optimizer_s[:]
     for _ in range(rounds):
-        actor_s.append(timed(lambda: actor.train_step(groups, 0)))
+        actor_s.append(timed(actor_step))
         hf_s.append(timed(lambda: hf(batches)))
         # What scoring the batch's tokens on the trainer (a proximal recompute there) costs.
         score_s.append(timed(lambda: actor.score(prompts, outputs)))
     actor_tps = tokens / statistics.median(actor_s)
     hf_tps = tokens / statistics.median(hf_s)
+    # The same without the optimizer steps (the actor's is fused AdamW, plain HF's is not):
+    # what the forward, loss and backward alone achieve.
+    actor_pass_s = [a - o for a, o in zip(actor_s, actor_optimizer_s, strict=True)]
+    hf_pass_s = [h - o for h, o in zip(hf_s, hf.optimizer_s, strict=True)]
     return {
         "tokens_per_step": tokens,
         "micro_batches": len(batches),
@@ -277,6 +292,9 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "actor_tokens_per_s": actor_tps,
         "hf_tokens_per_s": hf_tps,
         "trainer_vs_hf": actor_tps / hf_tps,
+        "actor_optimizer_s": actor_optimizer_s,
+        "hf_optimizer_s": hf.optimizer_s,
+        "passes_vs_hf": statistics.median(hf_pass_s) / statistics.median(actor_pass_s),
     }
 
 
@@ -337,10 +355,16 @@ def peak_added_bytes(args: argparse.Namespace, variant: str) -> int:
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
-    peaks = {variant: peak_added_bytes(args, variant) for variant in PEAK_VARIANTS}
     # Long outputs, where the logits outgrow the decoder's checkpointed activations.
     long_args = argparse.Namespace(**{**vars(args), "output_len": args.long_output_len})
-    long_peaks = {variant: peak_added_bytes(long_args, variant) for variant in LONG_VARIANTS}
+    # The children measure bytes, not seconds, and each process's peak is its own: they run
+    # side by side, as many as there are cores for their threads.
+    workers = max(1, (os.cpu_count() or 1) // args.threads)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        short = {v: pool.submit(peak_added_bytes, args, v) for v in PEAK_VARIANTS}
+        long = {v: pool.submit(peak_added_bytes, long_args, v) for v in LONG_VARIANTS}
+        peaks = {variant: future.result() for variant, future in short.items()}
+        long_peaks = {variant: future.result() for variant, future in long.items()}
 
     def ratio(variant: str, reference: str, found: dict[str, int] = peaks) -> float:
         # A tiny model's step can fit in memory the allocator already holds: nothing added.
@@ -536,6 +560,12 @@ def main() -> None:
         f"per step (medians of {throughput['rounds']} alternating rounds; actor s "
         f"{fmt(throughput['actor_step_s'])}, HF s {fmt(throughput['hf_step_s'])}) → "
         f"trainer_vs_hf = {throughput['trainer_vs_hf']:.3f} (target ≥ 0.9)"
+    )
+    print(
+        f"optimizer steps: actor (clipping + fused AdamW) "
+        f"{fmt(throughput['actor_optimizer_s'])} s, plain HF (torch's default AdamW) "
+        f"{fmt(throughput['hf_optimizer_s'])} s; without them, "
+        f"forward + loss + backward alone: actor over HF {throughput['passes_vs_hf']:.3f}"
     )
     score = statistics.median(throughput["score_s"])
     step = statistics.median(throughput["actor_step_s"])

@@ -1,4 +1,4 @@
-"""The actor: a Hugging Face causal LM in float32 with its AdamW optimizer.
+"""The actor: a Hugging Face causal LM in float32 with its fused AdamW optimizer.
 
 `train_step` runs one optimizer step on a batch of rollout groups with the decoupled PPO loss;
 micro-batches accumulate gradients scaled so the total equals the full-batch loss.
@@ -68,6 +68,16 @@ def load_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
     return model
 
 
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters, with torch's fused kernel: one pass over each tensor
+    with no temporaries. The default on CPU (one tensor at a time, `foreach=False`) allocates
+    two tensors the size of the largest parameter (216 MiB for SmolLM2-135M's embedding) and
+    took 0.72 s a step on SmolLM2-135M against 0.16 s fused (1 thread)."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
+    )
+
+
 def _pad_id(model: PreTrainedModel) -> int:
     for candidate in (model.config.pad_token_id, model.config.eos_token_id, 0):
         if isinstance(candidate, int):
@@ -95,9 +105,7 @@ class Actor:
         self.pad_id = _pad_id(self.model)
         self.loss_settings = LossSettings.from_config(train)
         self.prox_mode = ProxMode(train.prox_mode)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, train)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.logit_chunk_tokens = train.logit_chunk_tokens if has_plain_lm_head(self.model) else 0
         if train.gradient_checkpointing:

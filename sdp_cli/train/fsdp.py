@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from sdp_cli.config.schema import SdpConfig, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.train.actor import Actor, step_summary
+from sdp_cli.train.actor import Actor, make_optimizer, step_summary
 from sdp_cli.train.batch import (
     TokenSample,
     TrainBatch,
@@ -128,9 +128,7 @@ class ShardedActor(Actor):
         self.cuda_index = torch.cuda.current_device() if self.device.type == "cuda" else None
         self.model = shard_model(self.model, compute_dtype(train))
         # Built over the sharded parameters, so every rank keeps the state of its shard only.
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, train)
 
     # ---- rank 0 -----------------------------------------------------------------------
 
