@@ -23,6 +23,11 @@ Measures, on the same model, tokens and torch threads:
   `train.gradient_checkpointing` (`peak_memory_checkpointed_vs_full`), and those two again at
   `--long-output-len` output tokens per sequence (`peak_memory_long_checkpointed_vs_full`),
   where the logits, not the decoder's activations or the optimizer, dominate the step.
+- `packed_vs_padded`: tokens/s of the actor's train step with `train.pack_sequences` over the
+  padded step, on a batch of varied lengths (each group's prompt half to all of --prompt-len
+  tokens, each output a quarter to all of --output-len), alternating rounds after two warm-up
+  steps each (each round led by the next variant), medians; also packed into one row
+  (`train.pack_row_tokens` = the micro-batch).
 
 Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_once`), on
 `conf/examples/smollm2-chain-sum.yaml` for `--model smollm2-135m` (the default config for
@@ -41,7 +46,9 @@ slowed the runs it measured):
 - `async_over_sync`: trained samples/s of the better η = 2 placement over the better η = 0
   one. Both are also given against the machine's limit: cores ÷ CPU seconds per trained sample
   of generation (the vLLM processes) plus training (this process), as `sync-os` measures them,
-  where the two take turns on every core and so each runs alone.
+  where the two take turns on every core and so each runs alone; and against a bound no run
+  can pass: cores ÷ (each side's least CPU per trained sample in any run), since two threads
+  on two cores (sync-os) spend more CPU per sample than one thread on one core.
 - `update_share`: the whole weight update (`weight_update.total_s`: pause, recompute, export,
   reload, version, resume) over the train step (`train_step.step_s`) of the run `sdp train`
   does by default at η = 2 (`async-split`), with the mean of each phase. After the runs, the
@@ -153,16 +160,23 @@ def vocab_size(path: Path) -> int:
     return int(json.loads((path / "config.json").read_text())["vocab_size"])
 
 
-def synthetic_groups(args: argparse.Namespace, vocab: int) -> list[RolloutGroup]:
-    """Random tokens with varied rewards (so advantages are not zero), all sampled at v0."""
+def synthetic_groups(
+    args: argparse.Namespace, vocab: int, varied: bool = False
+) -> list[RolloutGroup]:
+    """Random tokens with varied rewards (so advantages are not zero), all sampled at v0.
+    `varied`: each group's prompt has between half and all of --prompt-len tokens, each
+    output between a quarter and all of --output-len, uniformly (else every length is full)."""
     rng = random.Random(0)
     prompts = args.prompts or (2 if args.quick else 4)
     groups = []
     for rollout_id in range(prompts):
         samples = []
+        prompt_len = rng.randint(args.prompt_len // 2, args.prompt_len) if varied else 0
         for _ in range(args.samples):
-            prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-            output = [rng.randrange(3, vocab) for _ in range(args.output_len)]
+            n_prompt = prompt_len or args.prompt_len
+            n_output = rng.randint(args.output_len // 4, args.output_len) if varied else 0
+            prompt = [rng.randrange(3, vocab) for _ in range(n_prompt)]
+            output = [rng.randrange(3, vocab) for _ in range(n_output or args.output_len)]
             samples.append(
                 Trajectory(
                     prompt_ids=prompt,
@@ -295,6 +309,45 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "actor_optimizer_s": actor_optimizer_s,
         "hf_optimizer_s": hf.optimizer_s,
         "passes_vs_hf": statistics.median(hf_pass_s) / statistics.median(actor_pass_s),
+    }
+
+
+def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Tokens/s of the actor's train step on a batch of varied lengths, padded and with
+    `train.pack_sequences`, alternating rounds after one warm-up each (medians)."""
+    groups = synthetic_groups(args, vocab_size(path), varied=True)
+    base = replace(TrainConfig(), prox_mode="segment", cpu_threads=args.threads)
+    packings = {
+        "padded": {},
+        "packed": {"pack_sequences": True},
+        # Every sequence of the micro-batch in one row: no padding, attention over the row.
+        "packed-one-row": {"pack_sequences": True, "pack_row_tokens": base.micro_batch_tokens},
+    }
+    actors = {
+        name: Actor(path, replace(base, **settings), seed=0) for name, settings in packings.items()
+    }
+    tokens = sum(int(b.attention_mask.sum()) for b in actors["padded"]._micro_batches(groups))
+    seconds: dict[str, list[float]] = {name: [] for name in actors}
+    padding: dict[str, float] = {}
+    # Two warm-up steps each: with one, the padded step's next two took 8.3 and 6.1 s, then
+    # 5.4 s from the third on (glibc's malloc settling on its larger tensors).
+    for name, actor in actors.items():
+        padding[name] = actor.train_step(groups, 0)["padding_frac"]
+        actor.train_step(groups, 0)
+    names = list(actors)
+    # Each round starts with the next variant, so none always runs first.
+    for round_index in range(args.rounds or (3 if args.quick else 6)):
+        for k in range(len(names)):
+            name = names[(round_index + k) % len(names)]
+            seconds[name].append(timed(partial(actors[name].train_step, groups, 0)))
+    per_s = {name: tokens / statistics.median(values) for name, values in seconds.items()}
+    return {
+        "tokens_per_step": tokens,
+        **{f"{name}_step_s": values for name, values in seconds.items()},
+        **{f"{name}_tokens_per_s": value for name, value in per_s.items()},
+        **{f"{name}_padding_frac": value for name, value in padding.items()},
+        "packed_vs_padded": per_s["packed"] / per_s["padded"],
+        "one_row_vs_padded": per_s["packed-one-row"] / per_s["padded"],
     }
 
 
@@ -509,7 +562,16 @@ def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
     # CPU seconds per trained sample with the trainer and the servers taking turns.
     alone = runs["sync-os"]
     cpu_s = (alone["trainer_cpu_ms_per_sample"] + alone["vllm_cpu_ms_per_sample"]) / 1000
-    limit = len(os.sched_getaffinity(0)) / cpu_s
+    cores = len(os.sched_getaffinity(0))
+    limit = cores / cpu_s
+    # An upper bound no run can pass: each side at the least CPU per trained sample it took in
+    # any run. sync-os can sit below a run on one core: its servers and its two-thread trainer
+    # spend more CPU per sample than one thread each does.
+    least_cpu_s = sum(
+        min(run[key] for run in runs.values())
+        for key in ("trainer_cpu_ms_per_sample", "vllm_cpu_ms_per_sample")
+    )
+    bound = cores / (least_cpu_s / 1000)
     default = runs["async-split"]
     shapes = {
         "async-split": ["rollout.max_staleness=2"],
@@ -529,6 +591,7 @@ def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
         "best_sync": best_sync,
         "best_async": best_async,
         "machine_limit_samples_per_s": limit,
+        "cheapest_cpu_bound_samples_per_s": bound,
         "predicted_samples_per_s": predictions,
         "prediction_errors": errors,
         # Both shares are of the steady cycle; their ratio is the update over the train step.
@@ -573,6 +636,17 @@ def main() -> None:
         f"scoring the same tokens on the trainer (Actor.score, no grad, what a proximal "
         f"recompute on the trainer costs): {score:.3f} s, {score / step:.2f} of a train step"
     )
+    packing = packing_throughput(args, path)
+    print(
+        f"sequence packing on {packing['tokens_per_step']} tokens of varied lengths (medians of "
+        f"alternating rounds): padded {packing['padded_tokens_per_s']:.0f} tok/s, "
+        f"{packing['padded_padding_frac']:.1%} of positions padding, s "
+        f"{fmt(packing['padded_step_s'])}; packed {packing['packed_tokens_per_s']:.0f} tok/s, "
+        f"{packing['packed_padding_frac']:.1%} padding, s {fmt(packing['packed_step_s'])} → "
+        f"packed_vs_padded = {packing['packed_vs_padded']:.3f}; in one row "
+        f"{packing['packed-one-row_tokens_per_s']:.0f} tok/s, s "
+        f"{fmt(packing['packed-one-row_step_s'])} → {packing['one_row_vs_padded']:.3f}"
+    )
     memory = peak_memory(args)
     print_memory(memory)
     exports = export_timing(args, path)
@@ -592,6 +666,7 @@ def main() -> None:
         **figures,
         "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
         "peak_memory_long_checkpointed_vs_full": figure(memory["long_checkpointed_vs_full"]),
+        "packed_vs_padded": round(packing["packed_vs_padded"], 4),
     }
     print(json.dumps(result))
 
@@ -625,6 +700,11 @@ def print_runs(found: dict[str, Any]) -> None:
         f"{limit:.2f} samples/s; η = 0 ({found['best_sync']}) reaches {sync / limit:.0%} of it, "
         f"η = 2 ({found['best_async']}) {best / limit:.0%}; no schedule beats η = 0 by more "
         f"than {limit / sync:.2f}× here"
+    )
+    bound = found["cheapest_cpu_bound_samples_per_s"]
+    print(
+        f"bound from each side's least CPU per trained sample over all runs: {bound:.2f} "
+        f"samples/s; η = 0 reaches {sync / bound:.0%} of it, η = 2 {best / bound:.0%}"
     )
     print(
         f"async_over_sync = {found['async_over_sync']:.3f} (target ≥ 1.2); update_share = "

@@ -418,6 +418,19 @@ class TrainConfig:
         "Models whose logits are not a bias-free LM head's output, and the sharded trainer, "
         "always use 0",
     )
+    pack_sequences: bool = setting(
+        False,
+        help="lay a micro-batch's sequences end to end in rows no longer than its longest "
+        "instead of padding each to the longest prompt and output; applies where the LM head "
+        "runs in chunks (train.logit_chunk_tokens > 0)",
+    )
+    pack_row_tokens: int = setting(
+        0,
+        ge=0,
+        help="with train.pack_sequences, tokens per packed row; 0, or fewer than the longest "
+        "sequence of the micro-batch, makes rows as long as that sequence, so attention costs "
+        "no more than padded (longer rows pad less, but attention grows with the row)",
+    )
     checkpoint_every: int = setting(10, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = setting(2, ge=1, help="newest checkpoints kept in run.dir/checkpoints")
     keep_weights: int = setting(3, ge=1, help="newest weight exports kept in the weights dir")

@@ -31,6 +31,7 @@ from sdp_cli.train.batch import (
 from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
 from sdp_cli.train.chunked_logprobs import chunked_logprobs_and_entropy
 from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
+from sdp_cli.train.packing import PackedRows, pack_batch
 from sdp_cli.train.schedule import lr_at
 from sdp_cli.train.token_stats import k3, masked_mean, token_entropy
 from sdp_cli.train.weights import export_weights
@@ -136,7 +137,7 @@ class Actor:
         # Only the positions of real output tokens go through the LM head; padding gets 0.
         real = batch.attention_mask[:, -batch.n_output_cols :].bool()
         logprobs, entropy = chunked_logprobs_and_entropy(
-            self.output_hidden(batch, model)[real].unsqueeze(0),
+            self.real_output_hidden(batch, model, real).unsqueeze(0),
             model.get_output_embeddings().weight,
             batch.output_ids[real].unsqueeze(0),
             self.temperature,
@@ -144,6 +145,32 @@ class Actor:
         )
         zeros = torch.zeros(real.shape, dtype=logprobs.dtype, device=logprobs.device)
         return zeros.masked_scatter(real, logprobs), zeros.masked_scatter(real, entropy)
+
+    @property
+    def packs_sequences(self) -> bool:
+        """train.pack_sequences, where it applies: with the LM head in chunks."""
+        return self.train_config.pack_sequences and self.logit_chunk_tokens > 0
+
+    def pack(self, batch: TrainBatch) -> PackedRows:
+        return pack_batch(batch, self.pad_id, self.train_config.pack_row_tokens)
+
+    def padding_fraction(self, batches: Sequence[TrainBatch]) -> float:
+        """Share of the positions the decoder runs on that are padding."""
+        if not self.packs_sequences:
+            return padding_fraction(batches)
+        packed = [self.pack(b) for b in batches]
+        positions = sum(p.input_ids.numel() for p in packed)
+        return 1.0 - sum(p.real_tokens for p in packed) / positions if positions else 0.0
+
+    def real_output_hidden(self, batch: TrainBatch, model: PreTrainedModel, real: Tensor) -> Tensor:
+        """The decoder's last hidden states predicting the real output tokens ([outputs, H], in
+        the order of `real`, the output columns that are not padding), from the padded batch
+        or, with train.pack_sequences, from its sequences packed into rows."""
+        if not self.packs_sequences:
+            return self.output_hidden(batch, model)[real]
+        packed = self.pack(batch)
+        hidden = model.get_decoder()(**packed.model_inputs()).last_hidden_state
+        return hidden[packed.predictor_rows, packed.predictor_cols]
 
     def output_hidden(self, batch: TrainBatch, model: PreTrainedModel) -> Tensor:
         """The decoder's last hidden states at the positions that predict the output columns
@@ -218,7 +245,7 @@ class Actor:
         batches = self._micro_batches(groups)
         normalizer = sum(b.n_tokens for b in batches)
         stats, grad_norm, finite = self._optimizer_step(batches, normalizer, version)
-        extras = {**self.step_extras, "padding_frac": padding_fraction(batches)}
+        extras = {**self.step_extras, "padding_frac": self.padding_fraction(batches)}
         return step_summary(groups, stats, grad_norm, finite, len(batches), started, extras)
 
     def _optimizer_step(
