@@ -174,12 +174,13 @@ def synthetic_groups(
     groups = []
     for rollout_id in range(prompts):
         samples = []
-        prompt_len = rng.randint(args.prompt_len // 2, args.prompt_len) if varied else 0
+        n_prompt = rng.randint(args.prompt_len // 2, args.prompt_len) if varied else args.prompt_len
         for _ in range(args.samples):
-            n_prompt = prompt_len or args.prompt_len
-            n_output = rng.randint(args.output_len // 4, args.output_len) if varied else 0
+            n_output = (
+                rng.randint(args.output_len // 4, args.output_len) if varied else args.output_len
+            )
             prompt = [rng.randrange(3, vocab) for _ in range(n_prompt)]
-            output = [rng.randrange(3, vocab) for _ in range(n_output or args.output_len)]
+            output = [rng.randrange(3, vocab) for _ in range(n_output)]
             samples.append(
                 Trajectory(
                     prompt_ids=prompt,
@@ -245,7 +246,6 @@ class HfStep:
         self.optimizer_s.append(timed(self.optimizer.step))
 
 
-# Variant → (actor class, train.logit_chunk_tokens).
 # Variant → (actor class, train.logit_chunk_tokens, train.gradient_checkpointing).
 VARIANTS: dict[str, tuple[type[Actor], int, bool]] = {
     "actor": (Actor, TrainConfig().logit_chunk_tokens, False),
@@ -316,8 +316,9 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    """Tokens/s of the actor's train step on a batch of varied lengths, padded and with
-    `train.pack_sequences`, alternating rounds after one warm-up each (medians)."""
+    """Tokens/s of the actor's train step on a batch of varied lengths, padded, with
+    `train.pack_sequences` and packed into one row, alternating rounds after two warm-up steps
+    each (medians)."""
     groups = synthetic_groups(args, vocab_size(path), varied=True)
     base = replace(TrainConfig(), prox_mode="segment", cpu_threads=args.threads)
     packings = {
@@ -357,11 +358,8 @@ def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 def packing_in_a_child(args: argparse.Namespace) -> dict[str, Any]:
     """`packing_throughput` in a child process, so its three actors add nothing to this
     process's memory during the runs."""
-    command = [sys.executable, __file__, "--child-packing", *child_args(args)]
-    if args.rounds:
-        command += ["--rounds", str(args.rounds)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    rounds = ["--rounds", str(args.rounds)] if args.rounds else []
+    return child_result(["--child-packing", *child_args(args), *rounds])
 
 
 def export_timing(args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -414,10 +412,17 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0
 
 
 def peak_added_bytes(args: argparse.Namespace, variant: str) -> int:
-    command = [sys.executable, __file__, "--child-peak", variant, *child_args(args)]
-    env = {**os.environ, **STEADY_MALLOC}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak_added_bytes"])
+    found = child_result(["--child-peak", variant, *child_args(args)], STEADY_MALLOC)
+    return int(found["peak_added_bytes"])
+
+
+def child_result(arguments: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON object on the last line of this script run as a child with `arguments`
+    (and `env` added to this process's environment)."""
+    command = [sys.executable, __file__, *arguments]
+    environment = {**os.environ, **(env or {})}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -722,8 +727,8 @@ def print_runs(found: dict[str, Any]) -> None:
     bound = found["cheapest_cpu_bound_samples_per_s"]
     print(
         f"bound from each side's least CPU per trained sample over the runs at this batch "
-        f"size: {bound:.2f} "
-        f"samples/s; η = 0 reaches {sync / bound:.0%} of it, η = 2 {best / bound:.0%}"
+        f"size: {bound:.2f} samples/s; η = 0 reaches {sync / bound:.0%} of it, η = 2 "
+        f"{best / bound:.0%}"
     )
     print(
         f"async_over_sync = {found['async_over_sync']:.3f} (target ≥ 1.2); update_share = "
