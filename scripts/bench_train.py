@@ -68,6 +68,8 @@ def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) 
                 key = f"server_{name}"
                 phases[key] = phases.get(key, 0.0) + seconds / len(updates)
     padding = [s.stats["padding_frac"] for s in steady if "padding_frac" in s.stats]
+    # The whole update, reload included, whether or not the trainer waited for all of it.
+    whole = statistics.fmean(e.total_s for e in updates) if updates else float("nan")
     return {
         "steps": len(steady),
         "samples_per_s": sum(s.samples for s in steady) / cycle,
@@ -77,6 +79,7 @@ def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) 
         "train_share": train / cycle,
         "update_share": update / cycle,
         "train_step_s": train / len(steady),
+        "update_total_ms": whole * 1000,
         **{f"update_{name}_ms": seconds * 1000 for name, seconds in phases.items()},
     }
 

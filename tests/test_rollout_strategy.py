@@ -202,6 +202,30 @@ def test_take_waits_for_a_full_batch_without_losing_order() -> None:
     )
 
 
+def test_take_ahead_gives_the_batch_a_take_after_the_version_change_would() -> None:
+    """During an update to v = 2 (train.overlap_reload): the oldest groups valid at 2 are
+    taken at once; a stale one stays for the purge to drop, and too few valid take nothing."""
+    core, sink = control(eta=1, batch=2, prox_mode=ProxMode.loglinear)
+    ids = [core.admit() for _ in range(4)]
+    core.set_version(1)
+    for rid, versions in zip(ids, ([0], [1], [0, 1], [1]), strict=True):
+        core.finish(rid, group(versions))  # type: ignore[arg-type]
+    assert core.take_ahead(3, version=2) is None
+    assert [i.group.rollout_id for i in core.buffered()] == ids
+    assert not sink.of(SampleDroppedEvent) and core.last_take_dropped == 0
+
+    batch = core.take_ahead(2, version=2, step=5)
+    assert batch is not None
+    assert [g.rollout_id for g in batch] == [ids[1], ids[3]]
+    (taken,) = sink.of(BatchTakenEvent)
+    assert (taken.version, taken.step, taken.head_lags) == (2, 5, [1, 1])
+    assert core.version == 1 and not sink.of(SampleDroppedEvent)
+    assert core.set_version(2) == 2
+    assert {e.point for e in sink.of(SampleDroppedEvent)} == {"purge"}
+    assert core.snapshot()["consumed"] == 2
+    assert conservation_holds(core.snapshot())
+
+
 def test_a_group_with_no_samples_is_rejected_not_dropped() -> None:
     core, sink = control()
     a, b = core.admit(), core.admit()

@@ -113,6 +113,11 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
     updates = events_of(run_dir, WeightUpdateEvent)
     assert [u.version for u in updates] == [1, 2, 3, 4, 5]
     assert {"pause_s", "recompute_s", "export_s", "reload_s", "resume_s"} <= set(updates[0].phases)
+    # train.overlap_reload: each update with a step after it tried to take that step's batch
+    # before the reload; one that did left the trainer less than the whole update to wait.
+    assert ["take_next_s" in u.phases for u in updates] == [True] * 4 + [False]
+    for update in updates:
+        assert update.trainer_wait_s is not None and update.trainer_wait_s <= update.total_s
     # The dashboard of this run: every server (address, state, version, restarts), the step.
     shown = rendered_dashboard(events)
     servers = {e.server: e for e in events if isinstance(e, ServerStateEvent)}

@@ -4,6 +4,8 @@ train.max_nonfinite_steps in a row."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,16 @@ class OneTokenWorkflow:
 
 
 class FakeServers:
-    def __init__(self, workflow: OneTokenWorkflow) -> None:
+    def __init__(self, workflow: OneTokenWorkflow, reload_s: float = 0.0) -> None:
         self.workflow = workflow
+        self.reload_s = reload_s
         self.loaded: list[int] = []
 
     async def abort_generation(self) -> None:
         pass
 
     async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
+        await asyncio.sleep(self.reload_s)
         self.loaded.append(version)
         self.workflow.version = version
         return {}
@@ -49,11 +53,19 @@ class FakeServers:
 class ScriptedActor:
     """Reports `skipped` per step from a script; exports nothing."""
 
-    def __init__(self, skipped: list[bool], tmp_path: Path) -> None:
+    def __init__(
+        self, skipped: list[bool], tmp_path: Path, servers: FakeServers, step_s: float = 0.0
+    ) -> None:
         self.skipped = list(skipped)
+        self.step_s = step_s
         self.tmp_path = tmp_path
+        self.servers = servers
+        # Per step: the version trained, the servers' last loaded version, the batch.
+        self.steps: list[tuple[int, int, list[RolloutGroup]]] = []
 
     def train_step(self, groups: list[RolloutGroup], version: int) -> dict[str, float]:
+        self.steps.append((version, max(self.servers.loaded, default=0), groups))
+        time.sleep(self.step_s)
         skipped = self.skipped.pop(0)
         return {
             "reward_mean": 0.5,
@@ -67,8 +79,13 @@ class ScriptedActor:
 
 
 def run_loop(
-    tmp_path: Path, skipped: list[bool], limit: int
-) -> tuple[EventRecorder, FakeServers, Any]:
+    tmp_path: Path,
+    skipped: list[bool],
+    limit: int,
+    overlap_reload: bool = True,
+    reload_s: float = 0.0,
+    step_s: float = 0.0,
+) -> tuple[EventRecorder, ScriptedActor, Any]:
     cfg = SdpConfig()
     cfg = replace(
         cfg,
@@ -79,16 +96,18 @@ def run_loop(
             steps=len(skipped),
             max_nonfinite_steps=limit,
             checkpoint_every=1000,
+            overlap_reload=overlap_reload,
         ),
     )
     workflow = OneTokenWorkflow()
-    servers = FakeServers(workflow)
+    servers = FakeServers(workflow, reload_s)
+    actor = ScriptedActor(skipped, tmp_path, servers, step_s)
     sink = EventRecorder()
     executor = RolloutExecutor(workflow, cfg.rollout, cfg.train.prox_mode, events=sink)
     executor.start()
     loop = TrainingLoop(
         cfg,
-        ScriptedActor(skipped, tmp_path),  # type: ignore[arg-type]
+        actor,  # type: ignore[arg-type]
         executor,
         servers,
         sink,
@@ -101,13 +120,14 @@ def run_loop(
         outcome = exc
     finally:
         executor.stop()
-    return sink, servers, outcome
+    return sink, actor, outcome
 
 
 def test_skipped_steps_are_counted_and_a_finite_step_resets_the_run_of_them(
     tmp_path: Path,
 ) -> None:
-    sink, servers, result = run_loop(tmp_path, [True, False, True, True, False], limit=3)
+    sink, actor, result = run_loop(tmp_path, [True, False, True, True, False], limit=3)
+    servers = actor.servers
     assert not isinstance(result, Exception) and result.steps == 5
     steps = sink.of(TrainStepEvent)
     assert [e.skipped for e in steps] == [True, False, True, True, False]
@@ -123,6 +143,40 @@ def test_the_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path: Path) -> Non
     assert "2 training steps in a row" in str(outcome)
     assert "train.max_nonfinite_steps" in str(outcome)
     assert len(sink.of(TrainStepEvent)) == 3
+
+
+@pytest.mark.parametrize("overlap_reload", [True, False])
+def test_with_overlap_reload_the_next_step_trains_while_the_servers_reload(
+    tmp_path: Path, overlap_reload: bool
+) -> None:
+    steps = 5
+    # Steps longer than the reload, as on a real model, so the buffer refills meanwhile.
+    sink, actor, result = run_loop(
+        tmp_path, [False] * steps, 1, overlap_reload, reload_s=0.2, step_s=0.4
+    )
+    assert not isinstance(result, Exception) and result.steps == steps
+    assert actor.servers.loaded == [1, 2, 3, 4, 5], "every update finished, in order"
+    trained = [g.rollout_id for _, _, groups in actor.steps for g in groups]
+    assert len(trained) == len(set(trained)) == steps, "no batch lost or trained twice"
+    for version, _, groups in actor.steps:
+        for group in groups:
+            # Within the bound at the version trained, though the servers may be behind.
+            assert 0 <= group.head_lag(version) <= 1
+    behind = [version - servers_at for version, servers_at, _ in actor.steps]
+    updates = sink.of(WeightUpdateEvent)
+    waits = [e.trainer_wait_s for e in updates]
+    if overlap_reload:
+        # Steps 1-4 start before the servers hold their weights; the last update, with no
+        # step after it, runs in the foreground.
+        assert behind == [0, 1, 1, 1, 1]
+        for wait, update in zip(waits[:-1], updates[:-1], strict=True):
+            assert wait is not None and wait < 0.2 <= update.total_s
+        assert waits[-1] == updates[-1].total_s
+    else:
+        assert behind == [0] * steps
+        assert waits == [e.total_s for e in updates]
+    step_events = sink.of(TrainStepEvent)
+    assert [e.update_s for e in step_events] == waits
 
 
 @pytest.mark.parametrize("value", [0, -1])

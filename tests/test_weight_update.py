@@ -15,8 +15,10 @@ import pytest
 from sdp_cli.config.schema import ProxMode, RolloutConfig
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
 from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
+from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import NullEventLog
+from sdp_cli.telemetry.events import EventRecorder, NullEventLog
+from sdp_cli.telemetry.schema import WeightUpdateEvent
 from sdp_cli.train.update import WeightUpdate
 
 # Tokens made before the update's version; the recompute at v = 1 rewrites them.
@@ -158,6 +160,84 @@ def test_a_rollout_that_finishes_mid_recompute_is_scored_before_the_servers_relo
         assert sample.proximal_logprobs()[:3] == [SCORE] * 3
         # Tokens of version 1 keep p = μ.
         assert sample.proximal_logprobs()[3:] == [-1.0, -1.0]
+
+
+class GatedReloadServers(FakeServers):
+    """FakeServers whose reload waits until the test opens it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reload_open = False
+
+    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
+        self.calls.append("load started")
+        while not self.reload_open:
+            self.changed.clear()
+            await self.changed.wait()
+        return await super().load_weights(weights, version)
+
+    async def open_reload(self) -> None:
+        self.reload_open = True
+        self.changed.set()
+
+
+def finished_buffer(servers: FakeServers, scorer: Any, count: int) -> RolloutExecutor:
+    """A started executor with `count` finished rollouts buffered (tokens of versions 0, 1)."""
+    executor = make_executor(servers, scorer, max_concurrent=count)
+    for rollout_id in range(FIRST, FIRST + count):
+        servers.release(rollout_id)
+    executor.start()
+    deadline = time.monotonic() + 5
+    while executor.snapshot()["queue_size"] < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return executor
+
+
+def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() -> None:
+    servers = GatedReloadServers()
+    executor = finished_buffer(servers, SlowScorer(servers, delay=0.0), count=2)
+    events = EventRecorder()
+    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, events)
+    try:
+        result = executor.run_sync(update.run(1, take_next=2, step=3), timeout=10)
+        assert result.next_batch is not None
+        assert sorted(g.rollout_id for g in result.next_batch) == [FIRST, FIRST + 1]
+        for group in result.next_batch:
+            assert group.samples[0].recompute_version == 1
+            assert group.samples[0].proximal_logprobs()[:3] == [SCORE] * 3
+        # Handed over before the reload is done: the servers and the executor are still at 1.
+        assert servers.calls[-1] == "load started"
+        assert servers.version == 1 and executor.version == 1
+        assert not events.of(WeightUpdateEvent)
+        executor.run_sync(servers.open_reload())
+        executor.run_sync(update.finished(), timeout=10)
+        assert servers.calls[-1] == "load" and servers.version == 2 and executor.version == 2
+        assert not executor.paused
+        snapshot = executor.snapshot()
+        # The restore to version 1 counts B = 1 as consumed already.
+        assert snapshot["consumed"] == 1 + 2 and conservation_holds(snapshot)
+    finally:
+        executor.stop()
+    (event,) = events.of(WeightUpdateEvent)
+    assert event.trainer_wait_s is not None and event.trainer_wait_s < event.total_s
+    assert event.version == 2
+
+
+def test_take_next_without_a_full_batch_takes_nothing_and_waits_for_the_reload() -> None:
+    servers = FakeServers()
+    executor = finished_buffer(servers, SlowScorer(servers, delay=0.0), count=1)
+    events = EventRecorder()
+    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, events)
+    try:
+        result = executor.run_sync(update.run(1, take_next=2), timeout=10)
+        assert result.next_batch is None
+        assert servers.version == 2 and executor.version == 2
+        assert executor.snapshot()["queue_size"] == 1
+    finally:
+        executor.stop()
+    (event,) = events.of(WeightUpdateEvent)
+    assert event.trainer_wait_s == event.total_s
 
 
 def test_without_the_abort_and_second_pass_the_late_sample_is_missed() -> None:

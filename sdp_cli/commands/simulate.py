@@ -133,4 +133,7 @@ def print_calibration(
         f"  {c.steps} train steps: step_s ≈ {c.step_intercept_s:.4g} + "
         f"{c.step_s_per_token:.4g}·tokens"
     )
-    out.print(f"  {c.updates} weight updates: simulate.update_s={c.update_s:.4g}")
+    out.print(
+        f"  {c.updates} weight updates: simulate.export_s={c.export_s:.4g} "
+        f"simulate.update_s={c.update_s:.4g}"
+    )

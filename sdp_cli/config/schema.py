@@ -441,6 +441,15 @@ class TrainConfig:
         "in the weight update, but keep_weights exports held in RAM and readable only by "
         "servers on this machine; or any other directory",
     )
+    overlap_reload: bool = setting(
+        True,
+        help="at rollout.max_staleness >= 1: take the next batch as soon as the buffer is final "
+        "in a weight update (samples scored, nothing more can enter) and train on it while the "
+        "servers reload; the reload, version change and resume finish in the background. No "
+        "effect at max_staleness 0 (the next batch needs the new weights) nor before a "
+        "checkpoint or the run's end; with rollout.recompute_on=trainer the trainer's scoring "
+        "at the start of the next step waits for the reload, so little overlaps",
+    )
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"
     )
@@ -618,7 +627,18 @@ class SimulateConfig:
     server_batch: int = setting(32, ge=1, help="requests one simulated server decodes at once")
     mean_new_tokens: int = setting(16, ge=1, help="mean tokens per completion")
     train_step_s: float = setting(0.05, ge=0, help="seconds per simulated training step")
-    update_s: float = setting(0.01, ge=0, help="seconds per simulated weight update")
+    export_s: float = setting(
+        0.0,
+        ge=0,
+        help="seconds the trainer spends writing the weights in a simulated weight update, "
+        "before the servers reload (the trainer waits for it even with train.overlap_reload)",
+    )
+    update_s: float = setting(
+        0.01,
+        ge=0,
+        help="seconds of a simulated weight update besides the export: the servers' reload, "
+        "version change and resume (the trainer trains meanwhile with train.overlap_reload)",
+    )
     time_scale: float = setting(
         0.0, ge=0, help="wall seconds per simulated second; 0 runs in virtual time"
     )

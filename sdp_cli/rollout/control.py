@@ -177,6 +177,29 @@ class StalenessControl:
             self._record_buffer_drops(dropped, DropPoint.take)
         if len(taken) < batch_size:
             return None
+        return self._hand_over(taken, version, wait_s, step)
+
+    def take_ahead(
+        self, batch_size: int, version: int, step: int | None = None
+    ) -> list[RolloutGroup] | None:
+        """During the move to `version`, before the executor gets there: the oldest
+        `batch_size` groups that will be valid at `version`, or None, with the buffer untouched,
+        if fewer are. The same batch a take after the version change would give, since its purge
+        keeps exactly the groups valid at `version`; nothing is dropped here, the purge does
+        that. Only sound once no rollout can still enter the buffer before the change."""
+        self.last_take_dropped = 0
+        valid, _ = self.strategy.partition(self._buffer, version)
+        if len(valid) < batch_size:
+            return None
+        taken = valid[:batch_size]
+        leaving = {id(item) for item in taken}
+        self._buffer = deque(item for item in self._buffer if id(item) not in leaving)
+        return self._hand_over(taken, version, 0.0, step)
+
+    def _hand_over(
+        self, taken: list[Buffered], version: int, wait_s: float, step: int | None
+    ) -> list[RolloutGroup]:
+        """Give `taken` (already out of the buffer) to the trainer, training at `version`."""
         groups = [item.group for item in taken]
         rollout_ids = [group.rollout_id for group in groups]
         self.manager.consume(rollout_ids)

@@ -289,6 +289,20 @@ class RolloutExecutor:
         finally:
             self._pending_takes.remove(wanted)
 
+    async def take_ahead_async(
+        self, batch_size: int, version: int, *, step: int | None = None
+    ) -> list[RolloutGroup] | None:
+        """During the weight update to `version`, once no rollout can still enter the buffer
+        under the old weights: the next batch, taken now at `version` if the buffer already
+        holds `batch_size` groups valid there, else None (nothing taken or dropped)."""
+        async with self._buffer_lock:
+            batch = self._control.take_ahead(batch_size, version, step=step)
+        if batch is not None:
+            self._capacity_changed()
+            # As after a take at `version`: early scoring starts once the executor is there.
+            self._took_at_version = version
+        return batch
+
     async def pause_async(self) -> None:
         self._paused = True
         self._gate_open.clear()

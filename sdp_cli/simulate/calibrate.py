@@ -8,9 +8,11 @@ its own, when requests arrive together) and c the completions in flight per serv
 decodes, averaged over its tokens (a server decodes its batch in one step, slower as it grows);
 the trainer's step time as a line in the tokens it trained (step_s ≈ a + b·tokens, so another
 batch size gets its own step time; proportional, a = 0, for a run at one batch size) and the
-mean weight update time. The seconds seen in a log include queueing and pauses for weight
-updates; the simulator adds those back by itself, so the server time it is given is scaled until
-the simulated run shows the measured mean completion seconds.
+mean weight update time, split into the export (the trainer always waits for it) and the rest
+(the servers' reload, which the trainer can overlap with its next step). The seconds seen in a
+log include queueing and pauses for weight updates; the simulator adds those back by itself, so
+the server time it is given is scaled until the simulated run shows the measured mean completion
+seconds.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Calibration:
     # step_s ≈ step_intercept_s + step_s_per_token · tokens trained in the step.
     step_intercept_s: float
     step_s_per_token: float
+    # Mean seconds of the weights' export, and of the rest of an update (reload and the rest).
+    export_s: float
     update_s: float
     rollouts: int
     steps: int
@@ -97,6 +101,7 @@ class Calibration:
             f"simulate.token_latency_per_seq_s={self.latency_per_seq_s * latency_scale:.6g}",
             f"simulate.mean_new_tokens={max(1, round(self.mean_new_tokens))}",
             f"simulate.train_step_s={self.train_step_s(tokens):.6g}",
+            f"simulate.export_s={self.export_s:.6g}",
             f"simulate.update_s={self.update_s:.6g}",
         ]
 
@@ -118,7 +123,7 @@ def read_calibration(run_dir: Path) -> Calibration:
     n_samples = started.n_samples
     times = rollout_timings(events, n_samples, started.server_count)
     steps = [e for e in events if isinstance(e, TrainStepEvent) and not e.skipped]
-    updates = [e.total_s for e in events if isinstance(e, WeightUpdateEvent)]
+    updates = [e for e in events if isinstance(e, WeightUpdateEvent)]
     if not times.seconds or not steps:
         raise SdpError(
             f"--calibrate: {path} has {len(times.seconds)} finished rollouts with tokens and "
@@ -141,13 +146,21 @@ def read_calibration(run_dir: Path) -> Calibration:
         mean_new_tokens=statistics.fmean(times.tokens),
         step_intercept_s=intercept,
         step_s_per_token=slope,
-        update_s=statistics.fmean(updates) if updates else 0.0,
+        export_s=statistics.fmean(export_seconds(e) for e in updates) if updates else 0.0,
+        update_s=(
+            statistics.fmean(e.total_s - export_seconds(e) for e in updates) if updates else 0.0
+        ),
         rollouts=len(times.seconds),
         steps=len(steps),
         updates=len(updates),
         per_completion=times.per_completion,
         run_shape=run_shape(started),
     )
+
+
+def export_seconds(update: WeightUpdateEvent) -> float:
+    """The trainer's export in an update: the part the trainer always waits for."""
+    return update.phases.get("export_s", 0.0)
 
 
 def run_shape(started: RunStartedEvent) -> tuple[str, ...]:

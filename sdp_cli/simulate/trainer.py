@@ -66,10 +66,13 @@ class SimulatedTrainer:
         self._batch_size = cfg.rollout.batch_size
         self._take_timeout_s = cfg.rollout.take_timeout_s
         self._train_step_s = cfg.simulate.train_step_s
+        self._export_s = cfg.simulate.export_s
+        # As the training loop decides it (train/loop.py), without checkpoints here.
+        self._overlap_reload = cfg.train.overlap_reload and cfg.rollout.max_staleness > 0
         self._weight_update = WeightUpdate(
             executor,
             pool,
-            _simulated_export,
+            self._simulated_export,
             cfg.train.prox_mode,
             events if events is not None else NullEventLog(),
             settle_timeout_s=time.loop_seconds(cfg.train.update_timeout_s),
@@ -79,21 +82,28 @@ class SimulatedTrainer:
     async def run(self) -> TrainerReport:
         report = TrainerReport(started_at=self._time.now())
         await self._executor.resume_async()
+        version = self._executor.version
+        next_batch: list[RolloutGroup] | None = None
         for step in range(self._steps):
-            version = self._executor.version
             waited_from = self._time.now()
-            batch = await self._take(report, step)
+            batch = next_batch if next_batch is not None else await self._take(report, step)
             wait_s = self._time.now() - waited_from
             self._record_batch(report, batch, version)
             await self._time.sleep(self._train_step_s)
             update_started = self._time.now()
-            result = await self._weight_update.run(version)
+            take_next = self._overlap_reload and step + 1 < self._steps
+            result = await self._weight_update.run(
+                version, take_next=self._batch_size if take_next else 0, step=step + 1
+            )
+            next_batch = result.next_batch
             update_s = self._time.now() - update_started
             if result.recompute is not None:
                 report.recompute_tokens += result.recompute.tokens
                 report.recompute_failures += result.recompute.failures
             self._emit_train_step(step, version, batch, wait_s, update_s)
             report.steps += 1
+            version += 1
+        await self._weight_update.finished()
         # Pause and read everything here, on the loop, so the numbers do not depend on how
         # long the caller's thread takes to notice the end.
         await self._executor.pause_async()
@@ -130,6 +140,12 @@ class SimulatedTrainer:
             )
         )
 
+    async def _simulated_export(self, version: int) -> Path | None:
+        """Simulated weights are a version number; writing them takes simulate.export_s."""
+        if self._export_s > 0:
+            await self._time.sleep(self._export_s)
+        return None
+
     async def _take(self, report: TrainerReport, step: int) -> list[RolloutGroup]:
         waited_from = self._time.now()
         batch = await self._executor.take_async(
@@ -145,8 +161,3 @@ class SimulatedTrainer:
             for lag, count in group.tokens_by_lag(version).items():
                 report.tokens_by_lag[lag] += count
                 report.trained_tokens += count
-
-
-async def _simulated_export(version: int) -> Path | None:
-    """Simulated weights are a version number; writing them takes no time."""
-    return None

@@ -247,6 +247,9 @@ class WeightUpdateEvent(Event):
     # The servers' own timing of the reload, as the client reports it.
     server_phases: dict[str, float] = dataclasses.field(default_factory=dict)
     weights_dir: str | None = None
+    # Seconds the trainer waited for the update: total_s, or less when it took its next batch
+    # before the reload and trained on it meanwhile (train.overlap_reload). None in older logs.
+    trainer_wait_s: float | None = None
 
 
 @event_type

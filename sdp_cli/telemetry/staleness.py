@@ -350,7 +350,9 @@ class StalenessAccumulator:
     def _on_weight_update(self, event: WeightUpdateEvent) -> None:
         self._weight_updates += 1
         self._phases.update(event.phases)
-        self._update_s += event.total_s
+        # The trainer's share: a reload it trained through is not time it spent updating.
+        waited = event.trainer_wait_s
+        self._update_s += event.total_s if waited is None else waited
 
     def _on_eval(self, event: EvalEvent) -> None:
         self._evals.append(

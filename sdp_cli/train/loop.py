@@ -87,6 +87,8 @@ class TrainingLoop:
         self.evaluator = evaluator
         self.samples = samples
         self.rewards: list[float] = []
+        # The next step's batch, when the last update took it before its reload.
+        self.next_batch: list[RolloutGroup] | None = None
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
 
@@ -94,18 +96,24 @@ class TrainingLoop:
         started = time.monotonic()
         # A baseline before the first step (or where a resumed run left off).
         self.evaluate_if_due()
-        while self.step < self.cfg.train.steps:
-            self.run_step()
-            self.evaluate_if_due()
+        try:
+            while self.step < self.cfg.train.steps:
+                self.run_step()
+                self.evaluate_if_due()
+        finally:
+            # No reload left running behind the caller's back, even when a step raised.
+            self.finish_update()
         return LoopResult(self.step, self.version, self.rewards, time.monotonic() - started)
 
     def run_step(self) -> None:
         index = self.step
         wait_started = time.monotonic()
         hold_point("generation")
-        groups = self.executor.take(
-            self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s, step=index
-        )
+        groups, self.next_batch = self.next_batch, None
+        if groups is None:
+            groups = self.executor.take(
+                self.cfg.rollout.batch_size, self.cfg.rollout.take_timeout_s, step=index
+            )
         wait_s = time.monotonic() - wait_started
         recompute_s, recomputed = self.score_proximal_on_trainer()
         stats = self.actor.train_step(groups, self.version)
@@ -118,7 +126,7 @@ class TrainingLoop:
             self.samples.trained(index, self.version, groups)
         self.count_skipped(stats)
         trained_version = self.version
-        phases = self.update_weights(self.version + 1)
+        phases = self.update_weights(self.version + 1, take_next=self.takes_next_batch(index + 1))
         self.version += 1
         self.step += 1
         self.rewards.append(stats["reward_mean"])
@@ -135,6 +143,8 @@ class TrainingLoop:
         if not self.recompute_on_trainer:
             return 0.0, 0
         started = time.monotonic()
+        # The buffer's samples are scored at the executor's version, once the reload is done.
+        self.finish_update()
         jobs = self.executor.run_sync(self.executor.proximal_jobs_async(self.version))
         if not jobs:
             return 0.0, 0
@@ -149,6 +159,7 @@ class TrainingLoop:
         evaluation completion comes from the one version reported."""
         if self.evaluator is None or not self.evaluator.due(self.step):
             return
+        self.finish_update()
         result = self.executor.run_sync(self.evaluator.run())
         self.events.emit(
             EvalEvent(
@@ -187,10 +198,34 @@ class TrainingLoop:
             self.actor.export_weights, self.weights_dir, version, self.export_dtype
         )
 
-    def update_weights(self, new_version: int) -> dict[str, float]:
-        """The weight-update protocol; returns the time of each phase and the total."""
-        result = self.executor.run_sync(self.weight_update.run(new_version - 1))
-        return {**result.phases, "total_s": result.total_s}
+    def takes_next_batch(self, next_step: int) -> bool:
+        """Whether the update before `next_step` may take its batch early (train.overlap_reload).
+        Not before the end, where the batch would never be trained, nor before a checkpoint,
+        which must not count a batch taken but not trained as done."""
+        return (
+            self.cfg.train.overlap_reload
+            and self.cfg.rollout.max_staleness > 0
+            and next_step < self.cfg.train.steps
+            and not checkpoint_due(next_step, self.cfg.train.checkpoint_every)
+        )
+
+    def update_weights(self, new_version: int, take_next: bool = False) -> dict[str, float]:
+        """The weight-update protocol; returns the time of each phase so far and the seconds
+        the trainer waited for it (`wait_s`). With `take_next`, the next step's batch may come
+        back in `self.next_batch` while the servers still reload."""
+        result = self.executor.run_sync(
+            self.weight_update.run(
+                new_version - 1,
+                take_next=self.cfg.rollout.batch_size if take_next else 0,
+                step=self.step + 1,
+            )
+        )
+        self.next_batch = result.next_batch
+        return {**result.phases, "wait_s": result.trainer_wait_s}
+
+    def finish_update(self) -> None:
+        """Wait for the reload an update left running (raises what it raised)."""
+        self.executor.run_sync(self.weight_update.finished())
 
     def emit_train_step(
         self,
@@ -204,7 +239,7 @@ class TrainingLoop:
         step_s = stats["step_time_s"]
         samples = sum(len(g.samples) for g in groups)
         tokens = trained_tokens(groups)
-        cycle_s = wait_s + step_s + phases["total_s"]
+        cycle_s = wait_s + step_s + phases["wait_s"]
         self.events.emit(
             TrainStepEvent(
                 # 0-based index of the step; with no resume it equals the version trained.
@@ -233,7 +268,8 @@ class TrainingLoop:
                 tokens=tokens,
                 wait_s=wait_s,
                 step_s=step_s,
-                update_s=phases["total_s"],
+                # The trainer's wait: with a batch taken early, the reload is not in it.
+                update_s=phases["wait_s"],
                 samples_per_s=samples / cycle_s if cycle_s > 0 else 0.0,
                 gen_tokens_per_s=tokens / cycle_s if cycle_s > 0 else 0.0,
             )

@@ -14,6 +14,11 @@ export and simulated servers. The sequence (docs/design.md, Weight-update protoc
 4. the servers load v+1: pause with abort, reload, set the version, resume.
 5. the executor moves to v+1, which purges what became too stale, and resumes.
 
+With `take_next` (train.overlap_reload), between 3 and 4 the buffer is final: nothing can enter
+it until the executor resumes. If it already holds the next step's batch valid at v+1, that
+batch is taken there and the update returns; steps 4 and 5 go on in the background while the
+trainer trains on it, and the next update (or `finished()`) waits for them first.
+
 It runs as a coroutine on the executor's loop.
 """
 
@@ -30,6 +35,7 @@ from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import ProxMode
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
+from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import ProximalRecomputeEvent, WeightUpdateEvent
 
@@ -81,6 +87,12 @@ class UpdateResult:
     # False if some rollout still generated under v when the settle deadline passed.
     settled: bool = True
     total_s: float = 0.0
+    # The event loop's clock when the update began.
+    started_at: float = 0.0
+    # Seconds until the caller could go on: total_s, or less when it took next_batch.
+    trainer_wait_s: float = 0.0
+    # The next step's batch, taken at the new version before the reload (take_next).
+    next_batch: list[RolloutGroup] | None = None
 
 
 class WeightUpdate:
@@ -104,20 +116,22 @@ class WeightUpdate:
         self._events = events
         self._settle_timeout_s = settle_timeout_s
         self._abort_every_s = abort_every_s
+        # The reload, version change and resume of an update that returned early.
+        self._finishing: asyncio.Future[None] | None = None
 
-    async def run(self, version: int) -> UpdateResult:
-        """Move the servers and the executor from `version` to `version + 1`."""
+    async def run(
+        self, version: int, *, take_next: int = 0, step: int | None = None
+    ) -> UpdateResult:
+        """Move the servers and the executor from `version` to `version + 1`. With
+        `take_next` > 0, return as soon as a batch of that many groups valid at `version + 1`
+        is taken (`result.next_batch`, for trainer step `step`), leaving the reload running."""
+        await self.finished()
         loop = asyncio.get_running_loop()
-        started = loop.time()
         new_version = version + 1
-        result = UpdateResult(version=new_version, weights_dir=None)
+        result = UpdateResult(version=new_version, weights_dir=None, started_at=loop.time())
 
-        async def timed(name: str, step: Awaitable[T]) -> T:
-            t0 = loop.time()
-            try:
-                return await step
-            finally:
-                result.phases[name] = result.phases.get(name, 0.0) + loop.time() - t0
+        def timed(name: str, phase: Awaitable[T]) -> Awaitable[T]:
+            return _timed(result, name, phase)
 
         executor = self._executor
         await timed("pause_s", executor.pause_async())
@@ -135,15 +149,36 @@ class WeightUpdate:
         finally:
             if first_pass is not None and not first_pass.done():
                 first_pass.cancel()
+        if take_next and result.settled:
+            result.next_batch = await timed(
+                "take_next_s", executor.take_ahead_async(take_next, new_version, step=step)
+            )
         hold_point("weight_update")
-        result.server_phases = await timed(
-            "reload_s", self._servers.load_weights(result.weights_dir, new_version)
-        )
-        await timed("set_version_s", executor.set_version_async(new_version))
-        await timed("resume_s", executor.resume_async())
-        result.total_s = loop.time() - started
-        self._emit_update(result)
+        if result.next_batch is None:
+            await self._finish(result)
+        else:
+            result.trainer_wait_s = loop.time() - result.started_at
+            self._finishing = asyncio.ensure_future(self._finish(result))
         return result
+
+    async def finished(self) -> None:
+        """Wait until the servers and the executor are at the version of the last update
+        (one that returned early is still reloading); raises what its reload raised."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            await finishing
+
+    async def _finish(self, result: UpdateResult) -> None:
+        """Steps 4 and 5: the servers load the new version, then the executor moves to it."""
+        result.server_phases = await _timed(
+            result, "reload_s", self._servers.load_weights(result.weights_dir, result.version)
+        )
+        await _timed(result, "set_version_s", self._executor.set_version_async(result.version))
+        await _timed(result, "resume_s", self._executor.resume_async())
+        result.total_s = asyncio.get_running_loop().time() - result.started_at
+        if result.next_batch is None:
+            result.trainer_wait_s = result.total_s
+        self._emit_update(result)
 
     async def _stop_generation(self) -> bool:
         """Abort until no running rollout can finish under the current weights."""
@@ -180,5 +215,16 @@ class WeightUpdate:
                 server_phases=result.server_phases,
                 weights_dir=None if result.weights_dir is None else str(result.weights_dir),
                 total_s=result.total_s,
+                trainer_wait_s=result.trainer_wait_s,
             )
         )
+
+
+async def _timed(result: UpdateResult, name: str, phase: Awaitable[T]) -> T:
+    """Await `phase`, adding its seconds to `result.phases[name]`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        return await phase
+    finally:
+        result.phases[name] = result.phases.get(name, 0.0) + loop.time() - started
