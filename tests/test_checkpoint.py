@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +148,18 @@ def test_only_the_checkpoints_tensors_go_to_the_servers() -> None:
     assert tensors_for_servers(state, frozenset({"model.embed.weight"}), None) is None
 
 
-def test_direct_safetensors_file_reads_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("most_per_call", [None, 7])
+def test_direct_safetensors_file_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most_per_call: int | None
+) -> None:
+    if most_per_call is not None:
+        # A kernel that writes only part of what one writev call is given, every time.
+        writev = os.writev
+
+        def short_writev(fd: int, buffers: list[memoryview]) -> int:
+            return writev(fd, [bytes(memoryview(buffers[0])[:most_per_call])])
+
+        monkeypatch.setattr(os, "writev", short_writev)
     tensors = {
         "a": torch.randn(3, 5),
         "b": torch.arange(7, dtype=torch.float32).to(torch.bfloat16),

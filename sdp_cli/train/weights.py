@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -37,6 +38,8 @@ from sdp_cli.errors import SdpError
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
+# Buffers one writev call may take (Linux's IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # The single file the direct export writes (vLLM reads every *.safetensors in the directory).
 WEIGHTS_FILE = "model.safetensors"
 # safetensors' names of the dtypes a server can hold.
@@ -174,12 +177,26 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # The format pads the header with spaces so the data starts 8-byte aligned.
     encoded += b" " * (-len(encoded) % 8)
+    contiguous = [tensor.detach().cpu().contiguous() for tensor in tensors.values()]
+    buffers = [struct.pack("<Q", len(encoded)), encoded]
+    buffers += [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in contiguous]
     with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-            handle.write(flat.cpu().numpy().data)
+        write_all(handle.fileno(), buffers)
+
+
+def write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
+    """Write `buffers` to `fd` in as few system calls as the kernel allows. One write per
+    tensor hands the GIL back and forth some 200 times for a model, and when the executor's
+    loop is busy each handover can wait out Python's 5 ms switch interval: in-run exports took
+    0.4-1.3 s instead of 0.15 s."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _write_model_dir(
