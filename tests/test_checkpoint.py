@@ -6,6 +6,7 @@ import json
 import os
 import random
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ from sdp_cli.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sdp_cli.train.weights import export_weights, tensors_for_servers, write_safetensors
+from sdp_cli.train.weights import (
+    SPARE_DIR,
+    export_weights,
+    reserve_export_files,
+    spare_files,
+    tensors_for_servers,
+    write_safetensors,
+)
 
 PROMPT = [1, 5, 6, 45]
 
@@ -182,8 +190,36 @@ def test_export_keeps_the_newest_versions_and_cleans_leftovers(
     (weights_dir / "v0.tmp-99999").mkdir()  # a killed export
     for version in range(1, 5):
         export_weights(actor.model, tiny_model_dir, weights_dir, version, keep=2)
-    assert sorted(p.name for p in weights_dir.iterdir()) == ["v3", "v4"]
+    assert sorted(p.name for p in weights_dir.iterdir()) == [SPARE_DIR, "v3", "v4"]
     # Exporting a version again (after a resume) replaces it.
     export_weights(actor.model, tiny_model_dir, weights_dir, 4, keep=2)
-    assert sorted(p.name for p in weights_dir.iterdir()) == ["v3", "v4"]
+    assert sorted(p.name for p in weights_dir.iterdir()) == [SPARE_DIR, "v3", "v4"]
     assert (weights_dir / "v4" / "model.safetensors").is_file()
+
+
+def test_exports_write_over_the_reserved_and_the_pruned_weight_files(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    actor = trained_actor(tiny_model_dir, steps=0)
+    weights_dir = tmp_path / "weights"
+    reserve = partial(reserve_export_files, actor.model, tiny_model_dir, weights_dir, 2, None)
+    # The two kept versions and the one being written.
+    assert reserve() == 3 and reserve() == 0
+    reserved = {path.stat().st_ino for path in spare_files(weights_dir)}
+    written = set()
+    for version in range(1, 8):
+        export_weights(actor.model, tiny_model_dir, weights_dir, version, keep=2)
+        versions = [p for p in weights_dir.iterdir() if p.name.startswith("v")]
+        assert len(versions) + len(spare_files(weights_dir)) == 3
+        written.add((weights_dir / f"v{version}" / "model.safetensors").stat().st_ino)
+    # Every export wrote over a reserved file (they are never deleted, so their inode numbers
+    # cannot come back for a new file).
+    assert written == reserved
+    path = weights_dir / "v7" / "model.safetensors"
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    state = actor.model.state_dict()
+    back = load_file(path)
+    data = sum(tensor.numel() * tensor.element_size() for tensor in back.values())
+    assert path.stat().st_size == 8 + header + data, "the reserved room past the end is cut"
+    for name, tensor in back.items():
+        assert torch.equal(tensor, state[name]), name

@@ -164,6 +164,10 @@ def test_the_trainer_can_score_the_proximal_recompute(tmp_path: Path) -> None:
     assert sum(r.early_samples for r in recomputes) <= by_trainer
     assert sum(r.early_samples for r in recomputes) > 0
     assert all(r.failures == 0 and r.settled for r in recomputes)
+    # The trainer scores at the servers' version, so no update hands over a batch before its
+    # reload (train.overlap_reload does not apply).
+    for update in events_of(run_dir, WeightUpdateEvent):
+        assert "take_next_s" not in update.phases and update.trainer_wait_s == update.total_s
 
 
 def test_eta_zero_trains_only_tokens_of_the_version_being_trained(tmp_path: Path) -> None:

@@ -50,7 +50,12 @@ from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
 from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
 from sdp_cli.train.update import InferenceServers
-from sdp_cli.train.weights import MEMORY_WEIGHTS, export_dtype, weights_dir_for
+from sdp_cli.train.weights import (
+    MEMORY_WEIGHTS,
+    export_dtype,
+    reserve_export_files,
+    weights_dir_for,
+)
 
 
 @dataclass
@@ -242,6 +247,13 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         if cfg.train.weights_dir == MEMORY_WEIGHTS:
             # Entered before the servers, so it goes after they stop.
             stack.callback(shutil.rmtree, run.weights_dir, ignore_errors=True)
+        reserve_export_files(
+            run.actor.model,
+            run.model_dir,
+            run.weights_dir,
+            cfg.train.keep_weights,
+            export_dtype(cfg.server.dtype),
+        )
         events = open_event_log(stack, dashboard, run)
         events.emit(
             run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)

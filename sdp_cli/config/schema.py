@@ -446,9 +446,9 @@ class TrainConfig:
         help="at rollout.max_staleness >= 1: take the next batch as soon as the buffer is final "
         "in a weight update (samples scored, nothing more can enter) and train on it while the "
         "servers reload; the reload, version change and resume finish in the background. No "
-        "effect at max_staleness 0 (the next batch needs the new weights) nor before a "
-        "checkpoint or the run's end; with rollout.recompute_on=trainer the trainer's scoring "
-        "at the start of the next step waits for the reload, so little overlaps",
+        "effect at max_staleness 0 (the next batch needs the new weights), before a "
+        "checkpoint or the run's end, or with rollout.recompute_on=trainer (the trainer scores "
+        "the buffer at the servers' version, after the reload)",
     )
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"

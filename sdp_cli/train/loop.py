@@ -143,8 +143,6 @@ class TrainingLoop:
         if not self.recompute_on_trainer:
             return 0.0, 0
         started = time.monotonic()
-        # The buffer's samples are scored at the executor's version, once the reload is done.
-        self.finish_update()
         jobs = self.executor.run_sync(self.executor.proximal_jobs_async(self.version))
         if not jobs:
             return 0.0, 0
@@ -201,10 +199,12 @@ class TrainingLoop:
     def takes_next_batch(self, next_step: int) -> bool:
         """Whether the update before `next_step` may take its batch early (train.overlap_reload).
         Not before the end, where the batch would never be trained, nor before a checkpoint,
-        which must not count a batch taken but not trained as done."""
+        which must not count a batch taken but not trained as done; nor when the trainer scores
+        the proximal recompute, which it does at the executor's version, after the reload."""
         return (
             self.cfg.train.overlap_reload
             and self.cfg.rollout.max_staleness > 0
+            and not self.recompute_on_trainer
             and next_step < self.cfg.train.steps
             and not checkpoint_due(next_step, self.cfg.train.checkpoint_every)
         )

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import struct
+import uuid
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -40,6 +41,9 @@ _WEIGHT_INDEX_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.
 _WRITTEN_BY_SAVE = {"config.json", "generation_config.json"}
 # Buffers one writev call may take (Linux's IOV_MAX).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Weight files kept for exports to write over (train/weights.py, reserve_export_files).
+SPARE_DIR = ".spare"
+_HEADER_ROOM = 1 << 20
 # The single file the direct export writes (vLLM reads every *.safetensors in the directory).
 WEIGHTS_FILE = "model.safetensors"
 # safetensors' names of the dtypes a server can hold.
@@ -126,8 +130,76 @@ def prune_versions(weights_dir: Path, keep: int, current: int) -> list[Path]:
     kept.sort()
     doomed += [path for _, path in kept[: max(len(kept) - max(keep, MIN_KEPT_VERSIONS), 0)]]
     for path in doomed:
+        _keep_as_spare(path / WEIGHTS_FILE, weights_dir, spare_limit(keep))
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def spare_limit(keep: int) -> int:
+    """Weight files an export directory needs before the first prune: the kept versions and
+    the one being written."""
+    return max(keep, MIN_KEPT_VERSIONS) + 1
+
+
+def spare_files(weights_dir: Path) -> list[Path]:
+    """Weight files of pruned versions (or reserved), for later exports to write over."""
+    return sorted((weights_dir / SPARE_DIR).glob("*.safetensors"))
+
+
+def _keep_as_spare(weight_file: Path, weights_dir: Path, limit: int) -> None:
+    if not weight_file.is_file() or len(spare_files(weights_dir)) >= limit:
+        return
+    spares = weights_dir / SPARE_DIR
+    spares.mkdir(exist_ok=True)
+    os.replace(weight_file, spares / f"{uuid.uuid4().hex}.safetensors")
+
+
+def export_size(model: PreTrainedModel, source_dir: Path, dtype: torch.dtype | None) -> int | None:
+    """Bytes of the tensors an export writes (None where it falls back to save_pretrained)."""
+    state = model.state_dict()
+    names = checkpoint_tensor_names(Path(source_dir))
+    if not names or not names <= state.keys():
+        return None
+    return sum(
+        state[name].numel() * (dtype or state[name].dtype).itemsize for name in sorted(names)
+    )
+
+
+def reserve_export_files(
+    model: PreTrainedModel,
+    source_dir: Path,
+    weights_dir: Path,
+    keep: int,
+    dtype: torch.dtype | None,
+) -> int:
+    """Allocate, before the run, the weight files its exports will write over (one per
+    export until the first prune, less what is there already). Returns how many were made.
+
+    Memory a process touches for the first time can cost several times a write to memory
+    already in use (the first exports of a run into /dev/shm took 0.8-1.4 s, later ones
+    0.18 s); exports that write over these files and pruned versions' files never pay it."""
+    size = export_size(model, source_dir, dtype)
+    if size is None:
+        return 0
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    present = sum(1 for item in weights_dir.iterdir() if _VERSION_DIR.match(item.name))
+    missing = spare_limit(keep) - present - len(spare_files(weights_dir))
+    spares = weights_dir / SPARE_DIR
+    spares.mkdir(exist_ok=True)
+    for _ in range(max(missing, 0)):
+        path = spares / f"{uuid.uuid4().hex}.safetensors"
+        try:
+            with path.open("wb") as handle:
+                # The header (names, shapes, offsets) is some kilobytes; the write truncates.
+                os.posix_fallocate(handle.fileno(), 0, size + _HEADER_ROOM)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise WeightsExportError(
+                f"cannot reserve {spare_limit(keep)} weight files of {size / 2**20:.0f} MiB for "
+                f"the servers in '{weights_dir}': {exc}\n  make room there, lower "
+                "train.keep_weights, or set train.weights_dir to another directory"
+            ) from exc
+    return max(missing, 0)
 
 
 def export_dtype(server_dtype: str) -> torch.dtype | None:
@@ -161,9 +233,12 @@ def tensors_for_servers(
     return tensors
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, Tensor], write_over: Path | None = None
+) -> None:
     """One safetensors file: an 8-byte header length, the JSON header, then each tensor's bytes
-    written from its own memory (no serialized copy of the whole model in between)."""
+    written from its own memory (no serialized copy of the whole model in between). With
+    `write_over`, that file is moved to `path` and written over in place, keeping its pages."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in tensors.items():
@@ -180,8 +255,14 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     contiguous = [tensor.detach().cpu().contiguous() for tensor in tensors.values()]
     buffers = [struct.pack("<Q", len(encoded)), encoded]
     buffers += [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in contiguous]
-    with path.open("wb") as handle:
+    if write_over is None:
+        with path.open("wb") as handle:
+            write_all(handle.fileno(), buffers)
+        return
+    os.replace(write_over, path)
+    with path.open("r+b") as handle:
         write_all(handle.fileno(), buffers)
+        handle.truncate()
 
 
 def write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
@@ -205,6 +286,7 @@ def _write_model_dir(
     target: Path,
     state_dict: dict[str, Tensor] | None,
     dtype: torch.dtype | None,
+    spare: Path | None,
 ) -> None:
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = tensors_for_servers(state, checkpoint_tensor_names(source_dir), dtype)
@@ -213,7 +295,7 @@ def _write_model_dir(
         # checkpoint's own tensor names, which is what vLLM's loader expects.
         model.save_pretrained(target, save_original_format=True, state_dict=state_dict)
         return
-    write_safetensors(target / WEIGHTS_FILE, tensors)
+    write_safetensors(target / WEIGHTS_FILE, tensors, write_over=spare)
     # As save_pretrained does, the config names the dtype of the weights written ("auto"
     # servers load that one).
     config = copy.deepcopy(model.config)
@@ -241,7 +323,8 @@ def export_weights(
     try:
         # An existing version (a re-export after resume) is replaced.
         with atomic_dir(final) as tmp:
-            _write_model_dir(model, Path(source_dir), tmp, state_dict, dtype)
+            spare = next(iter(spare_files(weights_dir)), None)
+            _write_model_dir(model, Path(source_dir), tmp, state_dict, dtype, spare)
             copy_tokenizer_files(source_dir, tmp)
         prune_versions(weights_dir, keep, version)
     except (OSError, SafetensorError) as exc:
