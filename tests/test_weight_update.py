@@ -181,9 +181,12 @@ class GatedReloadServers(FakeServers):
         self.changed.set()
 
 
-def finished_buffer(servers: FakeServers, scorer: Any, count: int) -> RolloutExecutor:
-    """A started executor with `count` finished rollouts buffered (tokens of versions 0, 1)."""
-    executor = make_executor(servers, scorer, max_concurrent=count)
+def update_over_buffer(
+    servers: FakeServers, count: int
+) -> tuple[RolloutExecutor, WeightUpdate, EventRecorder]:
+    """A started executor with `count` finished rollouts buffered (tokens of versions 0, 1),
+    and a weight update over it that records its events."""
+    executor = make_executor(servers, SlowScorer(servers, delay=0.0), max_concurrent=count)
     for rollout_id in range(FIRST, FIRST + count):
         servers.release(rollout_id)
     executor.start()
@@ -191,14 +194,13 @@ def finished_buffer(servers: FakeServers, scorer: Any, count: int) -> RolloutExe
     while executor.snapshot()["queue_size"] < count:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    return executor
+    events = EventRecorder()
+    return executor, WeightUpdate(executor, servers, no_export, ProxMode.segment, events), events
 
 
 def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() -> None:
     servers = GatedReloadServers()
-    executor = finished_buffer(servers, SlowScorer(servers, delay=0.0), count=2)
-    events = EventRecorder()
-    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, events)
+    executor, update, events = update_over_buffer(servers, count=2)
     try:
         result = executor.run_sync(update.run(1, take_next=2, step=3), timeout=10)
         assert result.next_batch is not None
@@ -226,9 +228,7 @@ def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() 
 
 def test_take_next_without_a_full_batch_takes_nothing_and_waits_for_the_reload() -> None:
     servers = FakeServers()
-    executor = finished_buffer(servers, SlowScorer(servers, delay=0.0), count=1)
-    events = EventRecorder()
-    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, events)
+    executor, update, events = update_over_buffer(servers, count=1)
     try:
         result = executor.run_sync(update.run(1, take_next=2), timeout=10)
         assert result.next_batch is None
