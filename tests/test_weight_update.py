@@ -181,6 +181,24 @@ class GatedReloadServers(FakeServers):
         self.changed.set()
 
 
+class GatedServers(GatedReloadServers):
+    """GatedReloadServers whose abort also waits until the test opens it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.abort_open = False
+
+    async def abort_generation(self) -> None:
+        while not self.abort_open:
+            self.changed.clear()
+            await self.changed.wait()
+        await super().abort_generation()
+
+    async def open_all(self) -> None:
+        self.abort_open = True
+        await self.open_reload()
+
+
 def update_over_buffer(
     servers: FakeServers, count: int
 ) -> tuple[RolloutExecutor, WeightUpdate, EventRecorder]:
@@ -224,6 +242,35 @@ def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() 
     (event,) = events.of(WeightUpdateEvent)
     assert event.trainer_wait_s is not None and event.trainer_wait_s < event.total_s
     assert event.version == 2
+
+
+def test_take_next_hands_over_early_scored_groups_before_the_recompute() -> None:
+    """Groups whose version-0 tokens already have their early scores (here the trainer's,
+    rollout.recompute_on=trainer style) need nothing more: the batch comes before any
+    scoring call and the rest of the update runs behind it."""
+    servers = GatedServers()
+    executor, update, events = update_over_buffer(servers, count=2)
+    trainer_score = -0.5
+    try:
+        jobs = executor.run_sync(executor.proximal_jobs_async(1))
+        assert len(jobs) == 2
+        scores = [[trainer_score] * len(sample.output_ids) for sample, _ in jobs]
+        executor.run_sync(executor.keep_proximal_async(jobs, scores, 1))
+        result = executor.run_sync(update.run(1, take_next=2), timeout=10)
+        assert result.next_batch is not None and len(result.next_batch) == 2
+        for group in result.next_batch:
+            assert group.samples[0].recompute_version == 1
+            assert group.samples[0].proximal_logprobs() == [trainer_score] * 3 + [-1.0] * 2
+        # Handed over before the abort (which cannot pass its gate yet) and the reload.
+        assert servers.calls == []
+        executor.run_sync(servers.open_all())
+        executor.run_sync(update.finished(), timeout=10)
+        assert servers.calls[-1] == "load" and executor.version == 2
+        assert conservation_holds(executor.snapshot())
+    finally:
+        executor.stop()
+    (event,) = events.of(WeightUpdateEvent)
+    assert event.trainer_wait_s is not None and event.trainer_wait_s < event.total_s
 
 
 def test_take_next_without_a_full_batch_takes_nothing_and_waits_for_the_reload() -> None:

@@ -180,18 +180,30 @@ class StalenessControl:
         return self._hand_over(taken, version, wait_s, step)
 
     def take_ahead(
-        self, batch_size: int, version: int, step: int | None = None
+        self,
+        batch_size: int,
+        version: int,
+        step: int | None = None,
+        pending: Callable[[Buffered], bool] | None = None,
     ) -> list[RolloutGroup] | None:
         """During the move to `version`, before the executor gets there: the oldest
         `batch_size` groups that will be valid at `version`, or None, with the buffer untouched,
         if fewer are. The same batch a take after the version change would give, since its purge
         keeps exactly the groups valid at `version`; nothing is dropped here, the purge does
-        that. Only sound once no rollout can still enter the buffer before the change."""
+        that. Groups that enter the buffer later are newer, so they cannot change which those
+        are. `pending(item)` is True for a group whose validity still waits on the update (its
+        proximal recompute): one before the batch is complete means None."""
         self.last_take_dropped = 0
-        valid, _ = self.strategy.partition(self._buffer, version)
-        if len(valid) < batch_size:
+        taken: list[Buffered] = []
+        for item in self._buffer:
+            if len(taken) == batch_size:
+                break
+            if pending is not None and pending(item):
+                return None
+            if self.strategy.drop_reason(item, version) is None:
+                taken.append(item)
+        if len(taken) < batch_size:
             return None
-        taken = valid[:batch_size]
         leaving = {id(item) for item in taken}
         self._buffer = deque(item for item in self._buffer if id(item) not in leaving)
         return self._hand_over(taken, version, 0.0, step)

@@ -34,7 +34,7 @@ from sdp_cli.rollout.recompute import (
     needs_proximal_recompute,
 )
 from sdp_cli.rollout.staleness import StalenessManager
-from sdp_cli.rollout.strategy import make_strategy
+from sdp_cli.rollout.strategy import Buffered, make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
 from sdp_cli.telemetry.schema import CapacityEvent
@@ -290,13 +290,30 @@ class RolloutExecutor:
             self._pending_takes.remove(wanted)
 
     async def take_ahead_async(
-        self, batch_size: int, version: int, *, step: int | None = None
+        self,
+        batch_size: int,
+        version: int,
+        *,
+        step: int | None = None,
+        before_recompute: bool = False,
     ) -> list[RolloutGroup] | None:
-        """During the weight update to `version`, once no rollout can still enter the buffer
-        under the old weights: the next batch, taken now at `version` if the buffer already
-        holds `batch_size` groups valid there, else None (nothing taken or dropped)."""
+        """During the weight update to `version`: the next batch, taken now at `version` if the
+        buffer already holds `batch_size` groups valid there, else None (nothing taken or
+        dropped). `before_recompute`: called before the update's proximal recompute; a group
+        that needs it and lacks an early score for it leaves the batch undecided (None), and
+        the early scores of the groups looked at are written, as the recompute would."""
+        pending = None
+        if before_recompute and self._recomputer is not None and self._needs_recompute:
+            recomputer, scored_at = self._recomputer, version - 1
+
+            def pending(item: Buffered) -> bool:
+                if not recomputer.write_early(item.group, scored_at):
+                    return True
+                item.refresh_recompute_version()
+                return False
+
         async with self._buffer_lock:
-            batch = self._control.take_ahead(batch_size, version, step=step)
+            batch = self._control.take_ahead(batch_size, version, step=step, pending=pending)
         if batch is not None:
             self._capacity_changed()
             # As after a take at `version`: early scoring starts once the executor is there.

@@ -148,6 +148,17 @@ class ProximalRecomputer:
             if self._early_score(job[0], version) is None
         ]
 
+    def write_early(self, group: RolloutGroup, version: int) -> bool:
+        """If every sample of `group` the recompute at `version` needs has its early score,
+        write them all (as the recompute would) and return True; else write none."""
+        jobs = list(_samples_needing_recompute([group], version))
+        scores = [self._early_score(sample, version) for sample, _ in jobs]
+        if any(score is None for score in scores):
+            return False
+        for (sample, positions), score in zip(jobs, scores, strict=True):
+            write_proximal(sample, positions, score, version)  # type: ignore[arg-type]
+        return True
+
     def keep(self, sample: Trajectory, scores: list[float], version: int) -> None:
         """Hold `scores` (every output token's logprob under `version`) for the recompute."""
         if len(scores) == len(sample.output_ids):

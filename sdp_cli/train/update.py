@@ -14,10 +14,13 @@ export and simulated servers. The sequence (docs/design.md, Weight-update protoc
 4. the servers load v+1: pause with abort, reload, set the version, resume.
 5. the executor moves to v+1, which purges what became too stale, and resumes.
 
-With `take_next` (train.overlap_reload), between 3 and 4 the buffer is final: nothing can enter
-it until the executor resumes. If it already holds the next step's batch valid at v+1, that
-batch is taken there and the update returns; steps 4 and 5 go on in the background while the
-trainer trains on it, and the next update (or `finished()`) waits for them first.
+With `take_next` (train.overlap_reload) the update hands the next step's batch to the trainer
+as soon as it is decided and returns; the rest goes on in the background while the trainer
+trains on it, and the next update (or `finished()`) waits for it first. The batch is the oldest
+groups valid at v+1, which groups entering the buffer later cannot change. It is decided at
+step 1 when each of those groups needs no recompute at this update or has its early scores (the
+common case: the trainer gets it after the export, and steps 2-5 go on behind it); else after
+step 3, when the buffer is final (steps 4 and 5 behind it); else the update runs to the end.
 
 It runs as a coroutine on the executor's loop.
 """
@@ -26,10 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import ProxMode
@@ -135,31 +138,56 @@ class WeightUpdate:
 
         executor = self._executor
         await timed("pause_s", executor.pause_async())
+        if take_next:
+            # The oldest groups need nothing more from this update when their early scores
+            # are in (the common case): the trainer can have them before the recompute.
+            result.next_batch = await timed(
+                "take_next_s",
+                executor.take_ahead_async(take_next, new_version, step=step, before_recompute=True),
+            )
         first_pass = (
             asyncio.ensure_future(executor.recompute_async(version)) if self._recompute else None
         )
         try:
             result.weights_dir = await timed("export_s", self._export(new_version))
+        except BaseException:
             if first_pass is not None:
-                early = await timed("recompute_s", first_pass)
-                result.settled = await timed("abort_s", self._stop_generation())
-                late = await timed("recompute_s", executor.recompute_async(version))
-                result.recompute = early.merged(late)
-                self._emit_recompute(result.recompute, late, result.settled)
-        finally:
-            if first_pass is not None and not first_pass.done():
                 first_pass.cancel()
+            raise
+        if result.next_batch is not None:
+            self._hand_over(result, self._finish(result, first_pass))
+            return result
+        await self._score(result, first_pass)
         if take_next and result.settled:
             result.next_batch = await timed(
                 "take_next_s", executor.take_ahead_async(take_next, new_version, step=step)
             )
-        hold_point("weight_update")
-        if result.next_batch is None:
-            await self._finish(result)
-        else:
-            result.trainer_wait_s = loop.time() - result.started_at
-            self._finishing = asyncio.ensure_future(self._finish(result))
+        if result.next_batch is not None:
+            self._hand_over(result, self._finish(result))
+            return result
+        await self._finish(result)
         return result
+
+    def _hand_over(self, result: UpdateResult, rest: Coroutine[Any, Any, None]) -> None:
+        """Return to the trainer with `result.next_batch`; `rest` finishes the update."""
+        result.trainer_wait_s = asyncio.get_running_loop().time() - result.started_at
+        self._finishing = asyncio.ensure_future(rest)
+
+    async def _score(self, result: UpdateResult, first_pass: asyncio.Future[Any] | None) -> None:
+        """Steps 2 and 3: the first recompute pass (started with the export), the abort until
+        no rollout can finish under v, and the second pass."""
+        if first_pass is None:
+            return
+        executor = self._executor
+        try:
+            early = await _timed(result, "recompute_s", first_pass)
+            result.settled = await _timed(result, "abort_s", self._stop_generation())
+            late = await _timed(result, "recompute_s", executor.recompute_async(result.version - 1))
+        finally:
+            if not first_pass.done():
+                first_pass.cancel()
+        result.recompute = early.merged(late)
+        self._emit_recompute(result.recompute, late, result.settled)
 
     async def finished(self) -> None:
         """Wait until the servers and the executor are at the version of the last update
@@ -168,8 +196,14 @@ class WeightUpdate:
         if finishing is not None:
             await finishing
 
-    async def _finish(self, result: UpdateResult) -> None:
-        """Steps 4 and 5: the servers load the new version, then the executor moves to it."""
+    async def _finish(
+        self, result: UpdateResult, first_pass: asyncio.Future[Any] | None = None
+    ) -> None:
+        """Steps 4 and 5: the servers load the new version, then the executor moves to it;
+        with `first_pass`, the batch was handed over before the recompute, which comes first."""
+        if first_pass is not None:
+            await self._score(result, first_pass)
+        hold_point("weight_update")
         result.server_phases = await _timed(
             result, "reload_s", self._servers.load_weights(result.weights_dir, result.version)
         )
