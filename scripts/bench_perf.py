@@ -34,7 +34,8 @@ Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_o
 `tiny`), attached to vLLM fleets started here, one at a time (each round starts `os`, servers
 on every core, for its runs, stops it, then does the same with `split`, servers and trainer on
 their own cores, what `sdp train` does at η ≥ 1). Each figure is the median over
-`--run-rounds` rounds of the steady steps (all but the first). The CPU the trainer and the
+`--run-rounds` rounds of the steady steps (all but the first, which fills the pipeline, and
+the last, which drains it). The CPU the trainer and the
 servers use is sampled every 0.5 s (a sampler in the trainer's process at a finer interval
 slowed the runs it measured):
 
@@ -155,7 +156,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--child-peak", choices=PEAK_VARIANTS, help=argparse.SUPPRESS)
     # Internal: the packing comparison in this (child) process.
     parser.add_argument("--child-packing", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.run_steps is not None and args.run_steps < 3:
+        # The first step fills the pipeline and the last drains it: one steady step at least.
+        parser.error("--run-steps must be at least 3")
+    return args
 
 
 def model_dir(args: argparse.Namespace) -> Path:

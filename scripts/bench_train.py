@@ -44,16 +44,17 @@ ETAS = (0, 2)
 
 
 def steady_steps(run_dir: Path) -> tuple[list[TrainStepEvent], list[WeightUpdateEvent]]:
-    """Every train_step event, and the weight_update events after the first step (which
-    includes filling the pipeline from nothing)."""
+    """Every train_step event, and the weight_update events of the steady steps: all but the
+    first (which fills the pipeline from nothing) and the last (which drains it: with no step
+    after it, train.overlap_reload has nothing to train during its reload)."""
     events = list(read_events(run_dir / "events.jsonl"))
     steps = [e for e in events if isinstance(e, TrainStepEvent)]
     updates = [e for e in events if isinstance(e, WeightUpdateEvent)]
-    return steps, updates[1:]
+    return steps, updates[1:-1]
 
 
 def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) -> dict[str, float]:
-    steady = steps[1:]
+    steady = steps[1:-1]
     wait = sum(s.wait_s for s in steady)
     train = sum(s.step_s for s in steady)
     update = sum(s.update_s for s in steady)
@@ -136,9 +137,9 @@ def train_once(
     with CpuSampler() as cpu:
         run_training(cfg, console)
     steps, updates = steady_steps(run_dir)
-    # From the end of the first step to the end of the last: the steady steps.
-    wall, own, servers = cpu.between(steps[0].ts or 0.0, steps[-1].ts or 0.0)
-    trained = sum(s.samples for s in steps[1:])
+    # From the end of the first step to the end of the one before the last: the steady steps.
+    wall, own, servers = cpu.between(steps[0].ts or 0.0, steps[-2].ts or 0.0)
+    trained = sum(s.samples for s in steps[1:-1])
     return {
         **step_numbers(steps, updates),
         "cores_busy": (own + servers) / wall,

@@ -273,6 +273,41 @@ def test_take_next_hands_over_early_scored_groups_before_the_recompute() -> None
     assert event.trainer_wait_s is not None and event.trainer_wait_s < event.total_s
 
 
+def test_take_next_waits_for_a_running_rollout_that_completes_the_batch() -> None:
+    """One group is buffered and one still running when the update starts: it is worth
+    waiting up to a reload's time for it instead of running the whole update first."""
+    servers = GatedReloadServers()
+    cfg = RolloutConfig(max_staleness=4, batch_size=1, max_concurrent=2, recompute_early=False)
+    workflow = TwoSegmentWorkflow(servers)
+    executor = RolloutExecutor(workflow, cfg, ProxMode.loglinear, capacity_interval_s=0)
+    executor.restore(1)
+    servers.release(FIRST)
+    executor.start()
+    update = WeightUpdate(executor, servers, no_export, ProxMode.loglinear, NullEventLog())
+    # As if the last reload had taken 5 s.
+    update._last_reload_s = 5.0
+    try:
+        deadline = time.monotonic() + 5
+        while executor.snapshot()["queue_size"] < 1 or executor.snapshot()["running"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        async def update_while_the_rollout_finishes() -> Any:
+            asyncio.get_running_loop().call_later(0.3, servers.release, FIRST + 1)
+            return await update.run(1, take_next=2)
+
+        # The reload is gated: without the early hand-over this would not return.
+        result = executor.run_sync(update_while_the_rollout_finishes(), timeout=10)
+        assert result.next_batch is not None
+        assert [g.rollout_id for g in result.next_batch] == [FIRST, FIRST + 1]
+        assert 0.25 <= result.phases["take_next_s"] < 5
+        executor.run_sync(servers.open_reload())
+        executor.run_sync(update.finished(), timeout=10)
+        assert executor.version == 2 and conservation_holds(executor.snapshot())
+    finally:
+        executor.stop()
+
+
 def test_take_next_without_a_full_batch_takes_nothing_and_waits_for_the_reload() -> None:
     servers = FakeServers()
     executor, update, events = update_over_buffer(servers, count=1)

@@ -443,9 +443,10 @@ class TrainConfig:
     )
     overlap_reload: bool = setting(
         True,
-        help="at rollout.max_staleness >= 1: take the next batch as soon as the buffer is final "
-        "in a weight update (samples scored, nothing more can enter) and train on it while the "
-        "servers reload; the reload, version change and resume finish in the background. No "
+        help="at rollout.max_staleness >= 1: in a weight update, take the next batch as soon "
+        "as it is decided (its groups need nothing more from the update, or the buffer is "
+        "final) and train on it while the rest of the update (recompute, reload, version "
+        "change, resume) finishes in the background. No "
         "effect at max_staleness 0 (the next batch needs the new weights), before a "
         "checkpoint or the run's end, or with rollout.recompute_on=trainer (the trainer scores "
         "the buffer at the servers' version, after the reload)",

@@ -302,12 +302,44 @@ class RolloutExecutor:
         dropped). `before_recompute`: called before the update's proximal recompute; a group
         that needs it and lacks an early score for it leaves the batch undecided (None), and
         the early scores of the groups looked at are written, as the recompute would."""
+        batch, _ = await self._take_ahead(batch_size, version, step, before_recompute)
+        return batch
+
+    async def take_ahead_soon_async(
+        self, batch_size: int, version: int, wait_s: float, *, step: int | None = None
+    ) -> list[RolloutGroup] | None:
+        """take_ahead_async before the recompute, tried again as running rollouts finish into
+        the buffer (paused, the executor starts none), for up to `wait_s` seconds, and no longer
+        once a group waits on the recompute or nothing is running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        self._pending_takes.append(batch_size)
+        try:
+            while True:
+                self._buffer_grew.clear()
+                batch, scores_missing = await self._take_ahead(batch_size, version, step, True)
+                left = deadline - loop.time()
+                running = self._control.manager.terms().running
+                if batch is not None or scores_missing or left <= 0 or running == 0:
+                    return batch
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._buffer_grew.wait(), left)
+        finally:
+            self._pending_takes.remove(batch_size)
+
+    async def _take_ahead(
+        self, batch_size: int, version: int, step: int | None, before_recompute: bool
+    ) -> tuple[list[RolloutGroup] | None, bool]:
+        """The batch (or None), and whether a group lacking its scores was what stopped it."""
         pending = None
+        scores_missing = False
         if before_recompute and self._recomputer is not None and self._needs_recompute:
             recomputer, scored_at = self._recomputer, version - 1
 
             def pending(item: Buffered) -> bool:
+                nonlocal scores_missing
                 if not recomputer.write_early(item.group, scored_at):
+                    scores_missing = True
                     return True
                 item.refresh_recompute_version()
                 return False
@@ -318,7 +350,7 @@ class RolloutExecutor:
             self._capacity_changed()
             # As after a take at `version`: early scoring starts once the executor is there.
             self._took_at_version = version
-        return batch
+        return batch, scores_missing
 
     async def pause_async(self) -> None:
         self._paused = True

@@ -147,9 +147,7 @@ def read_calibration(run_dir: Path) -> Calibration:
         step_intercept_s=intercept,
         step_s_per_token=slope,
         export_s=statistics.fmean(export_seconds(e) for e in updates) if updates else 0.0,
-        update_s=(
-            statistics.fmean(e.total_s - export_seconds(e) for e in updates) if updates else 0.0
-        ),
+        update_s=statistics.fmean(rest_seconds(e) for e in updates) if updates else 0.0,
         rollouts=len(times.seconds),
         steps=len(steps),
         updates=len(updates),
@@ -161,6 +159,13 @@ def read_calibration(run_dir: Path) -> Calibration:
 def export_seconds(update: WeightUpdateEvent) -> float:
     """The trainer's export in an update: the part the trainer always waits for."""
     return update.phases.get("export_s", 0.0)
+
+
+def rest_seconds(update: WeightUpdateEvent) -> float:
+    """The rest of an update: the reload and what goes with it, less the export and the time
+    it waited for running rollouts to complete the next batch (train.overlap_reload), which
+    the simulation makes by itself."""
+    return update.total_s - export_seconds(update) - update.phases.get("take_next_s", 0.0)
 
 
 def run_shape(started: RunStartedEvent) -> tuple[str, ...]:

@@ -121,6 +121,8 @@ class WeightUpdate:
         self._abort_every_s = abort_every_s
         # The reload, version change and resume of an update that returned early.
         self._finishing: asyncio.Future[None] | None = None
+        # How long the last reload took: how long a next batch is worth waiting for.
+        self._last_reload_s = 0.0
 
     async def run(
         self, version: int, *, take_next: int = 0, step: int | None = None
@@ -138,21 +140,27 @@ class WeightUpdate:
 
         executor = self._executor
         await timed("pause_s", executor.pause_async())
-        if take_next:
-            # The oldest groups need nothing more from this update when their early scores
-            # are in (the common case): the trainer can have them before the recompute.
-            result.next_batch = await timed(
-                "take_next_s",
-                executor.take_ahead_async(take_next, new_version, step=step, before_recompute=True),
-            )
-        first_pass = (
-            asyncio.ensure_future(executor.recompute_async(version)) if self._recompute else None
-        )
+        export = asyncio.ensure_future(timed("export_s", self._export(new_version)))
+        first_pass: asyncio.Future[Any] | None = None
         try:
-            result.weights_dir = await timed("export_s", self._export(new_version))
+            if take_next:
+                # The oldest groups need nothing more from this update when their early
+                # scores are in (the common case): the trainer can have them before the
+                # recompute. While the export runs, and for as long as a reload took, rollouts
+                # still running may complete the batch (better than aborting them).
+                result.next_batch = await timed(
+                    "take_next_s",
+                    executor.take_ahead_soon_async(
+                        take_next, new_version, self._last_reload_s, step=step
+                    ),
+                )
+            if self._recompute:
+                first_pass = asyncio.ensure_future(executor.recompute_async(version))
+            result.weights_dir = await export
         except BaseException:
-            if first_pass is not None:
-                first_pass.cancel()
+            for task in (export, first_pass):
+                if task is not None:
+                    task.cancel()
             raise
         if result.next_batch is not None:
             self._hand_over(result, self._finish(result, first_pass))
@@ -209,6 +217,7 @@ class WeightUpdate:
         )
         await _timed(result, "set_version_s", self._executor.set_version_async(result.version))
         await _timed(result, "resume_s", self._executor.resume_async())
+        self._last_reload_s = result.phases["reload_s"]
         result.total_s = asyncio.get_running_loop().time() - result.started_at
         if result.next_batch is None:
             result.trainer_wait_s = result.total_s
