@@ -290,34 +290,31 @@ class RolloutExecutor:
             self._pending_takes.remove(wanted)
 
     async def take_ahead_async(
-        self,
-        batch_size: int,
-        version: int,
-        *,
-        step: int | None = None,
-        before_recompute: bool = False,
+        self, batch_size: int, version: int, *, step: int | None = None
     ) -> list[RolloutGroup] | None:
-        """During the weight update to `version`: the next batch, taken now at `version` if the
-        buffer already holds `batch_size` groups valid there, else None (nothing taken or
-        dropped). `before_recompute`: called before the update's proximal recompute; a group
-        that needs it and lacks an early score for it leaves the batch undecided (None), and
-        the early scores of the groups looked at are written, as the recompute would."""
-        batch, _ = await self._take_ahead(batch_size, version, step, before_recompute)
+        """During the weight update to `version`, once its recompute is done: the next batch,
+        taken now at `version` if the buffer already holds `batch_size` groups valid there,
+        else None (nothing taken or dropped)."""
+        batch, _ = await self._take_ahead(batch_size, version, step, before_recompute=False)
         return batch
 
     async def take_ahead_soon_async(
         self, batch_size: int, version: int, wait_s: float, *, step: int | None = None
     ) -> list[RolloutGroup] | None:
-        """take_ahead_async before the recompute, tried again as running rollouts finish into
-        the buffer (paused, the executor starts none), for up to `wait_s` seconds, and no longer
-        once a group waits on the recompute or nothing is running."""
+        """take_ahead_async before the update's recompute, tried again as running rollouts
+        finish into the buffer (paused, the executor starts none), for up to `wait_s` seconds,
+        and no longer once a group waits on the recompute or nothing is running. A group that
+        needs the recompute and lacks an early score for it leaves the batch undecided; the
+        early scores of the groups looked at are written, as the recompute would."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         self._pending_takes.append(batch_size)
         try:
             while True:
                 self._buffer_grew.clear()
-                batch, scores_missing = await self._take_ahead(batch_size, version, step, True)
+                batch, scores_missing = await self._take_ahead(
+                    batch_size, version, step, before_recompute=True
+                )
                 left = deadline - loop.time()
                 running = self._control.manager.terms().running
                 if batch is not None or scores_missing or left <= 0 or running == 0:

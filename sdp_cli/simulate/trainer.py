@@ -20,7 +20,7 @@ from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 from sdp_cli.telemetry.schema import TrainStepEvent
-from sdp_cli.train.update import WeightUpdate
+from sdp_cli.train.update import WeightUpdate, overlaps_reload
 
 
 @dataclass
@@ -68,7 +68,7 @@ class SimulatedTrainer:
         self._train_step_s = cfg.simulate.train_step_s
         self._export_s = cfg.simulate.export_s
         # As the training loop decides it (train/loop.py), without checkpoints here.
-        self._overlap_reload = cfg.train.overlap_reload and cfg.rollout.max_staleness > 0
+        self._overlap_reload = overlaps_reload(cfg)
         self._weight_update = WeightUpdate(
             executor,
             pool,

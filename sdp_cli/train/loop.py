@@ -26,7 +26,7 @@ from sdp_cli.train.actor import Actor
 from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
 from sdp_cli.train.evaluate import Evaluator
 from sdp_cli.train.samples import SampleLog
-from sdp_cli.train.update import UpdateServers, WeightUpdate
+from sdp_cli.train.update import UpdateServers, WeightUpdate, overlaps_reload
 from sdp_cli.train.weights import export_dtype, weights_dir_for
 
 # Which data positions are trained so far (for checkpoints).
@@ -202,8 +202,7 @@ class TrainingLoop:
         which must not count a batch taken but not trained as done; nor when the trainer scores
         the proximal recompute, which it does at the executor's version, after the reload."""
         return (
-            self.cfg.train.overlap_reload
-            and self.cfg.rollout.max_staleness > 0
+            overlaps_reload(self.cfg)
             and not self.recompute_on_trainer
             and next_step < self.cfg.train.steps
             and not checkpoint_due(next_step, self.cfg.train.checkpoint_every)

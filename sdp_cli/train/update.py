@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.schema import ProxMode, SdpConfig
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
@@ -51,6 +51,12 @@ T = TypeVar("T")
 # Write the weights of `version` where the servers can load them; returns their directory
 # (None for simulated weights).
 ExportWeights = Callable[[int], Awaitable[Path | None]]
+
+
+def overlaps_reload(cfg: SdpConfig) -> bool:
+    """Whether train.overlap_reload can apply to this run at all: at η = 0 no group is valid
+    at v+1 before the servers hold it."""
+    return cfg.train.overlap_reload and cfg.rollout.max_staleness > 0
 
 
 class UpdateServers(Protocol):

@@ -156,13 +156,12 @@ def _keep_as_spare(weight_file: Path, weights_dir: Path, limit: int) -> None:
 
 def export_size(model: PreTrainedModel, source_dir: Path, dtype: torch.dtype | None) -> int | None:
     """Bytes of the tensors an export writes (None where it falls back to save_pretrained)."""
-    state = model.state_dict()
     names = checkpoint_tensor_names(Path(source_dir))
-    if not names or not names <= state.keys():
+    # In the trainer's dtype: only the sizes are needed, not a converted copy.
+    tensors = tensors_for_servers(model.state_dict(), names, None)
+    if tensors is None:
         return None
-    return sum(
-        state[name].numel() * (dtype or state[name].dtype).itemsize for name in sorted(names)
-    )
+    return sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values())
 
 
 def reserve_export_files(
