@@ -32,6 +32,7 @@ from sdp_cli.inference import (
 )
 from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.protocol import (
+    parse_prefix_logprobs,
     parse_prompt_logprobs,
     prompt_logprobs_body,
     versions_from_spans,
@@ -131,6 +132,17 @@ def test_batched_prompt_logprobs_are_matched_to_prompts_by_choice_index() -> Non
         ]
     }
     assert parse_prompt_logprobs(payload, [[1, 7], [2, 5]], [1, 1]) == [[-7.0], [-5.0]]
+
+
+def test_prefix_logprobs_of_a_generate_answer_are_read_by_token_id_from_start() -> None:
+    entries = [None, {"7": {"logprob": -1.5}}, {"9": {"logprob": -2.5, "rank": 3}}]
+    assert parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 9], 1) == [-1.5, -2.5]
+    assert parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 9], 2) == [-2.5]
+    assert parse_prefix_logprobs({"prompt_logprobs": None}, [1, 7, 9], 1) is None
+    with pytest.raises(ServerProtocolError, match="3 prompt logprobs for 4 tokens"):
+        parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 9, 4], 1)
+    with pytest.raises(ServerProtocolError, match="unexpected prompt logprobs"):
+        parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 8], 1)
 
 
 def test_tempered_prompt_logprobs_are_log_softmax_of_the_logits_over_t() -> None:
@@ -270,6 +282,63 @@ def test_aborted_segment_continues_from_prompt_plus_tokens_after_the_gate() -> N
     assert requests[1]["sampling_params"]["max_tokens"] == 2
     assert requests[1]["sampling_params"]["seed"] == 6
     assert gate_calls == [0, 1]
+
+
+def continuation_scores_handler(
+    requests: list[dict[str, Any]], answers: list[tuple[list[int], str, list[Any]]]
+) -> Callable[[str, str, dict[str, Any]], Any]:
+    """Generate answers in order; a request that asks for prompt logprobs gets each of its
+    tokens scored −(token id)/10."""
+
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        requests.append(body)
+        payload = answer(*answers[len(requests) - 1])
+        if body["sampling_params"]["prompt_logprobs"] == 0:
+            ids = body["token_ids"]
+            payload["prompt_logprobs"] = [None] + [{str(t): {"logprob": -t / 10}} for t in ids[1:]]
+        return payload
+
+    return handler
+
+
+def test_a_continuation_brings_its_earlier_tokens_logprobs_under_its_version() -> None:
+    requests: list[dict[str, Any]] = []
+    answers = [
+        ([10, 11], "abort", [("4", 0, 2)]),
+        ([], "abort", []),  # aborted again before a token: its version is unknown
+        ([12], "abort", [("5", 0, 1)]),
+        ([13], "length", [("6", 0, 1)]),
+    ]
+
+    async def run() -> Completion:
+        fake = FakeServers(continuation_scores_handler(requests, answers))
+        client = make_client(ServerPool([A]), fake, score_continuations=True)
+        return await client.generate([1, 2], SamplingParams(seed=3), 4)
+
+    completion = asyncio.run(run())
+    asked = [r["sampling_params"]["prompt_logprobs"] for r in requests]
+    assert asked == [None, 0, 0, 0]
+    assert completion.output_ids == [10, 11, 12, 13]
+    # The last continuation with tokens: [1, 2, 10, 11, 12] under version 6.
+    assert completion.prefix_version == 6
+    assert completion.prefix_logprobs == pytest.approx([-1.0, -1.1, -1.2])
+
+
+def test_continuations_ask_for_no_logprobs_unless_told_or_at_another_temperature() -> None:
+    answers = [([10], "abort", [("4", 0, 1)]), ([11], "length", [("5", 0, 1)])]
+
+    async def run(
+        requests: list[dict[str, Any]], options: dict[str, Any], temperature: float
+    ) -> Completion:
+        fake = FakeServers(continuation_scores_handler(requests, answers))
+        client = make_client(ServerPool([A]), fake, **options)
+        return await client.generate([1], SamplingParams(temperature=temperature), 2)
+
+    for options, temperature in (({}, 1.0), ({"score_continuations": True}, 0.7)):
+        requests: list[dict[str, Any]] = []
+        completion = asyncio.run(run(requests, options, temperature))
+        assert [r["sampling_params"]["prompt_logprobs"] for r in requests] == [None, None]
+        assert completion.prefix_logprobs is None and completion.prefix_version is None
 
 
 def test_abort_right_after_a_stop_token_ends_the_completion() -> None:

@@ -202,6 +202,8 @@ def test_score_many_equals_scoring_each_sample_and_spreads_over_the_servers(
 def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
     vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
 ) -> None:
+    """Also: each continuation brings its earlier tokens' logprobs under the new weights
+    (score_continuations), the scores a proximal recompute under them would take."""
     first, second = write_tiny_weights(1), write_tiny_weights(2)
     recorder = RecordingTransport()
     # Enough completions that some are still generating after the sleep below on an idle
@@ -210,7 +212,9 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
     length = 240
 
     async def go() -> tuple[int, list[Completion], list[list[float]], list[list[float]]]:
-        async with InferenceClient(vllm_fleet.pool, transport=recorder) as client:
+        async with InferenceClient(
+            vllm_fleet.pool, transport=recorder, score_continuations=True
+        ) as client:
             old = current_version(vllm_fleet) + 1
             await client.update_weights(str(first), old)
             tasks = [
@@ -252,6 +256,12 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
         for i, version in enumerate(completion.versions):
             expected = first_lp[i] if version == old else second_lp[i]
             assert completion.logprobs[i] == pytest.approx(expected, abs=1e-3)
+        if completion.n_segments == 1:
+            assert completion.prefix_logprobs is None
+            continue
+        continued_at = completion.segments[1][1]
+        assert completion.prefix_version == old + 1
+        assert completion.prefix_logprobs == pytest.approx(second_lp[:continued_at], abs=1e-3)
     # The check discriminates: tokens sampled under the first weights do not fit the second.
     old_tokens = [
         abs(c.logprobs[i] - s[i])

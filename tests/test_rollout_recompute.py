@@ -208,3 +208,36 @@ def test_scores_of_the_wrong_length_are_not_kept() -> None:
     buffered = sample([3, 4])
     recomputer.keep(buffered, [-0.5], version=4)
     assert len(recomputer.pending([RolloutGroup(0, [buffered])], version=4)) == 1
+
+
+def test_scores_a_continuation_brought_are_written_without_scoring_the_sample() -> None:
+    # Interrupted after two version-3 tokens, continued under 4: the continuation's prefill
+    # scored those two under 4, what the recompute at 4 needs.
+    continued = sample([3, 3, 4, 4])
+    continued.prefix_logprobs, continued.prefix_version = [-7.0, -8.0], 4
+    # Continued under 3, so its scores are for the recompute at 3; at 4 it is scored.
+    older = sample([3, 3, 4])
+    older.prefix_logprobs, older.prefix_version = [-7.0, -8.0], 3
+    calls: list[Pairs] = []
+
+    async def scorer(samples: Pairs) -> list[list[float]]:
+        calls.append(samples)
+        return await scores_by_position(samples)
+
+    recomputer = ProximalRecomputer(scorer)
+    groups = [RolloutGroup(0, [continued, older])]
+    assert [job[0] for job in recomputer.pending(groups, 4)] == [older]
+    stats = asyncio.run(recomputer.recompute(groups, version=4))
+    assert continued.prox_logprobs == [-7.0, -8.0, -3.0, -4.0]
+    assert older.prox_logprobs == [-100.0, -101.0, -3.0]
+    assert calls == [[([1], [10, 11, 12])]]
+    assert (stats.samples, stats.continued_samples, stats.early_samples) == (2, 1, 0)
+
+
+def test_a_group_whose_samples_were_continued_needs_no_early_score() -> None:
+    continued = sample([3, 4])
+    continued.prefix_logprobs, continued.prefix_version = [-7.0], 4
+    recomputer = ProximalRecomputer(scores_by_position)
+    assert recomputer.write_early(RolloutGroup(0, [continued, sample([4, 4])]), 4)
+    assert continued.prox_logprobs == [-7.0, -2.0] and continued.recompute_version == 4
+    assert not recomputer.write_early(RolloutGroup(1, [sample([3, 4])]), 4)

@@ -365,6 +365,13 @@ class RolloutConfig:
         "before its optimizer step, what is buffered then; what finishes during the step is "
         "scored by the servers at the update). Trainer needs train.world_size=1",
     )
+    score_continuations: bool = setting(
+        True,
+        help="a completion continued after a weight update asks vLLM for the logprobs of its "
+        "tokens so far, which its prefill computes under the new weights anyway; the next "
+        "update's proximal recompute writes them instead of scoring the sample (segment "
+        "mode, rollout.temperature=1; the p_t are the same)",
+    )
 
 
 @dataclass

@@ -38,6 +38,7 @@ from sdp_cli.inference.protocol import (
     GenerateAnswer,
     generate_body,
     parse_generate_answer,
+    parse_prefix_logprobs,
     parse_prompt_logprobs,
     prompt_logprobs_body,
 )
@@ -77,8 +78,12 @@ class InferenceClient:
         eos_token_id: int | None = None,
         model_name: str = SERVED_MODEL_NAME,
         transport: httpx.AsyncBaseTransport | None = None,
+        score_continuations: bool = False,
     ) -> None:
-        """`transport` replaces the network (tests inject faults with httpx.MockTransport)."""
+        """`transport` replaces the network (tests inject faults with httpx.MockTransport).
+        With `score_continuations`, a completion continued after an abort at temperature 1
+        asks for the logprobs of its tokens so far, which the continuation's prefill computes
+        under the new weights anyway (`Completion.prefix_logprobs`)."""
         self.pool = pool
         self.request_timeout_s = request_timeout_s
         self.update_timeout_s = update_timeout_s
@@ -89,6 +94,7 @@ class InferenceClient:
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.model_name = model_name
+        self.score_continuations = score_continuations
         self._timeout = httpx.Timeout(request_timeout_s, connect=10.0)
         self._transport = transport
         # httpx connections belong to the event loop that opened them; the trainer and the
@@ -139,11 +145,20 @@ class InferenceClient:
                 return completion
             if gate is not None:
                 await gate()
+            # Temperature 1 only: prompt logprobs come from the raw logits, while the
+            # recompute scores the tempered distribution tokens are drawn from.
+            score_prefix = self.score_continuations and done > 0 and sampling.temperature == 1.0
             answer, attempts = await self._generate_segment(
-                prompt_ids + completion.output_ids, sampling, budget, done
+                prompt_ids + completion.output_ids,
+                sampling,
+                budget,
+                done,
+                prefix_start=len(prompt_ids) if score_prefix else None,
             )
             completion.n_requests += attempts
             completion.append(answer.token_ids, answer.logprobs, answer.versions)
+            if answer.prefix_logprobs is not None:
+                completion.keep_prefix_logprobs(answer.prefix_logprobs, answer.versions)
             if answer.finish_reason != "abort":
                 completion.finish_reason = answer.finish_reason
                 return completion
@@ -157,10 +172,16 @@ class InferenceClient:
                 )
 
     async def _generate_segment(
-        self, token_ids: list[int], sampling: SamplingParams, budget: int, done: int
+        self,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        budget: int,
+        done: int,
+        prefix_start: int | None = None,
     ) -> tuple[GenerateAnswer, int]:
-        """One segment's answer and the HTTP attempts it took."""
-        fields = sampling.request_fields(budget, done)
+        """One segment's answer and the HTTP attempts it took; with `prefix_start`, the answer
+        carries the logprobs of token_ids[prefix_start:]."""
+        fields = sampling.request_fields(budget, done, score_prefix=prefix_start is not None)
 
         def body() -> dict[str, Any]:
             # A fresh id per attempt: a retried request may land on the same server while its
@@ -168,7 +189,10 @@ class InferenceClient:
             return generate_body(f"sdp-{uuid.uuid4().hex}", token_ids, fields)
 
         payload, attempts = await self._with_retries("POST", GENERATE_PATH, body)
-        return parse_generate_answer(payload), attempts
+        answer = parse_generate_answer(payload)
+        if prefix_start is not None:
+            answer.prefix_logprobs = parse_prefix_logprobs(payload, token_ids, prefix_start)
+        return answer, attempts
 
     def _ends_on_stop_token(self, completion: Completion, sampling: SamplingParams) -> bool:
         """An abort can race with the sampling of a stop token; the completion is then over."""

@@ -42,6 +42,9 @@ class GenerateAnswer:
     logprobs: list[float]
     versions: list[int]
     finish_reason: str
+    # With `prompt_logprobs: 0` asked: each output token's logprob so far (the request's
+    # tokens after the prompt) under the weights that made `token_ids` (parse_prefix_logprobs).
+    prefix_logprobs: list[float] | None = None
 
 
 def generate_body(request_id: str, token_ids: list[int], sampling: dict[str, Any]) -> dict:
@@ -88,6 +91,28 @@ def parse_generate_answer(payload: dict[str, Any]) -> GenerateAnswer:
         versions=versions_from_spans(choice.get("weight_versions"), len(token_ids)),
         finish_reason=str(choice.get("finish_reason") or "stop"),
     )
+
+
+def parse_prefix_logprobs(
+    payload: dict[str, Any], token_ids: list[int], start: int
+) -> list[float] | None:
+    """From a /inference/v1/generate answer to a request for `token_ids` with
+    `prompt_logprobs: 0`: the logprob of token_ids[i] given token_ids[:i] for every i >= start,
+    under the weights that answered; None if the server sent no prompt logprobs. (vLLM computes
+    prompt logprobs from the raw logits, whatever the request's sampling settings.)"""
+    entries = payload.get("prompt_logprobs")
+    if not entries:
+        return None
+    if len(entries) != len(token_ids):
+        raise ServerProtocolError(
+            f"generate answer has {len(entries)} prompt logprobs for {len(token_ids)} tokens"
+        )
+    try:
+        return _sequence_logprobs(entries, token_ids, start, 1.0)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ServerProtocolError(
+            f"unexpected prompt logprobs in a generate answer: {exc!r}"
+        ) from None
 
 
 def prompt_logprobs_body(

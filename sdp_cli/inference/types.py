@@ -30,9 +30,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
-    def request_fields(self, max_tokens: int, tokens_so_far: int) -> dict[str, Any]:
+    def request_fields(
+        self, max_tokens: int, tokens_so_far: int, score_prefix: bool = False
+    ) -> dict[str, Any]:
         """The `sampling_params` object of a /inference/v1/generate request for a segment that
-        continues after `tokens_so_far` output tokens and may add `max_tokens` more."""
+        continues after `tokens_so_far` output tokens and may add `max_tokens` more;
+        `score_prefix` asks for the logprobs of the request's own tokens too."""
         return {
             "n": 1,
             "max_tokens": max_tokens,
@@ -48,7 +51,7 @@ class SamplingParams:
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logprobs": 0,
-            "prompt_logprobs": None,
+            "prompt_logprobs": 0 if score_prefix else None,
             "detokenize": False,
             "skip_special_tokens": False,
         }
@@ -71,11 +74,23 @@ class Completion:
     segments: list[Segment] = field(default_factory=list)
     # HTTP requests it took: one per segment, plus retries after connection errors/timeouts.
     n_requests: int = 0
+    # The logprobs of output tokens [0, len(prefix_logprobs)) under the weights of
+    # `prefix_version`, from the prefill of the completion's last continuation that asked for
+    # them (InferenceClient score_continuations); None if none did.
+    prefix_logprobs: list[float] | None = None
+    prefix_version: int | None = None
 
     @property
     def n_segments(self) -> int:
         """Runs of consecutive tokens produced under one version."""
         return len(self.segments)
+
+    def keep_prefix_logprobs(self, logprobs: list[float], versions: list[int]) -> None:
+        """Keep the prefix logprobs of a continuation whose answer brought `versions`: the
+        prefill ran under the weights of its tokens, known only if it brought some."""
+        if versions and len(set(versions)) == 1 and len(logprobs) <= len(self.output_ids):
+            self.prefix_logprobs = list(logprobs)
+            self.prefix_version = versions[0]
 
     def append(self, ids: list[int], logprobs: list[float], versions: list[int]) -> None:
         """Add the tokens of one server answer, merging runs of equal version into segments."""

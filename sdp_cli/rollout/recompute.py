@@ -14,6 +14,14 @@ buffered samples while the trainer is still training and keeps the answers aside
 for the samples that finished last instead of for the whole buffer. Answers are written only at
 the update, and only into samples still buffered then: a sample the trainer takes before the
 update is trained with exactly the p_t it would have had without early scoring.
+
+Scores a continuation brought. A completion interrupted by the update to v continues under v from
+prompt + tokens so far; that prefill computes the logprob of every earlier token under v, which
+is what the recompute before the update to v+1 needs for its v−1 tokens. With
+`rollout.score_continuations` the continuation asks vLLM for them (`prompt_logprobs`), and the
+recompute writes them (`Trajectory.prefix_logprobs`) instead of scoring the sample again: the
+samples that finish last before an update, which early scoring has the least time for, are
+mostly such continuations.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class RecomputeStats:
     failures: int = 0
     # Of `samples`, those whose scores were taken early (before the update began).
     early_samples: int = 0
+    # Of `samples`, those whose scores came with their continuation's prefill.
+    continued_samples: int = 0
     # Scoring calls made during the update (each carries up to batch_size samples).
     batches: int = 0
     seconds: float = 0.0
@@ -67,6 +77,7 @@ class RecomputeStats:
             # The second pass retries what the first failed to score.
             failures=other.failures,
             early_samples=self.early_samples + other.early_samples,
+            continued_samples=self.continued_samples + other.continued_samples,
             batches=self.batches + other.batches,
             seconds=self.seconds + other.seconds,
         )
@@ -99,13 +110,17 @@ class ProximalRecomputer:
         stats = RecomputeStats(version=version)
         missing: list[Job] = []
         for sample, positions in _samples_needing_recompute(groups, version):
-            early = self._early_score(sample, version)
+            continued = continuation_logprobs(sample, positions, version)
+            early = continued if continued is not None else self._early_score(sample, version)
             if early is None:
                 missing.append((sample, positions))
                 continue
             write_proximal(sample, positions, early, version)
             stats.samples += 1
-            stats.early_samples += 1
+            if continued is not None:
+                stats.continued_samples += 1
+            else:
+                stats.early_samples += 1
             stats.tokens += len(positions)
         # Early scores of samples the trainer took are of no further use.
         self._early.clear()
@@ -140,19 +155,20 @@ class ProximalRecomputer:
 
     def pending(self, groups: Iterable[RolloutGroup], version: int) -> list[Job]:
         """The samples of `groups` that `recompute(…, version)` will need and that have no
-        early score yet, with their version−1 positions."""
+        early score (or scores from their continuation) yet, with their version−1 positions."""
         self._forget_older_than(version)
         return [
             job
             for job in _samples_needing_recompute(groups, version)
-            if self._early_score(job[0], version) is None
+            if self._scores_at_hand(job, version) is None
         ]
 
     def write_early(self, group: RolloutGroup, version: int) -> bool:
-        """If every sample of `group` the recompute at `version` needs has its early score,
-        write them all (as the recompute would) and return True; else write none."""
+        """If every sample of `group` the recompute at `version` needs has its early score (or
+        scores from its continuation), write them all (as the recompute would) and return
+        True; else write none."""
         jobs = list(_samples_needing_recompute([group], version))
-        scores = [self._early_score(sample, version) for sample, _ in jobs]
+        scores = [self._scores_at_hand(job, version) for job in jobs]
         if any(score is None for score in scores):
             return False
         for (sample, positions), score in zip(jobs, scores, strict=True):
@@ -163,6 +179,11 @@ class ProximalRecomputer:
         """Hold `scores` (every output token's logprob under `version`) for the recompute."""
         if len(scores) == len(sample.output_ids):
             self._early[id(sample)] = _EarlyScore(sample, version, scores)
+
+    def _scores_at_hand(self, job: Job, version: int) -> list[float] | None:
+        sample, positions = job
+        continued = continuation_logprobs(sample, positions, version)
+        return continued if continued is not None else self._early_score(sample, version)
 
     def _early_score(self, sample: Trajectory, version: int) -> list[float] | None:
         early = self._early.get(id(sample))
@@ -245,6 +266,17 @@ def _samples_needing_recompute(groups: Iterable[RolloutGroup], version: int) -> 
             positions = [i for i, v in enumerate(sample.versions) if v == target]
             if positions:
                 yield sample, positions
+
+
+def continuation_logprobs(
+    sample: Trajectory, positions: list[int], version: int
+) -> list[float] | None:
+    """The logprobs the continuation of `sample` brought, if it ran under `version` and they
+    cover `positions` (output tokens before the continuation, so the v−1 ones always are)."""
+    prefix = sample.prefix_logprobs
+    if prefix is None or sample.prefix_version != version or max(positions) >= len(prefix):
+        return None
+    return prefix
 
 
 def write_proximal(

@@ -78,6 +78,8 @@ class RLVRWorkflow:
             reward=float(self.task.reward(self.decode(completion.output_ids), prompt.meta)),
             n_segments=completion.n_segments,
             generate_s=generate_s,
+            prefix_logprobs=completion.prefix_logprobs,
+            prefix_version=completion.prefix_version,
         )
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup | None:

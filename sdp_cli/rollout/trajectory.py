@@ -29,6 +29,11 @@ class Trajectory:
     n_segments: int = 1
     # Seconds from the rollout's start until this completion's last token; None if not timed.
     generate_s: float | None = None
+    # Logprobs of output tokens [0, len(prefix_logprobs)) under the weights of
+    # `prefix_version`, which the prefill of the completion's last continuation computed:
+    # the proximal recompute under that version takes them instead of scoring the sample.
+    prefix_logprobs: list[float] | None = None
+    prefix_version: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.output_ids)

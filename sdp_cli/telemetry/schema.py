@@ -226,6 +226,9 @@ class ProximalRecomputeEvent(Event):
     failures: int = 0
     # Of `samples`, those scored early (before the update began).
     early_samples: int = 0
+    # Of `samples`, those whose scores came with their continuation's prefill
+    # (rollout.score_continuations).
+    continued_samples: int = 0
     # Scoring calls made during the update.
     batches: int = 0
     seconds: float = 0.0
