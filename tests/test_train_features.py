@@ -7,17 +7,22 @@ import asyncio
 import itertools
 import json
 import math
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdp_cli.config.schema import EvalConfig, LrSchedule, RolloutConfig, TrainConfig
 from sdp_cli.inference.types import Completion
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
+from sdp_cli.train.actor import load_model
 from sdp_cli.train.evaluate import Evaluator, summarize_rewards
+from sdp_cli.train.recompute_activations import enable_gradient_checkpointing
 from sdp_cli.train.samples import SampleLog, read_samples, version_spans
 from sdp_cli.train.schedule import lr_at
 from sdp_cli.train.token_stats import k3, token_entropy
@@ -98,15 +103,48 @@ def test_kl_penalty_pulls_towards_the_initial_model(tiny_model_dir: Path) -> Non
     )
 
 
-def test_gradient_checkpointing_takes_the_same_step(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_gradient_checkpointing_takes_the_same_step(tiny_model_dir: Path, mode: str) -> None:
     plain = make_actor(tiny_model_dir)
-    checkpointed = make_actor(tiny_model_dir, gradient_checkpointing=True)
+    checkpointed = make_actor(tiny_model_dir, gradient_checkpointing=mode)
     groups = stale_groups(plain, version=1)
     a = plain.train_step(groups, version=1)
     b = checkpointed.train_step(groups, version=1)
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for x, y in zip(weights(plain), weights(checkpointed), strict=True):
         assert torch.allclose(x, y, atol=1e-6)
+
+
+class CountedOps(TorchDispatchMode):
+    """Counts every aten op that runs (a recompute served from the selective cache does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_the_pointwise_ops_but_no_matmul(
+    tiny_model_dir: Path,
+) -> None:
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        model = load_model(tiny_model_dir, torch.device("cpu"))
+        enable_gradient_checkpointing(model, mode)
+        with CountedOps() as ops:
+            model.model(input_ids=torch.randint(0, 30, (2, 16))).last_hidden_state.sum().backward()
+        counts[mode] = ops.counts
+    layers = model.config.num_hidden_layers
+    # SiLU runs once per layer, and again in each layer's recompute.
+    assert counts["none"]["aten.silu.default"] == layers
+    for mode in ("selective", "full"):
+        assert counts[mode]["aten.silu.default"] == 2 * layers
+    # The matrix multiplications: the full recompute runs them again, selective keeps them.
+    assert counts["selective"]["aten.mm.default"] == counts["none"]["aten.mm.default"]
+    assert counts["full"]["aten.mm.default"] > counts["none"]["aten.mm.default"]
 
 
 # ---- evaluation -----------------------------------------------------------------------------

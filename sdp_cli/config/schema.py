@@ -96,6 +96,12 @@ class Strategy(StrEnum):
     standard = "standard"
 
 
+class GradientCheckpointing(StrEnum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
 class ProxMode(StrEnum):
     segment = "segment"
     recompute = "recompute"
@@ -517,8 +523,12 @@ class TrainConfig:
         help="weight of a KL penalty to the frozen initial model (k3 estimator per token); 0 "
         "loads no reference model",
     )
-    gradient_checkpointing: bool = setting(
-        False, help="recompute activations in the backward pass (less memory, more time)"
+    gradient_checkpointing: GradientCheckpointing = setting(
+        GradientCheckpointing.none,
+        help="recompute activations in the backward pass (less memory, more time): none; "
+        "selective (keep the outputs of matrix multiplications and attention, recompute the "
+        "pointwise ops between them); full (keep each decoder layer's input, recompute the "
+        "layer)",
     )
 
 

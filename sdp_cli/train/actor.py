@@ -32,6 +32,7 @@ from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
 from sdp_cli.train.chunked_logprobs import chunked_logprobs_and_entropy
 from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
 from sdp_cli.train.packing import PackedRows, pack_batch
+from sdp_cli.train.recompute_activations import enable_gradient_checkpointing
 from sdp_cli.train.schedule import lr_at
 from sdp_cli.train.token_stats import k3, masked_mean, token_entropy
 from sdp_cli.train.weights import export_weights
@@ -109,8 +110,7 @@ class Actor:
         self.optimizer = make_optimizer(self.model, train)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.logit_chunk_tokens = train.logit_chunk_tokens if has_plain_lm_head(self.model) else 0
-        if train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        enable_gradient_checkpointing(self.model, train.gradient_checkpointing)
         # The frozen initial model of the KL penalty; none is loaded when train.kl_coef = 0.
         self.reference = load_model(self.model_dir, self.device) if train.kl_coef > 0 else None
         if self.reference is not None:
@@ -400,21 +400,6 @@ def has_plain_lm_head(model: PreTrainedModel) -> bool:
         and hasattr(model, "get_decoder")
         and not scaled
     )
-
-
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Hugging Face recomputes activations only in training mode; the actor stays in eval mode
-    so that its logprobs match the servers', which is only equivalent when no dropout is active."""
-    active = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    if active:
-        raise ConfigError(
-            "train.gradient_checkpointing",
-            f"the model has {len(active)} active dropout layers, so training mode would change "
-            "its logprobs",
-            "set train.gradient_checkpointing=false",
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
 
 
 class _ExtraStats:
