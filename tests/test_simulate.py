@@ -307,6 +307,8 @@ def test_cli_run_dir_writes_a_run_log_that_inspect_staleness_reads(tmp_path: Pat
     kinds = {type(e) for e in events}
     assert {RunStartedEvent, ServerStateEvent, BatchTakenEvent, TrainStepEvent} <= kinds
     assert isinstance(events[0], RunStartedEvent) and events[0].mode == "simulate"
+    # How its updates ran, at the default η ≥ 1 and segment mode.
+    assert events[0].overlap_reload is True and events[0].score_continuations is True
     assert isinstance(events[-1], RunFinishedEvent) and events[-1].steps == 3
     assert [e.step for e in events if isinstance(e, BatchTakenEvent)] == [0, 1, 2]
     report = runner.invoke(app, ["inspect-staleness", str(run_dir), "--json"])

@@ -22,7 +22,6 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
-from sdp_cli.config.events import run_started_event
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.client import InferenceClient
@@ -49,6 +48,7 @@ from sdp_cli.train.distributed import total_ranks
 from sdp_cli.train.evaluate import Evaluator
 from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
 from sdp_cli.train.loop import LoopResult, TrainingLoop
+from sdp_cli.train.run_started import run_started_event
 from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
 from sdp_cli.train.update import InferenceServers
 from sdp_cli.train.weights import (

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from functools import reduce
 from typing import Any
 
-from sdp_cli.config.events import run_started_event
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
@@ -21,6 +20,7 @@ from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import Event, RunFinishedEvent
+from sdp_cli.train.run_started import run_started_event
 
 
 def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:

@@ -88,6 +88,11 @@ class RunStartedEvent(Event):
     version: int = 0
     # "train" or "simulate": what wrote the log.
     mode: str = "train"
+    # How the weight updates ran: train.overlap_reload where it applies (η ≥ 1), and whether
+    # continuations brought their proximal scores (rollout.score_continuations, segment mode).
+    # None in logs written before these were recorded.
+    overlap_reload: bool | None = None
+    score_continuations: bool | None = None
 
 
 @event_type

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.telemetry.schema import RunStartedEvent
+from sdp_cli.train.update import overlaps_reload
 
 
 def run_started_event(
@@ -23,4 +25,8 @@ def run_started_event(
         server_count=cfg.server.count,
         resumed_from_step=resumed_from_step,
         version=version,
+        overlap_reload=overlaps_reload(cfg),
+        score_continuations=(
+            cfg.rollout.score_continuations and needs_proximal_recompute(cfg.train.prox_mode)
+        ),
     )
