@@ -240,4 +240,9 @@ def test_a_group_whose_samples_were_continued_needs_no_early_score() -> None:
     recomputer = ProximalRecomputer(scores_by_position)
     assert recomputer.write_early(RolloutGroup(0, [continued, sample([4, 4])]), 4)
     assert continued.prox_logprobs == [-7.0, -2.0] and continued.recompute_version == 4
-    assert not recomputer.write_early(RolloutGroup(1, [sample([3, 4])]), 4)
+    unscored = sample([3, 4])
+    assert not recomputer.write_early(RolloutGroup(1, [unscored]), 4)
+    # The update's recompute counts what the take wrote, and scores the rest.
+    stats = asyncio.run(recomputer.recompute([RolloutGroup(1, [unscored])], 4))
+    assert (stats.samples, stats.continued_samples, stats.batches) == (2, 1, 1)
+    assert unscored.prox_logprobs == [-100.0, -2.0]

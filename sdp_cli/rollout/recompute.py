@@ -101,27 +101,23 @@ class ProximalRecomputer:
         self._batch_size = batch_size
         self._concurrency = concurrency
         self._early: dict[int, _EarlyScore] = {}
+        # Samples an early take wrote from scores at hand, counted in the next recompute.
+        self._written_at_take: RecomputeStats | None = None
 
     async def recompute(self, groups: Iterable[RolloutGroup], version: int) -> RecomputeStats:
         """Rewrite p_t of the version−1 tokens of every sample in `groups` under `version`,
         from the early scores where there are some for `version`."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        stats = RecomputeStats(version=version)
-        missing: list[Job] = []
-        for sample, positions in _samples_needing_recompute(groups, version):
-            continued = continuation_logprobs(sample, positions, version)
-            early = continued if continued is not None else self._early_score(sample, version)
-            if early is None:
-                missing.append((sample, positions))
-                continue
-            write_proximal(sample, positions, early, version)
-            stats.samples += 1
-            if continued is not None:
-                stats.continued_samples += 1
-            else:
-                stats.early_samples += 1
-            stats.tokens += len(positions)
+        # What an early take wrote for this update counts as part of it.
+        stats, self._written_at_take = self._written_at_take, None
+        if stats is None or stats.version != version:
+            stats = RecomputeStats(version=version)
+        missing = [
+            job
+            for job in _samples_needing_recompute(groups, version)
+            if not self._write_at_hand(job, version, stats)
+        ]
         # Early scores of samples the trainer took are of no further use.
         self._early.clear()
 
@@ -168,17 +164,36 @@ class ProximalRecomputer:
         scores from its continuation), write them all (as the recompute would) and return
         True; else write none."""
         jobs = list(_samples_needing_recompute([group], version))
-        scores = [self._scores_at_hand(job, version) for job in jobs]
-        if any(score is None for score in scores):
+        if any(self._scores_at_hand(job, version) is None for job in jobs):
             return False
-        for (sample, positions), score in zip(jobs, scores, strict=True):
-            write_proximal(sample, positions, score, version)  # type: ignore[arg-type]
+        stats = self._written_at_take
+        if stats is None or stats.version != version:
+            stats = self._written_at_take = RecomputeStats(version=version)
+        for job in jobs:
+            self._write_at_hand(job, version, stats)
         return True
 
     def keep(self, sample: Trajectory, scores: list[float], version: int) -> None:
         """Hold `scores` (every output token's logprob under `version`) for the recompute."""
         if len(scores) == len(sample.output_ids):
             self._early[id(sample)] = _EarlyScore(sample, version, scores)
+
+    def _write_at_hand(self, job: Job, version: int, stats: RecomputeStats) -> bool:
+        """Write the scores at hand for the job (its continuation's, else its early score),
+        counted in `stats`; False if there are none."""
+        sample, positions = job
+        continued = continuation_logprobs(sample, positions, version)
+        scores = continued if continued is not None else self._early_score(sample, version)
+        if scores is None:
+            return False
+        write_proximal(sample, positions, scores, version)
+        stats.samples += 1
+        stats.tokens += len(positions)
+        if continued is not None:
+            stats.continued_samples += 1
+        else:
+            stats.early_samples += 1
+        return True
 
     def _scores_at_hand(self, job: Job, version: int) -> list[float] | None:
         sample, positions = job

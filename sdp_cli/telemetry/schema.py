@@ -225,7 +225,8 @@ class BatchTakenEvent(Event):
 class ProximalRecomputeEvent(Event):
     type: ClassVar[str] = "proximal_recompute"
     version: int
-    # Trajectories whose v-1 tokens were rewritten.
+    # Trajectories whose v-1 tokens were rewritten, those a take during the update wrote from
+    # early or continuation scores included.
     samples: int = 0
     tokens: int = 0
     failures: int = 0
