@@ -34,7 +34,7 @@ from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
-from sdp_cli.rollout.recompute import needs_proximal_recompute
+from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
@@ -390,9 +390,7 @@ def inference_client(
         update_timeout_s=cfg.train.update_timeout_s,
         max_model_len=cfg.server.max_model_len,
         eos_token_id=tokenizer.eos_token_id,
-        score_continuations=(
-            cfg.rollout.score_continuations and needs_proximal_recompute(cfg.train.prox_mode)
-        ),
+        score_continuations=scores_continuations(cfg),
     )
 
 

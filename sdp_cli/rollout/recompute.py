@@ -30,7 +30,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.schema import ProxMode, SdpConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 # async def score_many([(prompt_ids, output_ids), ...]) -> for each pair, the logprob of every
@@ -43,6 +43,12 @@ def needs_proximal_recompute(prox_mode: ProxMode | str) -> bool:
     """Whether `train.prox_mode` takes p_t from the servers' recompute at each update (the
     other modes compute p_t in the trainer)."""
     return ProxMode(prox_mode) == ProxMode.segment
+
+
+def scores_continuations(cfg: SdpConfig) -> bool:
+    """Whether continuations ask for their earlier tokens' scores (rollout.score_continuations
+    applies where the servers' recompute does, segment mode)."""
+    return cfg.rollout.score_continuations and needs_proximal_recompute(cfg.train.prox_mode)
 
 
 def count_missing_recompute(groups: Iterable[RolloutGroup], version: int) -> int:
@@ -110,9 +116,8 @@ class ProximalRecomputer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         # What an early take wrote for this update counts as part of it.
-        stats, self._written_at_take = self._written_at_take, None
-        if stats is None or stats.version != version:
-            stats = RecomputeStats(version=version)
+        stats = self._written_at_take_for(version)
+        self._written_at_take = None
         missing = [
             job
             for job in _samples_needing_recompute(groups, version)
@@ -166,9 +171,7 @@ class ProximalRecomputer:
         jobs = list(_samples_needing_recompute([group], version))
         if any(self._scores_at_hand(job, version) is None for job in jobs):
             return False
-        stats = self._written_at_take
-        if stats is None or stats.version != version:
-            stats = self._written_at_take = RecomputeStats(version=version)
+        stats = self._written_at_take_for(version)
         for job in jobs:
             self._write_at_hand(job, version, stats)
         return True
@@ -177,6 +180,11 @@ class ProximalRecomputer:
         """Hold `scores` (every output token's logprob under `version`) for the recompute."""
         if len(scores) == len(sample.output_ids):
             self._early[id(sample)] = _EarlyScore(sample, version, scores)
+
+    def _written_at_take_for(self, version: int) -> RecomputeStats:
+        if self._written_at_take is None or self._written_at_take.version != version:
+            self._written_at_take = RecomputeStats(version=version)
+        return self._written_at_take
 
     def _write_at_hand(self, job: Job, version: int, stats: RecomputeStats) -> bool:
         """Write the scores at hand for the job (its continuation's, else its early score),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sdp_cli.config.schema import SdpConfig
-from sdp_cli.rollout.recompute import needs_proximal_recompute
+from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.telemetry.schema import RunStartedEvent
 from sdp_cli.train.update import overlaps_reload
 
@@ -26,7 +26,5 @@ def run_started_event(
         resumed_from_step=resumed_from_step,
         version=version,
         overlap_reload=overlaps_reload(cfg),
-        score_continuations=(
-            cfg.rollout.score_continuations and needs_proximal_recompute(cfg.train.prox_mode)
-        ),
+        score_continuations=scores_continuations(cfg),
     )
