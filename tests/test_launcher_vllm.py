@@ -73,18 +73,27 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
 
     async def generate_through_a_crash() -> list[Completion]:
         async with InferenceClient(vllm_fleet.pool) as client:
-            tasks = [
-                asyncio.create_task(
-                    client.generate(PROMPT, SamplingParams(seed=i, min_tokens=length), length)
+            for _ in range(5):
+                generation = asyncio.gather(
+                    *(
+                        client.generate(PROMPT, SamplingParams(seed=i, min_tokens=length), length)
+                        for i in range(requests)
+                    )
                 )
-                for i in range(requests)
-            ]
-            # Killed once vLLM itself says requests are on it: a fixed sleep sometimes killed it
-            # (on a loaded machine) before any request had reached it, so nothing was lost.
-            await wait_for_requests_on(vllm_fleet.addresses[0])
-            assert vllm_fleet.pool.status(0).in_flight > 0, "nothing to lose on the victim"
-            os.kill(victim.pid, signal.SIGKILL)
-            return list(await asyncio.gather(*tasks))
+                # Killed once vLLM itself says requests are on it: a fixed sleep sometimes
+                # killed it (on a loaded machine) before any request had reached it, so nothing
+                # was lost. On a busy machine the victim can also finish its share between two
+                # /metrics answers; then the round is generated again.
+                seen = asyncio.ensure_future(wait_for_requests_on(vllm_fleet.addresses[0]))
+                await asyncio.wait({generation, seen}, return_when=asyncio.FIRST_COMPLETED)
+                if seen.done():
+                    seen.result()
+                    assert vllm_fleet.pool.status(0).in_flight > 0, "nothing to lose on the victim"
+                    os.kill(victim.pid, signal.SIGKILL)
+                    return list(await generation)
+                seen.cancel()
+                await generation
+            raise AssertionError("the victim finished every round before /metrics showed it")
 
     completions = asyncio.run(generate_through_a_crash())
     assert len(completions) == requests
