@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,23 @@ def test_second_call_is_a_no_op(tmp_path: Path) -> None:
     again, created_again = init_tiny_model(TinyModelSpec(), tmp_path / "m")
     assert created and not created_again and again == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_model_another_process_published_between_the_checks_is_used(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes sharing a cache: this one finds no model, then the other one's finished
+    directory appears before this one looks whether the target is empty."""
+    target = tmp_path / "shared"
+    real_exists = Path.exists
+
+    def exists_after_the_other_published(path: Path) -> bool:
+        if path == target and not real_exists(target):
+            shutil.copytree(tiny_model_dir, target)
+        return real_exists(path)
+
+    monkeypatch.setattr(Path, "exists", exists_after_the_other_published)
+    assert init_tiny_model(TinyModelSpec(), target) == (target, False)
 
 
 def test_model_shape_suits_vllm_cpu(tiny_model_dir: Path) -> None:

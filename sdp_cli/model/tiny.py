@@ -118,6 +118,9 @@ def init_tiny_model(spec: TinyModelSpec, directory: Path | None = None) -> tuple
     if (target / SPEC_FILE).is_file():
         return target, False
     if target.exists() and any(target.iterdir()):
+        # Another process sharing the cache may have published the model since the first check.
+        if (target / SPEC_FILE).is_file():
+            return target, False
         raise ConfigError(
             "model.path",
             f"'{target}' exists and is not an sdp tiny model",
