@@ -304,8 +304,8 @@ class RolloutExecutor:
         """take_ahead_async before the update's recompute, tried again as running rollouts
         finish into the buffer (paused, the executor starts none), for up to `wait_s` seconds,
         and no longer once a group waits on the recompute or nothing is running. A group that
-        needs the recompute and lacks an early score for it leaves the batch undecided; the
-        early scores of the groups looked at are written, as the recompute would."""
+        needs the recompute and lacks early or continuation scores for it leaves the batch
+        undecided; the scores of the groups looked at are written, as the recompute would."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         self._pending_takes.append(batch_size)

@@ -18,8 +18,9 @@ With `take_next` (train.overlap_reload) the update hands the next step's batch t
 as soon as it is decided and returns; the rest goes on in the background while the trainer
 trains on it, and the next update (or `finished()`) waits for it first. The batch is the oldest
 groups valid at v+1, which groups entering the buffer later cannot change. It is decided at
-step 1 when each of those groups needs no recompute at this update or has its early scores (the
-common case: the trainer gets it after the export, and steps 2-5 go on behind it); else after
+step 1 when each of those groups needs no recompute at this update or has its early (or
+continuation) scores (the common case: the trainer gets it after the export, and steps 2-5 go
+on behind it); else after
 step 3, when the buffer is final (steps 4 and 5 behind it); else the update runs to the end.
 
 It runs as a coroutine on the executor's loop.
@@ -150,10 +151,10 @@ class WeightUpdate:
         first_pass: asyncio.Future[Any] | None = None
         try:
             if take_next:
-                # The oldest groups need nothing more from this update when their early
-                # scores are in (the common case): the trainer can have them before the
-                # recompute. While the export runs, and for as long as a reload took, rollouts
-                # still running may complete the batch (better than aborting them).
+                # The oldest groups need nothing more from this update when their early or
+                # continuation scores are in (the common case): the trainer can have them
+                # before the recompute. While the export runs, and for as long as a reload
+                # took, rollouts still running may complete the batch (better than aborting).
                 result.next_batch = await timed(
                     "take_next_s",
                     executor.take_ahead_soon_async(
