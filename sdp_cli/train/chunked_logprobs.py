@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-# Positions whose logits exist at once: 512 × 49,152 vocabulary × 4 bytes is 96 MiB.
-DEFAULT_CHUNK_TOKENS = 512
+# Positions whose logits exist at once: 128 × 49,152 vocabulary × 4 bytes is 24 MiB.
+DEFAULT_CHUNK_TOKENS = 128
 
 
 def chunked_logprobs_and_entropy(
@@ -63,9 +63,9 @@ class _ChunkedHead(torch.autograd.Function):
             chunk_lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(-1, targets[start:end, None]).squeeze(-1)
             logprobs[start:end] = picked - chunk_lse
-            # H = logsumexp(z) − Σ softmax(z)·z
-            probs = torch.exp(logits - chunk_lse[:, None])
-            entropy[start:end] = chunk_lse - (probs * logits).sum(dim=-1)
+            # H = logsumexp(z) − Σ softmax(z)·z, in place: the chunk holds two [chunk, V] tensors.
+            probs = (logits - chunk_lse[:, None]).exp_()
+            entropy[start:end] = chunk_lse - probs.mul_(logits).sum(dim=-1)
             lse[start:end] = chunk_lse
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.inv_temperature = inv_temperature
@@ -87,7 +87,8 @@ class _ChunkedHead(torch.autograd.Function):
             logits = _scaled_logits(h, weight, ctx.inv_temperature)
             upstream = grad_logprobs[start:end, None]
             # ∂/∂z of upstream · log π(t): upstream · (onehot(t) − softmax(z)).
-            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-upstream)
+            # In place: the chunk's logits become its gradient.
+            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-upstream)
             grad_logits.scatter_add_(-1, targets[start:end, None], upstream)
             # z = (h Wᵀ) / T.
             grad_logits = grad_logits.mul_(ctx.inv_temperature).to(h.dtype)
