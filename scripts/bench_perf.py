@@ -2,27 +2,31 @@
 
 Measures, on the same model, tokens and torch threads:
 
-- `trainer_vs_hf`: tokens/s of the actor's train step (`Actor.train_step`: the decoder forward,
-  the LM head on the output positions a chunk at a time (`sdp_cli/train/chunked_logprobs.py`),
-  decoupled PPO loss, backward, fused AdamW step) over tokens/s of a plain Hugging Face step
+- `trainer_vs_hf`: tokens/s of the actor's train step at the defaults (`Actor.train_step`: the
+  decoder forward under selective activation checkpointing, the LM head on the output positions
+  a chunk at a time (`sdp_cli/train/chunked_logprobs.py`), decoupled PPO loss, backward that
+  recomputes the decoder's pointwise ops, fused AdamW step) over tokens/s of a plain Hugging
+  Face step (no recompute)
   (`model(input_ids, labels=...)`: the full logits and the model's own cross-entropy,
   backward, torch's default AdamW step) on the same micro-batches; also both without their
   optimizer steps (`passes_vs_hf`, printed).
   The two alternate for `--rounds` rounds after one warm-up each; the figure is the ratio of the
   medians. `train.prox_mode=segment`, so the actor makes no extra proximal forward pass.
 - `peak_memory_vs_full`: the peak resident memory that one actor train step adds, over the same
-  step with logprobs taken from a full-vocabulary `log_softmax` ([rows, L, vocab] float32).
+  step (same activation checkpointing) with logprobs taken from a full-vocabulary
+  `log_softmax` ([rows, L, vocab] float32).
   Each variant runs in its own child process (a fresh allocator, with glibc's malloc thresholds
   fixed so that RSS follows the live tensors: `STEADY_MALLOC`; as many at once as the cores
   allow, since they measure bytes, not seconds); the child resets the kernel's
   peak-RSS mark (`/proc/self/clear_refs`, 5) after loading the model and building the batch,
   runs a second step (the first creates AdamW's state, 2 × the weights) and reads `VmHWM` from
   `/proc/self/status`: peak RSS minus RSS before the step. This counts what the step holds in
-  memory (activations, logits, gradients), as the OS sees it. Also measured: the actor with
-  every output logit at once (`train.logit_chunk_tokens=0`), both sides under
-  `train.gradient_checkpointing=selective` (`peak_memory_selective_vs_full`; the actor's
-  tokens/s under it over the default's, timed in the trainer rounds: `selective_vs_actor`) and
-  under `full` (`peak_memory_checkpointed_vs_full`), and that pair again at
+  memory (activations, logits, gradients; the previous step's gradients, freed as the step
+  starts, count as a saving), as the OS sees it. Also measured: the actor with every output
+  logit at once (`train.logit_chunk_tokens=0`), both sides keeping every activation
+  (`train.gradient_checkpointing=none`: `peak_memory_none_vs_full`; the actor's tokens/s
+  under it over the default's, timed in the trainer rounds: `none_vs_actor`) and under
+  `full` (`peak_memory_checkpointed_vs_full`), and that pair again at
   `--long-output-len` output tokens per sequence (`peak_memory_long_checkpointed_vs_full`),
   where the logits, not the decoder's activations or the optimizer, dominate the step.
 - `packed_vs_padded`: tokens/s of the actor's train step with `train.pack_sequences` over the
@@ -256,16 +260,20 @@ class HfStep:
         self.optimizer_s.append(timed(self.optimizer.step))
 
 
+CHUNK_TOKENS = TrainConfig().logit_chunk_tokens
+# The default: the decoder keeps its matmul and attention outputs and recomputes the pointwise
+# ops between them.
+RECOMPUTE = str(TrainConfig().gradient_checkpointing)
 # Variant → (actor class, train.logit_chunk_tokens, train.gradient_checkpointing).
 VARIANTS: dict[str, tuple[type[Actor], int, str]] = {
-    "actor": (Actor, TrainConfig().logit_chunk_tokens, "none"),
-    "unchunked": (Actor, 0, "none"),
-    "full": (FullVocabActor, 0, "none"),
-    # The decoder keeps its matmul and attention outputs and recomputes the pointwise ops.
-    "actor-selective": (Actor, TrainConfig().logit_chunk_tokens, "selective"),
-    "full-selective": (FullVocabActor, 0, "selective"),
+    "actor": (Actor, CHUNK_TOKENS, RECOMPUTE),
+    "unchunked": (Actor, 0, RECOMPUTE),
+    "full": (FullVocabActor, 0, RECOMPUTE),
+    # Every activation kept.
+    "actor-none": (Actor, CHUNK_TOKENS, "none"),
+    "full-none": (FullVocabActor, 0, "none"),
     # With the decoder's activations recomputed, the logits are what is left to save.
-    "actor-checkpointed": (Actor, TrainConfig().logit_chunk_tokens, "full"),
+    "actor-checkpointed": (Actor, CHUNK_TOKENS, "full"),
     "full-checkpointed": (FullVocabActor, 0, "full"),
 }
 PEAK_VARIANTS = tuple(VARIANTS)
@@ -283,7 +291,7 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     groups = synthetic_groups(args, vocab_size(path))
     actor = make_actor(path, args.threads)
-    selective = make_actor(path, args.threads, "actor-selective")
+    keep_all = make_actor(path, args.threads, "actor-none")
     hf = HfStep(path, actor)
     batches = actor._micro_batches(groups)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -293,7 +301,7 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     actor_s: list[float] = []
     actor_optimizer_s: list[float] = []
     hf_s: list[float] = []
-    selective_s: list[float] = []
+    keep_all_s: list[float] = []
     score_s: list[float] = []
 
     def actor_step() -> None:
@@ -302,12 +310,12 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     # One warm-up each, then alternating rounds so a slow spell hits both sides.
     timed(actor_step)
     timed(lambda: hf(batches))
-    timed(lambda: selective.train_step(groups, 0))
+    timed(lambda: keep_all.train_step(groups, 0))
     del actor_optimizer_s[:], hf.optimizer_s[:]
     for _ in range(rounds):
         actor_s.append(timed(actor_step))
         hf_s.append(timed(lambda: hf(batches)))
-        selective_s.append(timed(lambda: selective.train_step(groups, 0)))
+        keep_all_s.append(timed(lambda: keep_all.train_step(groups, 0)))
         # What scoring the batch's tokens on the trainer (a proximal recompute there) costs.
         score_s.append(timed(lambda: actor.score(prompts, outputs)))
     actor_tps = tokens / statistics.median(actor_s)
@@ -326,9 +334,9 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "actor_tokens_per_s": actor_tps,
         "hf_tokens_per_s": hf_tps,
         "trainer_vs_hf": actor_tps / hf_tps,
-        "selective_step_s": selective_s,
-        # Tokens/s under train.gradient_checkpointing=selective over the default actor's.
-        "selective_vs_actor": statistics.median(actor_s) / statistics.median(selective_s),
+        "none_step_s": keep_all_s,
+        # Tokens/s under train.gradient_checkpointing=none over the default actor's.
+        "none_vs_actor": statistics.median(actor_s) / statistics.median(keep_all_s),
         "actor_optimizer_s": actor_optimizer_s,
         "hf_optimizer_s": hf.optimizer_s,
         "passes_vs_hf": statistics.median(hf_pass_s) / statistics.median(actor_pass_s),
@@ -465,8 +473,8 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
         **{f"{variant}_mib": n / 2**20 for variant, n in peaks.items()},
         "peak_memory_vs_full": ratio("actor", "full"),
         "unchunked_vs_full": ratio("unchunked", "full"),
-        "selective_vs_full": ratio("actor-selective", "full-selective"),
-        "selective_vs_unselective_full": ratio("actor-selective", "full"),
+        "none_vs_full": ratio("actor-none", "full-none"),
+        "actor_vs_full_none": ratio("actor", "full-none"),
         "checkpointed_vs_full": ratio("actor-checkpointed", "full-checkpointed"),
         **{f"long_{variant}_mib": n / 2**20 for variant, n in long_peaks.items()},
         "long_output_len": args.long_output_len,
@@ -677,9 +685,9 @@ def main() -> None:
         f"forward + loss + backward alone: actor over HF {throughput['passes_vs_hf']:.3f}"
     )
     print(
-        f"under train.gradient_checkpointing=selective (same rounds): actor s "
-        f"{fmt(throughput['selective_step_s'])} → {throughput['selective_vs_actor']:.3f} of the "
-        f"default actor's tokens/s"
+        f"keeping every activation (train.gradient_checkpointing=none, same rounds): actor s "
+        f"{fmt(throughput['none_step_s'])} → {throughput['none_vs_actor']:.3f} × the default "
+        f"actor's tokens/s"
     )
     score = statistics.median(throughput["score_s"])
     step = statistics.median(throughput["actor_step_s"])
@@ -715,8 +723,8 @@ def main() -> None:
         "trainer_vs_hf": round(throughput["trainer_vs_hf"], 4),
         "peak_memory_vs_full": figure(memory["peak_memory_vs_full"]),
         **figures,
-        "peak_memory_selective_vs_full": figure(memory["selective_vs_full"]),
-        "selective_vs_actor": round(throughput["selective_vs_actor"], 4),
+        "peak_memory_none_vs_full": figure(memory["none_vs_full"]),
+        "none_vs_actor": round(throughput["none_vs_actor"], 4),
         "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
         "peak_memory_long_checkpointed_vs_full": figure(memory["long_checkpointed_vs_full"]),
         "packed_vs_padded": round(packing["packed_vs_padded"], 4),
@@ -732,10 +740,10 @@ def print_memory(m: dict[str, Any]) -> None:
     )
     print(
         f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6); every output "
-        f"logit at once {m['unchunked_vs_full']:.3f}; both under selective checkpointing "
-        f"{m['selective_vs_full']:.3f} (the actor under it over the full log_softmax without "
-        f"it {m['selective_vs_unselective_full']:.3f}); both under full gradient checkpointing "
-        f"{m['checkpointed_vs_full']:.3f}"
+        f"logit at once {m['unchunked_vs_full']:.3f}; both keeping every activation "
+        f"(gradient_checkpointing=none) {m['none_vs_full']:.3f} (the actor over the full "
+        f"log_softmax that keeps them {m['actor_vs_full_none']:.3f}); both under full "
+        f"gradient checkpointing {m['checkpointed_vs_full']:.3f}"
     )
     print(
         f"at {m['long_output_len']} output tokens per sequence, both under gradient "

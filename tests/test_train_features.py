@@ -105,7 +105,7 @@ def test_kl_penalty_pulls_towards_the_initial_model(tiny_model_dir: Path) -> Non
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_gradient_checkpointing_takes_the_same_step(tiny_model_dir: Path, mode: str) -> None:
-    plain = make_actor(tiny_model_dir)
+    plain = make_actor(tiny_model_dir, gradient_checkpointing="none")
     checkpointed = make_actor(tiny_model_dir, gradient_checkpointing=mode)
     groups = stale_groups(plain, version=1)
     a = plain.train_step(groups, version=1)
@@ -113,6 +113,22 @@ def test_gradient_checkpointing_takes_the_same_step(tiny_model_dir: Path, mode: 
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for x, y in zip(weights(plain), weights(checkpointed), strict=True):
         assert torch.allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointing_keeps_a_dropout_model_deterministic(tiny_model_dir: Path, mode: str) -> None:
+    """Hugging Face recomputes only layers in training mode; the attention inside them must
+    still not drop anything, or the actor's logprobs would differ from the servers'."""
+    ids = torch.randint(0, 30, (2, 16))
+    model = load_model(tiny_model_dir, torch.device("cpu"))
+    exact = model(input_ids=ids).logits
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    enable_gradient_checkpointing(model, mode)
+    assert all(layer.training for layer in model.model.layers)
+    first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    assert torch.allclose(first, exact, atol=1e-6)
 
 
 class CountedOps(TorchDispatchMode):
