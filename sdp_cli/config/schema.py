@@ -527,8 +527,8 @@ class TrainConfig:
         GradientCheckpointing.selective,
         help="recompute activations in the backward pass (less memory, more time): none; "
         "selective (keep the outputs of matrix multiplications and attention, recompute the "
-        "pointwise ops between them; on SmolLM2 a step's peak fell by 60 % for 4 % of its "
-        "speed); full (keep each decoder layer's input, recompute the layer)",
+        "pointwise ops between them; on SmolLM2 a step's peak fell by 60 % for 4 to 13 % of "
+        "its speed); full (keep each decoder layer's input, recompute the layer)",
     )
 
 
