@@ -141,7 +141,7 @@ class Actor:
             model.get_output_embeddings().weight,
             batch.output_ids[real].unsqueeze(0),
             self.temperature,
-            self.logit_chunk_tokens,
+            chunk_tokens=self.logit_chunk_tokens,
         )
         zeros = torch.zeros(real.shape, dtype=logprobs.dtype, device=logprobs.device)
         return zeros.masked_scatter(real, logprobs), zeros.masked_scatter(real, entropy)

@@ -17,21 +17,20 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-# Positions whose logits exist at once: 128 × 49,152 vocabulary × 4 bytes is 24 MiB.
-DEFAULT_CHUNK_TOKENS = 128
-
 
 def chunked_logprobs_and_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     temperature: float = 1.0,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    chunk_tokens: int,
 ) -> tuple[Tensor, Tensor]:
     """`hidden` [rows, L, H], LM head `weight` [V, H], `targets` [rows, L] → (log π of each
     target, entropy of the policy at each position), both [rows, L] float32, of
     softmax(hidden @ weightᵀ / temperature). The logprobs carry gradients to `hidden` and
-    `weight`; the entropy carries none."""
+    `weight`; the entropy carries none. `chunk_tokens` (train.logit_chunk_tokens) positions
+    have logits at once: 128 of SmolLM2's 49,152-wide float32 logits are 24 MiB."""
     rows, length, width = hidden.shape
     logprobs, entropy = _ChunkedHead.apply(
         hidden.reshape(rows * length, width),
