@@ -5,6 +5,7 @@ same name)."""
 from __future__ import annotations
 
 import ast
+import gc
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,9 +44,23 @@ def part_of(path: Path) -> str:
     return first.removesuffix(".py")
 
 
+def parsed(path: Path) -> ast.Module:
+    """The module's syntax tree, built with the garbage collector off: in Python 3.11.7 a
+    collection during `ast.parse` can run a finalizer that formats a traceback, which parses
+    again and leaves the outer parse with "AST constructor recursion depth mismatch" (CPython
+    gh-106905; seen in CI after an earlier test left a failed asyncio task behind)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text())
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def imported_parts(path: Path) -> set[str]:
     parts = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parsed(path)):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
@@ -78,7 +93,7 @@ def top_level_names(path: Path) -> list[str]:
     """Classes, functions and type aliases (`Name = ...` with a capitalised, not all-caps
     name) defined at the top of a module."""
     names = []
-    for node in ast.parse(path.read_text()).body:
+    for node in parsed(path).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.append(node.name)
         elif isinstance(node, ast.Assign | ast.AnnAssign):
