@@ -18,8 +18,10 @@ from sdp_cli.simulate.calibrate import (
     line_fit,
     read_calibration,
     simulate_to_log,
+    steady_train_steps,
     step_time_line,
 )
+from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.schema import TrainStepEvent
 
 runner = CliRunner()
@@ -63,7 +65,13 @@ def test_calibration_reads_back_the_timing_the_log_was_made_with(calibration_run
     assert calibration.step_intercept_s == pytest.approx(0.3)
     assert calibration.step_s_per_token == 0.0
     assert calibration.update_s == pytest.approx(0.05, rel=1e-6)
-    assert calibration.steps == 12 and calibration.updates == 12
+    # The first step, which warms the trainer up in a real run, is left out of the step time.
+    assert calibration.steps == 11 and calibration.updates == 12
+    # The simulated servers' prefill does not follow the prompt: it is fitted on its own.
+    assert calibration.prompt_tokens is None
+    assert len(calibration.new_tokens) == 20 and list(calibration.new_tokens) == sorted(
+        calibration.new_tokens
+    )
     # Submit→finish includes waiting for a group's longest completion and pauses: above 0.01.
     assert calibration.rollout_token_latency_s > 0.01
 
@@ -147,6 +155,60 @@ def test_calibration_recovers_prefill_and_the_latency_line(tmp_path: Path) -> No
     )
 
 
+def as_a_train_log(run_dir: Path) -> None:
+    """Mark a simulated log as `sdp train` marks its own (`run_started.mode`)."""
+    path = run_dir / "events.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    for event in events:
+        if event["type"] == "run_started":
+            event["mode"] = "train"
+    path.write_text("".join(json.dumps(event) + "\n" for event in events))
+
+
+def test_a_vllm_log_ties_the_prefill_to_the_latency_line(tmp_path: Path) -> None:
+    # Servers whose step costs 20 ms plus 5 ms per token in it, prompt or decoding: the
+    # simulated workflow's 4-token prompts prefill in 20 ms each.
+    timing = [
+        "simulate.prefill_s=0.02",
+        "simulate.token_latency_s=0.02",
+        "simulate.token_latency_per_seq_s=0.005",
+        "simulate.mean_new_tokens=32",
+        "simulate.latency_jitter=0",
+    ]
+    shape = ["train.steps=20", "server.count=1", "rollout.batch_size=8", "rollout.n_samples=4"]
+    shape += ["rollout.max_staleness=0", "simulate.server_batch=64"]
+    run_dir = tmp_path / "run"
+    simulate_to_log(load_config(None, [*shape, *timing]), run_dir / "events.jsonl")
+    as_a_train_log(run_dir)
+    calibration = read_calibration(run_dir)
+    assert calibration.prompt_tokens == 4
+    assert calibration.prefill_s == pytest.approx(4 * calibration.latency_per_seq_s)
+    assert calibration.latency_intercept_s == pytest.approx(0.02, rel=0.1)
+    assert calibration.latency_per_seq_s == pytest.approx(0.005, rel=0.1)
+
+
+def test_calibration_hands_the_simulator_the_run_s_completion_lengths(tmp_path: Path) -> None:
+    # Three completions in four stop at the longest allowed, 16 tokens; the others at 5.
+    lengths = ["simulate.new_tokens=[5,16,16,16]", "train.steps=8", "rollout.max_staleness=0"]
+    run_dir = tmp_path / "run"
+    simulate_to_log(load_config(None, lengths), run_dir / "events.jsonl")
+    drawn = [
+        tokens
+        for line in (run_dir / "events.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "rollout_finished"
+        for tokens in json.loads(line).get("completion_tokens") or []
+    ]
+    assert drawn and set(drawn) == {5, 16}
+    calibration = read_calibration(run_dir)
+    assert set(calibration.new_tokens) == {5, 16}
+    # The quantiles keep the shares: 20 × 3/4 = 15 of them at 16, give or take the draw.
+    assert 11 <= calibration.new_tokens.count(16) <= 19
+    assert calibration.new_tokens == tuple(sorted(calibration.new_tokens))
+    cfg = load_config(None, [])
+    listed = ",".join(str(n) for n in calibration.new_tokens)
+    assert f"simulate.new_tokens=[{listed}]" in calibration.overrides_for(cfg, 1.0)
+
+
 # A SmolLM2-135M run on CPU vLLM: a chat prompt's prefill takes about 76 ms, a token 62 ms plus
 # 4 ms for each completion decoding beside it; 16 short completions per step at η = 0.
 PREFILL_TIMING = [
@@ -215,18 +277,21 @@ def test_calibrated_simulation_predicts_the_run_and_another_configuration(
 
 
 def test_the_step_time_scales_with_the_batch(tmp_path: Path) -> None:
-    # A log whose step time grows with tokens (0.1 s + 2 ms per token) at two batch sizes.
+    # A log whose step time grows with tokens (0.1 s + 2 ms per token) at two batch sizes,
+    # after a first step that warmed up (2 s; left out).
     run_dir = tmp_path / "run"
     lines = [
-        {"type": "run_started", "ts": 0.0, "run": "r", "steps": 2, "max_staleness": 0,
+        {"type": "run_started", "ts": 0.0, "run": "r", "steps": 3, "max_staleness": 0,
          "batch_size": 2, "strategy": "segment_wise", "prox_mode": "recompute",
          "n_samples": 2, "max_concurrent": 4, "server_count": 1},
         {"type": "rollout_submitted", "ts": 1.0, "rollout_id": 0, "version": 0},
         {"type": "rollout_finished", "ts": 2.0, "rollout_id": 0, "version": 0,
          "accepted": True, "n_tokens": 100},
         {"type": "train_step", "ts": 3.0, "step": 0, "version": 0, "tokens": 100,
+         "step_s": 2.0},
+        {"type": "train_step", "ts": 4.0, "step": 1, "version": 1, "tokens": 100,
          "step_s": 0.3},
-        {"type": "train_step", "ts": 4.0, "step": 1, "version": 1, "tokens": 200,
+        {"type": "train_step", "ts": 5.0, "step": 2, "version": 2, "tokens": 200,
          "step_s": 0.5},
     ]  # fmt: skip
     run_dir.mkdir()
@@ -238,6 +303,25 @@ def test_the_step_time_scales_with_the_batch(tmp_path: Path) -> None:
     # 8 prompts × 2 samples × 50 tokens = 800 tokens: 0.1 + 0.002 · 800.
     cfg = load_config(None, ["rollout.batch_size=8", "rollout.n_samples=2"])
     assert "simulate.train_step_s=1.7" in calibration.overrides_for(cfg, 1.0)
+
+
+def test_the_first_step_after_each_start_is_left_out_of_the_step_time(tmp_path: Path) -> None:
+    started = {"type": "run_started", "run": "r", "steps": 4, "max_staleness": 0,
+               "batch_size": 2, "strategy": "segment_wise", "prox_mode": "segment",
+               "n_samples": 2, "max_concurrent": 4, "server_count": 1}  # fmt: skip
+
+    def step(index: int, **more: Any) -> dict[str, Any]:
+        return {"type": "train_step", "step": index, "version": index, "step_s": 1.0, **more}
+
+    # Steps 0 and 1, a resume, steps 2 (its first) and 3; step 1 was skipped (not finite).
+    lines = [started, step(0), step(1, skipped=True), {**started, "resumed_from_step": 2}]
+    lines += [step(2), step(3)]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [e.step for e in steady_train_steps(list(read_events(path)))] == [3]
+    # A log of one step per start keeps them all.
+    path.write_text(json.dumps(started) + "\n" + json.dumps(step(0)) + "\n")
+    assert [e.step for e in steady_train_steps(list(read_events(path)))] == [0]
 
 
 def test_calibrate_without_a_log_exits_2(tmp_path: Path) -> None:

@@ -149,6 +149,8 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
         assert event.completion_s is not None and event.completion_tokens is not None
         assert len(event.completion_s) == 2 and all(t > 0 for t in event.completion_s)
         assert sum(event.completion_tokens) == event.n_tokens
+        assert event.prompt_tokens is not None and len(event.prompt_tokens) == 2
+        assert all(n > 0 for n in event.prompt_tokens)
 
 
 def test_the_trainer_can_score_the_proximal_recompute(tmp_path: Path) -> None:

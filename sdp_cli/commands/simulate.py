@@ -119,11 +119,17 @@ def print_calibration(
         f"  {c.rollouts} {spans}: {c.mean_new_tokens:.1f} tokens per completion, "
         f"{c.completion_s:.3f} s each ({c.rollout_token_latency_s * 1e3:.3f} ms per token)"
     )
+    out.print(f"  completion lengths (20 quantiles): {list(c.new_tokens)}")
     out.print(
         f"  completion s ≈ {c.prefill_s * 1e3:.3f} ms × prefills (its own and those ahead) + "
         f"tokens × ({c.latency_intercept_s * 1e3:.3f} + {c.latency_per_seq_s * 1e3:.3f} × "
         "completions decoding per server) ms"
     )
+    if c.prompt_tokens is not None:
+        out.print(
+            f"  prefill = {c.latency_per_seq_s * 1e3:.3f} ms × {c.prompt_tokens:.1f} prompt "
+            "tokens (a vLLM step costs the same per token, prompt or decoding)"
+        )
     out.print(
         f"  server time ×{scale:.3f} → simulate.prefill_s={c.prefill_s * scale:.6g}, "
         f"simulate.token_latency_s={c.latency_intercept_s * scale:.6g}, "

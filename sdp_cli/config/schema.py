@@ -644,6 +644,13 @@ class SimulateConfig:
     )
     server_batch: int = setting(32, ge=1, help="requests one simulated server decodes at once")
     mean_new_tokens: int = setting(16, ge=1, help="mean tokens per completion")
+    new_tokens: list[int] = setting(
+        factory=list,
+        ge=1,
+        help="completion lengths, each drawn as often (--calibrate sets a run's quantiles, "
+        "so a run whose completions stop at rollout.max_new_tokens is simulated so); [] draws "
+        "from a gamma distribution with mean simulate.mean_new_tokens",
+    )
     train_step_s: float = setting(0.05, ge=0, help="seconds per simulated training step")
     export_s: float = setting(
         0.0,

@@ -383,8 +383,13 @@ class StalenessControl:
 
 
 def completion_timings(samples: list[Trajectory]) -> dict[str, Any]:
-    """`completion_s` and `completion_tokens` of a finished event, when every sample was timed."""
+    """`completion_s`, `completion_tokens` and `prompt_tokens` of a finished event, when every
+    sample was timed."""
     times = [s.generate_s for s in samples]
     if not samples or any(t is None for t in times):
         return {}
-    return {"completion_s": times, "completion_tokens": [len(s.output_ids) for s in samples]}
+    return {
+        "completion_s": times,
+        "completion_tokens": [len(s.output_ids) for s in samples],
+        "prompt_tokens": [len(s.prompt_ids) for s in samples],
+    }

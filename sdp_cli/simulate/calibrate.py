@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
@@ -61,6 +62,13 @@ class Calibration:
     latency_intercept_s: float
     latency_per_seq_s: float
     mean_new_tokens: float
+    # Quantiles of the completions' tokens (simulate.new_tokens): a run's lengths are far from
+    # the simulator's gamma draw when many stop at rollout.max_new_tokens, and a step at η = 0
+    # waits for its longest completion.
+    new_tokens: tuple[int, ...]
+    # Mean prompt tokens when prefill was tied to the latency line (prefill_s = latency_per_seq_s
+    # × prompt tokens, a vLLM log); None when it was fitted on its own.
+    prompt_tokens: float | None
     # step_s ≈ step_intercept_s + step_s_per_token · tokens trained in the step.
     step_intercept_s: float
     step_s_per_token: float
@@ -95,11 +103,13 @@ class Calibration:
 
     def simulate_overrides(self, samples_per_step: int, latency_scale: float) -> list[str]:
         tokens = samples_per_step * self.mean_new_tokens
+        lengths = ",".join(str(n) for n in self.new_tokens)
         return [
             f"simulate.prefill_s={self.prefill_s * latency_scale:.6g}",
             f"simulate.token_latency_s={self.latency_intercept_s * latency_scale:.6g}",
             f"simulate.token_latency_per_seq_s={self.latency_per_seq_s * latency_scale:.6g}",
             f"simulate.mean_new_tokens={max(1, round(self.mean_new_tokens))}",
+            f"simulate.new_tokens=[{lengths}]",
             f"simulate.train_step_s={self.train_step_s(tokens):.6g}",
             f"simulate.export_s={self.export_s:.6g}",
             f"simulate.update_s={self.update_s:.6g}",
@@ -122,7 +132,7 @@ def read_calibration(run_dir: Path) -> Calibration:
     path, events, started = _run_log(run_dir)
     n_samples = started.n_samples
     times = rollout_timings(events, n_samples, started.server_count)
-    steps = [e for e in events if isinstance(e, TrainStepEvent) and not e.skipped]
+    steps = steady_train_steps(events)
     updates = [e for e in events if isinstance(e, WeightUpdateEvent)]
     if not times.seconds or not steps:
         raise SdpError(
@@ -132,7 +142,10 @@ def read_calibration(run_dir: Path) -> Calibration:
     intercept, slope = step_time_line(
         [float(e.tokens) for e in steps], [e.step_s for e in steps], fixed_step_s(steps)
     )
-    prefill, per_token, per_seq = server_time_fit(times)
+    # The simulator's servers prefill for simulate.prefill_s whatever the prompt: a log of
+    # theirs is fitted with a prefill of its own.
+    prompt_tokens = mean_prompt_tokens(events) if started.mode != "simulate" else None
+    prefill, per_token, per_seq = server_time_fit(times, prompt_tokens)
     return Calibration(
         run_dir=Path(run_dir),
         n_samples=n_samples,
@@ -144,6 +157,8 @@ def read_calibration(run_dir: Path) -> Calibration:
         latency_intercept_s=per_token,
         latency_per_seq_s=per_seq,
         mean_new_tokens=statistics.fmean(times.tokens),
+        new_tokens=length_quantiles(times),
+        prompt_tokens=prompt_tokens,
         step_intercept_s=intercept,
         step_s_per_token=slope,
         export_s=statistics.fmean(export_seconds(e) for e in updates) if updates else 0.0,
@@ -154,6 +169,53 @@ def read_calibration(run_dir: Path) -> Calibration:
         per_completion=times.per_completion,
         run_shape=run_shape(started),
     )
+
+
+def steady_train_steps(events: Sequence[Event]) -> list[TrainStepEvent]:
+    """The finite train steps less the first after each start or resume, when others remain:
+    that one also creates the optimizer's state and warms the allocator (SmolLM2-135M on CPU:
+    12.0 s against 8.6 to 10.6 s for the nine after it)."""
+    steps: list[TrainStepEvent] = []
+    first = False
+    for event in events:
+        if isinstance(event, RunStartedEvent):
+            first = True
+        elif isinstance(event, TrainStepEvent) and not event.skipped:
+            if not first:
+                steps.append(event)
+            first = False
+    finite = [e for e in events if isinstance(e, TrainStepEvent) and not e.skipped]
+    return steps or finite
+
+
+# Quantiles of the completion lengths a calibration hands the simulator.
+_LENGTH_QUANTILES = 20
+
+
+def length_quantiles(times: CompletionTimes) -> tuple[int, ...]:
+    """The completions' tokens at the middle of each of 20 equal shares of them (weighted:
+    a rollout without completion times stands for its completions)."""
+    ordered = sorted((tokens, weight) for _, _, tokens, weight in times.spans)
+    total = sum(weight for _, weight in ordered)
+    cumulative = list(itertools.accumulate(weight for _, weight in ordered))
+    quantiles = []
+    for i in range(_LENGTH_QUANTILES):
+        at = (i + 0.5) / _LENGTH_QUANTILES * total
+        index = min(bisect.bisect_left(cumulative, at), len(ordered) - 1)
+        quantiles.append(max(1, round(ordered[index][0])))
+    return tuple(quantiles)
+
+
+def mean_prompt_tokens(events: Sequence[Event]) -> float | None:
+    """Mean prompt tokens of the timed completions; None when a timed rollout lacks them (logs
+    before `rollout_finished.prompt_tokens`) or none was timed."""
+    lengths: list[int] = []
+    for event in events:
+        if isinstance(event, RolloutFinishedEvent) and event.completion_s:
+            if event.prompt_tokens is None:
+                return None
+            lengths += event.prompt_tokens
+    return statistics.fmean(lengths) if lengths else None
 
 
 def export_seconds(update: WeightUpdateEvent) -> float:
@@ -346,52 +408,79 @@ class InFlight:
         return self._open[i] if i >= 0 else 0
 
 
-def server_time_fit(times: CompletionTimes) -> tuple[float, float, float]:
+def server_time_fit(
+    times: CompletionTimes, prompt_tokens: float | None = None
+) -> tuple[float, float, float]:
     """(prefill_s, a, b) of seconds ≈ prefill_s·k + tokens·(a + b·c), none negative (k: the
-    prefills it waited for, c: completions decoding per server beside it).
+    prefills it waited for, c: completions decoding per server beside it); with
+    `prompt_tokens`, prefill_s = b · prompt_tokens (see `nonnegative_fit`).
 
     c depends on the fit (a completion decodes after its prefills, and its tokens come faster
     while fewer decode), so the fit is repeated with the c of the previous round's values,
     each round going half way to its fit (the plain iteration swings about the answer)."""
-    fitted = nonnegative_fit(times, times.decoding(0.0, 0.0, 0.0))
+    fitted = nonnegative_fit(times, times.decoding(0.0, 0.0, 0.0), prompt_tokens)
     damped = fitted
     for _ in range(_FIT_ROUNDS):
-        fitted = nonnegative_fit(times, times.decoding(*damped))
+        fitted = nonnegative_fit(times, times.decoding(*damped), prompt_tokens)
         prefill, per_token, per_seq = ((d + f) / 2 for d, f in zip(damped, fitted, strict=True))
         damped = (prefill, per_token, per_seq)
     return fitted
 
 
 def nonnegative_fit(
-    times: CompletionTimes, decoding: Sequence[float]
+    times: CompletionTimes, decoding: Sequence[float], prompt_tokens: float | None = None
 ) -> tuple[float, float, float]:
-    """(prefill_s, a, b) of seconds ≈ prefill_s·k + tokens·(a + b·c) with c = `decoding`:
-    the non-negative least squares, found by fitting every subset of the three terms and
-    keeping the best fit whose coefficients are all ≥ 0 (a run shows a narrow range of batch
-    sizes, so a free fit can trade one term for a negative other). Fewer terms win ties."""
+    """(prefill_s, a, b) of seconds ≈ prefill_s·k + tokens·(a + b·c) with c = `decoding`,
+    none negative.
+
+    With `prompt_tokens` (a vLLM log), prefill_s = b · prompt_tokens: a vLLM engine step costs
+    about a + b per token it computes, a decoding sequence's or a prompt's alike, so a
+    prompt's prefill costs b per token of it. At one batch size a log cannot tell a from b
+    (every completion decodes beside about as many), and a free prefill let the fit of a
+    SmolLM2 run at 16 completions put b at twice what a run at 32 showed; the prompts tie b
+    to the prefill, which the burst at the start of every step shows plainly."""
     import numpy as np  # only here: `sdp` starts without numpy
 
     tokens = np.asarray(times.tokens, dtype=float)
+    crowded = tokens * np.asarray(decoding, dtype=float)
+    prefills = np.asarray(times.prefills, dtype=float)
     # Columns in the order ties prefer them: per token, per token and sequence, prefill.
-    columns = np.column_stack(
-        [tokens, tokens * np.asarray(decoding, dtype=float), np.asarray(times.prefills)]
-    )
-    seconds = np.asarray(times.seconds, dtype=float)
-    best = np.zeros(3)
-    best_residual = float(seconds @ seconds)
-    for subset in _term_subsets():
-        coefficients = np.zeros(3)
-        coefficients[subset] = np.linalg.lstsq(columns[:, subset], seconds, rcond=None)[0]
-        residual = float(np.sum((columns @ coefficients - seconds) ** 2))
-        if np.all(coefficients >= 0) and residual < best_residual * (1 - 1e-12):
-            best, best_residual = coefficients, residual
-    per_token, per_seq, prefill = (float(v) for v in best)
+    if prompt_tokens is None:
+        columns = np.column_stack([tokens, crowded, prefills])
+    else:
+        columns = np.column_stack([tokens, crowded + prompt_tokens * prefills])
+    coefficients = nonnegative_least_squares(columns, np.asarray(times.seconds, dtype=float))
+    if prompt_tokens is None:
+        per_token, per_seq, prefill = coefficients
+    else:
+        per_token, per_seq = coefficients
+        prefill = per_seq * prompt_tokens
     return prefill, per_token, per_seq
 
 
-def _term_subsets() -> list[list[int]]:
-    """The non-empty subsets of the three terms, smallest first."""
-    subsets = [[i for i in range(3) if mask >> i & 1] for mask in range(1, 8)]
+def nonnegative_least_squares(columns: Any, values: Any) -> list[float]:
+    """The least squares of `values` over `columns` with no coefficient below 0: the best fit
+    of every subset of the columns whose coefficients are all ≥ 0 (a run shows a narrow range
+    of batch sizes, so a free fit can trade one term for a negative other). Fewer columns,
+    then earlier ones, win ties."""
+    import numpy as np
+
+    n_terms = columns.shape[1]
+    best = np.zeros(n_terms)
+    best_residual = float(values @ values)
+    for subset in _term_subsets(n_terms):
+        coefficients = np.zeros(n_terms)
+        coefficients[subset] = np.linalg.lstsq(columns[:, subset], values, rcond=None)[0]
+        residual = float(np.sum((columns @ coefficients - values) ** 2))
+        if np.all(coefficients >= 0) and residual < best_residual * (1 - 1e-12):
+            best, best_residual = coefficients, residual
+    return [float(v) for v in best]
+
+
+def _term_subsets(n_terms: int) -> list[list[int]]:
+    """The non-empty subsets of `n_terms` terms, smallest first."""
+    masks = range(1, 2**n_terms)
+    subsets = [[i for i in range(n_terms) if mask >> i & 1] for mask in masks]
     return sorted(subsets, key=len)
 
 

@@ -36,7 +36,9 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         events.emit(run_started_event(cfg, mode="simulate"))
     pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
     pool.report_states()
-    workflow = SimulatedWorkflow(pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng)
+    workflow = SimulatedWorkflow(
+        pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng, sim.new_tokens
+    )
     executor = RolloutExecutor(
         workflow,
         cfg.rollout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
@@ -17,11 +18,18 @@ _LENGTH_SHAPE = 4.0
 
 class SimulatedWorkflow:
     def __init__(
-        self, pool: SimulatedFleet, n_samples: int, mean_new_tokens: int, rng: random.Random
+        self,
+        pool: SimulatedFleet,
+        n_samples: int,
+        mean_new_tokens: int,
+        rng: random.Random,
+        lengths: Sequence[int] = (),
     ) -> None:
         self._pool = pool
         self._n_samples = n_samples
         self._mean_new_tokens = mean_new_tokens
+        # Drawn from uniformly when given (simulate.new_tokens), else the gamma distribution.
+        self._lengths = list(lengths)
         self._rng = rng
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
@@ -37,6 +45,8 @@ class SimulatedWorkflow:
         return RolloutGroup(rollout_id=rollout_id, samples=samples, submit_version=executor_version)
 
     def _draw_length(self) -> int:
+        if self._lengths:
+            return self._rng.choice(self._lengths)
         mean = self._mean_new_tokens
         return max(1, round(self._rng.gammavariate(_LENGTH_SHAPE, mean / _LENGTH_SHAPE)))
 

@@ -146,10 +146,12 @@ class RolloutFinishedEvent(Event):
     # Mean reward of the group's samples.
     reward: float | None = None
     error: str | None = None
-    # Per completion, in sample order: seconds from the rollout's start to its last token, and
-    # its tokens (what `sdp simulate --calibrate` fits latency against concurrency with).
+    # Per completion, in sample order: seconds from the rollout's start to its last token, its
+    # tokens and its prompt's tokens (what `sdp simulate --calibrate` fits latency against
+    # concurrency and prefill with).
     completion_s: list[float] | None = None
     completion_tokens: list[int] | None = None
+    prompt_tokens: list[int] | None = None
 
 
 @event_type
