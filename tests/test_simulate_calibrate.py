@@ -132,13 +132,13 @@ def test_latency_grows_with_the_completions_decoding_at_once(tmp_path: Path) -> 
     assert predicted["samples_per_s"] == pytest.approx(truth["samples_per_s"], rel=0.15)
 
 
-def test_calibration_recovers_prefill_and_the_latency_line(tmp_path: Path) -> None:
-    # At η = 0 the 32 completions of a step arrive together: each waits for 32 prefills, then
-    # decodes while the batch thins out as the others finish (the latency line's range).
+def burst_run(tmp_path: Path, prefill_s: float, per_seq_s: float) -> Path:
+    """The log of 20 steps of 32 completions arriving together on one server, without jitter:
+    a token takes 20 ms plus `per_seq_s` per completion decoding, a prefill `prefill_s`."""
     timing = [
-        "simulate.prefill_s=0.05",
+        f"simulate.prefill_s={prefill_s}",
         "simulate.token_latency_s=0.02",
-        "simulate.token_latency_per_seq_s=0.002",
+        f"simulate.token_latency_per_seq_s={per_seq_s}",
         "simulate.mean_new_tokens=32",
         "simulate.latency_jitter=0",
     ]
@@ -146,12 +146,19 @@ def test_calibration_recovers_prefill_and_the_latency_line(tmp_path: Path) -> No
     shape += ["rollout.max_staleness=0", "simulate.server_batch=64"]
     run_dir = tmp_path / "run"
     simulate_to_log(load_config(None, [*shape, *timing]), run_dir / "events.jsonl")
+    return run_dir
+
+
+def test_calibration_recovers_prefill_and_the_latency_line(tmp_path: Path) -> None:
+    # At η = 0 the 32 completions of a step arrive together: each waits for 32 prefills, then
+    # decodes while the batch thins out as the others finish (the latency line's range).
+    run_dir = burst_run(tmp_path, prefill_s=0.05, per_seq_s=0.002)
     calibration = read_calibration(run_dir)
     assert calibration.prefill_s == pytest.approx(0.05, rel=0.1)
     assert calibration.latency_intercept_s == pytest.approx(0.02, rel=0.1)
     assert calibration.latency_per_seq_s == pytest.approx(0.002, rel=0.1)
     assert f"simulate.prefill_s={calibration.prefill_s * 2:.6g}" in calibration.overrides_for(
-        load_config(None, shape), 2.0
+        load_config(None, ["rollout.batch_size=8", "rollout.n_samples=4"]), 2.0
     )
 
 
@@ -168,17 +175,7 @@ def as_a_train_log(run_dir: Path) -> None:
 def test_a_vllm_log_ties_the_prefill_to_the_latency_line(tmp_path: Path) -> None:
     # Servers whose step costs 20 ms plus 5 ms per token in it, prompt or decoding: the
     # simulated workflow's 4-token prompts prefill in 20 ms each.
-    timing = [
-        "simulate.prefill_s=0.02",
-        "simulate.token_latency_s=0.02",
-        "simulate.token_latency_per_seq_s=0.005",
-        "simulate.mean_new_tokens=32",
-        "simulate.latency_jitter=0",
-    ]
-    shape = ["train.steps=20", "server.count=1", "rollout.batch_size=8", "rollout.n_samples=4"]
-    shape += ["rollout.max_staleness=0", "simulate.server_batch=64"]
-    run_dir = tmp_path / "run"
-    simulate_to_log(load_config(None, [*shape, *timing]), run_dir / "events.jsonl")
+    run_dir = burst_run(tmp_path, prefill_s=0.02, per_seq_s=0.005)
     as_a_train_log(run_dir)
     calibration = read_calibration(run_dir)
     assert calibration.prompt_tokens == 4
