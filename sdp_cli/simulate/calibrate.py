@@ -1,18 +1,19 @@
 """`sdp simulate --calibrate RUN_DIR`: the simulator's timing parameters read from a run's log.
 
 From RUN_DIR/events.jsonl: the tokens per completion (`rollout_finished.n_tokens` over the
-samples per prompt); the server time of a completion (start to last token; submit to finish of
-its rollout in older logs) as seconds ≈ prefill_s·k + tokens·(a + b·c), where k is the
-completions in flight per server just after it started (the prompts prefilled ahead of it and
-its own, when requests arrive together) and c the completions in flight per server while it
-decodes, averaged over its tokens (a server decodes its batch in one step, slower as it grows);
-the trainer's step time as a line in the tokens it trained (step_s ≈ a + b·tokens, so another
-batch size gets its own step time; proportional, a = 0, for a run at one batch size) and the
-mean weight update time, split into the export (the trainer always waits for it) and the rest
-(the servers' reload, which the trainer can overlap with its next step). The seconds seen in a
-log include queueing and pauses for weight updates; the simulator adds those back by itself, so
-the server time it is given is scaled until the simulated run shows the measured mean completion
-seconds.
+samples per prompt) and their 20 quantiles; the server time of a completion (start to last
+token; submit to finish of its rollout in older logs) as seconds ≈ prefill_s·k +
+tokens·(a + b·c), where k is the completions in flight per server just after it started (the
+prompts prefilled ahead of it and its own, when requests arrive together) and c the completions
+in flight per server while it decodes, averaged over its tokens (a server decodes its batch in
+one step, slower as it grows), with prefill_s = b × the prompt tokens in a vLLM log that has
+them; the trainer's step time, its first step after each start left out, as a line in the
+tokens it trained (step_s ≈ a + b·tokens, so another batch size gets its own step time;
+proportional above the optimizer's fixed time for a run at one batch size) and the mean weight
+update time, split into the export (the trainer always waits for it) and the rest (the servers'
+reload, which the trainer can overlap with its next step). The seconds seen in a log include
+queueing and pauses for weight updates; the simulator adds those back by itself, so the server
+time it is given is scaled until the simulated run shows the measured mean completion seconds.
 """
 
 from __future__ import annotations
