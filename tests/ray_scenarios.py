@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from server_kill import kill_while_serving
 
 from sdp_cli.config import load_config
 from sdp_cli.inference import InferenceClient, SamplingParams, ServerPool
@@ -131,16 +130,21 @@ def fleet_scenario(run_dir: Path, model_dir: Path, weights_dir: Path) -> dict[st
 
 
 async def generate_through_a_kill(fleet: RayServerFleet, victim: int) -> list[Any]:
-    """32 completions of 64 tokens over both servers; server 0's vLLM is SIGKILLed while it
-    serves some of them."""
+    """32 completions of 64 tokens over both servers; server 0's vLLM is SIGKILLed while the
+    client waits on some of them."""
     async with InferenceClient(fleet.pool) as client:
-        tasks = [
-            asyncio.create_task(client.generate(PROMPT, SamplingParams(seed=i, min_tokens=64), 64))
-            for i in range(32)
-        ]
-        await asyncio.sleep(0.3)
-        os.kill(victim, signal.SIGKILL)
-        return list(await asyncio.gather(*tasks))
+
+        async def generate_round() -> list[Any]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.generate(PROMPT, SamplingParams(seed=i, min_tokens=64), 64)
+                        for i in range(32)
+                    )
+                )
+            )
+
+        return await kill_while_serving(fleet.pool, 0, victim, generate_round)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from server_kill import kill_while_serving
 
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, read_registry
-from sdp_cli.launcher.fleet import requests_on_server
 from sdp_cli.launcher.process import group_alive
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.schema import ServerStateEvent
@@ -44,23 +43,6 @@ async def score_on(address: str) -> list[float]:
         return await client.prompt_logprobs(REFERENCE, len(PROMPT))
 
 
-async def wait_for_requests_on(address: str, timeout_s: float = 30.0) -> None:
-    """Until the server's /metrics count a running or waiting request."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient() as http:
-        while time.monotonic() < deadline:
-            try:
-                metrics = await http.get(f"{address}/metrics", timeout=5.0)
-            except httpx.TimeoutException:
-                # A server decoding 32 sequences on a loaded machine can answer late (seen in
-                # CI): no answer yet is no request seen yet.
-                continue
-            if requests_on_server(metrics.text) > 0:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"no request reached {address} within {timeout_s} s")
-
-
 def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
     vllm_fleet: ServerFleet, write_tiny_weights: Callable[..., Path]
 ) -> None:
@@ -78,32 +60,20 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
 
     async def generate_through_a_crash() -> list[Completion]:
         async with InferenceClient(vllm_fleet.pool) as client:
-            for _ in range(5):
-                generation = asyncio.gather(
-                    *(
-                        client.generate(PROMPT, SamplingParams(seed=i, min_tokens=length), length)
-                        for i in range(requests)
+
+            async def generate_round() -> list[Completion]:
+                return list(
+                    await asyncio.gather(
+                        *(
+                            client.generate(
+                                PROMPT, SamplingParams(seed=i, min_tokens=length), length
+                            )
+                            for i in range(requests)
+                        )
                     )
                 )
-                # Killed once vLLM itself says requests are on it: a fixed sleep sometimes
-                # killed it (on a loaded machine) before any request had reached it, so nothing
-                # was lost. On a busy machine the victim can also finish its share between two
-                # /metrics answers; then the round is generated again.
-                seen = asyncio.ensure_future(wait_for_requests_on(vllm_fleet.addresses[0]))
-                await asyncio.wait({generation, seen}, return_when=asyncio.FIRST_COMPLETED)
-                if seen.done():
-                    if seen.exception() is not None:
-                        # Retrieve the generation's outcome before failing: a failed task left
-                        # behind logs its traceback whenever the garbage collector finds it.
-                        generation.cancel()
-                        await asyncio.gather(generation, return_exceptions=True)
-                        seen.result()
-                    assert vllm_fleet.pool.status(0).in_flight > 0, "nothing to lose on the victim"
-                    os.kill(victim.pid, signal.SIGKILL)
-                    return list(await generation)
-                seen.cancel()
-                await generation
-            raise AssertionError("the victim finished every round before /metrics showed it")
+
+            return await kill_while_serving(vllm_fleet.pool, 0, victim.pid, generate_round)
 
     completions = asyncio.run(generate_through_a_crash())
     assert len(completions) == requests
