@@ -77,6 +77,10 @@ slowed the runs it measured):
     .venv/bin/python scripts/bench_perf.py [--quick] [--model tiny|smollm2-135m] [--threads N]
         [--rounds R] [--run-steps N] [--run-rounds R] [--no-runs]
 
+`--quick` takes 2 prompts per batch, 2 timed rounds (3 for packing and exports), one round of
+runs of 10 steps, and measures only what the five targets need: no `gradient_checkpointing=none`
+timing, and the peak memory of `actor` and `full` only (the other ratios print as null).
+
 The last line of output is one JSON object with every figure.
 """
 
@@ -279,6 +283,9 @@ VARIANTS: dict[str, tuple[type[Actor], int, str]] = {
 PEAK_VARIANTS = tuple(VARIANTS)
 # Measured again at --long-output-len.
 LONG_VARIANTS = ("actor-checkpointed", "full-checkpointed")
+# --quick measures the target's pair only, and no long shape: the other seven children took
+# about 4 of --quick's 25 minutes.
+QUICK_PEAK_VARIANTS = ("actor", "full")
 
 
 def timed(fn: Any) -> float:
@@ -291,7 +298,8 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     groups = synthetic_groups(args, vocab_size(path))
     actor = make_actor(path, args.threads)
-    keep_all = make_actor(path, args.threads, "actor-none")
+    # Timing train.gradient_checkpointing=none is no target: --quick leaves it out.
+    keep_all = None if args.quick else make_actor(path, args.threads, "actor-none")
     hf = HfStep(path, actor)
     batches = actor._micro_batches(groups)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -310,12 +318,14 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     # One warm-up each, then alternating rounds so a slow spell hits both sides.
     timed(actor_step)
     timed(lambda: hf(batches))
-    timed(lambda: keep_all.train_step(groups, 0))
+    if keep_all is not None:
+        timed(lambda: keep_all.train_step(groups, 0))
     del actor_optimizer_s[:], hf.optimizer_s[:]
     for _ in range(rounds):
         actor_s.append(timed(actor_step))
         hf_s.append(timed(lambda: hf(batches)))
-        keep_all_s.append(timed(lambda: keep_all.train_step(groups, 0)))
+        if keep_all is not None:
+            keep_all_s.append(timed(lambda: keep_all.train_step(groups, 0)))
         # What scoring the batch's tokens on the trainer (a proximal recompute there) costs.
         score_s.append(timed(lambda: actor.score(prompts, outputs)))
     actor_tps = tokens / statistics.median(actor_s)
@@ -336,7 +346,11 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "trainer_vs_hf": actor_tps / hf_tps,
         "none_step_s": keep_all_s,
         # Tokens/s under train.gradient_checkpointing=none over the default actor's.
-        "none_vs_actor": statistics.median(actor_s) / statistics.median(keep_all_s),
+        "none_vs_actor": (
+            statistics.median(actor_s) / statistics.median(keep_all_s)
+            if keep_all_s
+            else float("nan")
+        ),
         "actor_optimizer_s": actor_optimizer_s,
         "hf_optimizer_s": hf.optimizer_s,
         "passes_vs_hf": statistics.median(hf_pass_s) / statistics.median(actor_pass_s),
@@ -459,15 +473,26 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
     # The children measure bytes, not seconds, and each process's peak is its own: they run
     # side by side, as many as there are cores for their threads.
     workers = max(1, (os.cpu_count() or 1) // args.threads)
+    variants, long_variants = (
+        (QUICK_PEAK_VARIANTS, ())
+        if args.quick
+        else (
+            PEAK_VARIANTS,
+            LONG_VARIANTS,
+        )
+    )
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        short = {v: pool.submit(peak_added_bytes, args, v) for v in PEAK_VARIANTS}
-        long = {v: pool.submit(peak_added_bytes, long_args, v) for v in LONG_VARIANTS}
+        short = {v: pool.submit(peak_added_bytes, args, v) for v in variants}
+        long = {v: pool.submit(peak_added_bytes, long_args, v) for v in long_variants}
         peaks = {variant: future.result() for variant, future in short.items()}
         long_peaks = {variant: future.result() for variant, future in long.items()}
 
     def ratio(variant: str, reference: str, found: dict[str, int] = peaks) -> float:
-        # A tiny model's step can fit in memory the allocator already holds: nothing added.
-        return found[variant] / found[reference] if found[reference] > 0 else float("nan")
+        # Not measured (--quick), or a tiny model's step fitting in memory the allocator
+        # already holds (nothing added): no ratio.
+        if variant not in found or found.get(reference, 0) <= 0:
+            return float("nan")
+        return found[variant] / found[reference]
 
     return {
         **{f"{variant}_mib": n / 2**20 for variant, n in peaks.items()},
@@ -684,11 +709,12 @@ def main() -> None:
         f"{fmt(throughput['hf_optimizer_s'])} s; without them, "
         f"forward + loss + backward alone: actor over HF {throughput['passes_vs_hf']:.3f}"
     )
-    print(
-        f"keeping every activation (train.gradient_checkpointing=none, same rounds): actor s "
-        f"{fmt(throughput['none_step_s'])} → {throughput['none_vs_actor']:.3f} × the default "
-        f"actor's tokens/s"
-    )
+    if throughput["none_step_s"]:
+        print(
+            f"keeping every activation (train.gradient_checkpointing=none, same rounds): "
+            f"actor s {fmt(throughput['none_step_s'])} → {throughput['none_vs_actor']:.3f} × "
+            f"the default actor's tokens/s"
+        )
     score = statistics.median(throughput["score_s"])
     step = statistics.median(throughput["actor_step_s"])
     print(
@@ -724,7 +750,7 @@ def main() -> None:
         "peak_memory_vs_full": figure(memory["peak_memory_vs_full"]),
         **figures,
         "peak_memory_none_vs_full": figure(memory["none_vs_full"]),
-        "none_vs_actor": round(throughput["none_vs_actor"], 4),
+        "none_vs_actor": figure(throughput["none_vs_actor"]),
         "peak_memory_checkpointed_vs_full": figure(memory["checkpointed_vs_full"]),
         "peak_memory_long_checkpointed_vs_full": figure(memory["long_checkpointed_vs_full"]),
         "packed_vs_padded": round(packing["packed_vs_padded"], 4),
@@ -733,16 +759,20 @@ def main() -> None:
 
 
 def print_memory(m: dict[str, Any]) -> None:
-    sizes = ", ".join(f"{variant} {m[f'{variant}_mib']:.1f}" for variant in PEAK_VARIANTS)
+    measured = [v for v in PEAK_VARIANTS if f"{v}_mib" in m]
+    sizes = ", ".join(f"{variant} {m[f'{variant}_mib']:.1f}" for variant in measured)
     print(
         f"peak resident memory one train step adds (peak RSS − RSS before, each variant in its "
         f"own process), MiB: {sizes}"
     )
+    print(f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6)")
+    if len(measured) < len(PEAK_VARIANTS):
+        print("(--quick: the other variants and the long shape are not measured)")
+        return
     print(
-        f"peak_memory_vs_full = {m['peak_memory_vs_full']:.3f} (target ≤ 0.6); every output "
-        f"logit at once {m['unchunked_vs_full']:.3f}; both keeping every activation "
-        f"(gradient_checkpointing=none) {m['none_vs_full']:.3f} (the actor over the full "
-        f"log_softmax that keeps them {m['actor_vs_full_none']:.3f}); both under full "
+        f"every output logit at once {m['unchunked_vs_full']:.3f}; both keeping every "
+        f"activation (gradient_checkpointing=none) {m['none_vs_full']:.3f} (the actor over the "
+        f"full log_softmax that keeps them {m['actor_vs_full_none']:.3f}); both under full "
         f"gradient checkpointing {m['checkpointed_vs_full']:.3f}"
     )
     print(
