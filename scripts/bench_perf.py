@@ -40,8 +40,9 @@ Then real `sdp train` runs (in this process, `scripts/bench_train.py`'s `train_o
 `tiny`), attached to vLLM fleets started here, one at a time (each round starts `os`, servers
 on every core, for its runs, stops it, then does the same with `split`, servers and trainer on
 their own cores, what `sdp train` does at η ≥ 1). Each figure is the median over
-`--run-rounds` rounds of the steady steps (all but the first, which fills the pipeline, and
-the last, which drains it). The CPU the trainer and the
+`--run-rounds` rounds of the `--run-steps` steady steps (a run at η makes η + 2 more: the
+first η + 1 fill the pipeline, since the executor starts η + 1 batches at once, and the last
+drains it). The CPU the trainer and the
 servers use is sampled every 0.5 s (a sampler in the trainer's process at a finer interval
 slowed the runs it measured):
 
@@ -78,8 +79,9 @@ slowed the runs it measured):
         [--rounds R] [--run-steps N] [--run-rounds R] [--no-runs]
 
 `--quick` takes 2 prompts per batch, 2 timed rounds (3 for packing and exports), one round of
-runs of 10 steps, and measures only what the five targets need: no `gradient_checkpointing=none`
-timing, and the peak memory of `actor` and `full` only (the other ratios print as null).
+runs of 5 steady steps (27 without it), and measures only what the five targets need: no
+`gradient_checkpointing=none` timing, no packing into one row, and the peak memory of `actor`
+and `full` only (the other ratios print as null).
 
 The last line of output is one JSON object with every figure.
 """
@@ -159,7 +161,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--long-output-len", type=int, default=480, help="output tokens of the long memory shape"
     )
-    parser.add_argument("--run-steps", type=int, default=None, help="steps per run (12, 30)")
+    parser.add_argument(
+        "--run-steps",
+        type=int,
+        default=None,
+        help="steady steps per run (5, 27); a run at η does η + 2 more",
+    )
     parser.add_argument("--run-rounds", type=int, default=None, help="rounds of runs (1, 2)")
     parser.add_argument("--no-runs", action="store_true", help="skip the real sdp train runs")
     # Internal: one peak-memory measurement in this (child) process.
@@ -167,9 +174,8 @@ def parse_args() -> argparse.Namespace:
     # Internal: the packing comparison in this (child) process.
     parser.add_argument("--child-packing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run_steps is not None and args.run_steps < 3:
-        # The first step fills the pipeline and the last drains it: one steady step at least.
-        parser.error("--run-steps must be at least 3")
+    if args.run_steps is not None and args.run_steps < 1:
+        parser.error("--run-steps must be at least 1")
     return args
 
 
@@ -359,16 +365,20 @@ def trainer_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     """Tokens/s of the actor's train step on a batch of varied lengths, padded, with
-    `train.pack_sequences` and packed into one row, alternating rounds after two warm-up steps
-    each (medians)."""
+    `train.pack_sequences` and (not with --quick) packed into one row, alternating rounds after
+    two warm-up steps each (medians)."""
     groups = synthetic_groups(args, vocab_size(path), varied=True)
     base = replace(TrainConfig(), prox_mode="segment", cpu_threads=args.threads)
-    packings = {
+    packings: dict[str, dict[str, Any]] = {
         "padded": {},
         "packed": {"pack_sequences": True},
-        # Every sequence of the micro-batch in one row: no padding, attention over the row.
-        "packed-one-row": {"pack_sequences": True, "pack_row_tokens": base.micro_batch_tokens},
     }
+    if not args.quick:
+        # Every sequence of the micro-batch in one row: no padding, attention over the row.
+        packings["packed-one-row"] = {
+            "pack_sequences": True,
+            "pack_row_tokens": base.micro_batch_tokens,
+        }
     actors = {
         name: Actor(path, replace(base, **settings), seed=0) for name, settings in packings.items()
     }
@@ -393,7 +403,7 @@ def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         **{f"{name}_tokens_per_s": value for name, value in per_s.items()},
         **{f"{name}_padding_frac": value for name, value in padding.items()},
         "packed_vs_padded": per_s["packed"] / per_s["padded"],
-        "one_row_vs_padded": per_s["packed-one-row"] / per_s["padded"],
+        "one_row_vs_padded": per_s.get("packed-one-row", float("nan")) / per_s["padded"],
     }
 
 
@@ -516,6 +526,10 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return out + (["--quick"] if args.quick else [])
 
 
+def steady_run_steps(args: argparse.Namespace) -> int:
+    return args.run_steps or (5 if args.quick else 27)
+
+
 def real_runs(
     args: argparse.Namespace,
 ) -> tuple[dict[str, dict[str, float]], Path, int, list[float]]:
@@ -528,7 +542,7 @@ def real_runs(
 
     conf = EXAMPLE if args.model == "smollm2-135m" else None
     model = model_overrides(args)
-    steps = args.run_steps or (10 if args.quick else 30)
+    steady = steady_run_steps(args)
     rounds = args.run_rounds or (1 if args.quick else 2)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-perf-"))
     base = load_config(None if conf is None else str(conf), [f"run.dir={work}", *model])
@@ -545,7 +559,7 @@ def real_runs(
                         continue
                     overrides = [
                         *model,
-                        f"train.steps={steps}",
+                        f"train.steps={bench_train.steps_for(steady, eta)}",
                         f"rollout.max_staleness={eta}",
                         f"rollout.batch_size={base.rollout.batch_size * multiple}",
                         f"train.cpu_threads={threads}",
@@ -624,7 +638,7 @@ def simulated(calibrated_run: Path, overrides: list[str], out: Path) -> dict[str
     command = [sys.executable, "-m", "sdp_cli", "simulate", "--calibrate", str(calibrated_run)]
     command += ["--run-dir", str(out), *overrides]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    return bench_train.step_numbers(*bench_train.steady_steps(out))
+    return bench_train.step_numbers(bench_train.steady_steps(out))
 
 
 def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
@@ -648,9 +662,11 @@ def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
     )
     bound = cores / (least_cpu_s / 1000)
     default = runs["async-split"]
+    steps_at = partial(bench_train_module().steps_for, steady_run_steps(args))
+    # As many steps as the real run made (the calibrated run, at η = 0, made fewer).
     shapes = {
-        "async-split": ["rollout.max_staleness=2"],
-        "sync-split-2b": [f"rollout.batch_size={2 * batch_size}"],
+        "async-split": ["rollout.max_staleness=2", f"train.steps={steps_at(2)}"],
+        "sync-split-2b": [f"rollout.batch_size={2 * batch_size}", f"train.steps={steps_at(0)}"],
     }
     calibrated = work / f"{CALIBRATED}-round0"
     predictions = {
@@ -728,10 +744,13 @@ def main() -> None:
         f"{packing['padded_padding_frac']:.1%} of positions padding, s "
         f"{fmt(packing['padded_step_s'])}; packed {packing['packed_tokens_per_s']:.0f} tok/s, "
         f"{packing['packed_padding_frac']:.1%} padding, s {fmt(packing['packed_step_s'])} → "
-        f"packed_vs_padded = {packing['packed_vs_padded']:.3f}; in one row "
-        f"{packing['packed-one-row_tokens_per_s']:.0f} tok/s, s "
-        f"{fmt(packing['packed-one-row_step_s'])} → {packing['one_row_vs_padded']:.3f}"
+        f"packed_vs_padded = {packing['packed_vs_padded']:.3f}"
     )
+    if "packed-one-row_step_s" in packing:
+        print(
+            f"packed into one row: {packing['packed-one-row_tokens_per_s']:.0f} tok/s, s "
+            f"{fmt(packing['packed-one-row_step_s'])} → {packing['one_row_vs_padded']:.3f}"
+        )
     memory = peak_memory(args)
     print_memory(memory)
     exports = export_timing(args, path)
@@ -819,6 +838,14 @@ def print_runs(found: dict[str, Any]) -> None:
             f"measured "
             f"{measured:.3f} (error {found['prediction_errors'][name]:.1%})"
         )
+    alone = found["runs"][CALIBRATED]["train_step_s"]
+    overlapped = found["runs"]["async-split"]["train_step_s"]
+    print(
+        f"the simulator's train step is the calibrated run's ({CALIBRATED}, the trainer alone on "
+        f"its core: {alone:.2f} s); async-split's, with the servers generating on the other "
+        f"core, took {overlapped:.2f} s ({overlapped / alone:.2f}×), which a log at η = 0, "
+        f"where the two take turns, cannot show"
+    )
     print(f"simulate_error = {found['simulate_error']:.3f} (target ≤ 0.15)")
 
 

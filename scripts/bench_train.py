@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +38,50 @@ from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
+from sdp_cli.telemetry.schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
 
 ETAS = (0, 2)
 
 
-def steady_steps(run_dir: Path) -> tuple[list[TrainStepEvent], list[WeightUpdateEvent]]:
-    """Every train_step event, and the weight_update events of the steady steps: all but the
-    first (which fills the pipeline from nothing) and the last (which drains it: with no step
-    after it, train.overlap_reload has nothing to train during its reload)."""
+@dataclass(frozen=True)
+class SteadySteps:
+    """A run's steady steps: after the pipeline has filled, before the last step drains it."""
+
+    steps: list[TrainStepEvent]
+    updates: list[WeightUpdateEvent]
+    start_ts: float
+    """When the last step that filled the pipeline ended: the steady steps' start."""
+    end_ts: float
+
+
+def steady_steps(run_dir: Path) -> SteadySteps:
+    """All but the first η + 1 steps and the last. At η the executor starts η + 1 batches at
+    once, so the first η + 1 steps fill the pipeline (at η = 2 in one SmolLM2 run, the two
+    after the first took 15.8 and 14.5 s, the later ones 8.8 to 10.4 s); the last drains it
+    (with no step after it, train.overlap_reload has nothing to train during its reload).
+    A long run's throughput is the steady one; real and simulated logs go through this alike."""
     events = list(read_events(run_dir / "events.jsonl"))
+    started = next(e for e in events if isinstance(e, RunStartedEvent))
     steps = [e for e in events if isinstance(e, TrainStepEvent)]
     updates = [e for e in events if isinstance(e, WeightUpdateEvent)]
-    return steps, updates[1:-1]
+    fill = started.max_staleness + 1
+    if len(steps) < fill + 2:
+        raise ValueError(
+            f"{run_dir}: {len(steps)} steps leave no steady step after {fill} filling the "
+            f"pipeline and one draining it"
+        )
+    return SteadySteps(
+        steps[fill:-1], updates[fill:-1], steps[fill - 1].ts or 0.0, steps[-2].ts or 0.0
+    )
 
 
-def step_numbers(steps: list[TrainStepEvent], updates: list[WeightUpdateEvent]) -> dict[str, float]:
-    steady = steps[1:-1]
+def steps_for(steady: int, eta: int) -> int:
+    """train.steps that leave `steady` steady steps at η."""
+    return steady + eta + 2
+
+
+def step_numbers(run: SteadySteps) -> dict[str, float]:
+    steady, updates = run.steps, run.updates
     wait = sum(s.wait_s for s in steady)
     train = sum(s.step_s for s in steady)
     update = sum(s.update_s for s in steady)
@@ -136,12 +163,11 @@ def train_once(
     cfg = load_config(None if conf is None else str(conf), [f"run.dir={run_dir}", *overrides])
     with CpuSampler() as cpu:
         run_training(cfg, console)
-    steps, updates = steady_steps(run_dir)
-    # From the end of the first step to the end of the one before the last: the steady steps.
-    wall, own, servers = cpu.between(steps[0].ts or 0.0, steps[-2].ts or 0.0)
-    trained = sum(s.samples for s in steps[1:-1])
+    steady = steady_steps(run_dir)
+    wall, own, servers = cpu.between(steady.start_ts, steady.end_ts)
+    trained = sum(s.samples for s in steady.steps)
     return {
-        **step_numbers(steps, updates),
+        **step_numbers(steady),
         "cores_busy": (own + servers) / wall,
         "trainer_cpu_ms_per_sample": own / trained * 1000,
         "vllm_cpu_ms_per_sample": servers / trained * 1000,
