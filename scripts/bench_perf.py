@@ -79,9 +79,9 @@ slowed the runs it measured):
         [--rounds R] [--run-steps N] [--run-rounds R] [--no-runs]
 
 `--quick` takes 2 prompts per batch, 2 timed rounds (3 for packing and exports), one round of
-runs of 5 steady steps (27 without it), and measures only what the five targets need: no
-`gradient_checkpointing=none` timing, no packing into one row, and the peak memory of `actor`
-and `full` only (the other ratios print as null).
+runs of 5 steady steps (27 without it; half as many at twice the batch), and measures only
+what the five targets need: no `gradient_checkpointing=none` timing, no packing into one row,
+and the peak memory of `actor` and `full` only (the other ratios print as null).
 
 The last line of output is one JSON object with every figure.
 """
@@ -526,8 +526,12 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return out + (["--quick"] if args.quick else [])
 
 
-def steady_run_steps(args: argparse.Namespace) -> int:
-    return args.run_steps or (5 if args.quick else 27)
+def run_steps(args: argparse.Namespace, eta: int, multiple: int) -> int:
+    """train.steps of a run at η and `multiple` × the batch: `--run-steps` steady steps at the
+    base batch, as few at a larger one as train at least as many samples (`sync-split-2b`
+    took 200 of --quick's 1100 s at 5 steady steps)."""
+    steady = args.run_steps or (5 if args.quick else 27)
+    return bench_train_module().steps_for(math.ceil(steady / multiple), eta)
 
 
 def real_runs(
@@ -542,7 +546,6 @@ def real_runs(
 
     conf = EXAMPLE if args.model == "smollm2-135m" else None
     model = model_overrides(args)
-    steady = steady_run_steps(args)
     rounds = args.run_rounds or (1 if args.quick else 2)
     work = Path(tempfile.mkdtemp(prefix="sdp-bench-perf-"))
     base = load_config(None if conf is None else str(conf), [f"run.dir={work}", *model])
@@ -559,7 +562,7 @@ def real_runs(
                         continue
                     overrides = [
                         *model,
-                        f"train.steps={bench_train.steps_for(steady, eta)}",
+                        f"train.steps={run_steps(args, eta, multiple)}",
                         f"rollout.max_staleness={eta}",
                         f"rollout.batch_size={base.rollout.batch_size * multiple}",
                         f"train.cpu_threads={threads}",
@@ -662,11 +665,13 @@ def run_figures(args: argparse.Namespace, export_s: float) -> dict[str, Any]:
     )
     bound = cores / (least_cpu_s / 1000)
     default = runs["async-split"]
-    steps_at = partial(bench_train_module().steps_for, steady_run_steps(args))
     # As many steps as the real run made (the calibrated run, at η = 0, made fewer).
     shapes = {
-        "async-split": ["rollout.max_staleness=2", f"train.steps={steps_at(2)}"],
-        "sync-split-2b": [f"rollout.batch_size={2 * batch_size}", f"train.steps={steps_at(0)}"],
+        "async-split": ["rollout.max_staleness=2", f"train.steps={run_steps(args, 2, 1)}"],
+        "sync-split-2b": [
+            f"rollout.batch_size={2 * batch_size}",
+            f"train.steps={run_steps(args, 0, 2)}",
+        ],
     }
     calibrated = work / f"{CALIBRATED}-round0"
     predictions = {
