@@ -289,8 +289,8 @@ VARIANTS: dict[str, tuple[type[Actor], int, str]] = {
 PEAK_VARIANTS = tuple(VARIANTS)
 # Measured again at --long-output-len.
 LONG_VARIANTS = ("actor-checkpointed", "full-checkpointed")
-# --quick measures the target's pair only, and no long shape: the other seven children took
-# about 4 of --quick's 25 minutes.
+# --quick measures the target's pair only, and no long shape: the other seven children are
+# no target's, and each loads the model and runs two steps.
 QUICK_PEAK_VARIANTS = ("actor", "full")
 
 
@@ -483,14 +483,8 @@ def peak_memory(args: argparse.Namespace) -> dict[str, Any]:
     # The children measure bytes, not seconds, and each process's peak is its own: they run
     # side by side, as many as there are cores for their threads.
     workers = max(1, (os.cpu_count() or 1) // args.threads)
-    variants, long_variants = (
-        (QUICK_PEAK_VARIANTS, ())
-        if args.quick
-        else (
-            PEAK_VARIANTS,
-            LONG_VARIANTS,
-        )
-    )
+    variants = QUICK_PEAK_VARIANTS if args.quick else PEAK_VARIANTS
+    long_variants = () if args.quick else LONG_VARIANTS
     with ThreadPoolExecutor(max_workers=workers) as pool:
         short = {v: pool.submit(peak_added_bytes, args, v) for v in variants}
         long = {v: pool.submit(peak_added_bytes, long_args, v) for v in long_variants}
