@@ -133,18 +133,17 @@ async def generate_through_a_kill(fleet: RayServerFleet, victim: int) -> list[An
     """32 completions of 64 tokens over both servers; server 0's vLLM is SIGKILLed while the
     client waits on some of them."""
     async with InferenceClient(fleet.pool) as client:
-
-        async def generate_round() -> list[Any]:
-            return list(
-                await asyncio.gather(
-                    *(
-                        client.generate(PROMPT, SamplingParams(seed=i, min_tokens=64), 64)
-                        for i in range(32)
-                    )
+        return await kill_while_serving(
+            fleet.pool,
+            0,
+            victim,
+            lambda: asyncio.gather(
+                *(
+                    client.generate(PROMPT, SamplingParams(seed=i, min_tokens=64), 64)
+                    for i in range(32)
                 )
-            )
-
-        return await kill_while_serving(fleet.pool, 0, victim, generate_round)
+            ),
+        )
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> float:

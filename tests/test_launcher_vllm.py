@@ -60,20 +60,17 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
 
     async def generate_through_a_crash() -> list[Completion]:
         async with InferenceClient(vllm_fleet.pool) as client:
-
-            async def generate_round() -> list[Completion]:
-                return list(
-                    await asyncio.gather(
-                        *(
-                            client.generate(
-                                PROMPT, SamplingParams(seed=i, min_tokens=length), length
-                            )
-                            for i in range(requests)
-                        )
+            return await kill_while_serving(
+                vllm_fleet.pool,
+                0,
+                victim.pid,
+                lambda: asyncio.gather(
+                    *(
+                        client.generate(PROMPT, SamplingParams(seed=i, min_tokens=length), length)
+                        for i in range(requests)
                     )
-                )
-
-            return await kill_while_serving(vllm_fleet.pool, 0, victim.pid, generate_round)
+                ),
+            )
 
     completions = asyncio.run(generate_through_a_crash())
     assert len(completions) == requests
