@@ -1,5 +1,5 @@
 """Print the config key table (every key of the schema: default, accepted values, help), or with
---write replace the table between the config-keys markers in README.md with it."""
+--write replace the table between the config-keys markers in docs/configuration.md with it."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ from pathlib import Path
 
 from sdp_cli.config.reference import markdown_table, readme_with_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIGURATION_DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite the table in docs/configuration.md"
+    )
     args = parser.parse_args()
     table = markdown_table()
     if args.write:
-        README.write_text(readme_with_table(README.read_text(encoding="utf-8"), table))
+        text = CONFIGURATION_DOC.read_text(encoding="utf-8")
+        CONFIGURATION_DOC.write_text(readme_with_table(text, table), encoding="utf-8")
     else:
         print(table, end="")
 

@@ -1,5 +1,5 @@
 """The schema's declarations as text: the resolved YAML with each key's help and allowed values
-as comments (`sdp config show --explain`), and the key table in README.md
+as comments (`sdp config show --explain`), and the key table in docs/configuration.md
 (`python scripts/config_reference.py --write` rewrites it; a test keeps it equal)."""
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def markdown_table() -> str:
 
 
 def readme_with_table(text: str, table: str) -> str:
-    """`text` with the block between the README markers replaced by `table`."""
+    """`text` (docs/configuration.md) with the block between the config-keys markers replaced
+    by `table`."""
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"no {README_BEGIN} ... {README_END} block")
