@@ -6,12 +6,19 @@ wait_for, call_later) then runs in simulated seconds as fast as the CPU allows, 
 loop's scheduling is deterministic, the same seed gives the same run. Work submitted from other
 threads still wakes the loop (the real selector is polled first), but the clock does not wait
 for it, so a virtual-time simulation must drive itself from coroutines on the loop.
+
+A timer moves the clock to its due time when it fires. asyncio runs every timer due within its
+clock resolution (1e-9 s) of now, so without that a timer could fire with the clock a hair
+before its deadline, and a wait that re-checks `deadline - loop.time() > 0` (the executor's
+take, take-ahead and settle) would wait again for that hair forever: no time passes in between.
 """
 
 from __future__ import annotations
 
 import asyncio
 import selectors
+from collections.abc import Callable
+from contextvars import Context
 from typing import Any
 
 
@@ -63,6 +70,21 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.clock.now
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Context | None = None,
+    ) -> asyncio.TimerHandle:
+        # call_later, sleep, wait_for and wait all schedule through here.
+        return super().call_at(when, self._fire, when, callback, args, context=context)
+
+    def _fire(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        """Run a timer's callback at its due time, even when asyncio fires it a little early."""
+        self.clock.advance_to(when)
+        callback(*args)
 
 
 class SimTime:

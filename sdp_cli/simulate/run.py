@@ -23,11 +23,15 @@ from sdp_cli.telemetry.schema import Event, RunFinishedEvent
 from sdp_cli.train.run_started import run_started_event
 
 
-def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:
+def run_simulation(
+    cfg: SdpConfig, events: EventSink | None = None, *, timeout_s: float | None = None
+) -> dict[str, Any]:
     """Run train.steps simulated steps; returns the summary `sdp simulate --json` prints.
 
     With `events`, the simulation writes the run log `sdp train` writes (same schema), stamped
-    in simulated time, so the dashboard and `sdp inspect-staleness` read it like a real run."""
+    in simulated time, so the dashboard and `sdp inspect-staleness` read it like a real run.
+    With `timeout_s`, a run still going after that many wall-clock seconds is cancelled and
+    TimeoutError raised (a stuck virtual clock spins without ever reaching a take's timeout)."""
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
@@ -53,7 +57,7 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
     # Started paused: in virtual time nothing may happen before the trainer is on the loop.
     executor.start(paused=True)
     try:
-        report = executor.run_sync(trainer.run())
+        report = executor.run_sync(trainer.run(), timeout_s)
     finally:
         executor.stop()
     wall_s = time.perf_counter() - wall_started

@@ -32,7 +32,7 @@ from sdp_cli.telemetry.schema import ServerStateEvent
 # Stand-in values: the simulation tracks versions and timing, not text.
 _TOKEN_LOGPROB = -1.0
 _VOCAB = 64
-# A token whose timer fired this close to its end is done (timers may fire a hair early).
+# A token this close to its end is done: the sums of stall and token times round off.
 _SLACK_S = 1e-6
 
 
