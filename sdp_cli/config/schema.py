@@ -3,8 +3,8 @@
 Every key a config file or override may set is declared here with its default, its bounds or
 allowed values and one line of help (`setting(...)`). Hydra rejects unknown keys and wrong types
 against these dataclasses; `validate.py` checks every declared bound and allowed value, so a
-constraint is written once, beside its field, and `sdp config show --explain` and the README's key
-table print the same declarations.
+constraint is written once, beside its field, and `sdp config show --explain` and the key table
+of docs/configuration.md print the same declarations.
 """
 
 from __future__ import annotations
@@ -527,8 +527,8 @@ class TrainConfig:
         GradientCheckpointing.selective,
         help="recompute activations in the backward pass (less memory, more time): none; "
         "selective (keep the outputs of matrix multiplications and attention, recompute the "
-        "pointwise ops between them; on SmolLM2 a step's peak fell by 60 % for 4 to 13 % of "
-        "its speed); full (keep each decoder layer's input, recompute the layer)",
+        "pointwise ops between them: most of the memory saved for a few percent of the speed); "
+        "full (keep each decoder layer's input, recompute the layer)",
     )
 
 

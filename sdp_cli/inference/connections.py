@@ -2,8 +2,8 @@
 
 httpx's own pool (httpcore 1.0) assigns an idle keep-alive connection to every request that
 arrives before the first one starts using it, so a burst of requests lands on a few connections
-and queues behind itself: measured against vLLM, a wave of 128 concurrent generations on reused
-connections took 5-10x longer than on fresh ones. Here each in-flight request holds a client with
+and queues behind itself, several times slower than fresh connections against vLLM
+(docs/benchmarks.md). Here each in-flight request holds a client with
 exactly one connection, and finished clients are reused newest-first per server, which keeps the
 connections alive without that queueing.
 """

@@ -53,10 +53,9 @@ def split_cpu_cores(cores: list[int]) -> tuple[list[int], list[int]] | None:
     time on one machine: the trainer gets the last core, the servers the others, so neither
     preempts the other. None with fewer than 2 cores.
 
-    Measured with scripts/bench_train.py --placements split,os on 2 cores (two runs), η = 2:
-    +16-20% trained samples/s with prox_mode=segment (158 against 136, 132 against 110), +13-19%
-    with loglinear. At η = 0, where the two take turns, the split cost 8-17%, so `sdp train`
-    splits only when η ≥ 1."""
+    At η ≥ 1 training overlaps generation, and disjoint cores keep them from preempting each
+    other; at η = 0 the two take turns, so a split only idles cores and `sdp train` splits only
+    when η ≥ 1 (scripts/bench_train.py --placements split,os; figures in docs/benchmarks.md)."""
     ordered = sorted(cores)
     if len(ordered) < 2:
         return None

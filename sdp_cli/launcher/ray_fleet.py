@@ -10,7 +10,7 @@ node when the old one is gone and resources allow.
 
 With `weights.transport=ray` no path is shared with the servers: the model directory and each
 exported weights version are put into Ray's object store once, and every server's actor writes
-them to its node-local disk before vLLM loads them (docs: README, "Several machines with Ray").
+them to its node-local disk before vLLM loads them (docs/scale-out.md, "Several machines with Ray").
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Right before the servers move from v to v+1, while they still hold v, every buff
 tokens of version v−1 gets those tokens' logprobs recomputed under v and stored as p_t. Tokens
 of any other version keep their current p_t (μ_t if never recomputed). The scorer is injected and
 scores many samples per call: the inference client sends them to vLLM as one prompt list with
-`prompt_logprobs`, which measured 2–3× cheaper than a request per sample while the servers are
-generating.
+`prompt_logprobs`, which is cheaper than a request per sample while the servers are generating
+(docs/benchmarks.md).
 
 Scoring early. The servers hold v for the whole interval between two updates, so a score taken
 at any moment of it equals the one taken right before the next update. `score_early` scores

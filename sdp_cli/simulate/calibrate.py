@@ -174,8 +174,8 @@ def read_calibration(run_dir: Path) -> Calibration:
 
 def steady_train_steps(events: Sequence[Event]) -> list[TrainStepEvent]:
     """The finite train steps less the first after each start or resume, when others remain:
-    that one also creates the optimizer's state and warms the allocator (SmolLM2-135M on CPU:
-    12.0 s against 8.6 to 10.6 s for the nine after it)."""
+    that one also creates the optimizer's state and warms the allocator, so it is slower than
+    the rest (docs/benchmarks.md, Calibration)."""
     steps: list[TrainStepEvent] = []
     first = False
     for event in events:
@@ -437,9 +437,9 @@ def nonnegative_fit(
     With `prompt_tokens` (a vLLM log), prefill_s = b · prompt_tokens: a vLLM engine step costs
     about a + b per token it computes, a decoding sequence's or a prompt's alike, so a
     prompt's prefill costs b per token of it. At one batch size a log cannot tell a from b
-    (every completion decodes beside about as many), and a free prefill let the fit of a
-    SmolLM2 run at 16 completions put b at twice what a run at 32 showed; the prompts tie b
-    to the prefill, which the burst at the start of every step shows plainly."""
+    (every completion decodes beside about as many), and a free prefill let the fit of one
+    batch size disagree with another's on b (docs/benchmarks.md, Calibration); the prompts tie
+    b to the prefill, which the burst at the start of every step shows plainly."""
     import numpy as np  # only here: `sdp` starts without numpy
 
     tokens = np.asarray(times.tokens, dtype=float)
@@ -514,7 +514,7 @@ def step_time_line(
 
     Steps that all took the same time (a simulated trainer) give that flat line. A run at one
     batch size trains nearly the same tokens every step: a least-squares slope there is noise
-    (measured: 9.3 s − 15 ms·tokens on a SmolLM2 run, which put twice the batch at 0 s), so the
+    (it can even be negative: docs/benchmarks.md, Calibration), so the
     rest of the step time is taken as proportional to the tokens, which is what the compute of
     a forward and backward pass is. Wider ranges get the least-squares line, `fixed` plus the
     proportional rest again where that line has a negative slope or intercept."""

@@ -49,7 +49,7 @@ def torch_device(device: Device | str) -> torch.device:
 
 def limit_cpu_threads(train: TrainConfig) -> None:
     """A CPU trainer sharing the machine with vLLM CPU servers loses more to contention than it
-    gains from threads (measured 5x slower steps with 2 threads on 2 cores)."""
+    gains from threads (docs/benchmarks.md)."""
     if train.cpu_threads > 0 and torch_device(train.device).type == "cpu":
         torch.set_num_threads(train.cpu_threads)
 
@@ -73,8 +73,8 @@ def load_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters, with torch's fused kernel: one pass over each tensor
     with no temporaries. The default on CPU (one tensor at a time, `foreach=False`) allocates
-    two tensors the size of the largest parameter (216 MiB for SmolLM2-135M's embedding) and
-    took 0.72 s a step on SmolLM2-135M against 0.16 s fused (1 thread)."""
+    two tensors the size of the largest parameter (SmolLM2-135M's embedding) and is several
+    times slower (docs/benchmarks.md)."""
     return torch.optim.AdamW(
         model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
     )

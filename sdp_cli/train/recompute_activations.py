@@ -5,10 +5,9 @@
 (`torch.utils.checkpoint.create_selective_checkpoint_contexts`): the outputs of matrix
 multiplications and attention are kept, and only the pointwise ops between them (RMSNorm, SiLU
 and its product, rotary embedding, residual adds) are recomputed. Those outputs are most of what
-a layer saves and the cheapest to recompute: on SmolLM2-135M, 8 × 128 tokens, one thread, the
-decoder's forward + backward added 1324 MiB at its peak and took 7.25 s; selective 782 MiB and
-8.0 s; full 126 MiB and 9.9 s. Selective is the default: the whole train step lost 4 to 13 % of
-its speed and 60 % of the memory it adds at its peak (scripts/bench_perf.py).
+a layer saves and the cheapest to recompute, so selective removes most of the memory a step adds
+at its peak for a few percent of its speed, while full saves more at a much larger cost in time.
+Selective is the default (scripts/bench_perf.py; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ def reserve_export_files(
     export until the first prune, less what is there already). Returns how many were made.
 
     Memory a process touches for the first time can cost several times a write to memory
-    already in use (the first exports of a run into /dev/shm took 0.8-1.4 s, later ones
-    0.18 s); exports that write over these files and pruned versions' files never pay it."""
+    already in use (docs/benchmarks.md); exports that write over these files and pruned
+    versions' files never pay it."""
     size = export_size(model, source_dir, dtype)
     if size is None:
         return 0
@@ -267,8 +267,8 @@ def write_safetensors(
 def write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
     """Write `buffers` to `fd` in as few system calls as the kernel allows. One write per
     tensor hands the GIL back and forth some 200 times for a model, and when the executor's
-    loop is busy each handover can wait out Python's 5 ms switch interval: in-run exports took
-    0.4-1.3 s instead of 0.15 s."""
+    loop is busy each handover can wait out Python's 5 ms switch interval, which made in-run
+    exports several times slower than the write itself (docs/benchmarks.md)."""
     views = [memoryview(buffer).cast("B") for buffer in buffers]
     while views:
         written = os.writev(fd, views[:_IOV_MAX])
