@@ -385,8 +385,8 @@ def packing_throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     tokens = sum(int(b.attention_mask.sum()) for b in actors["padded"]._micro_batches(groups))
     seconds: dict[str, list[float]] = {name: [] for name in actors}
     padding: dict[str, float] = {}
-    # Two warm-up steps each: with one, the padded step's next two took 8.3 and 6.1 s, then
-    # 5.4 s from the third on (glibc's malloc settling on its larger tensors).
+    # Two warm-up steps each: with one, the next two steps are still slower than the rest
+    # (glibc's malloc settling on its larger tensors; docs/benchmarks.md).
     for name, actor in actors.items():
         padding[name] = actor.train_step(groups, 0)["padding_frac"]
         actor.train_step(groups, 0)
@@ -522,8 +522,8 @@ def child_args(args: argparse.Namespace) -> list[str]:
 
 def run_steps(args: argparse.Namespace, eta: int, multiple: int) -> int:
     """train.steps of a run at η and `multiple` × the batch: `--run-steps` steady steps at the
-    base batch, as few at a larger one as train at least as many samples (`sync-split-2b`
-    took 200 of --quick's 1100 s at 5 steady steps)."""
+    base batch, as few at a larger one as train at least as many samples (the run at twice
+    the batch is the longest of --quick's runs)."""
     steady = args.run_steps or (5 if args.quick else 27)
     return bench_train_module().steps_for(math.ceil(steady / multiple), eta)
 

@@ -56,8 +56,8 @@ class SteadySteps:
 
 def steady_steps(run_dir: Path) -> SteadySteps:
     """All but the first η + 1 steps and the last. At η the executor starts η + 1 batches at
-    once, so the first η + 1 steps fill the pipeline (at η = 2 in one SmolLM2 run, the two
-    after the first took 15.8 and 14.5 s, the later ones 8.8 to 10.4 s); the last drains it
+    once, so the first η + 1 steps fill the pipeline and run slower (docs/benchmarks.md); the
+    last drains it
     (with no step after it, train.overlap_reload has nothing to train during its reload).
     A long run's throughput is the steady one; real and simulated logs go through this alike."""
     events = list(read_events(run_dir / "events.jsonl"))
@@ -117,8 +117,8 @@ class CpuSampler:
     executor) and of every process it started (the vLLM servers), to account for the CPU of the
     steady steps alone, without start-up and shut-down."""
 
-    # Coarse on purpose: sampled every 50 ms, it made the train step 16 % and the reload 30 %
-    # slower in the run it measured; the steady steps span a minute or more.
+    # Coarse on purpose: a fine interval slows the train step and the reload it measures
+    # (docs/benchmarks.md); the steady steps span a minute or more.
     def __init__(self, interval: float = 0.5) -> None:
         self.samples: list[tuple[float, float, float]] = []
         self._interval = interval
