@@ -1,5 +1,5 @@
 """`sdp simulate` on many random configurations: every run finishes (the virtual clock never
-stalls short of a deadline)."""
+stalls short of a deadline), and every trained token's proximal logprob follows the rule."""
 
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ def test_the_reported_overlap_configuration_finishes() -> None:
     ]
     for overlap in ("true", "false"):
         cfg = load_config(None, [*overrides, f"train.overlap_reload={overlap}"])
-        assert run_simulation(cfg, timeout_s=RUN_TIMEOUT_S)["steps"] == 12
+        result = run_simulation(cfg, timeout_s=RUN_TIMEOUT_S)
+        assert result["steps"] == 12
+        # Counted also where the update recomputed after handing the next batch over.
+        assert result["recomputed_tokens"] > 0
 
 
 # Every knob that changes the update's timing; latencies without jitter on round numbers make
@@ -139,3 +142,5 @@ def test_random_configurations_finish_with_and_without_overlap(params: dict[str,
     result = run_simulation(random_config(params, steps), timeout_s=RUN_TIMEOUT_S)
     assert result["steps"] == steps
     assert result["consumed"] == steps * params["batch"]
+    assert result["proximal_violations"] == 0, result["proximal_violation_examples"]
+    assert result["proximal_checked_tokens"] == sum(result["tokens_by_lag"].values())

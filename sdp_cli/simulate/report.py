@@ -52,11 +52,26 @@ def summary_table(result: dict[str, Any]) -> Group:
         ("tokens trained / sim s", _num(result["tokens_per_s"])),
         ("segments aborted by updates", str(result["segments_aborted"])),
         ("recomputed tokens", str(result["recomputed_tokens"])),
+        (
+            "proximal violations / tokens checked",
+            f"{result['proximal_violations']} / {result['proximal_checked_tokens']}",
+        ),
         ("simulated time", f"{result['sim_time_s']:.3f} s"),
         ("wall time", f"{result['wall_s']:.3f} s"),
     ]
     for name, value in rows:
         main.add_row(name, value)
+    examples = result["proximal_violation_examples"]
+    if examples:
+        # A violation is a bug in the update protocol or the recompute: say where it was.
+        first = examples[0]
+        main.add_row(
+            "first proximal violation",
+            f"step {first['step']} rollout {first['rollout_id']} position {first['position']}: "
+            f"token of v{first['token_version']} scored under v{first['got_version']}, "
+            f"the rule says v{first['expected_version']}",
+            style="red",
+        )
     lags = Table()
     lags.add_column("head lag", justify="right")
     lags.add_column("rollouts", justify="right")
@@ -106,3 +121,13 @@ def print_result(result: dict[str, Any], console: Console) -> None:
 
 def print_sweep(key: str, rows: list[dict[str, Any]], console: Console) -> None:
     console.print(sweep_table(key, rows))
+    checked = sum(row["proximal_checked_tokens"] for row in rows)
+    violating = [row for row in rows if row["proximal_violations"]]
+    if not violating:
+        console.print(f"proximal violations: none in {checked:,} tokens checked")
+    for row in violating:
+        console.print(
+            f"proximal violations at {key}={row['sweep'][key]}: {row['proximal_violations']} "
+            f"of {row['proximal_checked_tokens']:,} tokens checked",
+            style="red",
+        )

@@ -14,7 +14,9 @@ from typing import Any
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.rollout.executor import RolloutExecutor
+from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
+from sdp_cli.simulate.proximal_check import ProximalCheck
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
@@ -41,7 +43,13 @@ def run_simulation(
     pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
     pool.report_states()
     workflow = SimulatedWorkflow(
-        pool, cfg.rollout.n_samples, sim.mean_new_tokens, rng, sim.new_tokens
+        pool,
+        cfg.rollout.n_samples,
+        sim.mean_new_tokens,
+        rng,
+        sim.new_tokens,
+        # As the inference client: prompt logprobs are of T = 1 only.
+        score_continuations=scores_continuations(cfg) and cfg.rollout.temperature == 1.0,
     )
     executor = RolloutExecutor(
         workflow,
@@ -51,7 +59,9 @@ def run_simulation(
         scorer=pool.score_many,
         loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
     )
-    trainer = SimulatedTrainer(executor, pool, cfg, sim_time, events)
+    workflow.executor_version = lambda: executor.version
+    check = ProximalCheck(cfg.train.prox_mode)
+    trainer = SimulatedTrainer(executor, pool, cfg, sim_time, check, events)
     wall_started = time.perf_counter()
     cpu_started = time.process_time()
     # Started paused: in virtual time nothing may happen before the trainer is on the loop.
@@ -134,6 +144,8 @@ def simulation_result(
         "recomputed_tokens": report.recompute_tokens,
         "recompute_failures": report.recompute_failures,
         "recompute_missed": report.recompute_missed,
+        # Trained tokens whose p_t is not the rule's (simulate/proximal_check.py).
+        **report.proximal,
         "sim_time_s": round(elapsed, 6),
         "wall_s": round(wall_s, 4),
         "cpu_us_per_rollout": round(cpu_s / submitted * 1e6, 1) if submitted else None,

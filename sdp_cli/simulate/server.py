@@ -13,6 +13,10 @@ the tokens produced so far and `finish_reason="abort"`, requests waiting for a s
 prefill return with none, requests that arrive while paused wait until resume, and everything
 decoded after a weight update carries the new version. The client turns an abort into a new
 segment.
+
+Logprobs stand for the weights that computed them: a token's is `simulated_logprob(position,
+version)`, from its sampling, from a scoring call (under the version the servers hold when it
+answers), or from the prefill of a continuation that asked for its prefix's scores.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from pathlib import Path
 
 from sdp_cli.config.schema import SimulateConfig
 from sdp_cli.simulate.clock import SimTime
+from sdp_cli.simulate.proximal_check import simulated_logprobs
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 from sdp_cli.telemetry.schema import ServerStateEvent
 
-# Stand-in values: the simulation tracks versions and timing, not text.
-_TOKEN_LOGPROB = -1.0
+# Stand-in token ids: the simulation tracks versions and timing, not text.
 _VOCAB = 64
 # A token this close to its end is done: the sums of stall and token times round off.
 _SLACK_S = 1e-6
@@ -42,6 +46,9 @@ class SimulatedSegment:
     logprobs: list[float]
     version: int
     finish_reason: str  # "length" or "abort"
+    # The logprobs of the output tokens before the segment under `version`, from its prefill,
+    # when the request asked for them and brought tokens (a continuation's scores).
+    prefix_logprobs: list[float] | None = None
 
 
 @dataclass(eq=False)
@@ -90,7 +97,11 @@ class SimulatedServer:
         # Counts pauses with abort, so a request waiting for a slot knows it was aborted.
         self._aborts = 0
 
-    async def generate(self, max_tokens: int) -> SimulatedSegment:
+    async def generate(
+        self, max_tokens: int, position: int = 0, score_prefix: bool = False
+    ) -> SimulatedSegment:
+        """Up to `max_tokens` tokens from output `position` on; with `score_prefix`, the
+        answer also carries the logprobs of the `position` tokens before (when it has tokens)."""
         self.load += 1
         aborts_at_arrival = self._aborts
         try:
@@ -100,27 +111,38 @@ class SimulatedServer:
                 if self._aborts != aborts_at_arrival:
                     self.aborted += 1
                     return self._segment(0, self.version, "abort")
-                return await self._decode(max_tokens)
+                segment = await self._decode(max_tokens, position)
         finally:
             self.load -= 1
+        if score_prefix and segment.token_ids:
+            # The prefill ran under the segment's version: a request never spans a reload.
+            segment.prefix_logprobs = simulated_logprobs(0, position, segment.version)
+        return segment
 
-    async def _decode(self, max_tokens: int) -> SimulatedSegment:
+    async def wait_serving(self) -> None:
+        """Until the server is not paused (a request sent meanwhile waits in its queue)."""
+        while not self._open.is_set():
+            await self._open.wait()
+
+    async def _decode(self, max_tokens: int, position: int) -> SimulatedSegment:
         version = self.version
         sim = self._sim
         if sim.prefill_s <= 0 and sim.token_latency_s <= 0 and sim.token_latency_per_seq_s <= 0:
-            return self._segment(max_tokens, version, "length")
+            return self._segment(max_tokens, version, "length", position)
         request = _Decoding()
         self._start_busy(request)
         try:
             if sim.prefill_s > 0 and not await self._prefill(request):
                 return self._segment(0, version, "abort")
             if sim.token_latency_s <= 0 and sim.token_latency_per_seq_s <= 0:
-                return self._segment(max_tokens, version, "length")
-            return await self._tokens(request, max_tokens, version)
+                return self._segment(max_tokens, version, "length", position)
+            produced, reason = await self._tokens(request, max_tokens)
+            return self._segment(produced, version, reason, position)
         finally:
             self._end_busy(request)
 
-    async def _tokens(self, request: _Decoding, max_tokens: int, version: int) -> SimulatedSegment:
+    async def _tokens(self, request: _Decoding, max_tokens: int) -> tuple[int, str]:
+        """Decode up to `max_tokens` tokens; how many, and "length" or "abort"."""
         # Only a server that prefills can stall a token: without, one wait per token.
         stalls = self._sim.prefill_s > 0
         self._decoders += 1
@@ -138,11 +160,11 @@ class SimulatedServer:
                 if stalls:
                     await self._wait_out_prefills(request, latency, started, stalled_before)
                 if request.aborted.done():
-                    return self._segment(produced, version, "abort")
+                    return produced, "abort"
                 produced += 1
         finally:
             self._decoders -= 1
-        return self._segment(produced, version, "length")
+        return produced, "length"
 
     def _draw(self, mean: float) -> float:
         """Lognormal with that mean: E[exp(N(mu, σ²))] = exp(mu + σ²/2)."""
@@ -234,12 +256,14 @@ class SimulatedServer:
                 wait_s = ends_at - now + target - (self._stall_since - self._stalled_s)
             await asyncio.wait((request.aborted,), timeout=self._time.loop_seconds(max(wait_s, 0)))
 
-    def _segment(self, n_tokens: int, version: int, finish_reason: str) -> SimulatedSegment:
+    def _segment(
+        self, n_tokens: int, version: int, finish_reason: str, position: int = 0
+    ) -> SimulatedSegment:
         self.tokens_out += n_tokens
         offset = self.tokens_out
         return SimulatedSegment(
             token_ids=[(offset + i) % _VOCAB for i in range(n_tokens)],
-            logprobs=[_TOKEN_LOGPROB] * n_tokens,
+            logprobs=simulated_logprobs(position, position + n_tokens, version),
             version=version,
             finish_reason=finish_reason,
         )
@@ -309,14 +333,21 @@ class SimulatedFleet:
     def _least_loaded(self) -> SimulatedServer:
         return min(self.servers, key=lambda server: server.load)
 
-    async def generate(self, max_tokens: int) -> SimulatedSegment:
-        return await self._least_loaded().generate(max_tokens)
+    async def generate(
+        self, max_tokens: int, position: int = 0, score_prefix: bool = False
+    ) -> SimulatedSegment:
+        return await self._least_loaded().generate(max_tokens, position, score_prefix)
 
     async def score_many(self, samples: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """The proximal-recompute scorer: one batched prefill, costed as one token's latency."""
+        """The proximal-recompute scorer: one batched prefill, costed as one token's latency,
+        under the weights the server holds when it answers (a paused server answers after it
+        resumes, as vLLM's queue would), so a score that races a reload shows its version."""
+        server = self._least_loaded()
         if self._sim.token_latency_s > 0:
             await self._time.sleep(self._sim.token_latency_s)
-        return [[_TOKEN_LOGPROB] * len(output_ids) for _, output_ids in samples]
+        await server.wait_serving()
+        version = server.version
+        return [simulated_logprobs(0, len(output_ids), version) for _, output_ids in samples]
 
     async def abort_generation(self) -> None:
         """Pause with abort and resume at once: what was generating returns, scoring goes on."""

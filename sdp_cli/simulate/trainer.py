@@ -3,7 +3,8 @@ weight-update protocol `sdp train` runs (train/update.py) with a simulated expor
 executor and the simulated servers.
 
 It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
-so in virtual time the whole simulation lives on one deterministic clock.
+so in virtual time the whole simulation lives on one deterministic clock. Every batch it trains
+goes through the proximal check (simulate/proximal_check.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
+from sdp_cli.simulate.proximal_check import ProximalCheck
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 from sdp_cli.telemetry.schema import TrainStepEvent
-from sdp_cli.train.update import WeightUpdate, overlaps_reload
+from sdp_cli.train.update import UpdateResult, WeightUpdate, overlaps_reload
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TrainerReport:
     recompute_failures: int = 0
     # Samples that needed the proximal recompute at an update and did not get it.
     recompute_missed: int = 0
+    # The proximal check's counts and first violations (ProximalCheck.summary).
+    proximal: dict[str, Any] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float = 0.0
     generator_idle_fraction: float = 0.0
@@ -56,9 +60,11 @@ class SimulatedTrainer:
         pool: SimulatedFleet,
         cfg: SdpConfig,
         time: SimTime,
+        check: ProximalCheck,
         events: EventSink | None = None,
     ) -> None:
         self._executor = executor
+        self._check = check
         self._pool = pool
         self._time = time
         self._events: EventSink = events if events is not None else NullEventLog()
@@ -84,11 +90,15 @@ class SimulatedTrainer:
         await self._executor.resume_async()
         version = self._executor.version
         next_batch: list[RolloutGroup] | None = None
+        # The last update, whose recompute may still run: one that hands the next batch over
+        # recomputes after it returns, and is done once the next update (or finished()) begins.
+        last_update: UpdateResult | None = None
         for step in range(self._steps):
             waited_from = self._time.now()
             batch = next_batch if next_batch is not None else await self._take(report, step)
             wait_s = self._time.now() - waited_from
             self._record_batch(report, batch, version)
+            self._check.check(batch, version, step)
             await self._time.sleep(self._train_step_s)
             update_started = self._time.now()
             take_next = self._overlap_reload and step + 1 < self._steps
@@ -96,26 +106,35 @@ class SimulatedTrainer:
                 version, take_next=self._batch_size if take_next else 0, step=step + 1
             )
             next_batch = result.next_batch
+            if last_update is not None:
+                self._count_recompute(report, last_update)
+            last_update = result
             update_s = self._time.now() - update_started
-            if result.recompute is not None:
-                report.recompute_tokens += result.recompute.tokens
-                report.recompute_failures += result.recompute.failures
             self._emit_train_step(step, version, batch, wait_s, update_s)
             report.steps += 1
             version += 1
         await self._weight_update.finished()
+        if last_update is not None:
+            self._count_recompute(report, last_update)
         # Pause and read everything here, on the loop, so the numbers do not depend on how
         # long the caller's thread takes to notice the end.
         await self._executor.pause_async()
         report.finished_at = self._time.now()
         report.snapshot = self._executor.snapshot()
         report.recompute_missed = report.snapshot["recompute_missed"]
+        report.proximal = self._check.summary()
         report.generator_idle_fraction = self._pool.idle_fraction(
             report.started_at, report.finished_at
         )
         report.tokens_generated = self._pool.tokens_out
         report.segments_aborted = self._pool.aborted
         return report
+
+    @staticmethod
+    def _count_recompute(report: TrainerReport, update: UpdateResult) -> None:
+        if update.recompute is not None:
+            report.recompute_tokens += update.recompute.tokens
+            report.recompute_failures += update.recompute.failures
 
     def _emit_train_step(
         self, step: int, version: int, batch: list[RolloutGroup], wait_s: float, update_s: float

@@ -1,14 +1,17 @@
 """The simulated rollout workflow: n completions per prompt, resubmitted as a new segment after
-each abort, with the executor's gate awaited before every segment (as the inference client does)."""
+each abort, with the executor's gate awaited before every segment (as the inference client does).
+With `score_continuations`, a continuation asks for its prefix's logprobs, and the completion
+keeps those of the last continuation that brought tokens, as the inference client does."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.simulate.proximal_check import ACCEPTED_AT
 from sdp_cli.simulate.server import SimulatedFleet
 
 _PROMPT = [1, 2, 3, 4]
@@ -24,6 +27,7 @@ class SimulatedWorkflow:
         mean_new_tokens: int,
         rng: random.Random,
         lengths: Sequence[int] = (),
+        score_continuations: bool = False,
     ) -> None:
         self._pool = pool
         self._n_samples = n_samples
@@ -31,6 +35,9 @@ class SimulatedWorkflow:
         # Drawn from uniformly when given (simulate.new_tokens), else the gamma distribution.
         self._lengths = list(lengths)
         self._rng = rng
+        self._score_continuations = score_continuations
+        # The executor's version, for the proximal check; set once the executor exists.
+        self.executor_version: Callable[[], int] = lambda: 0
 
     async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> RolloutGroup:
         started = self._pool.now()
@@ -42,7 +49,14 @@ class SimulatedWorkflow:
                     *(self._complete(gate, started) for _ in range(self._n_samples))
                 )
             )
-        return RolloutGroup(rollout_id=rollout_id, samples=samples, submit_version=executor_version)
+        # The executor accepts the group in the loop step in which this returns, so at the
+        # version it is at now.
+        return RolloutGroup(
+            rollout_id=rollout_id,
+            samples=samples,
+            submit_version=executor_version,
+            meta={ACCEPTED_AT: self.executor_version()},
+        )
 
     def _draw_length(self) -> int:
         if self._lengths:
@@ -55,15 +69,22 @@ class SimulatedWorkflow:
         output_ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
+        prefix_logprobs: list[float] | None = None
+        prefix_version: int | None = None
         segments = 0
         while len(output_ids) < target:
             await gate()
-            segment = await self._pool.generate(target - len(output_ids))
+            done = len(output_ids)
+            segment = await self._pool.generate(
+                target - done, done, score_prefix=self._score_continuations and done > 0
+            )
             if segment.token_ids:
                 segments += 1
                 output_ids += segment.token_ids
                 logprobs += segment.logprobs
                 versions += [segment.version] * len(segment.token_ids)
+                if segment.prefix_logprobs is not None:
+                    prefix_logprobs, prefix_version = segment.prefix_logprobs, segment.version
         return Trajectory(
             prompt_ids=list(_PROMPT),
             output_ids=output_ids,
@@ -72,4 +93,6 @@ class SimulatedWorkflow:
             reward=self._rng.random(),
             n_segments=segments,
             generate_s=self._pool.now() - started,
+            prefix_logprobs=prefix_logprobs,
+            prefix_version=prefix_version,
         )
