@@ -300,3 +300,30 @@ def test_launch_servers_checks_the_head_size_before_starting(tmp_path: Path) -> 
     assert "'model.num_heads'" in result.output and "head_dim is 16" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sample_longer_than_a_micro_batch_is_refused(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    refused(
+        tmp_path,
+        "train.micro_batch_tokens",
+        f"model.path={tiny_model_dir}",
+        "rollout.max_new_tokens=200",
+        "train.micro_batch_tokens=128",
+        hint="set train.micro_batch_tokens=",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        ("[--enable-chunked-prefill]", "remove --enable-chunked-prefill"),
+        ("[--long-prefill-token-threshold,64]", "remove --long-prefill-token-threshold"),
+        ("[--max-num-batched-tokens,64]", "--max-num-batched-tokens 256 or more"),
+    ],
+)
+def test_cpu_server_flags_that_would_split_a_prefill_are_refused(
+    tmp_path: Path, args: str, hint: str
+) -> None:
+    refused(tmp_path, "server.extra_args", "server=cpu", f"server.extra_args={args}", hint=hint)

@@ -25,6 +25,7 @@ from sdp_cli.config.schema import (
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,
+    check_cpu_extra_args,
     check_vllm_installed,
     server_device,
     servers_may_be_remote,
@@ -157,6 +158,7 @@ def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str
             f"{needed} positions, more than server.max_model_len={cfg.server.max_model_len}",
             f"set server.max_model_len={needed} or more, or lower rollout.max_new_tokens",
         )
+    check_sample_fits_micro_batch(cfg, longest + cfg.rollout.max_new_tokens)
     what = f"all {count} prompts" if finite else f"{count} sampled prompts"
     return (
         f"{what} fit: longest {longest} + {cfg.rollout.max_new_tokens} new tokens + 1 "
@@ -164,10 +166,25 @@ def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str
     )
 
 
+def check_sample_fits_micro_batch(cfg: SdpConfig, longest_sample: int) -> None:
+    """The trainer cuts batches into micro-batches of train.micro_batch_tokens; a sample longer
+    than that would get a micro-batch of its own past the budget the memory was planned for."""
+    budget = cfg.train.micro_batch_tokens
+    if longest_sample > budget:
+        raise ConfigError(
+            "train.micro_batch_tokens",
+            f"the longest sample (prompt + rollout.max_new_tokens) has {longest_sample} "
+            f"tokens, more than train.micro_batch_tokens={budget}",
+            f"set train.micro_batch_tokens={longest_sample} or more, or lower "
+            "rollout.max_new_tokens",
+        )
+
+
 def check_servers(server: ServerConfig, ray: RayConfig | None = None) -> list[str]:
     if server.registry:
         return [check_registry(Path(server.registry))]
     check_vllm_installed()
+    check_cpu_extra_args(server)
     if server.backend == ServerBackend.ray:
         # Ray hands each server's actor its devices on its node; nothing to count here.
         address = ray.address if ray is not None else "local"

@@ -7,17 +7,25 @@ import sys
 from pathlib import Path
 
 from sdp_cli.config.schema import Device, RayConfig, ServerBackend, ServerConfig
+from sdp_cli.errors import ConfigError
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 
 __all__ = [
     "CPU_HEAD_SIZES",
     "SERVED_MODEL_NAME",
+    "check_cpu_extra_args",
     "check_vllm_installed",
+    "cpu_scheduler_args",
     "server_device",
     "vllm_command",
     "vllm_env",
 ]
 
+
+# vLLM's default scheduler budget for an API server on the CPU (tokens per engine step).
+CPU_DEFAULT_BATCHED_TOKENS = 2048
+# Flags that would let the CPU scheduler split a prefill again (see cpu_scheduler_args).
+CHUNKING_FLAGS = ("--enable-chunked-prefill", "--long-prefill-token-threshold")
 
 # Head sizes vLLM 0.32's CPU attention serves (CPUAttentionBackend.get_supported_head_sizes);
 # another fails at the first request, after the server has started.
@@ -77,6 +85,8 @@ def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
     ]
     if server.enforce_eager:
         cmd.append("--enforce-eager")
+    if server_device(server) == Device.cpu:
+        cmd += cpu_scheduler_args(server)
     if server_device(server) == Device.cuda:
         cmd += [
             "--tensor-parallel-size",
@@ -85,6 +95,59 @@ def vllm_command(server: ServerConfig, model_dir: Path, port: int) -> list[str]:
             str(server.gpu_memory_utilization),
         ]
     return cmd + list(server.extra_args)
+
+
+def cpu_scheduler_args(server: ServerConfig) -> list[str]:
+    """Scheduler flags under which a CPU server never splits a prompt's prefill.
+
+    Why: sdp seeds every sample, so vLLM keeps a torch.Generator per request. After a partial
+    (chunked) prefill vLLM discards the token it sampled and rewinds that generator
+    (`set_offset(get_offset() - 4)`), which only CUDA's Philox generators support: on the CPU
+    the engine dies with "CPU Generator does not use offset". The segment-wise protocol makes
+    exactly such prefills, since every completion aborted by a weight update is prefilled again
+    at once with its tokens so far. With chunked prefill off, vLLM's scheduler schedules a
+    prompt whole or not at all in a step (a prompt that does not fit the step's remaining
+    budget waits for the next step), and a budget of at least max_model_len lets the longest
+    prompt fit an empty step; so no prefill is partial, whatever `server.max_model_len` and
+    the number of requests. The sampled tokens, and so a seed's reproducibility, are unchanged.
+    """
+    budget = max(server.max_model_len, CPU_DEFAULT_BATCHED_TOKENS)
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
+
+
+def check_cpu_extra_args(server: ServerConfig) -> None:
+    """Refuse server.extra_args that would make a CPU server split a prefill (and crash on the
+    first seeded request it splits)."""
+    if server_device(server) != Device.cpu:
+        return
+    args = list(server.extra_args)
+    for flag in CHUNKING_FLAGS:
+        if any(arg == flag or arg.startswith(flag + "=") for arg in args):
+            raise ConfigError(
+                "server.extra_args",
+                f"{flag} makes a CPU server split prefills, and vLLM's CPU sampler cannot "
+                "rewind the seeded generator of a split prefill (the engine dies)",
+                f"remove {flag}; sdp runs CPU servers with --no-enable-chunked-prefill",
+            )
+    budget = _flag_value(args, "--max-num-batched-tokens")
+    if budget is not None and (not budget.isdigit() or int(budget) < server.max_model_len):
+        raise ConfigError(
+            "server.extra_args",
+            f"--max-num-batched-tokens {budget} is less than server.max_model_len "
+            f"({server.max_model_len}): vLLM refuses it with chunked prefill off",
+            f"pass --max-num-batched-tokens {server.max_model_len} or more, or leave it out",
+        )
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` or `flag=VALUE` in args, or None."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def vllm_env(server: ServerConfig, cuda_devices: list[str] | None = None) -> dict[str, str]:
