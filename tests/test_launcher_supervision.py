@@ -9,6 +9,7 @@ the launcher uses and records what it was asked in a state directory.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -18,12 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sdp_cli.commands.signals import stop_on_signals
 from sdp_cli.config import load_config
-from sdp_cli.inference import InferenceClient, ServerPool, ServerState
+from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
+from sdp_cli.inference.errors import NoServerAvailableError, PoisonRequestError
 from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
 from sdp_cli.telemetry.events import EventLog, read_events
@@ -88,6 +91,7 @@ def serve_fake(port: int, index: int, state_dir: Path) -> None:
                 version["name"] = body["new_version"]
                 self.reply({"success": True})
             elif self.path.startswith("/inference/v1/generate"):
+                die_if_poisoned(body["token_ids"], state_dir)
                 n = body["sampling_params"]["max_tokens"]
                 self.reply(
                     {
@@ -108,6 +112,17 @@ def serve_fake(port: int, index: int, state_dir: Path) -> None:
 
     print(f"fake server {index} pid {pid} on port {port}", flush=True)
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+def die_if_poisoned(token_ids: list[int], state_dir: Path) -> None:
+    """Die as vLLM's engine does on a fatal error: an exception line in the log, then the
+    process gone without an answer. `poison-token` names a token id that kills the server;
+    `crash-on-generate` makes every generation request kill it."""
+    poison = state_dir / "poison-token"
+    poisoned = poison.exists() and int(poison.read_text()) in token_ids
+    if poisoned or (state_dir / "crash-on-generate").exists():
+        print("RuntimeError: CPU Generator does not use offset", flush=True)
+        os._exit(1)
 
 
 def run_fake_fleet(state_dir: Path, model_dir: Path, linger_s: float) -> None:
@@ -405,6 +420,64 @@ def test_sigterm_during_start_up_exits_cleanly_without_asyncio_noise(
     assert not (tmp_path / "started").exists()
     assert not any(group_alive(g) for g in groups)
     assert {e.state for e in read_registry(registry)} == {"dead"}
+
+
+# ---- crash loops and poison requests -------------------------------------------------------
+
+POISON = 9
+
+
+def generate_all(
+    fleet: ServerFleet, prompts: list[list[int]], **client_args: Any
+) -> list[Completion | BaseException]:
+    async def go() -> list[Completion | BaseException]:
+        async with InferenceClient(fleet.pool, backoff_s=0.05, **client_args) as client:
+            return await asyncio.gather(
+                *(client.generate(p, SamplingParams(seed=1), 4) for p in prompts),
+                return_exceptions=True,
+            )
+
+    return asyncio.run(asyncio.wait_for(go(), timeout=120))
+
+
+def test_a_request_that_kills_its_server_twice_is_refused_as_poison_and_the_rest_is_served(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = fake_fleet(count=1, max_restarts=5)
+    fleet.start()
+    (tmp_path / "poison-token").write_text(str(POISON))
+    prompts = [[1, 4, 5], [1, POISON, 5], [1, 5, 6], [1, 6, 7]]
+
+    answers = generate_all(fleet, prompts)
+
+    assert isinstance(answers[1], PoisonRequestError), answers[1]
+    assert "poison" in str(answers[1]) and "died 2 times" in str(answers[1])
+    assert all(isinstance(answers[i], Completion) for i in (0, 2, 3)), answers
+    wait_for(lambda: fleet.pool.status(0).state == ServerState.ready)
+    assert fleet.pool.status(0).crashes == 2 and fleet.pool.status(0).restarts == 2
+    restarting = [e for e in server_states(tmp_path / "run" / "events.jsonl") if e.reason]
+    assert "CPU Generator does not use offset" in (restarting[0].reason or "")
+    # Served after the poison request was refused: the run goes on.
+    assert all(isinstance(a, Completion) for a in generate_all(fleet, [[1, 7, 8]]))
+
+
+def test_a_server_that_dies_on_every_request_ends_with_its_last_error_not_a_bare_all_dead(
+    fake_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = fake_fleet(count=1, max_restarts=2)
+    fleet.start()
+    (tmp_path / "crash-on-generate").touch()
+
+    answers = generate_all(fleet, [[1, 4 + i, 5] for i in range(6)])
+
+    assert fleet.pool.status(0).state == ServerState.dead
+    assert not any(isinstance(a, Completion) for a in answers)
+    given_up = [a for a in answers if isinstance(a, NoServerAvailableError)]
+    assert given_up, answers
+    message = str(given_up[0])
+    assert "given up after 2 restarts" in message
+    assert "RuntimeError: CPU Generator does not use offset" in message
+    assert str(tmp_path / "run" / "logs" / "server-0.log") in message
 
 
 if __name__ == "__main__":

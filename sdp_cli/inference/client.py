@@ -25,10 +25,12 @@ import httpx
 from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.errors import (
     NoServerAvailableError,
+    PoisonRequestError,
     RequestFailedError,
     RequestRejectedError,
     WeightUpdateError,
 )
+from sdp_cli.inference.poison import POISON_DEATHS, DeathWitness
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import (
     ABORT_PATH,
@@ -270,7 +272,9 @@ class InferenceClient:
         self.pool.set_target_weights(path, version)
         targets = [s for s in self.pool.snapshot() if s.state == ServerState.ready]
         if not targets and self.pool.all_dead():
-            raise NoServerAvailableError("no server to update: all servers are dead")
+            raise NoServerAvailableError(
+                "no server to update: every server was given up:\n" + self.pool.why_all_dead()
+            )
         start = time.perf_counter()
         results = await asyncio.gather(
             *(self._update_one(server, path, version) for server in targets)
@@ -358,8 +362,12 @@ class InferenceClient:
             server = self.pool.acquire(avoid)
             if server is not None:
                 return server
-            if len(self.pool) == 0 or self.pool.all_dead():
-                raise NoServerAvailableError("no inference server is alive")
+            if len(self.pool) == 0:
+                raise NoServerAvailableError("no inference server is registered")
+            if self.pool.all_dead():
+                raise NoServerAvailableError(
+                    "no inference server is alive:\n" + self.pool.why_all_dead()
+                )
             if time.monotonic() > deadline:
                 raise NoServerAvailableError(
                     f"no inference server became ready within {self.server_wait_s:.0f} s"
@@ -373,42 +381,108 @@ class InferenceClient:
     async def _with_retries(
         self, method: str, path: str, body: BodyFactory | None
     ) -> tuple[dict[str, Any], int]:
-        """The JSON answer and the number of attempts it took."""
+        """The JSON answer and the number of attempts it took. A request that was being served
+        when a server died is sent again only while no other such suspect is in flight, and
+        is refused as poison once present at POISON_DEATHS deaths (inference/poison.py)."""
         connections = self._connections()
         avoid: set[int] = set()
         errors: list[str] = []
+        witness = DeathWitness()
         for attempt in range(self.max_attempts):
+            # Only once a server is routable again is the death it served counted for sure.
             server = await self._acquire(avoid)
-            payload = body() if body is not None else None
-            try:
-                # httpx's own timeouts bound each socket operation; this bounds the request.
-                async with (
-                    asyncio.timeout(self.request_timeout_s),
-                    connections.connection(server.address) as http,
-                ):
-                    response = await http.request(method, server.address + path, json=payload)
-            except (TimeoutError, httpx.TimeoutException):
-                errors.append(f"{server.address}: no answer within {self.request_timeout_s} s")
-                await self._abort_quietly(connections.shared, server.address, payload)
-            except httpx.TransportError as exc:
-                errors.append(f"{server.address}: {type(exc).__name__} {exc}")
-                self.pool.report_unreachable(server.index)
-            else:
-                if response.status_code < 400:
-                    return response.json(), attempt + 1
-                if response.status_code < 500:
-                    raise RequestRejectedError(
-                        f"{server.address}{path} rejected the request "
-                        f"({response.status_code}): {response.text[:500]}"
-                    )
-                errors.append(f"{server.address}: HTTP {response.status_code}")
-            finally:
+            if witness.deaths(self.pool):
                 self.pool.release(server.index)
+                async with connections.suspects:
+                    self._refuse_poison(witness, path, errors)
+                    server = await self._acquire(avoid)
+                    answer = await self._attempt_and_release(
+                        connections, server, method, path, body, errors, witness, fresh=True
+                    )
+            else:
+                answer = await self._attempt_and_release(
+                    connections, server, method, path, body, errors, witness
+                )
+            if answer is not None:
+                return answer, attempt + 1
             avoid.add(server.index)
             await asyncio.sleep(self._backoff(attempt))
+        self._refuse_poison(witness, path, errors)
         raise RequestFailedError(
             f"{path} failed {self.max_attempts} times: " + "; ".join(errors[-3:])
         )
+
+    async def _attempt_and_release(
+        self,
+        connections: _LoopConnections,
+        server: ServerStatus,
+        method: str,
+        path: str,
+        body: BodyFactory | None,
+        errors: list[str],
+        witness: DeathWitness,
+        fresh: bool = False,
+    ) -> dict[str, Any] | None:
+        """One attempt on the acquired `server`, which is released after it: the JSON answer,
+        or None (the error noted) to retry. A `fresh` attempt opens a connection of its own:
+        a kept-alive connection to a server that already died fails like one the server died
+        on, and only the second tells that the request reached it."""
+        try:
+            payload = body() if body is not None else None
+            return await self._attempt(
+                connections, server, method, path, payload, errors, witness, fresh
+            )
+        finally:
+            self.pool.release(server.index)
+
+    async def _attempt(
+        self,
+        connections: _LoopConnections,
+        server: ServerStatus,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None,
+        errors: list[str],
+        witness: DeathWitness,
+        fresh: bool,
+    ) -> dict[str, Any] | None:
+        connection = connections.fresh() if fresh else connections.connection(server.address)
+        try:
+            # httpx's own timeouts bound each socket operation; this bounds the request.
+            async with asyncio.timeout(self.request_timeout_s), connection as http:
+                response = await http.request(method, server.address + path, json=payload)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if not isinstance(exc, httpx.ConnectTimeout):
+                witness.note_reached(server)
+            errors.append(f"{server.address}: no answer within {self.request_timeout_s} s")
+            await self._abort_quietly(connections.shared, server.address, payload)
+            return None
+        except httpx.TransportError as exc:
+            # A refused connection never reached the server; a dropped one did.
+            if not isinstance(exc, httpx.ConnectError):
+                witness.note_reached(server)
+            errors.append(f"{server.address}: {type(exc).__name__} {exc}")
+            self.pool.report_unreachable(server.index)
+            return None
+        if response.status_code < 400:
+            return response.json()
+        if response.status_code < 500:
+            raise RequestRejectedError(
+                f"{server.address}{path} rejected the request "
+                f"({response.status_code}): {response.text[:500]}"
+            )
+        witness.note_reached(server)
+        errors.append(f"{server.address}: HTTP {response.status_code}")
+        return None
+
+    def _refuse_poison(self, witness: DeathWitness, path: str, errors: list[str]) -> None:
+        deaths = witness.deaths(self.pool)
+        if deaths >= POISON_DEATHS:
+            raise PoisonRequestError(
+                f"{path}: refused as a poison request: servers died {deaths} times while "
+                "serving it (the last time with no other suspect request in flight); last "
+                "errors: " + "; ".join(errors[-2:])
+            )
 
     async def _abort_quietly(
         self, http: httpx.AsyncClient, address: str, payload: dict[str, Any] | None
@@ -429,7 +503,18 @@ class _LoopConnections:
 
     def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
         self.shared = httpx.AsyncClient(timeout=timeout, transport=transport)
+        self._transport = transport
+        # Held by a request while it is sent again after a server died serving it.
+        self.suspects = asyncio.Lock()
         self._pool = ConnectionPool(timeout) if transport is None else None
+
+    def fresh(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        """A client with no connection yet, closed after its one `async with`."""
+        if self._transport is not None:
+            # An injected transport (a test's fault injector) keeps no connections, and
+            # closing a client would close it.
+            return contextlib.nullcontext(self.shared)
+        return httpx.AsyncClient(timeout=self.shared.timeout)
 
     def connection(self, address: str) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         if self._pool is None:

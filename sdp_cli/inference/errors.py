@@ -17,6 +17,10 @@ class RequestFailedError(InferenceError):
     """A request kept failing (connection errors, timeouts, server errors) after all retries."""
 
 
+class PoisonRequestError(RequestFailedError):
+    """Servers died while serving this request, twice with no other suspect beside it."""
+
+
 class RequestRejectedError(InferenceError):
     """A server answered 4xx: the request itself is wrong, so retrying elsewhere cannot help."""
 

@@ -31,6 +31,11 @@ class ServerStatus:
     version: int
     in_flight: int = 0
     restarts: int = 0
+    # Times the server died (its process exited or it hung) while routed to; the client tells
+    # by this count whether a server died while serving one of its requests.
+    crashes: int = 0
+    # Why the supervisor gave the server up (state dead), with its log's last error.
+    dead_because: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,12 @@ class ServerPool:
 
     # ---- supervisor side ----------------------------------------------------------------
 
-    def set_state(self, index: int, state: ServerState) -> None:
-        self._update(index, state=state)
+    def set_state(self, index: int, state: ServerState, because: str | None = None) -> None:
+        """`because` says why a server is given up (state dead)."""
+        if state == ServerState.dead and because is not None:
+            self._update(index, state=state, dead_because=because)
+        else:
+            self._update(index, state=state)
         if state != ServerState.ready:
             return
         with self._lock:
@@ -138,6 +147,20 @@ class ServerPool:
             restarts = self._entries[index].status.restarts + 1
         self._update(index, restarts=restarts)
         return restarts
+
+    def count_crash(self, index: int) -> int:
+        with self._lock:
+            crashes = self._entries[index].status.crashes + 1
+        self._update(index, crashes=crashes)
+        return crashes
+
+    def why_all_dead(self) -> str:
+        """One line per server on why it was given up (for the error that ends a run)."""
+        lines = []
+        for status in self.snapshot():
+            cause = status.dead_because or "stopped"
+            lines.append(f"  server {status.index} ({status.address}): {cause}")
+        return "\n".join(lines)
 
     def request_restart(self, index: int, reason: str) -> None:
         """Take a server out of routing and ask the supervisor to restart and resync it (used

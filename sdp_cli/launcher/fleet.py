@@ -47,6 +47,7 @@ from sdp_cli.launcher.registry import RegistryEntry, write_registry
 from sdp_cli.launcher.server import (
     PortTakenError,
     ServerStartError,
+    last_error,
     launch_spec,
     log_size,
     server_address,
@@ -98,6 +99,8 @@ class ServerFleet:
         self.loads: dict[int, int] = {}
         self._procs: dict[int, ServerProcess] = {}
         self._started_at: dict[int, float] = {}
+        # Where each server's current process began writing its log (a restart appends).
+        self._log_start: dict[int, int] = {}
         self._devices: list[list[str] | None] = []
         self._last_healthy: dict[int, float] = {}
         self._registry_lock = threading.Lock()
@@ -253,6 +256,7 @@ class ServerFleet:
         proc = self.backend.start(spec)
         self._procs[index] = proc
         self._started_at[index] = time.time()
+        self._log_start[index] = log_start
         self._write_registry()
         return proc, log_start
 
@@ -321,9 +325,23 @@ class ServerFleet:
     async def _watch(self, index: int) -> None:
         while self.pool.status(index).state != ServerState.dead:
             await asyncio.sleep(self.server.health_interval_s)
-            reason = self.pool.take_restart_request(index) or await self._problem(index)
+            reason = self.pool.take_restart_request(index)
+            if reason is None:
+                reason = await self._problem(index)
+                if reason is not None:
+                    # It died (exited or hung) while routed to: the client counts this death
+                    # against the requests it was serving (inference/poison.py).
+                    self.pool.count_crash(index)
+                    reason = self._with_last_error(index, reason)
             if reason is not None:
                 await self._restart(index, reason)
+
+    def _with_last_error(self, index: int, reason: str) -> str:
+        proc = self._procs[index]
+        error = last_error(proc.spec.log_path, self._log_start.get(index, 0))
+        if error is None:
+            return reason
+        return f"{reason}; last error in {proc.spec.log_path}: {error}"
 
     async def _problem(self, index: int) -> str | None:
         """Why server `index` needs a restart, or None while it is fine."""
@@ -361,9 +379,10 @@ class ServerFleet:
         while True:
             restarts = self.pool.status(index).restarts
             if restarts >= self.server.max_restarts:
-                self._emit(index, reason=f"{reason}; giving up after {restarts} restarts")
+                because = f"{reason}; given up after {restarts} restarts (server.max_restarts)"
+                self._emit(index, reason=because)
                 await asyncio.to_thread(self.backend.stop, self._procs[index], 1.0)
-                self.pool.set_state(index, ServerState.dead)
+                self.pool.set_state(index, ServerState.dead, because=because)
                 return
             self.pool.set_state(index, ServerState.restarting)
             self._emit(index, reason=reason)
@@ -376,7 +395,7 @@ class ServerFleet:
                 await self._bring_up(index)
                 return
             except (ServerStartError, httpx.HTTPError, OSError) as exc:
-                reason = f"restart failed: {exc}".splitlines()[0]
+                reason = self._with_last_error(index, f"restart failed: {exc}".splitlines()[0])
 
     # ---- stopping -----------------------------------------------------------------------
 

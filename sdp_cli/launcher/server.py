@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sdp_cli.config.schema import ServerConfig
@@ -91,6 +92,24 @@ _USUAL_CAUSES = (
     ("Repo id must be", "model directory missing: model.path must be an existing local directory"),
     ("No such file or directory", "a file the server needs is missing (model directory?)"),
 )
+
+
+# An exception line as Python prints it ("RuntimeError: ...", "torch.OutOfMemoryError: ...").
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception)\b:? ?.*$")
+
+
+def last_error(log_path: Path, since: int = 0) -> str | None:
+    """The last exception line the server logged after byte offset `since`; else its last
+    line marked ERROR; else None."""
+    lines = [line.strip() for line in read_log(log_path, since).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_NOISE_PREFIXES)]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:300]
+    for line in reversed(lines):
+        if "ERROR" in line:
+            return line[:300]
+    return None
 
 
 def explain_failure(log: str) -> str:

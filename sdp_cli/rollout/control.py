@@ -40,6 +40,7 @@ class RejectReason(StrEnum):
 
     no_group = "no_group"  # the workflow returned None or no samples
     error = "error"  # the workflow raised
+    poison = "poison"  # servers died serving one of its requests (inference/poison.py)
     cancelled = "cancelled"  # still in flight at shutdown
 
 
@@ -101,11 +102,18 @@ class StalenessControl:
 
     # ---- finish ---------------------------------------------------------------------------
 
-    def finish(self, rollout_id: int, group: RolloutGroup | None, error: str | None = None) -> bool:
-        """Record a finished rollout; True if it entered the buffer."""
+    def finish(
+        self,
+        rollout_id: int,
+        group: RolloutGroup | None,
+        error: str | None = None,
+        reason: RejectReason | None = None,
+    ) -> bool:
+        """Record a finished rollout; True if it entered the buffer. A rollout without a group
+        is rejected with `reason` (default: error if there is one, else no_group)."""
         submit_version = self._submit_version.pop(rollout_id, self.version)
         if group is None or not group.samples:
-            reason = RejectReason.error if error else RejectReason.no_group
+            reason = reason or (RejectReason.error if error else RejectReason.no_group)
             self.manager.reject(rollout_id, reason)
             self._give_back([rollout_id])
             self._emit_finished(rollout_id, None, accepted=False, reason=reason, error=error)

@@ -22,8 +22,9 @@ from typing import Any, Protocol, TypeVar
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.schema import ProxMode, RecomputeOn, RolloutConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.inference.errors import PoisonRequestError
 from sdp_cli.inference.types import Gate
-from sdp_cli.rollout.control import DropListener, StalenessControl
+from sdp_cli.rollout.control import DropListener, RejectReason, StalenessControl
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.recompute import (
     Job,
@@ -489,6 +490,7 @@ class RolloutExecutor:
     async def _run_rollout(self, rollout_id: int, version: int) -> None:
         group: RolloutGroup | None = None
         error: str | None = None
+        reason: RejectReason | None = None
         try:
             group = await self._workflow.run(rollout_id, version, self._gate_for(rollout_id))
         except asyncio.CancelledError:
@@ -496,13 +498,17 @@ class RolloutExecutor:
             self._record(lambda: self._control.cancel(rollout_id))
             self._rollouts_changed.set()
             raise
+        except PoisonRequestError as exc:
+            # Counted and left behind: the run goes on without it.
+            error, reason = f"{type(exc).__name__}: {exc}", RejectReason.poison
+            log.warning("rollout %d rejected: %s", rollout_id, error)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             self._note_workflow_error(rollout_id, error)
         else:
             self._consecutive_errors = 0
         self._tasks.pop(rollout_id, None)
-        accepted = self._record(lambda: self._control.finish(rollout_id, group, error))
+        accepted = self._record(lambda: self._control.finish(rollout_id, group, error, reason))
         self._rollouts_changed.set()
         if accepted:
             self._wake_early_scoring()
