@@ -14,7 +14,7 @@ import torch
 
 from sdp_cli.config.schema import Device, TrainConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
+from sdp_cli.trainer.actor import Actor
 
 pytestmark = pytest.mark.cuda
 

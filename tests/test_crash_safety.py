@@ -18,6 +18,7 @@ import pytest
 
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
 from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy, TrainConfig
+from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
@@ -30,15 +31,9 @@ from sdp_cli.telemetry.schema import (
     RunStartedEvent,
     TrainStepEvent,
 )
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.checkpoint import (
-    CheckpointWriteError,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from sdp_cli.train.weights import WeightsExportError, prune_versions
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from sdp_cli.weight_sync.versions import WeightsExportError, prune_versions
 
 Unwritable = Callable[[Path], AbstractContextManager[None]]
 

@@ -302,7 +302,7 @@ def test_at_temperature_the_trainer_and_the_recompute_match_the_behaviour_logpro
     divides its logits by T and the recompute tempers vLLM's prompt logprobs: all three agree
     on the same weights; at T = 1 the trainer would not."""
     from sdp_cli.config.schema import TrainConfig
-    from sdp_cli.train.actor import Actor
+    from sdp_cli.trainer.actor import Actor
 
     temperature = 0.7
     weights = write_tiny_weights(21)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sdp_cli.config.schema import ProxMode, TrainConfig, WeightBoundMode
-from sdp_cli.train.advantages import group_advantages
-from sdp_cli.train.loss import (
+from sdp_cli.trainer.advantages import group_advantages
+from sdp_cli.trainer.loss import (
     LossSettings,
     LossStats,
     decoupled_ppo_loss,

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.launcher.devices import split_cpu_cores
+from sdp_cli.orchestrator.samples import read_samples
 from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import read_events
 from sdp_cli.telemetry.schema import (
@@ -33,7 +34,6 @@ from sdp_cli.telemetry.schema import (
     WeightUpdateEvent,
     parse_event,
 )
-from sdp_cli.train.samples import read_samples
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()

@@ -18,14 +18,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdp_cli.config.schema import EvalConfig, LrSchedule, RolloutConfig, TrainConfig
 from sdp_cli.inference.types import Completion
+from sdp_cli.orchestrator.evaluate import Evaluator, summarize_rewards
+from sdp_cli.orchestrator.samples import SampleLog, read_samples, version_spans
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
-from sdp_cli.train.actor import load_model
-from sdp_cli.train.evaluate import Evaluator, summarize_rewards
-from sdp_cli.train.recompute_activations import enable_gradient_checkpointing
-from sdp_cli.train.samples import SampleLog, read_samples, version_spans
-from sdp_cli.train.schedule import lr_at
-from sdp_cli.train.token_stats import k3, token_entropy
+from sdp_cli.trainer.actor import load_model
+from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
+from sdp_cli.trainer.schedule import lr_at
+from sdp_cli.trainer.token_stats import k3, token_entropy
 from tests.test_actor import make_actor, on_policy_groups, stale_groups, weights
 
 # ---- learning-rate schedule -----------------------------------------------------------------

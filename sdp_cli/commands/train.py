@@ -32,6 +32,12 @@ from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.process import free_port
 from sdp_cli.launcher.registry import attach_servers
 from sdp_cli.model import ensure_model_dir
+from sdp_cli.orchestrator.evaluate import Evaluator
+from sdp_cli.orchestrator.loop import LoopResult, TrainingLoop
+from sdp_cli.orchestrator.run_started import run_started_event
+from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
+from sdp_cli.orchestrator.samples import SAMPLES_FILE, SampleLog
+from sdp_cli.orchestrator.update import InferenceServers
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.recompute import scores_continuations
@@ -42,21 +48,12 @@ from sdp_cli.telemetry.dashboard import Dashboard
 from sdp_cli.telemetry.events import EventLog, EventSink
 from sdp_cli.telemetry.metrics import MetricsSink, open_writers
 from sdp_cli.telemetry.schema import RunFinishedEvent, ServerStateEvent
-from sdp_cli.train.actor import Actor, torch_device
-from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from sdp_cli.train.distributed import total_ranks
-from sdp_cli.train.evaluate import Evaluator
-from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
-from sdp_cli.train.loop import LoopResult, TrainingLoop
-from sdp_cli.train.run_started import run_started_event
-from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
-from sdp_cli.train.update import InferenceServers
-from sdp_cli.train.weights import (
-    MEMORY_WEIGHTS,
-    export_dtype,
-    reserve_export_files,
-    weights_dir_for,
-)
+from sdp_cli.trainer.actor import Actor, torch_device
+from sdp_cli.trainer.checkpoint import load_checkpoint
+from sdp_cli.trainer.distributed import total_ranks
+from sdp_cli.trainer.fsdp import serve_worker_node, trainer_actor
+from sdp_cli.trainer.weights import export_dtype, reserve_export_files
+from sdp_cli.weight_sync.versions import MEMORY_WEIGHTS, weights_dir_for
 
 
 @dataclass

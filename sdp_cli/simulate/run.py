@@ -13,6 +13,7 @@ from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.server import SimulatedFleet
@@ -20,7 +21,6 @@ from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import Event, RunFinishedEvent
-from sdp_cli.train.run_started import run_started_event
 
 
 def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The simulated trainer: takes B rollouts, "trains" for train_step_s, then runs the
-weight-update protocol `sdp train` runs (train/update.py) with a simulated export against the
+weight-update protocol `sdp train` runs (orchestrator/update.py) with a simulated export against the
 executor and the simulated servers.
 
 It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.orchestrator.update import WeightUpdate, overlaps_reload
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 from sdp_cli.telemetry.schema import TrainStepEvent
-from sdp_cli.train.update import WeightUpdate, overlaps_reload
 
 
 @dataclass
@@ -67,7 +67,7 @@ class SimulatedTrainer:
         self._take_timeout_s = cfg.rollout.take_timeout_s
         self._train_step_s = cfg.simulate.train_step_s
         self._export_s = cfg.simulate.export_s
-        # As the training loop decides it (train/loop.py), without checkpoints here.
+        # As the training loop decides it (orchestrator/loop.py), without checkpoints here.
         self._overlap_reload = overlaps_reload(cfg)
         self._weight_update = WeightUpdate(
             executor,

@@ -33,15 +33,15 @@ from transformers import PreTrainedModel
 from sdp_cli.config.schema import SdpConfig, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.train.actor import Actor, make_optimizer, step_summary
-from sdp_cli.train.batch import (
+from sdp_cli.trainer.actor import Actor, make_optimizer, step_summary
+from sdp_cli.trainer.batch import (
     TokenSample,
     TrainBatch,
     collate,
     flatten_groups,
     split_by_token_budget,
 )
-from sdp_cli.train.distributed import (
+from sdp_cli.trainer.distributed import (
     Command,
     LocalRanks,
     RankChannel,
@@ -55,8 +55,8 @@ from sdp_cli.train.distributed import (
     redirect_output,
     uses_sharded_trainer,
 )
-from sdp_cli.train.loss import LossStats
-from sdp_cli.train.weights import export_weights
+from sdp_cli.trainer.loss import LossStats
+from sdp_cli.trainer.weights import export_dtype, export_weights
 
 # torch.distributed.checkpoint directory inside a step-N checkpoint.
 SHARDED_DIR = "sharded"
@@ -150,7 +150,7 @@ class ShardedActor(Actor):
         return step_summary(groups, merged, grad_norm, finite, n_micro, started, self.step_extras)
 
     def export_weights(
-        self, weights_dir: Path, version: int, dtype: torch.dtype | None = None
+        self, weights_dir: Path, version: int, dtype: torch.dtype | str | None = None
     ) -> Path:
         # The training loop exports from a worker thread, and the current CUDA device is
         # per thread: gather on this rank's device.
@@ -164,7 +164,7 @@ class ShardedActor(Actor):
             version,
             self.train_config.keep_weights,
             state_dict=state,
-            dtype=dtype,
+            dtype=export_dtype(dtype) if isinstance(dtype, str) else dtype,
         )
 
     def _on_rank_device(self) -> AbstractContextManager[object]:

@@ -20,22 +20,23 @@ from transformers.utils import logging as hf_logging
 
 from sdp_cli.config.schema import Device, ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
+from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.train.batch import (
+from sdp_cli.trainer.batch import (
     TokenSample,
     TrainBatch,
     build_micro_batches,
     collate,
     split_by_token_budget,
 )
-from sdp_cli.train.checkpoint import read_model_tensors, write_model_tensors
-from sdp_cli.train.chunked_logprobs import chunked_logprobs_and_entropy
-from sdp_cli.train.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
-from sdp_cli.train.packing import PackedRows, pack_batch
-from sdp_cli.train.recompute_activations import enable_gradient_checkpointing
-from sdp_cli.train.schedule import lr_at
-from sdp_cli.train.token_stats import k3, masked_mean, token_entropy
-from sdp_cli.train.weights import export_weights
+from sdp_cli.trainer.checkpoint import read_model_tensors, save_checkpoint, write_model_tensors
+from sdp_cli.trainer.chunked_logprobs import chunked_logprobs_and_entropy
+from sdp_cli.trainer.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
+from sdp_cli.trainer.packing import PackedRows, pack_batch
+from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
+from sdp_cli.trainer.schedule import lr_at
+from sdp_cli.trainer.token_stats import k3, masked_mean, token_entropy
+from sdp_cli.trainer.weights import export_dtype, export_weights
 
 
 def torch_device(device: Device | str) -> torch.device:
@@ -333,18 +334,24 @@ class Actor:
         extra.ref_kl_sum += float(per_token.detach().sum().item())
         return self.train_config.kl_coef * per_token.sum() / max(normalizer, 1)
 
+    def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int | None) -> Path:
+        """Write `run_dir/checkpoints/step-{state.step}/`, keeping the newest `keep`."""
+        return save_checkpoint(
+            run_dir, self.model, self.optimizer, state, keep=keep, write_tensors=self.save_tensors
+        )
+
     def export_weights(
-        self, weights_dir: Path, version: int, dtype: torch.dtype | None = None
+        self, weights_dir: Path, version: int, dtype: torch.dtype | str | None = None
     ) -> Path:
-        """Write `weights_dir/v{version}/` for the servers, in their `dtype` (None: the
-        trainer's); keeps the newest train.keep_weights."""
+        """Write `weights_dir/v{version}/` for the servers, in their `dtype` (a torch dtype, or
+        vLLM's --dtype name; None: the trainer's); keeps the newest train.keep_weights."""
         return export_weights(
             self.model,
             self.model_dir,
             weights_dir,
             version,
             self.train_config.keep_weights,
-            dtype=dtype,
+            dtype=export_dtype(dtype) if isinstance(dtype, str) else dtype,
         )
 
 

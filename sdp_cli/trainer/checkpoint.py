@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +24,26 @@ from safetensors.torch import load_model, save_model
 from sdp_cli.common.atomic import atomic_dir, is_leftover
 from sdp_cli.common.faults import hold_point
 from sdp_cli.errors import ConfigError, SdpError
+from sdp_cli.orchestrator.run_state import (
+    STATE_FILE,
+    TrainState,
+    checkpoints_dir,
+    list_checkpoints,
+    resume_hint,
+)
 
-CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
-STATE_FILE = "state.json"
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 # Write or read a checkpoint's weights and optimizer state in the given directory.
 TensorWriter = Callable[[Path], None]
 TensorReader = Callable[[Path], None]
 
 
-@dataclass
-class TrainState:
-    """What the training loop needs besides the tensors to continue where it stopped."""
-
-    step: int
-    version: int
-    # Next unused data position of the task's prompt stream ...
-    data_position: int
-    # ... and the positions below it not trained yet (in flight, buffered or waiting for a
-    # replay when the checkpoint was written); a resumed run generates them first.
-    untrained_positions: list[int] = field(default_factory=list)
-
-
 class CheckpointWriteError(SdpError):
     """A checkpoint could not be written (directory not writable, disk full); the ones
     written before are untouched."""
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS_DIR
-
-
-def checkpoint_due(step: int, every: int) -> bool:
-    """Whether to save after finishing `step` (1-based count of completed steps)."""
-    return step > 0 and step % every == 0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -116,24 +97,6 @@ def _write_checkpoint(target: Path, write_tensors: TensorWriter, state: TrainSta
     (target / STATE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for item in root.iterdir():
-        match = _STEP_DIR.match(item.name)
-        if match and (item / STATE_FILE).is_file():
-            found.append((int(match.group(1)), item))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
 def _prune(run_dir: Path, keep: int | None) -> None:
     root = checkpoints_dir(run_dir)
     for item in root.iterdir():
@@ -169,17 +132,6 @@ def save_checkpoint(
             f"cannot write checkpoint '{final}': {exc}\n  {resume_hint(run_dir)}"
         ) from exc
     return final
-
-
-def resume_hint(run_dir: Path) -> str:
-    """Where a run stopped by a failed write can continue from."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return "no checkpoint was written before: fix the directory and start the run again"
-    return (
-        f"the previous checkpoint '{latest}' is intact: fix the directory and continue with "
-        "resume=true"
-    )
 
 
 def load_checkpoint(

@@ -9,28 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import RecomputeOn, SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.orchestrator.evaluate import Evaluator
+from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
+from sdp_cli.orchestrator.samples import SampleLog
+from sdp_cli.orchestrator.update import UpdateServers, WeightUpdate, overlaps_reload
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import CheckpointEvent, EvalEvent, TrainStepEvent
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.checkpoint import TrainState, checkpoint_due, save_checkpoint
-from sdp_cli.train.evaluate import Evaluator
-from sdp_cli.train.samples import SampleLog
-from sdp_cli.train.update import UpdateServers, WeightUpdate, overlaps_reload
-from sdp_cli.train.weights import export_dtype, weights_dir_for
+from sdp_cli.weight_sync.versions import weights_dir_for
 
 # Which data positions are trained so far (for checkpoints).
 DataPositionState = Callable[[], PositionState]
+
+
+class Trainer(Protocol):
+    """What the loop asks of the torch trainer (`trainer.actor.Actor` and its FSDP2 variant);
+    the loop itself imports no torch, so `sdp simulate` and tests can run it with fakes."""
+
+    def train_step(self, groups: Sequence[RolloutGroup], version: int) -> dict[str, float]: ...
+
+    def score(
+        self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+    ) -> list[list[float]]: ...
+
+    def export_weights(self, weights_dir: Path, version: int, dtype: str) -> Path:
+        """Write `weights_dir/v{version}/` in the servers' dtype (vLLM's --dtype name)."""
+        ...
+
+    def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int | None) -> Path: ...
 
 
 @dataclass
@@ -53,7 +70,7 @@ class TrainingLoop:
     def __init__(
         self,
         cfg: SdpConfig,
-        actor: Actor,
+        actor: Trainer,
         executor: RolloutExecutor,
         servers: UpdateServers,
         events: EventSink,
@@ -65,7 +82,6 @@ class TrainingLoop:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.weights_dir = weights_dir_for(cfg.train.weights_dir, self.run_dir)
-        self.export_dtype = export_dtype(cfg.server.dtype)
         self.recompute_on_trainer = (
             cfg.rollout.recompute_on == RecomputeOn.trainer
             and needs_proximal_recompute(cfg.train.prox_mode)
@@ -193,7 +209,7 @@ class TrainingLoop:
     async def export_weights(self, version: int) -> Path:
         """Write weights/v{version}/ on a worker thread while the loop serves the recompute."""
         return await asyncio.to_thread(
-            self.actor.export_weights, self.weights_dir, version, self.export_dtype
+            self.actor.export_weights, self.weights_dir, version, self.cfg.server.dtype
         )
 
     def takes_next_batch(self, next_step: int) -> bool:
@@ -284,13 +300,6 @@ class TrainingLoop:
             data_position=positions.next_position,
             untrained_positions=positions.untrained,
         )
-        path = save_checkpoint(
-            self.run_dir,
-            self.actor.model,
-            self.actor.optimizer,
-            state,
-            keep=self.cfg.train.keep_checkpoints,
-            write_tensors=self.actor.save_tensors,
-        )
+        path = self.actor.save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
         self.events.emit(CheckpointEvent(step=self.step, version=self.version, path=str(path)))
         return path

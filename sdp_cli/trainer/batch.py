@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.advantages import group_advantages
+from sdp_cli.trainer.advantages import group_advantages
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdp_cli.train.batch import TrainBatch
+from sdp_cli.trainer.batch import TrainBatch
 
 
 @dataclass(frozen=True)
