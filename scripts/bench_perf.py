@@ -596,7 +596,7 @@ def idle_reloads(fleet: ServerFleet, weights: Path, rounds: int = 3) -> list[flo
     Loads the model's own directory, as a version none of the runs used."""
     import httpx
 
-    from sdp_cli.inference.weights import update_server_weights
+    from sdp_cli.weight_sync.vllm_http import update_server_weights
 
     async def reload_all() -> list[float]:
         seconds: list[float] = []

@@ -24,7 +24,7 @@ from sdp_cli.orchestrator.run_state import (
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.trainer.actor import Actor
 from sdp_cli.trainer.checkpoint import load_checkpoint, save_checkpoint
-from sdp_cli.trainer.weights import (
+from sdp_cli.weight_sync.export import (
     export_weights,
     reserve_export_files,
     tensors_for_servers,

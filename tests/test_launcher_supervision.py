@@ -28,6 +28,7 @@ from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
 from sdp_cli.telemetry.events import EventLog, read_events
 from sdp_cli.telemetry.schema import ServerStateEvent
+from sdp_cli.weight_sync.disk import DiskTransport
 
 # ---- the fake server (runs in its own process) -------------------------------------------
 
@@ -302,7 +303,7 @@ def test_a_server_failing_a_weight_update_is_restarted_and_synced(
 
     async def update() -> dict[str, float]:
         async with InferenceClient(fleet.pool) as client:
-            return await client.update_weights(str(weights), 5)
+            return await DiskTransport(client).load_weights(str(weights), 5)
 
     timings = asyncio.run(update())
     assert timings["failed"] == 1

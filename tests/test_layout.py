@@ -25,8 +25,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tasks": ANYONE | {"config"},
     "model": ANYONE | {"config"},
     "rollout": ANYONE | {"config", "inference", "tasks"},
-    "launcher": ANYONE | {"config", "inference", "model"},
     "weight_sync": ANYONE | {"config", "inference", "rollout"},
+    "launcher": ANYONE | {"config", "inference", "model", "weight_sync"},
     "orchestrator": ANYONE | {"config", "inference", "tasks", "rollout", "weight_sync"},
     # The torch trainer implements what the orchestration asks of it (orchestrator.loop.Trainer,
     # orchestrator.run_state); nothing but commands/ imports it.

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from sdp_cli.config.schema import ProxMode, RolloutConfig
-from sdp_cli.orchestrator.update import WeightUpdate
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
 from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.telemetry.events import EventRecorder, NullEventLog
 from sdp_cli.telemetry.schema import WeightUpdateEvent
+from sdp_cli.weight_sync.sequence import WeightUpdate
 
 # Tokens made before the update's version; the recompute at v = 1 rewrites them.
 OLD_VERSION = 0

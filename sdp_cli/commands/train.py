@@ -37,7 +37,6 @@ from sdp_cli.orchestrator.loop import LoopResult, TrainingLoop
 from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
 from sdp_cli.orchestrator.samples import SAMPLES_FILE, SampleLog
-from sdp_cli.orchestrator.update import InferenceServers
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.recompute import scores_continuations
@@ -52,7 +51,8 @@ from sdp_cli.trainer.actor import Actor, torch_device
 from sdp_cli.trainer.checkpoint import load_checkpoint
 from sdp_cli.trainer.distributed import total_ranks
 from sdp_cli.trainer.fsdp import serve_worker_node, trainer_actor
-from sdp_cli.trainer.weights import export_dtype, reserve_export_files
+from sdp_cli.weight_sync.disk import DiskTransport
+from sdp_cli.weight_sync.export import export_dtype, reserve_export_files
 from sdp_cli.weight_sync.versions import MEMORY_WEIGHTS, weights_dir_for
 
 
@@ -273,7 +273,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             cfg,
             run.actor,
             executor,
-            InferenceServers(client),
+            DiskTransport(client),
             events,
             data_positions=positions.state,
             start=run.state,
@@ -449,7 +449,8 @@ def give_servers_trainer_weights(
         run.weights_dir, run.state.version, export_dtype(cfg.server.dtype)
     )
     executor.run_sync(
-        client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
+        DiskTransport(client).load_weights(initial, run.state.version),
+        timeout=cfg.train.update_timeout_s * 2,
     )
 
 

@@ -20,13 +20,14 @@ from sdp_cli.errors import SdpError
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
 from sdp_cli.orchestrator.samples import SampleLog
-from sdp_cli.orchestrator.update import UpdateServers, WeightUpdate, overlaps_reload
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import CheckpointEvent, EvalEvent, TrainStepEvent
+from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
+from sdp_cli.weight_sync.transport import WeightTransport
 from sdp_cli.weight_sync.versions import weights_dir_for
 
 # Which data positions are trained so far (for checkpoints).
@@ -72,7 +73,7 @@ class TrainingLoop:
         cfg: SdpConfig,
         actor: Trainer,
         executor: RolloutExecutor,
-        servers: UpdateServers,
+        servers: WeightTransport,
         events: EventSink,
         data_positions: DataPositionState,
         start: TrainState,

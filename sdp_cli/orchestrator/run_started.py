@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sdp_cli.config.schema import SdpConfig
-from sdp_cli.orchestrator.update import overlaps_reload
 from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.telemetry.schema import RunStartedEvent
+from sdp_cli.weight_sync.sequence import overlaps_reload
 
 
 def run_started_event(

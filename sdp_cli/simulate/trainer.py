@@ -1,6 +1,6 @@
 """The simulated trainer: takes B rollouts, "trains" for train_step_s, then runs the
-weight-update protocol `sdp train` runs (orchestrator/update.py) with a simulated export against the
-executor and the simulated servers.
+weight-update protocol `sdp train` runs (weight_sync/sequence.py) with a simulated export
+against the executor and the simulated servers.
 
 It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
 so in virtual time the whole simulation lives on one deterministic clock.
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
-from sdp_cli.orchestrator.update import WeightUpdate, overlaps_reload
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.telemetry.events import EventSink, NullEventLog
 from sdp_cli.telemetry.schema import TrainStepEvent
+from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
 
 
 @dataclass

@@ -56,7 +56,7 @@ from sdp_cli.trainer.distributed import (
     uses_sharded_trainer,
 )
 from sdp_cli.trainer.loss import LossStats
-from sdp_cli.trainer.weights import export_dtype, export_weights
+from sdp_cli.weight_sync.export import export_dtype, export_weights
 
 # torch.distributed.checkpoint directory inside a step-N checkpoint.
 SHARDED_DIR = "sharded"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sdp_cli.errors import SdpError
 
-# Weight files kept for exports to write over (trainer/weights.py, reserve_export_files).
+# Weight files kept for exports to write over (weight_sync/export.py, reserve_export_files).
 SPARE_DIR = ".spare"
 # The single file the direct export writes (vLLM reads every *.safetensors in the directory).
 WEIGHTS_FILE = "model.safetensors"

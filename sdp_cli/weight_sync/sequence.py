@@ -1,7 +1,8 @@
 """The weight-update protocol: one sequence for `sdp train` and `sdp simulate`.
 
-`sdp train` plugs in the actor's weight export and the vLLM servers; `sdp simulate` a simulated
-export and simulated servers. The sequence (docs/design.md, Weight-update protocol):
+`sdp train` plugs in the actor's weight export and the vLLM servers (`disk.DiskTransport`);
+`sdp simulate` a simulated export and simulated servers; each is a `transport.WeightTransport`.
+The sequence (docs/design.md, Weight-update protocol):
 
 1. pause the executor: no new segment starts.
 2. prox_mode=segment: score the buffered samples under v (the servers still hold it) while the
@@ -30,10 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import ProxMode, SdpConfig
@@ -42,48 +43,16 @@ from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.telemetry.events import EventSink
 from sdp_cli.telemetry.schema import ProximalRecomputeEvent, WeightUpdateEvent
-
-if TYPE_CHECKING:
-    from sdp_cli.inference.client import InferenceClient
+from sdp_cli.weight_sync.transport import ExportWeights, WeightTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Write the weights of `version` where the servers can load them; returns their directory
-# (None for simulated weights).
-ExportWeights = Callable[[int], Awaitable[Path | None]]
 
 
 def overlaps_reload(cfg: SdpConfig) -> bool:
     """Whether train.overlap_reload can apply to this run at all: at η = 0 no group is valid
     at v+1 before the servers hold it."""
     return cfg.train.overlap_reload and cfg.rollout.max_staleness > 0
-
-
-class UpdateServers(Protocol):
-    async def abort_generation(self) -> None:
-        """Make every generation request in flight return now with its tokens so far, and
-        leave the servers serving (scoring requests must not queue behind a pause)."""
-        ...
-
-    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
-        """Load `weights` as `version` on every server; returns seconds per phase."""
-        ...
-
-
-class InferenceServers:
-    """The vLLM servers behind an inference client, as the weight update sees them."""
-
-    def __init__(self, client: InferenceClient) -> None:
-        self._client = client
-
-    async def abort_generation(self) -> None:
-        await self._client.abort_generation()
-
-    async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
-        if weights is None:
-            raise ValueError("vLLM servers load weights from a directory; the export gave none")
-        return await self._client.update_weights(weights, version)
 
 
 @dataclass
@@ -109,7 +78,7 @@ class WeightUpdate:
     def __init__(
         self,
         executor: RolloutExecutor,
-        servers: UpdateServers,
+        servers: WeightTransport,
         export: ExportWeights,
         prox_mode: ProxMode,
         events: EventSink,
