@@ -23,11 +23,11 @@ import pytest
 
 from sdp_cli.commands.signals import stop_on_signals
 from sdp_cli.config import load_config
+from sdp_cli.events.event_log import EventLog, read_events
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference import InferenceClient, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
-from sdp_cli.telemetry.events import EventLog, read_events
-from sdp_cli.telemetry.schema import ServerStateEvent
 from sdp_cli.weight_sync.disk import DiskTransport
 
 # ---- the fake server (runs in its own process) -------------------------------------------

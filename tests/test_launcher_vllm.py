@@ -17,11 +17,11 @@ import psutil
 import pytest
 from server_kill import kill_while_serving
 
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, read_registry
 from sdp_cli.launcher.process import group_alive
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import ServerStateEvent
 from sdp_cli.weight_sync.disk import DiskTransport
 
 pytestmark = pytest.mark.vllm

@@ -13,13 +13,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sdp_cli"
 
-# Imported by anything (telemetry is written to by every part and reads none of them).
-ANYONE = {"errors", "common", "telemetry"}
+# Imported by anything (events are written to by every part and read none of them).
+ANYONE = {"errors", "common", "events"}
 # For each part: the other parts it may import.
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "common": set(),
-    "telemetry": {"errors", "common"},
+    "events": {"errors", "common"},
+    # Views of the events: only the commands show them.
+    "views": ANYONE,
     "config": ANYONE,
     "inference": ANYONE | {"config"},
     "tasks": ANYONE | {"config"},
@@ -44,6 +46,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "orchestrator",
         "trainer",
         "simulate",
+        "views",
     },
     "cli": {"commands", "config", "errors", "common"},
     "__main__": {"cli"},
@@ -102,9 +105,18 @@ def test_dependencies_point_one_way() -> None:
     ]
     assert wrong == [], (
         "cli -> commands -> launcher/trainer/simulate -> orchestrator -> weight_sync -> rollout "
-        "-> inference/tasks/model -> config; errors, common and telemetry import none of them "
-        "(see MAY_IMPORT)"
+        "-> inference/tasks/model -> config; errors, common and events import none of them; "
+        "views only events (see MAY_IMPORT)"
     )
+
+
+def test_only_the_commands_import_views() -> None:
+    wrong = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in modules()
+        if "views" in imported_parts(path) and part_of(path) not in {"views", "commands", "cli"}
+    ]
+    assert wrong == [], "a view (dashboard, report, plot, audit) is shown by a command"
 
 
 def top_level_names(path: Path) -> list[str]:

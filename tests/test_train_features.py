@@ -288,8 +288,8 @@ def test_sdp_samples_shows_the_records_and_filters_dropped(tmp_path: Path) -> No
 
 
 def test_inspect_staleness_reports_eval_accuracy(tmp_path: Path) -> None:
-    from sdp_cli.telemetry.schema import EvalEvent
-    from sdp_cli.telemetry.staleness import summarize
+    from sdp_cli.events.event_schema import EvalEvent
+    from sdp_cli.views.staleness_analysis import summarize
 
     evals = [
         EvalEvent(
@@ -309,7 +309,7 @@ def test_inspect_staleness_reports_eval_accuracy(tmp_path: Path) -> None:
     assert [row["accuracy"] for row in summary.to_dict()["evals"]] == [0.25, 0.5]
     from rich.console import Console
 
-    from sdp_cli.telemetry.report import render_summary
+    from sdp_cli.views.staleness_report import render_summary
 
     console = Console(record=True, width=200)
     console.print(render_summary(summary))

@@ -15,13 +15,13 @@ import pytest
 from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
 from sdp_cli.errors import ConfigError
+from sdp_cli.events.event_log import EventRecorder
+from sdp_cli.events.event_schema import TrainStepEvent, WeightUpdateEvent
 from sdp_cli.orchestrator.loop import NonFiniteTrainingError, TrainingLoop
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventRecorder
-from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
 
 
 class OneTokenWorkflow:

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.events.event_log import EventRecorder, NullEventLog
+from sdp_cli.events.event_schema import WeightUpdateEvent
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
 from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventRecorder, NullEventLog
-from sdp_cli.telemetry.schema import WeightUpdateEvent
 from sdp_cli.weight_sync.sequence import WeightUpdate
 
 # Tokens made before the update's version; the recompute at v = 1 rewrites them.

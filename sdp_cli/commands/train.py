@@ -24,6 +24,9 @@ from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, pref
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.schema import Device
 from sdp_cli.errors import ConfigError
+from sdp_cli.events.event_log import EventLog, EventSink
+from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent
+from sdp_cli.events.metrics import MetricsSink, open_writers
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.backends import make_fleet
@@ -43,14 +46,11 @@ from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
-from sdp_cli.telemetry.dashboard import Dashboard
-from sdp_cli.telemetry.events import EventLog, EventSink
-from sdp_cli.telemetry.metrics import MetricsSink, open_writers
-from sdp_cli.telemetry.schema import RunFinishedEvent, ServerStateEvent
 from sdp_cli.trainer.actor import Actor, torch_device
 from sdp_cli.trainer.checkpoint import load_checkpoint
 from sdp_cli.trainer.distributed import total_ranks
 from sdp_cli.trainer.fsdp import serve_worker_node, trainer_actor
+from sdp_cli.views.dashboard import Dashboard
 from sdp_cli.weight_sync.disk import DiskTransport
 from sdp_cli.weight_sync.export import export_dtype, reserve_export_files
 from sdp_cli.weight_sync.versions import MEMORY_WEIGHTS, weights_dir_for

@@ -31,6 +31,8 @@ import httpx
 
 from sdp_cli.common.loop_thread import LoopThread
 from sdp_cli.config.schema import Device, ServerConfig
+from sdp_cli.events.event_log import EventSink, NullEventLog
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body, parse_version
 from sdp_cli.launcher.command import check_vllm_installed, server_device
@@ -51,8 +53,6 @@ from sdp_cli.launcher.server import (
     server_address,
     startup_failure,
 )
-from sdp_cli.telemetry.events import EventSink, NullEventLog
-from sdp_cli.telemetry.schema import ServerStateEvent
 from sdp_cli.weight_sync.disk import load_target_weights
 from sdp_cli.weight_sync.vllm_http import server_version
 

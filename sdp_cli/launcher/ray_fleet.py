@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.config.schema import RayConfig, ServerConfig, WeightsTransport
+from sdp_cli.events.event_log import EventSink
 from sdp_cli.inference.pool import ServerState
 from sdp_cli.launcher.fleet import PORT_ATTEMPTS, ServerFleet
 from sdp_cli.launcher.process import LaunchSpec, ServerProcess
@@ -35,7 +36,6 @@ from sdp_cli.launcher.server import (
     explain_failure,
     server_address,
 )
-from sdp_cli.telemetry.events import EventSink
 
 # How long one question to an actor may take before the supervisor treats it as busy.
 ACTOR_CALL_S = 10.0

@@ -17,6 +17,8 @@ from typing import Protocol
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import RecomputeOn, SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
 from sdp_cli.orchestrator.samples import SampleLog
@@ -24,8 +26,6 @@ from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import CheckpointEvent, EvalEvent, TrainStepEvent
 from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
 from sdp_cli.weight_sync.transport import WeightTransport
 from sdp_cli.weight_sync.versions import weights_dir_for

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.events.event_schema import RunStartedEvent
 from sdp_cli.rollout.recompute import scores_continuations
-from sdp_cli.telemetry.schema import RunStartedEvent
 from sdp_cli.weight_sync.sequence import overlaps_reload
 
 

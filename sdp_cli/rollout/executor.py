@@ -22,6 +22,8 @@ from typing import Any, Protocol, TypeVar
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.schema import ProxMode, RecomputeOn, RolloutConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
+from sdp_cli.events.event_schema import CapacityEvent
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import DropListener, StalenessControl
 from sdp_cli.rollout.positions import DataPositions
@@ -36,8 +38,6 @@ from sdp_cli.rollout.recompute import (
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import Buffered, make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
-from sdp_cli.telemetry.schema import CapacityEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

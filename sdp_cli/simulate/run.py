@@ -13,14 +13,14 @@ from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import Event, RunFinishedEvent
 from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import Event, RunFinishedEvent
 
 
 def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str, Any]:

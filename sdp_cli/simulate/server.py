@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdp_cli.config.schema import SimulateConfig
+from sdp_cli.events.event_log import EventSink, NullEventLog
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.simulate.clock import SimTime
-from sdp_cli.telemetry.events import EventSink, NullEventLog
-from sdp_cli.telemetry.schema import ServerStateEvent
 
 # Stand-in values: the simulation tracks versions and timing, not text.
 _TOKEN_LOGPROB = -1.0

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.events.event_log import EventSink, NullEventLog
+from sdp_cli.events.event_schema import TrainStepEvent
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.server import SimulatedFleet
-from sdp_cli.telemetry.events import EventSink, NullEventLog
-from sdp_cli.telemetry.schema import TrainStepEvent
 from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
 
 

@@ -38,11 +38,11 @@ from typing import Any, TypeVar
 
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import ProximalRecomputeEvent, WeightUpdateEvent
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import ProximalRecomputeEvent, WeightUpdateEvent
 from sdp_cli.weight_sync.transport import ExportWeights, WeightTransport
 
 log = logging.getLogger(__name__)

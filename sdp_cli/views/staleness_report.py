@@ -17,14 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from sdp_cli.errors import SdpError
-from sdp_cli.telemetry.events import EventTail, TailRead
-from sdp_cli.telemetry.staleness import (
-    DROP_REASONS,
-    StalenessAccumulator,
+from sdp_cli.events.event_log import EventTail, TailRead
+from sdp_cli.views.event_fold import DROP_REASONS, RunFold
+from sdp_cli.views.staleness_analysis import (
     StalenessSummary,
     VersionRow,
+    staleness_summary,
 )
-from sdp_cli.telemetry.widgets import bar, format_duration, lag_histogram
+from sdp_cli.views.widgets import bar, format_duration, lag_histogram
 
 EVENTS_FILE = "events.jsonl"
 FOLLOW_POLL_S = 1.0
@@ -56,13 +56,13 @@ def locate_event_log(run_dir: Path) -> Path:
 
 def read_summary(log_path: Path) -> StalenessSummary:
     tail = EventTail(log_path)
-    accumulator = StalenessAccumulator()
+    fold = RunFold()
     try:
-        accumulator.add_all(tail.iter_new(final=True))
+        fold.add_all(tail.iter_new(final=True))
     except OSError as exc:
         raise _read_error(tail, exc) from None
-    summary = accumulator.summary(
-        skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
+    summary = staleness_summary(
+        fold, skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
     )
     if summary.known_events == 0:
         raise SdpError(_nothing_to_show(log_path, summary))
@@ -74,7 +74,7 @@ def follow_log(
 ) -> StalenessSummary | None:
     """Re-read the growing log every FOLLOW_POLL_S until Ctrl-C, which ends it normally."""
     tail = EventTail(log_path)
-    accumulator = StalenessAccumulator()
+    fold = RunFold()
     summary: StalenessSummary | None = None
     waiting = Text(f"waiting for events in {log_path} … (Ctrl-C to stop)", style="dim")
     live = None if as_json else Live(waiting, console=console, auto_refresh=False)
@@ -84,11 +84,11 @@ def follow_log(
         while True:
             read = _poll(tail, final=False)
             if read.restarted:
-                accumulator = StalenessAccumulator()
+                fold = RunFold()
             if read.events or read.restarted or summary is None:
-                accumulator.add_all(read.events)
-                summary = accumulator.summary(
-                    skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
+                fold.add_all(read.events)
+                summary = staleness_summary(
+                    fold, skipped_lines=tail.skipped_lines, unknown_events=tail.unknown_events
                 )
                 _show_follow_update(summary, live, as_json=as_json, out=out, source=log_path)
             _sleep(FOLLOW_POLL_S)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     Event,
     RunFinishedEvent,

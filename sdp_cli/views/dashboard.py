@@ -7,7 +7,7 @@ The training loop wraps its event log so every event also reaches the dashboard:
     with dashboard:                      # Rich Live on a terminal, log lines otherwise
         ...  events.emit(TrainStepEvent(step=..., ...))
 
-It reads the typed events of `sdp_cli.telemetry.schema`, so a field renamed there breaks here
+It reads the typed events of `sdp_cli.events.event_schema`, so a field renamed there breaks here
 at once (in the type checker and the tests), not silently on screen. A bug in a handler or in
 rendering never stops training: it is logged with its traceback, counted in `errors` and shown
 in the header.
@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -34,24 +33,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.fields import as_int, as_lag_counts
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import (
     CAPACITY_TERMS,
-    BatchTakenEvent,
-    CapacityEvent,
     EvalEvent,
     Event,
-    RolloutFinishedEvent,
-    RolloutSubmittedEvent,
-    RunFinishedEvent,
-    RunStartedEvent,
-    SampleDroppedEvent,
-    ServerStateEvent,
     TrainStepEvent,
-    WeightUpdateEvent,
 )
-from sdp_cli.telemetry.widgets import (
+from sdp_cli.events.fields import as_int, as_lag_counts
+from sdp_cli.views.event_fold import RunFold
+from sdp_cli.views.widgets import (
     bar,
     format_duration,
     format_number,
@@ -73,7 +64,6 @@ MAX_REFRESH_PER_SECOND = 4.0
 KEPT_ERRORS = 20
 # Below this console width the panels are stacked in one column.
 TWO_COLUMN_WIDTH = 110
-HISTORY = 120
 PHASE_ORDER = (
     "pause_s",
     "export_s",
@@ -89,71 +79,6 @@ SERVER_STATE_STYLES = {
     "restarting": "yellow",
     "dead": "bold red",
 }
-
-
-@dataclass
-class _State:
-    """Everything the dashboard shows, as of the last event. Guarded by Dashboard._lock.
-    Events are frozen, so the state keeps them as they came."""
-
-    run: RunStartedEvent | None = None
-    start_ts: float | None = None
-    last_ts: float | None = None
-    version: int | None = None
-    step: int | None = None
-    steps_done: int = 0
-    # Steps seen by this dashboard: a resumed run's earlier steps took no time here.
-    steps_seen: int = 0
-    last_step_ts: float | None = None
-    finished: bool = False
-    capacity: CapacityEvent | None = None
-    submitted: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    drops: Counter[str] = field(default_factory=Counter)
-    consumed: int = 0
-    last_batch: BatchTakenEvent | None = None
-    last_update: WeightUpdateEvent | None = None
-    weight_updates: int = 0
-    weight_update_total_s: float = 0.0
-    servers: dict[int, ServerStateEvent] = field(default_factory=dict)
-    last_train: TrainStepEvent | None = None
-    last_eval: EvalEvent | None = None
-    rewards: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    gen_tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    samples_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-
-    def copy(self) -> _State:
-        """A copy the renderer may read without the lock (containers are small and bounded)."""
-        return _State(
-            run=self.run,
-            start_ts=self.start_ts,
-            last_ts=self.last_ts,
-            version=self.version,
-            step=self.step,
-            steps_done=self.steps_done,
-            steps_seen=self.steps_seen,
-            last_step_ts=self.last_step_ts,
-            finished=self.finished,
-            capacity=self.capacity,
-            submitted=self.submitted,
-            accepted=self.accepted,
-            rejected=self.rejected,
-            drops=Counter(self.drops),
-            consumed=self.consumed,
-            last_batch=self.last_batch,
-            last_update=self.last_update,
-            weight_updates=self.weight_updates,
-            weight_update_total_s=self.weight_update_total_s,
-            servers=dict(self.servers),
-            last_train=self.last_train,
-            last_eval=self.last_eval,
-            rewards=deque(self.rewards),
-            losses=deque(self.losses),
-            gen_tokens_per_s=deque(self.gen_tokens_per_s),
-            samples_per_s=deque(self.samples_per_s),
-        )
 
 
 class Dashboard:
@@ -175,7 +100,8 @@ class Dashboard:
         self.refresh_per_second = max(0.1, min(MAX_REFRESH_PER_SECOND, refresh_per_second))
         self._snapshots: list[SnapshotFn] = list(snapshots)
         self._lock = threading.Lock()
-        self._state = _State()
+        # The capacity series is the report's; a live view never reads it.
+        self._state = RunFold(keep_series=False)
         self._live: Live | None = None
         self._started = False
         # Display bugs: how many, and the last few messages (tests assert there are none).
@@ -204,7 +130,7 @@ class Dashboard:
     def update(self, event: Event, ts: float | None) -> None:
         try:
             with self._lock:
-                _apply(self._state, event, ts)
+                self._state.add(event, ts)
             if isinstance(event, TrainStepEvent) and self._started and not self.live:
                 self.console.print(self.log_line(), markup=False, highlight=False, soft_wrap=True)
         except Exception as exc:
@@ -283,9 +209,9 @@ class Dashboard:
         state, counters, _ = self._view()
         return _log_line(state, counters)
 
-    def _view(self) -> tuple[_State, dict[str, Any], list[str]]:
+    def _view(self) -> tuple[RunFold, dict[str, Any], list[str]]:
         with self._lock:
-            state = self._state.copy()
+            state = self._state.view_copy()
             snapshots = list(self._snapshots)
         # Counts come from the events seen (they are never older than the last capacity event);
         # live snapshots, when given, are newer still and win.
@@ -327,115 +253,14 @@ class DashboardSink:
             close()
 
 
-# --- state updates (under the lock; constant work per event, a batch's lags for batch_taken) --
-
-
-def _apply(state: _State, event: Event, ts: float | None) -> None:
-    if ts is not None:
-        state.start_ts = ts if state.start_ts is None else state.start_ts
-        state.last_ts = ts
-    handler = _HANDLERS.get(type(event))
-    if handler is not None:
-        handler(state, event, ts)
-
-
-def _on_run_started(state: _State, event: RunStartedEvent, ts: float | None) -> None:
-    state.run = event
-    state.start_ts = ts or state.start_ts
-    _set_version(state, event.version)
-
-
-def _on_run_finished(state: _State, event: RunFinishedEvent, ts: float | None) -> None:
-    state.finished = True
-
-
-def _on_rollout_submitted(state: _State, event: RolloutSubmittedEvent, ts: float | None) -> None:
-    state.submitted += 1
-
-
-def _on_rollout_finished(state: _State, event: RolloutFinishedEvent, ts: float | None) -> None:
-    if event.accepted:
-        state.accepted += 1
-    elif event.reason not in ("head_lag", "no_recompute"):
-        # Staleness drops are counted from their own sample_dropped event.
-        state.rejected += 1
-
-
-def _on_sample_dropped(state: _State, event: SampleDroppedEvent, ts: float | None) -> None:
-    state.drops[event.reason] += 1
-
-
-def _on_batch_taken(state: _State, event: BatchTakenEvent, ts: float | None) -> None:
-    state.last_batch = event
-    state.consumed += len(event.rollout_ids)
-    _set_version(state, event.version)
-
-
-def _on_capacity(state: _State, event: CapacityEvent, ts: float | None) -> None:
-    state.capacity = event
-    _set_version(state, event.version)
-
-
-def _on_weight_update(state: _State, event: WeightUpdateEvent, ts: float | None) -> None:
-    state.last_update = event
-    state.weight_updates += 1
-    state.weight_update_total_s += event.total_s
-    _set_version(state, event.version)
-
-
-def _on_server_state(state: _State, event: ServerStateEvent, ts: float | None) -> None:
-    state.servers[event.server] = event
-
-
-def _on_train_step(state: _State, event: TrainStepEvent, ts: float | None) -> None:
-    state.last_train = event
-    state.step = event.step
-    state.steps_done = event.step + 1
-    state.steps_seen += 1
-    state.last_step_ts = ts
-    for series, value in (
-        (state.rewards, event.reward),
-        (state.losses, event.loss),
-        (state.gen_tokens_per_s, event.gen_tokens_per_s),
-        (state.samples_per_s, event.samples_per_s),
-    ):
-        if value is not None:
-            series.append(value)
-
-
-def _set_version(state: _State, version: int | None) -> None:
-    if version is not None and (state.version is None or version > state.version):
-        state.version = version
-
-
-# Each handler takes its own event type; the table is keyed by that type.
-def _on_eval(state: _State, event: EvalEvent, ts: float | None) -> None:
-    state.last_eval = event
-
-
-_HANDLERS: dict[type[Event], Callable[[_State, Any, float | None], None]] = {
-    RunStartedEvent: _on_run_started,
-    RunFinishedEvent: _on_run_finished,
-    RolloutSubmittedEvent: _on_rollout_submitted,
-    RolloutFinishedEvent: _on_rollout_finished,
-    SampleDroppedEvent: _on_sample_dropped,
-    BatchTakenEvent: _on_batch_taken,
-    CapacityEvent: _on_capacity,
-    WeightUpdateEvent: _on_weight_update,
-    ServerStateEvent: _on_server_state,
-    TrainStepEvent: _on_train_step,
-    EvalEvent: _on_eval,
-}
-
-
 # --- rendering (refresh thread; reads a private copy of the state) ---------------------------
 
 
-def _planned_steps(state: _State) -> int | None:
+def _planned_steps(state: RunFold) -> int | None:
     return state.run.steps if state.run is not None else None
 
 
-def _eta_s(state: _State) -> float | None:
+def _eta_s(state: RunFold) -> float | None:
     total = _planned_steps(state)
     if total is None or state.steps_seen == 0:
         return None
@@ -445,7 +270,7 @@ def _eta_s(state: _State) -> float | None:
     return max(0, total - state.steps_done) * per_step
 
 
-def _progress(state: _State) -> str:
+def _progress(state: RunFold) -> str:
     total = _planned_steps(state)
     step = f"step {state.steps_done}/{total}" if total is not None else f"step {state.steps_done}"
     version = f"v{state.version}" if state.version is not None else "v—"
@@ -453,7 +278,7 @@ def _progress(state: _State) -> str:
     return f"{version} · {step} · {eta}"
 
 
-def _dashboard_header(state: _State, errors: int) -> RenderableType:
+def _dashboard_header(state: RunFold, errors: int) -> RenderableType:
     run = state.run
     elapsed = (
         state.last_ts - state.start_ts
@@ -475,7 +300,7 @@ def _dashboard_header(state: _State, errors: int) -> RenderableType:
     return text
 
 
-def _capacity_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
+def _capacity_panel(state: RunFold, counters: Mapping[str, Any]) -> Panel:
     terms = _formula_terms(counters)
     limit, max_concurrent = terms["staleness_limit"], terms["max_concurrent"]
     running, accepted_live = terms["running"], terms["accepted_live"]
@@ -533,7 +358,7 @@ def _formula_terms(counters: Mapping[str, Any]) -> dict[str, int | None]:
     return terms
 
 
-def _counters_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
+def _counters_panel(state: RunFold, counters: Mapping[str, Any]) -> Panel:
     def pick(key: str, fallback: int) -> int:
         value = as_int(counters.get(key))
         return value if value is not None else fallback
@@ -558,7 +383,7 @@ def _counters_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
     return Panel(table, title="rollouts", title_align="left")
 
 
-def _batch_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
+def _batch_panel(state: RunFold, counters: Mapping[str, Any]) -> Panel:
     batch = state.last_batch
     if batch is None:
         return Panel(Text("no batch taken yet", style="dim"), title="last batch")
@@ -578,7 +403,7 @@ def _batch_panel(state: _State, counters: Mapping[str, Any]) -> Panel:
     )
 
 
-def _training_panel(state: _State) -> Panel:
+def _training_panel(state: RunFold) -> Panel:
     last = state.last_train
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
@@ -617,7 +442,7 @@ def _eval_line(last: EvalEvent | None) -> str:
     )
 
 
-def _weight_update_panel(state: _State) -> Panel:
+def _weight_update_panel(state: RunFold) -> Panel:
     update = state.last_update
     if update is None:
         return Panel(
@@ -645,7 +470,7 @@ def short_node(node: str | None) -> str:
     return node[:12] if node else "-"
 
 
-def _servers_panel(state: _State) -> Panel:
+def _servers_panel(state: RunFold) -> Panel:
     if not state.servers:
         return Panel(Text("no server reported yet", style="dim"), title="servers")
     servers = [state.servers[index] for index in sorted(state.servers)]
@@ -672,7 +497,7 @@ def _servers_panel(state: _State) -> Panel:
     return Panel(table, title="servers", title_align="left")
 
 
-def _log_line(state: _State, counters: Mapping[str, Any]) -> str:
+def _log_line(state: RunFold, counters: Mapping[str, Any]) -> str:
     last = state.last_train
     terms = _formula_terms(counters)
     parts = [

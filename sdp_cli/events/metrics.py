@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import (
     CAPACITY_TERMS,
     BatchTakenEvent,
     CapacityEvent,

@@ -1,6 +1,6 @@
 """The run log: one JSON object per line with `ts`, `type` and the event's fields.
 
-The event types and their fields are defined in `sdp_cli.telemetry.schema`; this module writes
+The event types and their fields are defined in `sdp_cli.events.event_schema`; this module writes
 typed events to the log and reads them back. Readers skip types they do not know and lines
 that are not complete events (a run killed mid-write).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sdp_cli.telemetry.schema import Event, EventSchemaError, parse_event
+from sdp_cli.events.event_schema import Event, EventSchemaError, parse_event
 
 
 class EventSink(Protocol):

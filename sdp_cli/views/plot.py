@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.errors import MissingDependencyError, SdpError
-from sdp_cli.telemetry.staleness import CapacityPoint, StalenessSummary
+from sdp_cli.views.event_fold import CapacityPoint
+from sdp_cli.views.staleness_analysis import StalenessSummary
 
 
 def write_plot(summary: StalenessSummary, path: Path) -> None:
