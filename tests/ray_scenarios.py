@@ -23,7 +23,7 @@ from sdp_cli.inference import InferenceClient, SamplingParams, ServerPool
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.ray_fleet import RayServerFleet
-from sdp_cli.launcher.registry import read_registry
+from sdp_cli.launcher.registry_file import read_registry
 from sdp_cli.weight_sync.disk import DiskTransport
 
 PROMPT = [1, 5, 6, 7]

@@ -1,6 +1,6 @@
 """The package layout stays as README's "Development" section describes it: dependencies point one
 way, and a name means one thing (no two modules define a class, function or type alias of the
-same name)."""
+same name, and no two modules share a basename)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,16 @@ def test_only_the_commands_import_views() -> None:
         if "views" in imported_parts(path) and part_of(path) not in {"views", "commands", "cli"}
     ]
     assert wrong == [], "a view (dashboard, report, plot, audit) is shown by a command"
+
+
+def test_module_names_are_unique() -> None:
+    """One basename, one module: `staleness.py` means one thing wherever it is named."""
+    where: dict[str, list[str]] = defaultdict(list)
+    for path in modules():
+        if path.name not in {"__init__.py", "__main__.py"}:
+            where[path.name].append(str(path.relative_to(PACKAGE.parent)))
+    repeated = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert repeated == {}, "name the module after what it holds in its package"
 
 
 def top_level_names(path: Path) -> list[str]:

@@ -26,7 +26,7 @@ from sdp_cli.launcher.ray_actor import (
 )
 from sdp_cli.launcher.ray_cluster import server_resources
 from sdp_cli.launcher.ray_fleet import RayServerFleet
-from sdp_cli.launcher.registry import RegistryEntry, read_registry, write_registry
+from sdp_cli.launcher.registry_file import RegistryEntry, read_registry, write_registry
 from sdp_cli.views.dashboard import Dashboard
 
 runner = CliRunner()

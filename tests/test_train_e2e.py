@@ -32,7 +32,7 @@ from sdp_cli.events.event_schema import (
     parse_event,
 )
 from sdp_cli.launcher.devices import split_cpu_cores
-from sdp_cli.orchestrator.samples import read_samples
+from sdp_cli.orchestrator.sample_log import read_samples
 from sdp_cli.views.dashboard import Dashboard
 
 pytestmark = pytest.mark.vllm

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sdp_cli.config.schema import EvalConfig, LrSchedule, RolloutConfig, TrainConfig
 from sdp_cli.inference.types import Completion
 from sdp_cli.orchestrator.evaluate import Evaluator, summarize_rewards
-from sdp_cli.orchestrator.samples import SampleLog, read_samples, version_spans
+from sdp_cli.orchestrator.sample_log import SampleLog, read_samples, version_spans
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
 from sdp_cli.trainer.actor import load_model

@@ -30,7 +30,7 @@ from sdp_cli.launcher.command import (
     servers_may_be_remote,
 )
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
-from sdp_cli.launcher.registry import RegistryError, read_registry
+from sdp_cli.launcher.registry_file import RegistryError, read_registry
 from sdp_cli.model import builtin_name, check_model_dir, smollm2
 from sdp_cli.orchestrator.run_state import latest_checkpoint
 from sdp_cli.tasks import check_task, get_task, load_tokenizer

@@ -33,13 +33,13 @@ from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.command import server_device, servers_may_be_remote
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.process import free_port
-from sdp_cli.launcher.registry import attach_servers
+from sdp_cli.launcher.registry_file import attach_servers
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.loop import LoopResult, TrainingLoop
 from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
-from sdp_cli.orchestrator.samples import SAMPLES_FILE, SampleLog
+from sdp_cli.orchestrator.sample_log import SAMPLES_FILE, SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.recompute import scores_continuations

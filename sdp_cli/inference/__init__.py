@@ -3,7 +3,7 @@ shared ServerPool. Independent of the launcher (the launcher imports this); weig
 `weight_sync`'s."""
 
 from sdp_cli.inference.client import InferenceClient
-from sdp_cli.inference.errors import (
+from sdp_cli.inference.client_errors import (
     InferenceError,
     NoServerAvailableError,
     RequestFailedError,

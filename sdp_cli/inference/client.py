@@ -21,12 +21,12 @@ from typing import Any
 
 import httpx
 
-from sdp_cli.inference.connections import ConnectionPool
-from sdp_cli.inference.errors import (
+from sdp_cli.inference.client_errors import (
     NoServerAvailableError,
     RequestFailedError,
     RequestRejectedError,
 )
+from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.pool import ServerPool, ServerStatus
 from sdp_cli.inference.protocol import (
     ABORT_PATH,

@@ -44,7 +44,7 @@ from sdp_cli.launcher.process import (
     free_port,
     group_alive,
 )
-from sdp_cli.launcher.registry import RegistryEntry, write_registry
+from sdp_cli.launcher.registry_file import RegistryEntry, write_registry
 from sdp_cli.launcher.server import (
     PortTakenError,
     ServerStartError,

@@ -29,7 +29,7 @@ from sdp_cli.launcher.fleet import PORT_ATTEMPTS, ServerFleet
 from sdp_cli.launcher.process import LaunchSpec, ServerProcess
 from sdp_cli.launcher.ray_actor import ServerActor, read_dir_files
 from sdp_cli.launcher.ray_cluster import RaySession
-from sdp_cli.launcher.registry import RegistryEntry
+from sdp_cli.launcher.registry_file import RegistryEntry
 from sdp_cli.launcher.server import (
     PortTakenError,
     ServerStartError,

@@ -21,7 +21,7 @@ from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
-from sdp_cli.orchestrator.samples import SampleLog
+from sdp_cli.orchestrator.sample_log import SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.recompute import needs_proximal_recompute

@@ -18,7 +18,7 @@ from sdp_cli.events.event_schema import Event, RunFinishedEvent
 from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
-from sdp_cli.simulate.server import SimulatedFleet
+from sdp_cli.simulate.sim_server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
 

@@ -19,7 +19,7 @@ from sdp_cli.events.event_schema import TrainStepEvent
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
-from sdp_cli.simulate.server import SimulatedFleet
+from sdp_cli.simulate.sim_server import SimulatedFleet
 from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from sdp_cli.inference.client import InferenceClient
-from sdp_cli.inference.errors import NoServerAvailableError, WeightUpdateError
+from sdp_cli.inference.client_errors import NoServerAvailableError, WeightUpdateError
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.weight_sync.vllm_http import (
     PHASES,

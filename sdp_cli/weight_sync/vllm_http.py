@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from sdp_cli.inference.errors import WeightsDirError
+from sdp_cli.inference.client_errors import WeightsDirError
 
 PHASES = ("pause", "reload", "version", "resume")
 
