@@ -114,7 +114,8 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import SdpConfig, TrainConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.trainer.actor import Actor, load_model

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import TaskConfig, TrainConfig
+from sdp_cli.config.task_settings import TaskConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.model import TinyModelSpec, init_tiny_model
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks import Task, decode_completion, get_task, load_tokenizer

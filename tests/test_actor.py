@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdp_cli.config.schema import ProxMode, TrainConfig
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.trainer.actor import Actor
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sdp_cli.config.schema import TrainConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.orchestrator.run_state import (
     TrainState,
     checkpoint_due,

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import Strategy
+from sdp_cli.config.rollout_settings import Strategy
 from sdp_cli.errors import ConfigError
 
 runner = CliRunner()

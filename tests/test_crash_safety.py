@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
-from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy, TrainConfig
+from sdp_cli.config.rollout_settings import RolloutConfig, Strategy
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.events.event_log import EventLog, read_events
 from sdp_cli.events.event_schema import (
     BatchTakenEvent,

@@ -302,7 +302,7 @@ def test_at_temperature_the_trainer_and_the_recompute_match_the_behaviour_logpro
     """At T = 0.7 the servers report logprobs of softmax(z/T) (processed logprobs), the actor
     divides its logits by T and the recompute tempers vLLM's prompt logprobs: all three agree
     on the same weights; at T = 1 the trainer would not."""
-    from sdp_cli.config.schema import TrainConfig
+    from sdp_cli.config.train_settings import TrainConfig
     from sdp_cli.trainer.actor import Actor
 
     temperature = 0.7

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sdp_cli.config.schema import ProxMode, TrainConfig, WeightBoundMode
+from sdp_cli.config.train_settings import ProxMode, TrainConfig, WeightBoundMode
 from sdp_cli.trainer.advantages import group_advantages
 from sdp_cli.trainer.loss import (
     LossSettings,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdp_cli.config.schema import TrainConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.trainer.actor import Actor
 from sdp_cli.trainer.batch import build_micro_batches
 from sdp_cli.trainer.packing import first_fit_rows, pack_batch

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sdp_cli.cli import app
 from sdp_cli.commands.train import with_cpu_placement
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import Device, RayConfig, ServerConfig
+from sdp_cli.config.server_settings import Device, RayConfig, ServerConfig
 from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.fleet import ServerFleet

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy
+from sdp_cli.config.rollout_settings import RolloutConfig, Strategy
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventRecorder
 from sdp_cli.events.event_schema import (
     BatchTakenEvent,

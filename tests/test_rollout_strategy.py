@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventRecorder
 from sdp_cli.events.event_schema import BatchTakenEvent, RolloutFinishedEvent, SampleDroppedEvent
 from sdp_cli.rollout.control import StalenessControl

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.config.schema import ProxMode, Strategy
+from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventRecorder
 from sdp_cli.events.event_schema import (
     BatchTakenEvent,

@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdp_cli.config.schema import EvalConfig, LrSchedule, RolloutConfig, TrainConfig
+from sdp_cli.config.eval_settings import EvalConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.train_settings import LrSchedule, TrainConfig
 from sdp_cli.inference.types import Completion
 from sdp_cli.orchestrator.evaluate import Evaluator, summarize_rewards
 from sdp_cli.orchestrator.sample_log import SampleLog, read_samples, version_spans

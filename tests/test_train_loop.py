@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventRecorder
 from sdp_cli.events.event_schema import TrainStepEvent, WeightUpdateEvent

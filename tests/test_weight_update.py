@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventRecorder, NullEventLog
 from sdp_cli.events.event_schema import WeightUpdateEvent
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor

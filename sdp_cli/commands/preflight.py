@@ -14,14 +14,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import (
-    Device,
-    ModelConfig,
-    RayConfig,
-    SdpConfig,
-    ServerBackend,
-    ServerConfig,
-)
+from sdp_cli.config.model_settings import ModelConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,

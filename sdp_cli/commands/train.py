@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
-from sdp_cli.config.schema import Device
+from sdp_cli.config.server_settings import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventLog, EventSink
 from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent

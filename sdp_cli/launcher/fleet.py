@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import httpx
 
 from sdp_cli.common.loop_thread import LoopThread
-from sdp_cli.config.schema import Device, ServerConfig
+from sdp_cli.config.server_settings import Device, ServerConfig
 from sdp_cli.events.event_log import EventSink, NullEventLog
 from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus

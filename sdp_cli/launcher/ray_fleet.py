@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdp_cli.config.schema import RayConfig, ServerConfig, WeightsTransport
+from sdp_cli.config.server_settings import RayConfig, ServerConfig, WeightsTransport
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.inference.pool import ServerState
 from sdp_cli.launcher.fleet import PORT_ATTEMPTS, ServerFleet

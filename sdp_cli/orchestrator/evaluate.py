@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sdp_cli.config.schema import EvalConfig, RolloutConfig
+from sdp_cli.config.eval_settings import EvalConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
 from sdp_cli.inference.types import SamplingParams
 from sdp_cli.rollout.rlvr import Generator, sample_seed
 from sdp_cli.tasks.base import Prompt, Task

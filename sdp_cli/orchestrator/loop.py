@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.schema import RecomputeOn, SdpConfig
+from sdp_cli.config.rollout_settings import RecomputeOn
+from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent

@@ -20,7 +20,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
-from sdp_cli.config.schema import ProxMode, RecomputeOn, RolloutConfig
+from sdp_cli.config.rollout_settings import RecomputeOn, RolloutConfig
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
 from sdp_cli.events.event_schema import CapacityEvent

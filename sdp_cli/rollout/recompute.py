@@ -30,7 +30,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 # async def score_many([(prompt_ids, output_ids), ...]) -> for each pair, the logprob of every

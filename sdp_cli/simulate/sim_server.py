@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdp_cli.config.schema import SimulateConfig
+from sdp_cli.config.simulate_settings import SimulateConfig
 from sdp_cli.events.event_log import EventSink, NullEventLog
 from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.simulate.clock import SimTime

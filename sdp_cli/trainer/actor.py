@@ -18,7 +18,8 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from sdp_cli.config.schema import Device, ProxMode, TrainConfig
+from sdp_cli.config.server_settings import Device
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup

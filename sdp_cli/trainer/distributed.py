@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdp_cli.config.schema import Device, TrainConfig, TrainDtype
+from sdp_cli.config.server_settings import Device
+from sdp_cli.config.train_settings import TrainConfig, TrainDtype
 from sdp_cli.errors import ConfigError, SdpError
 
 _PR_SET_PDEATHSIG = 1

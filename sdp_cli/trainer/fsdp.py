@@ -30,7 +30,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from sdp_cli.config.schema import SdpConfig, TrainConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.trainer.actor import Actor, make_optimizer, step_summary

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sdp_cli.config.schema import ProxMode, TrainConfig, WeightBoundMode
+from sdp_cli.config.train_settings import ProxMode, TrainConfig, WeightBoundMode
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 
-from sdp_cli.config.schema import GradientCheckpointing
+from sdp_cli.config.train_settings import GradientCheckpointing
 
 _ATEN = torch.ops.aten
 # The ops whose outputs selective checkpointing keeps (those an attention implementation or a

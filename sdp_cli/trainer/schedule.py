@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from sdp_cli.config.schema import LrSchedule, TrainConfig
+from sdp_cli.config.train_settings import LrSchedule, TrainConfig
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.schema import ProxMode, SdpConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import ProximalRecomputeEvent, WeightUpdateEvent
 from sdp_cli.rollout.executor import RolloutExecutor
