@@ -14,6 +14,7 @@ import pytest
 
 from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.run_plan import plan_run
 from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventRecorder
@@ -114,6 +115,7 @@ def run_loop(
         sink,
         data_positions=PositionState,
         start=TrainState(step=0, version=0, data_position=0),
+        plan=plan_run(cfg),
     )
     try:
         outcome: Any = loop.run()

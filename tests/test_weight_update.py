@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.run_plan import needs_proximal_recompute
 from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventRecorder, NullEventLog
 from sdp_cli.events.event_schema import WeightUpdateEvent
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
-from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
+from sdp_cli.rollout.recompute import count_missing_recompute
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.weight_sync.sequence import WeightUpdate

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
+from sdp_cli.config.run_plan import RunPlan, plan_run
 from sdp_cli.config.server_settings import Device
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventLog, EventSink
@@ -42,7 +43,6 @@ from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
 from sdp_cli.orchestrator.sample_log import SAMPLES_FILE, SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
-from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
@@ -227,6 +227,8 @@ class RunInputs:
     """What the steps after `prepare_inputs` share: nothing here runs or holds a process."""
 
     cfg: SdpConfig
+    # What the config implies for the run, resolved once.
+    plan: RunPlan
     run_dir: Path
     model_dir: Path
     tokenizer: PreTrainedTokenizerBase
@@ -254,12 +256,14 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         )
         events = open_event_log(stack, dashboard, run)
         events.emit(
-            run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
+            run_started_event(
+                cfg, run.plan, resumed_from_step=run.state.step, version=run.state.version
+            )
         )
         started = time.monotonic()
         console.print(f"run dir {run.run_dir}: starting servers...", highlight=False)
         pool = stack.enter_context(server_pool(cfg, run.model_dir, run.run_dir, events))
-        client = inference_client(cfg, pool, run.tokenizer)
+        client = inference_client(cfg, run.plan, pool, run.tokenizer)
         positions = restored_positions(run.state)
         workflow = rollout_workflow(run, client, positions)
         executor = start_executor(
@@ -277,6 +281,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             events,
             data_positions=positions.state,
             start=run.state,
+            plan=run.plan,
             evaluator=evaluator(run, client, workflow.stop_token_ids),
             samples=samples,
         )
@@ -311,7 +316,9 @@ def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     actor = stack.enter_context(trainer_actor(cfg, model_dir, run_dir / "logs"))
     state = restore_state(cfg, run_dir, actor)
     weights_dir = weights_dir_for(cfg.train.weights_dir, run_dir)
-    return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state, weights_dir)
+    return RunInputs(
+        cfg, plan_run(cfg), run_dir, model_dir, tokenizer, task, actor, state, weights_dir
+    )
 
 
 def open_event_log(stack: ExitStack, dashboard: Dashboard, run: RunInputs) -> EventSink:
@@ -379,7 +386,7 @@ def evaluator(
 
 
 def inference_client(
-    cfg: SdpConfig, pool: ServerPool, tokenizer: PreTrainedTokenizerBase
+    cfg: SdpConfig, plan: RunPlan, pool: ServerPool, tokenizer: PreTrainedTokenizerBase
 ) -> InferenceClient:
     return InferenceClient(
         pool,
@@ -387,7 +394,7 @@ def inference_client(
         update_timeout_s=cfg.train.update_timeout_s,
         max_model_len=cfg.server.max_model_len,
         eos_token_id=tokenizer.eos_token_id,
-        score_continuations=scores_continuations(cfg),
+        score_continuations=plan.scores_continuations,
     )
 
 

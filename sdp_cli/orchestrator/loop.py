@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.rollout_settings import RecomputeOn
+from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
@@ -25,9 +25,8 @@ from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
 from sdp_cli.orchestrator.sample_log import SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
-from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
+from sdp_cli.weight_sync.sequence import WeightUpdate
 from sdp_cli.weight_sync.transport import WeightTransport
 from sdp_cli.weight_sync.versions import weights_dir_for
 
@@ -78,16 +77,15 @@ class TrainingLoop:
         events: EventSink,
         data_positions: DataPositionState,
         start: TrainState,
+        plan: RunPlan,
         evaluator: Evaluator | None = None,
         samples: SampleLog | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.weights_dir = weights_dir_for(cfg.train.weights_dir, self.run_dir)
-        self.recompute_on_trainer = (
-            cfg.rollout.recompute_on == RecomputeOn.trainer
-            and needs_proximal_recompute(cfg.train.prox_mode)
-        )
+        self.plan = plan
+        self.recompute_on_trainer = plan.recompute_on_trainer
         self.actor = actor
         self.executor = executor
         self.events = events
@@ -220,7 +218,7 @@ class TrainingLoop:
         which must not count a batch taken but not trained as done; nor when the trainer scores
         the proximal recompute, which it does at the executor's version, after the reload."""
         return (
-            overlaps_reload(self.cfg)
+            self.plan.overlaps_reload
             and not self.recompute_on_trainer
             and next_step < self.cfg.train.steps
             and not checkpoint_due(next_step, self.cfg.train.checkpoint_every)

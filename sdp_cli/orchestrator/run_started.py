@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.events.event_schema import RunStartedEvent
-from sdp_cli.rollout.recompute import scores_continuations
-from sdp_cli.weight_sync.sequence import overlaps_reload
 
 
 def run_started_event(
-    cfg: SdpConfig, *, mode: str = "train", resumed_from_step: int = 0, version: int = 0
+    cfg: SdpConfig,
+    plan: RunPlan,
+    *,
+    mode: str = "train",
+    resumed_from_step: int = 0,
+    version: int = 0,
 ) -> RunStartedEvent:
     """What the run log says about the run's shape before its first rollout."""
     return RunStartedEvent(
@@ -25,6 +29,6 @@ def run_started_event(
         server_count=cfg.server.count,
         resumed_from_step=resumed_from_step,
         version=version,
-        overlap_reload=overlaps_reload(cfg),
-        score_continuations=scores_continuations(cfg),
+        overlap_reload=plan.overlaps_reload,
+        score_continuations=plan.scores_continuations,
     )

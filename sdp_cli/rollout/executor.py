@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.rollout_settings import RecomputeOn, RolloutConfig
+from sdp_cli.config.run_plan import needs_proximal_recompute
 from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
@@ -34,7 +35,6 @@ from sdp_cli.rollout.recompute import (
     RecomputeStats,
     Scorer,
     count_missing_recompute,
-    needs_proximal_recompute,
 )
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import Buffered, make_strategy

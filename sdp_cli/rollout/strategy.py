@@ -21,8 +21,8 @@ from itertools import islice
 from typing import ClassVar
 
 from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.run_plan import needs_proximal_recompute
 from sdp_cli.config.train_settings import ProxMode
-from sdp_cli.rollout.recompute import needs_proximal_recompute
 from sdp_cli.rollout.trajectory import NOT_RECOMPUTED, RolloutGroup
 
 

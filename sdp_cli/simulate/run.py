@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import reduce
 from typing import Any
 
+from sdp_cli.config.run_plan import plan_run
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
@@ -31,9 +32,10 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
+    plan = plan_run(cfg)
     if events is not None:
         events = SimulatedTimeSink(events, sim_time)
-        events.emit(run_started_event(cfg, mode="simulate"))
+        events.emit(run_started_event(cfg, plan, mode="simulate"))
     pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
     pool.report_states()
     workflow = SimulatedWorkflow(
@@ -47,7 +49,7 @@ def run_simulation(cfg: SdpConfig, events: EventSink | None = None) -> dict[str,
         scorer=pool.score_many,
         loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
     )
-    trainer = SimulatedTrainer(executor, pool, cfg, sim_time, events)
+    trainer = SimulatedTrainer(executor, pool, cfg, plan, sim_time, events)
     wall_started = time.perf_counter()
     cpu_started = time.process_time()
     # Started paused: in virtual time nothing may happen before the trainer is on the loop.

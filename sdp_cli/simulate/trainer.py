@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.events.event_log import EventSink, NullEventLog
 from sdp_cli.events.event_schema import TrainStepEvent
@@ -20,7 +21,7 @@ from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.sim_server import SimulatedFleet
-from sdp_cli.weight_sync.sequence import WeightUpdate, overlaps_reload
+from sdp_cli.weight_sync.sequence import WeightUpdate
 
 
 @dataclass
@@ -55,6 +56,7 @@ class SimulatedTrainer:
         executor: RolloutExecutor,
         pool: SimulatedFleet,
         cfg: SdpConfig,
+        plan: RunPlan,
         time: SimTime,
         events: EventSink | None = None,
     ) -> None:
@@ -68,7 +70,7 @@ class SimulatedTrainer:
         self._train_step_s = cfg.simulate.train_step_s
         self._export_s = cfg.simulate.export_s
         # As the training loop decides it (orchestrator/loop.py), without checkpoints here.
-        self._overlap_reload = overlaps_reload(cfg)
+        self._overlap_reload = plan.overlaps_reload
         self._weight_update = WeightUpdate(
             executor,
             pool,

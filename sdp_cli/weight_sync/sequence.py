@@ -37,23 +37,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.run_plan import needs_proximal_recompute
 from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import ProximalRecomputeEvent, WeightUpdateEvent
 from sdp_cli.rollout.executor import RolloutExecutor
-from sdp_cli.rollout.recompute import RecomputeStats, needs_proximal_recompute
+from sdp_cli.rollout.recompute import RecomputeStats
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.weight_sync.transport import ExportWeights, WeightTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def overlaps_reload(cfg: SdpConfig) -> bool:
-    """Whether train.overlap_reload can apply to this run at all: at η = 0 no group is valid
-    at v+1 before the servers hold it."""
-    return cfg.train.overlap_reload and cfg.rollout.max_staleness > 0
 
 
 @dataclass
