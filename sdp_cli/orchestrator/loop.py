@@ -1,8 +1,8 @@
 """The training loop: take B rollouts → one training step → the weight-update protocol → repeat.
 
-The protocol itself is `update.WeightUpdate`, shared with `sdp simulate`; the loop plugs in the
-actor's weight export (run on a worker thread, so the servers score while it writes) and the
-servers it was given, so it knows nothing of how they run.
+The protocol itself is `weight_sync.sequence.WeightUpdate`, shared with `sdp simulate`; the loop
+plugs in the actor's weight export (run on a worker thread, so the servers score while it writes)
+and the servers' transport it was given, so it knows nothing of how they run.
 """
 
 from __future__ import annotations

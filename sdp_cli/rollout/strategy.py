@@ -106,7 +106,7 @@ class StalenessStrategy:
 
 
 class StandardStrategy(StalenessStrategy):
-    """AReaL's behaviour: lag beyond η is reported by telemetry, not prevented."""
+    """AReaL's behaviour: lag beyond η is reported in the events, not prevented."""
 
 
 class SegmentWiseStrategy(StalenessStrategy):

@@ -37,7 +37,7 @@ from sdp_cli.trainer.packing import PackedRows, pack_batch
 from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
 from sdp_cli.trainer.schedule import lr_at
 from sdp_cli.trainer.token_stats import k3, masked_mean, token_entropy
-from sdp_cli.weight_sync.export import export_dtype, export_weights
+from sdp_cli.weight_sync.export import export_weights
 
 
 def torch_device(device: Device | str) -> torch.device:
@@ -352,7 +352,7 @@ class Actor:
             weights_dir,
             version,
             self.train_config.keep_weights,
-            dtype=export_dtype(dtype) if isinstance(dtype, str) else dtype,
+            dtype=dtype,
         )
 
 

@@ -57,7 +57,7 @@ from sdp_cli.trainer.distributed import (
     uses_sharded_trainer,
 )
 from sdp_cli.trainer.loss import LossStats
-from sdp_cli.weight_sync.export import export_dtype, export_weights
+from sdp_cli.weight_sync.export import export_weights
 
 # torch.distributed.checkpoint directory inside a step-N checkpoint.
 SHARDED_DIR = "sharded"
@@ -165,7 +165,7 @@ class ShardedActor(Actor):
             version,
             self.train_config.keep_weights,
             state_dict=state,
-            dtype=export_dtype(dtype) if isinstance(dtype, str) else dtype,
+            dtype=dtype,
         )
 
     def _on_rank_device(self) -> AbstractContextManager[object]:

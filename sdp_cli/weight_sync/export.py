@@ -233,11 +233,14 @@ def export_weights(
     version: int,
     keep: int,
     state_dict: dict[str, Tensor] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write `weights_dir/v{version}/` atomically, keep the newest `keep` versions, and return
     the new directory. `state_dict` (full tensors) replaces the model's own, for a model whose
-    parameters are sharded across ranks; `dtype` is the servers' (None keeps the trainer's)."""
+    parameters are sharded across ranks; `dtype` is the servers' (a torch dtype or vLLM's --dtype
+    name; None keeps the trainer's)."""
+    if isinstance(dtype, str):
+        dtype = export_dtype(dtype)
     # A "Writing model shards" bar per weight update would scribble over the dashboard.
     hf_logging.disable_progress_bar()
     final = version_dir(weights_dir, version)
