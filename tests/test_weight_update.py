@@ -142,9 +142,7 @@ def test_a_rollout_that_finishes_mid_recompute_is_scored_before_the_servers_relo
         while executor.snapshot()["queue_size"] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        update = WeightUpdate(
-            executor, servers, no_export, ProxMode.segment, NullEventLog(), abort_every_s=0.2
-        )
+        update = WeightUpdate(executor, servers, no_export, True, NullEventLog(), abort_every_s=0.2)
         result = executor.run_sync(update.run(1), timeout=10)
         # The third rollout was still generating: the abort parked it at the gate instead.
         assert servers.calls[0] == "abort" and servers.calls[-1] == "load"
@@ -215,7 +213,7 @@ def update_over_buffer(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     events = EventRecorder()
-    return executor, WeightUpdate(executor, servers, no_export, ProxMode.segment, events), events
+    return executor, WeightUpdate(executor, servers, no_export, True, events), events
 
 
 def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() -> None:
@@ -285,7 +283,7 @@ def test_take_next_waits_for_a_running_rollout_that_completes_the_batch() -> Non
     executor.restore(1)
     servers.release(FIRST)
     executor.start()
-    update = WeightUpdate(executor, servers, no_export, ProxMode.loglinear, NullEventLog())
+    update = WeightUpdate(executor, servers, no_export, False, NullEventLog())
     # As if the last reload had taken 5 s.
     update._last_reload_s = 5.0
     try:
@@ -388,7 +386,7 @@ def test_a_stop_during_a_stuck_recompute_ends_at_once() -> None:
     while executor.snapshot()["queue_size"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, NullEventLog())
+    update = WeightUpdate(executor, servers, no_export, True, NullEventLog())
     outcome: list[BaseException] = []
 
     def run_update() -> None:

@@ -93,7 +93,7 @@ class TrainingLoop:
             executor,
             servers,
             self.export_weights,
-            cfg.train.prox_mode,
+            plan.proximal_recompute,
             events,
             settle_timeout_s=cfg.train.update_timeout_s,
         )

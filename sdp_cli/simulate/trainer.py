@@ -75,7 +75,7 @@ class SimulatedTrainer:
             executor,
             pool,
             self._simulated_export,
-            cfg.train.prox_mode,
+            plan.proximal_recompute,
             events if events is not None else NullEventLog(),
             settle_timeout_s=time.loop_seconds(cfg.train.update_timeout_s),
             abort_every_s=time.loop_seconds(1.0),

@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sdp_cli.common.faults import hold_point
-from sdp_cli.config.run_plan import needs_proximal_recompute
-from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import ProximalRecomputeEvent, WeightUpdateEvent
 from sdp_cli.rollout.executor import RolloutExecutor
@@ -75,18 +73,20 @@ class WeightUpdate:
         executor: RolloutExecutor,
         servers: WeightTransport,
         export: ExportWeights,
-        prox_mode: ProxMode,
+        recompute: bool,
         events: EventSink,
         *,
         settle_timeout_s: float = 60.0,
         abort_every_s: float = 1.0,
     ) -> None:
-        """`settle_timeout_s` bounds step 3; the servers are asked to abort again every
-        `abort_every_s` meanwhile (a request in transit during one abort arrives after it)."""
+        """`recompute`: whether p_t comes from the servers' recompute (steps 2 and 3;
+        `RunPlan.proximal_recompute`). `settle_timeout_s` bounds step 3; the servers are asked to
+        abort again every `abort_every_s` meanwhile (a request in transit during one abort
+        arrives after it)."""
         self._executor = executor
         self._servers = servers
         self._export = export
-        self._recompute = needs_proximal_recompute(prox_mode)
+        self._recompute = recompute
         self._events = events
         self._settle_timeout_s = settle_timeout_s
         self._abort_every_s = abort_every_s
