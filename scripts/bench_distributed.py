@@ -26,7 +26,7 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.launcher.process import free_port
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.fsdp import trainer_actor
+from sdp_cli.trainer.fsdp import trainer_actor
 
 
 def synthetic_groups(cfg: SdpConfig, seed: int = 0) -> list[RolloutGroup]:

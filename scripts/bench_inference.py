@@ -27,6 +27,7 @@ from sdp_cli.inference import InferenceClient, SamplingParams
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body
 from sdp_cli.launcher import ServerFleet
 from sdp_cli.model import ensure_model_dir
+from sdp_cli.weight_sync.disk import DiskTransport
 
 # Loading the CA bundle for each of a hundred clients would cost the bare loop seconds of CPU.
 SHARED_SSL = ssl.create_default_context()
@@ -154,7 +155,7 @@ async def benchmark(fleet: ServerFleet, model_dir: Path, args: argparse.Namespac
             version = fleet.pool.target().version
             for i in range(args.updates):
                 version += 1
-                timings = await client.update_weights(str(dirs[i % 2]), version)
+                timings = await DiskTransport(client).load_weights(str(dirs[i % 2]), version)
                 for key in ("pause_s", "reload_s", "version_s", "resume_s", "total_s"):
                     phases.setdefault(key, []).append(timings[key])
             results["weight_update_median_s"] = {k: statistics.median(v) for k, v in phases.items()}

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import EvalEvent, TrainStepEvent
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "conf" / "examples" / "smollm2-chain-sum.yaml"

@@ -4,7 +4,7 @@ Measures, on the same model, tokens and torch threads:
 
 - `trainer_vs_hf`: tokens/s of the actor's train step at the defaults (`Actor.train_step`: the
   decoder forward under selective activation checkpointing, the LM head on the output positions
-  a chunk at a time (`sdp_cli/train/chunked_logprobs.py`), decoupled PPO loss, backward that
+  a chunk at a time (`sdp_cli/trainer/chunked_logprobs.py`), decoupled PPO loss, backward that
   recomputes the decoder's pointwise ops, fused AdamW step) over tokens/s of a plain Hugging
   Face step (no recompute)
   (`model(input_ids, labels=...)`: the full logits and the model's own cross-entropy,
@@ -114,12 +114,13 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import SdpConfig, TrainConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.model import ensure_model_dir
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor, load_model
-from sdp_cli.train.batch import TrainBatch
-from sdp_cli.train.weights import MEMORY_ROOT
+from sdp_cli.trainer.actor import Actor, load_model
+from sdp_cli.trainer.batch import TrainBatch
+from sdp_cli.weight_sync.versions import MEMORY_ROOT
 
 if TYPE_CHECKING:
     from sdp_cli.launcher.fleet import ServerFleet
@@ -596,7 +597,7 @@ def idle_reloads(fleet: ServerFleet, weights: Path, rounds: int = 3) -> list[flo
     Loads the model's own directory, as a version none of the runs used."""
     import httpx
 
-    from sdp_cli.inference.weights import update_server_weights
+    from sdp_cli.weight_sync.vllm_http import update_server_weights
 
     async def reload_all() -> list[float]:
         seconds: list[float] = []

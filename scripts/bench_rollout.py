@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.control import StalenessControl
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import make_strategy

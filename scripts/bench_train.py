@@ -35,10 +35,10 @@ from rich.console import Console
 
 from sdp_cli.commands.train import run_training, with_cpu_placement
 from sdp_cli.config import SdpConfig, load_config
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.model import ensure_model_dir
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
 
 ETAS = (0, 2)
 

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE, POINTS
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import Event
 from sdp_cli.launcher.process import group_alive, processes_of, still_running
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.positions import audit_positions
-from sdp_cli.telemetry.schema import Event
+from sdp_cli.views.position_audit import audit_positions
 
 SMALL = [
     "rollout.batch_size=4",

@@ -26,10 +26,11 @@ from sdp_cli.config import load_config
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.launcher.process import free_port
 from sdp_cli.model import ensure_model_dir
+from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from sdp_cli.train.fsdp import trainer_actor
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sdp_cli.trainer.fsdp import trainer_actor
 
 
 def groups_scored_by(actor: Actor) -> list[RolloutGroup]:

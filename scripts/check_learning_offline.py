@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import TaskConfig, TrainConfig
+from sdp_cli.config.task_settings import TaskConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.model import TinyModelSpec, init_tiny_model
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks import Task, decode_completion, get_task, load_tokenizer
-from sdp_cli.train.actor import Actor
+from sdp_cli.trainer.actor import Actor
 
 
 def parse_args() -> argparse.Namespace:

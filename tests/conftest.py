@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sdp_cli.launcher import ServerFleet
-from sdp_cli.model import TinyModelSpec, init_tiny_model
-from sdp_cli.telemetry.events import EventLog
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventLog
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     CapacityEvent,
     Event,
@@ -24,6 +22,8 @@ from sdp_cli.telemetry.schema import (
     TrainStepEvent,
     WeightUpdateEvent,
 )
+from sdp_cli.launcher import ServerFleet
+from sdp_cli.model import TinyModelSpec, init_tiny_model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

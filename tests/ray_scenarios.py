@@ -23,7 +23,8 @@ from sdp_cli.inference import InferenceClient, SamplingParams, ServerPool
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.ray_fleet import RayServerFleet
-from sdp_cli.launcher.registry import read_registry
+from sdp_cli.launcher.registry_file import read_registry
+from sdp_cli.weight_sync.disk import DiskTransport
 
 PROMPT = [1, 5, 6, 7]
 # Names of the processes a Ray instance runs (its services and its workers).
@@ -54,7 +55,7 @@ async def generate_on(address: str) -> list[int]:
 
 async def update_weights(fleet: RayServerFleet, weights_dir: Path, version: int) -> None:
     async with InferenceClient(fleet.pool) as client:
-        await client.update_weights(weights_dir, version)
+        await DiskTransport(client).load_weights(weights_dir, version)
 
 
 def fleet_scenario(run_dir: Path, model_dir: Path, weights_dir: Path) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdp_cli.config.schema import ProxMode, TrainConfig
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
+from sdp_cli.trainer.actor import Actor
 
 PROMPTS = [[1, 5, 6, 7, 45], [1, 8, 45], [1, 5, 5, 5, 5, 5, 5, 5, 45]]
 OUTPUTS = [[9, 9, 2], [10, 11, 12, 13, 14, 15, 2], [7]]

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.advantages import group_advantages
-from sdp_cli.train.batch import build_micro_batches, collate, flatten_groups, split_by_token_budget
+from sdp_cli.trainer.advantages import group_advantages
+from sdp_cli.trainer.batch import (
+    build_micro_batches,
+    collate,
+    flatten_groups,
+    split_by_token_budget,
+)
 
 PAD = 0
 
@@ -95,8 +100,8 @@ def test_collate_rejects_an_empty_list() -> None:
 
 
 def test_padding_fraction_counts_the_padded_positions() -> None:
-    from sdp_cli.train.actor import padding_fraction
-    from sdp_cli.train.batch import TokenSample
+    from sdp_cli.trainer.actor import padding_fraction
+    from sdp_cli.trainer.batch import TokenSample
 
     def sample(prompt: int, output: int) -> TokenSample:
         zeros = [0.0] * output

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdp_cli.config.schema import Device, TrainConfig
+from sdp_cli.config.server_settings import Device
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
+from sdp_cli.trainer.actor import Actor
 
 pytestmark = pytest.mark.cuda
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from sdp_cli.telemetry.events import EventLog
-from sdp_cli.telemetry.schema import EvalEvent, TrainStepEvent
+from sdp_cli.events.event_log import EventLog
+from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_learning.py"
 

@@ -14,25 +14,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sdp_cli.config.schema import TrainConfig
-from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.checkpoint import (
+from sdp_cli.config.train_settings import TrainConfig
+from sdp_cli.orchestrator.run_state import (
     TrainState,
     checkpoint_due,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
 )
-from sdp_cli.train.weights import (
-    SPARE_DIR,
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sdp_cli.weight_sync.export import (
     export_weights,
     reserve_export_files,
-    spare_files,
     tensors_for_servers,
     write_safetensors,
 )
+from sdp_cli.weight_sync.versions import SPARE_DIR, spare_files
 
 PROMPT = [1, 5, 6, 45]
 

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import TrainConfig
+from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.launcher import ServerFleet
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
+from sdp_cli.trainer.actor import Actor
 
 pytestmark = pytest.mark.vllm
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdp_cli.train.chunked_logprobs import chunked_logprobs_and_entropy
-from sdp_cli.train.token_stats import token_entropy
+from sdp_cli.trainer.chunked_logprobs import chunked_logprobs_and_entropy
+from sdp_cli.trainer.token_stats import token_entropy
 
 
 def whole(

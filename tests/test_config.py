@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import Strategy
+from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.run_plan import RunPlan, plan_run
 from sdp_cli.errors import ConfigError
 
 runner = CliRunner()
@@ -157,3 +158,23 @@ def test_sampling_the_loss_cannot_account_for_is_refused(override: str, key: str
 def test_temperature_and_untruncated_sampling_are_accepted() -> None:
     cfg = load_config(None, ["rollout.temperature=0.7", "rollout.top_k=0"])
     assert cfg.rollout.temperature == 0.7 and cfg.rollout.top_p == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "plan"),
+    [
+        ([], RunPlan(True, False, True, True)),
+        (["rollout.recompute_on=trainer"], RunPlan(True, True, True, True)),
+        (
+            ["train.prox_mode=loglinear", "rollout.recompute_on=trainer"],
+            RunPlan(False, False, False, True),
+        ),
+        (["rollout.max_staleness=0"], RunPlan(True, False, True, False)),
+        (
+            ["rollout.score_continuations=false", "train.overlap_reload=false"],
+            RunPlan(True, False, False, False),
+        ),
+    ],
+)
+def test_the_run_plan_resolves_what_the_config_implies(overrides: list[str], plan: RunPlan) -> None:
+    assert plan_run(load_config(overrides=overrides)) == plan

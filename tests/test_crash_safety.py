@@ -17,28 +17,24 @@ from pathlib import Path
 import pytest
 
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
-from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy, TrainConfig
-from sdp_cli.rollout.executor import Gate, RolloutExecutor
-from sdp_cli.rollout.positions import DataPositions, PositionState
-from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventLog, read_events
-from sdp_cli.telemetry.positions import audit_positions
-from sdp_cli.telemetry.schema import (
+from sdp_cli.config.rollout_settings import RolloutConfig, Strategy
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
+from sdp_cli.events.event_log import EventLog, read_events
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     CheckpointEvent,
     RunFinishedEvent,
     RunStartedEvent,
     TrainStepEvent,
 )
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.checkpoint import (
-    CheckpointWriteError,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from sdp_cli.train.weights import WeightsExportError, prune_versions
+from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
+from sdp_cli.rollout.executor import Gate, RolloutExecutor
+from sdp_cli.rollout.positions import DataPositions, PositionState
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from sdp_cli.views.position_audit import audit_positions
+from sdp_cli.weight_sync.versions import WeightsExportError, prune_versions
 
 Unwritable = Callable[[Path], AbstractContextManager[None]]
 

@@ -16,10 +16,8 @@ from rich.console import Console
 from rich.text import Text
 
 from sdp_cli.commands.train import report_server_states
-from sdp_cli.inference.pool import ServerPool, ServerState
-from sdp_cli.telemetry.dashboard import MAX_REFRESH_PER_SECOND, Dashboard
-from sdp_cli.telemetry.events import EventLog, EventRecorder, read_events
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventLog, EventRecorder, read_events
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     Event,
     RunStartedEvent,
@@ -27,6 +25,8 @@ from sdp_cli.telemetry.schema import (
     ServerStateEvent,
     TrainStepEvent,
 )
+from sdp_cli.inference.pool import ServerPool, ServerState
+from sdp_cli.views.dashboard import MAX_REFRESH_PER_SECOND, Dashboard
 
 
 @pytest.fixture
@@ -222,7 +222,7 @@ def test_a_display_bug_is_logged_counted_and_shown_not_raised(
         tokens_by_lag={},
         wait_s=0.0,
     )
-    with caplog.at_level(logging.ERROR, logger="sdp_cli.telemetry.dashboard"):
+    with caplog.at_level(logging.ERROR, logger="sdp_cli.views.dashboard"):
         dashboard.emit(broken)
     assert dashboard.error_count == 1
     assert dashboard.errors[0].startswith("batch_taken: TypeError")
@@ -292,15 +292,21 @@ def test_emitting_from_many_threads_while_rendering(recorded: Any) -> None:
     renderer = threading.Thread(target=render_loop)
     renderer.start()
 
-    def drop_many() -> None:
+    def drop_many(writer: int) -> None:
+        # A rollout is dropped once (the fold counts drops by rollout): each writer its own.
         for i in range(200):
             dashboard.emit(
                 SampleDroppedEvent(
-                    rollout_id=i, reason="head_lag", point="take", head_lag=3, tail_lag=0, version=3
+                    rollout_id=1000 * (writer + 1) + i,
+                    reason="head_lag",
+                    point="take",
+                    head_lag=3,
+                    tail_lag=0,
+                    version=3,
                 )
             )
 
-    writers = [threading.Thread(target=drop_many) for _ in range(4)]
+    writers = [threading.Thread(target=drop_many, args=(w,)) for w in range(4)]
     for writer in writers:
         writer.start()
     for writer in writers:

@@ -25,12 +25,12 @@ import pytest
 
 from sdp_cli.common.atomic import is_leftover
 from sdp_cli.common.faults import HOLD_AT, HOLD_FILE
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import Event
 from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.process import group_alive, processes_of, still_running
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.positions import audit_positions
-from sdp_cli.telemetry.schema import Event
-from sdp_cli.train.checkpoint import latest_checkpoint
+from sdp_cli.orchestrator.run_state import latest_checkpoint
+from sdp_cli.views.position_audit import audit_positions
 
 pytestmark = pytest.mark.vllm
 

@@ -24,17 +24,13 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.devices import visible_cuda_devices
 from sdp_cli.launcher.process import free_port
+from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.batch import TokenSample
-from sdp_cli.train.checkpoint import (
-    TrainState,
-    load_checkpoint,
-    read_model_tensors,
-    save_checkpoint,
-)
-from sdp_cli.train.distributed import TrainerRankDied, rank_info
-from sdp_cli.train.fsdp import split_across_ranks, trainer_actor
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.batch import TokenSample
+from sdp_cli.trainer.checkpoint import load_checkpoint, read_model_tensors, save_checkpoint
+from sdp_cli.trainer.distributed import TrainerRankDied, rank_info
+from sdp_cli.trainer.fsdp import split_across_ranks, trainer_actor
 
 PROMPTS = [[1, 5, 6, 7, 45], [1, 8, 45], [1, 5, 5, 5, 5, 5, 5, 5, 45], [1, 9, 9, 45]]
 OUTPUTS = [[9, 9, 2], [10, 11, 12, 13, 14, 15, 2], [7], [20, 21, 22, 23, 2]]

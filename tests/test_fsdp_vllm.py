@@ -14,7 +14,7 @@ import psutil
 import pytest
 from test_train_e2e import SMALL, descendants_alive, events_of, still_running_after, train
 
-from sdp_cli.telemetry.schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
+from sdp_cli.events.event_schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
 
 pytestmark = pytest.mark.vllm
 

@@ -38,6 +38,7 @@ from sdp_cli.inference.protocol import (
     versions_from_spans,
 )
 from sdp_cli.inference.types import Completion
+from sdp_cli.weight_sync.disk import DiskTransport
 
 A, B = "http://a:1", "http://b:2"
 
@@ -516,7 +517,9 @@ def test_weight_update_runs_the_protocol_on_every_ready_server(tmp_path: Path) -
     fake = FakeServers(lambda a, p, b: {"results": [None]} if p == "/collective_rpc" else {})
     pool = ServerPool([A, B, "http://c:3"])
     pool.set_state(2, ServerState.restarting)
-    timings = asyncio.run(make_client(pool, fake).update_weights(str(weights_dir(tmp_path)), 7))
+    timings = asyncio.run(
+        DiskTransport(make_client(pool, fake)).load_weights(str(weights_dir(tmp_path)), 7)
+    )
     for address in (A, B):
         assert fake.paths(address) == [
             "/pause",
@@ -543,7 +546,9 @@ def test_a_server_failing_the_update_is_handed_to_the_supervisor(tmp_path: Path)
 
     pool = ServerPool([A, B])
     timings = asyncio.run(
-        make_client(pool, FakeServers(handler)).update_weights(str(weights_dir(tmp_path)), 1)
+        DiskTransport(make_client(pool, FakeServers(handler))).load_weights(
+            str(weights_dir(tmp_path)), 1
+        )
     )
     assert timings["failed"] == 1 and timings["servers"] == 1
     assert pool.status(0).state == ServerState.restarting
@@ -555,7 +560,7 @@ def test_abort_generation_pauses_with_abort_and_resumes_every_ready_server() -> 
     fake = FakeServers(lambda a, p, b: {})
     pool = ServerPool([A, B, "http://c:3"])
     pool.set_state(2, ServerState.restarting)
-    asyncio.run(make_client(pool, fake).abort_generation())
+    asyncio.run(DiskTransport(make_client(pool, fake)).abort_generation())
     for address in (A, B):
         assert fake.paths(address) == ["/pause", "/resume"]
     assert fake.paths("http://c:3") == []
@@ -579,7 +584,9 @@ def test_update_fails_loudly_when_every_attached_server_fails(tmp_path: Path) ->
     fake = FakeServers(lambda a, p, b: httpx.Response(500))
     with pytest.raises(WeightUpdateError):
         asyncio.run(
-            make_client(ServerPool([A]), fake).update_weights(str(weights_dir(tmp_path)), 1)
+            DiskTransport(make_client(ServerPool([A]), fake)).load_weights(
+                str(weights_dir(tmp_path)), 1
+            )
         )
 
 
@@ -592,7 +599,7 @@ def test_under_a_supervisor_every_server_failing_the_update_is_restarted_not_fat
     pool = ServerPool([A])
     pool.supervised = True
     weights = weights_dir(tmp_path)
-    timings = asyncio.run(make_client(pool, fake).update_weights(str(weights), 1))
+    timings = asyncio.run(DiskTransport(make_client(pool, fake)).load_weights(str(weights), 1))
     assert timings["failed"] == 1 and timings["servers"] == 0
     assert pool.status(0).state == ServerState.restarting
     assert pool.take_restart_request(0) is not None
@@ -603,9 +610,9 @@ def test_an_incomplete_weights_dir_is_refused_before_any_server_is_touched(tmp_p
     fake = FakeServers(lambda a, p, b: {})
     client = make_client(ServerPool([A]), fake)
     with pytest.raises(WeightsDirError, match="safetensors"):
-        asyncio.run(client.update_weights(str(tmp_path), 1))
+        asyncio.run(DiskTransport(client).load_weights(str(tmp_path), 1))
     with pytest.raises(WeightsDirError, match="does not exist"):
-        asyncio.run(client.update_weights(str(tmp_path / "missing"), 1))
+        asyncio.run(DiskTransport(client).load_weights(str(tmp_path / "missing"), 1))
     assert fake.calls == []
 
 
@@ -680,7 +687,7 @@ def test_aborting_generation_goes_on_past_a_server_that_just_died() -> None:
 
     fake = FakeServers(handler)
     pool = ServerPool([A, B])
-    asyncio.run(make_client(pool, fake).abort_generation())
+    asyncio.run(DiskTransport(make_client(pool, fake)).abort_generation())
     assert fake.paths(B) == ["/pause", "/resume"]
     # Requests are steered to the server that answered until the health check catches up.
     assert {pool.acquire().index for _ in range(3)} == {1}  # type: ignore[union-attr]

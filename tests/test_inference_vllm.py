@@ -16,6 +16,7 @@ import pytest
 
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams
 from sdp_cli.launcher import ServerFleet
+from sdp_cli.weight_sync.disk import DiskTransport
 
 pytestmark = pytest.mark.vllm
 
@@ -216,7 +217,7 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
             vllm_fleet.pool, transport=recorder, score_continuations=True
         ) as client:
             old = current_version(vllm_fleet) + 1
-            await client.update_weights(str(first), old)
+            await DiskTransport(client).load_weights(str(first), old)
             tasks = [
                 asyncio.create_task(
                     # ignore_eos, not min_tokens: min_tokens masks EOS before sampling, and
@@ -227,14 +228,14 @@ def test_weight_update_mid_completion_gives_segments_with_the_servers_versions(
             ]
             # Let every completion get some tokens under `old`, then switch weights under them.
             await asyncio.sleep(0.5)
-            await client.update_weights(str(second), old + 1)
+            await DiskTransport(client).load_weights(str(second), old + 1)
             completions = await asyncio.gather(*tasks)
             under_second = [
                 await client.score(p, c.output_ids)
                 for p, c in zip(prompts, completions, strict=True)
             ]
             # Load the first weights again (as a new version) to score the old tokens.
-            await client.update_weights(str(first), old + 2)
+            await DiskTransport(client).load_weights(str(first), old + 2)
             under_first = [
                 await client.score(p, c.output_ids)
                 for p, c in zip(prompts, completions, strict=True)
@@ -282,7 +283,7 @@ def test_reload_changes_logprobs_and_weight_info(
         async with InferenceClient(vllm_fleet.pool) as client:
             before = await client.prompt_logprobs(sequence, len(PROMPT))
             version = current_version(vllm_fleet) + 1
-            timings = await client.update_weights(str(write_tiny_weights(3)), version)
+            timings = await DiskTransport(client).load_weights(str(write_tiny_weights(3)), version)
             assert timings["servers"] == 2 and timings["failed"] == 0
             after = await client.prompt_logprobs(sequence, len(PROMPT))
             return version, before, after
@@ -301,15 +302,15 @@ def test_at_temperature_the_trainer_and_the_recompute_match_the_behaviour_logpro
     """At T = 0.7 the servers report logprobs of softmax(z/T) (processed logprobs), the actor
     divides its logits by T and the recompute tempers vLLM's prompt logprobs: all three agree
     on the same weights; at T = 1 the trainer would not."""
-    from sdp_cli.config.schema import TrainConfig
-    from sdp_cli.train.actor import Actor
+    from sdp_cli.config.train_settings import TrainConfig
+    from sdp_cli.trainer.actor import Actor
 
     temperature = 0.7
     weights = write_tiny_weights(21)
 
     async def go() -> tuple[list[Completion], list[list[float]]]:
         async with InferenceClient(vllm_fleet.pool) as client:
-            await client.update_weights(str(weights), current_version(vllm_fleet) + 1)
+            await DiskTransport(client).load_weights(str(weights), current_version(vllm_fleet) + 1)
             completions = await asyncio.gather(
                 *(
                     client.generate(PROMPT, SamplingParams(temperature=temperature, seed=s), 24)

@@ -20,9 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
-from sdp_cli.telemetry import report
-from sdp_cli.telemetry.events import event_line
-from sdp_cli.telemetry.schema import RunStartedEvent
+from sdp_cli.events.event_log import event_line
+from sdp_cli.events.event_schema import RunStartedEvent
+from sdp_cli.views import staleness_report as report
 
 runner = CliRunner()
 

@@ -25,12 +25,13 @@ import pytest
 
 from sdp_cli.commands.signals import stop_on_signals
 from sdp_cli.config import load_config
+from sdp_cli.events.event_log import EventLog, read_events
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
-from sdp_cli.inference.errors import NoServerAvailableError, PoisonRequestError
+from sdp_cli.inference.client_errors import NoServerAvailableError, PoisonRequestError
 from sdp_cli.launcher import ServerFleet, ServerStartError, read_registry
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, group_alive
-from sdp_cli.telemetry.events import EventLog, read_events
-from sdp_cli.telemetry.schema import ServerStateEvent
+from sdp_cli.weight_sync.disk import DiskTransport
 
 # ---- the fake server (runs in its own process) -------------------------------------------
 
@@ -317,7 +318,7 @@ def test_a_server_failing_a_weight_update_is_restarted_and_synced(
 
     async def update() -> dict[str, float]:
         async with InferenceClient(fleet.pool) as client:
-            return await client.update_weights(str(weights), 5)
+            return await DiskTransport(client).load_weights(str(weights), 5)
 
     timings = asyncio.run(update())
     assert timings["failed"] == 1

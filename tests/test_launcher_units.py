@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import Device
+from sdp_cli.config.server_settings import Device
 from sdp_cli.launcher import (
     DeviceAllocationError,
     RegistryEntry,

@@ -17,11 +17,12 @@ import psutil
 import pytest
 from server_kill import kill_while_serving
 
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerPool, ServerState
 from sdp_cli.launcher import ServerFleet, read_registry
 from sdp_cli.launcher.process import group_alive
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import ServerStateEvent
+from sdp_cli.weight_sync.disk import DiskTransport
 
 pytestmark = pytest.mark.vllm
 
@@ -52,7 +53,7 @@ def test_killed_server_is_restarted_and_synced_and_no_request_is_lost(
 
     async def load_weights() -> None:
         async with InferenceClient(vllm_fleet.pool) as client:
-            await client.update_weights(str(write_tiny_weights(4)), version)
+            await DiskTransport(client).load_weights(str(write_tiny_weights(4)), version)
 
     asyncio.run(load_weights())
     expected = asyncio.run(score_on(vllm_fleet.addresses[1]))

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sdp_cli.config.schema import ProxMode, TrainConfig, WeightBoundMode
-from sdp_cli.train.advantages import group_advantages
-from sdp_cli.train.loss import (
+from sdp_cli.config.train_settings import ProxMode, TrainConfig, WeightBoundMode
+from sdp_cli.trainer.advantages import group_advantages
+from sdp_cli.trainer.loss import (
     LossSettings,
     LossStats,
     decoupled_ppo_loss,

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from sdp_cli.telemetry.events import EventLog, read_events
-from sdp_cli.telemetry.metrics import MetricsSink, open_writers
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventLog, read_events
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     EvalEvent,
     SampleDroppedEvent,
     TrainStepEvent,
     WeightUpdateEvent,
 )
+from sdp_cli.events.metrics import MetricsSink, open_writers
 
 
 def emit_a_short_run(sink: MetricsSink) -> None:

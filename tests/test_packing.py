@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdp_cli.config.schema import TrainConfig
-from sdp_cli.train.actor import Actor
-from sdp_cli.train.batch import build_micro_batches
-from sdp_cli.train.packing import first_fit_rows, pack_batch
+from sdp_cli.config.train_settings import TrainConfig
+from sdp_cli.trainer.actor import Actor
+from sdp_cli.trainer.batch import build_micro_batches
+from sdp_cli.trainer.packing import first_fit_rows, pack_batch
 from tests.test_actor import PROMPTS, stale_groups
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from sdp_cli.config import load_config
 from sdp_cli.inference import Completion, InferenceClient, SamplingParams
-from sdp_cli.inference.errors import InferenceError
+from sdp_cli.inference.client_errors import InferenceError
 from sdp_cli.launcher import ServerFleet
 from sdp_cli.launcher.command import CPU_DEFAULT_BATCHED_TOKENS
 

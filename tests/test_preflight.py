@@ -211,7 +211,7 @@ def test_a_run_directory_that_holds_a_run(tmp_path: Path) -> None:
 def test_a_memory_weights_dir_needs_dev_shm_and_local_servers(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sdp_cli.train import weights
+    from sdp_cli.weight_sync import versions
 
     code, output = dry_run(tmp_path, "train.weights_dir=memory")
     assert code == 0 and "weight exports in /dev/shm/sdp-weights-" in output, output
@@ -232,7 +232,7 @@ def test_a_memory_weights_dir_needs_dev_shm_and_local_servers(
         "train.keep_weights=1000000",
         hint="--shm-size",
     )
-    monkeypatch.setattr(weights, "MEMORY_ROOT", tmp_path / "no-shm")
+    monkeypatch.setattr(versions, "MEMORY_ROOT", tmp_path / "no-shm")
     monkeypatch.setattr("sdp_cli.commands.preflight.MEMORY_ROOT", tmp_path / "no-shm")
     refused(tmp_path, "train.weights_dir", "train.weights_dir=memory", hint="does not have")
 

@@ -21,8 +21,8 @@ from typing import TypeVar
 
 import pytest
 
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     Event,
     ServerStateEvent,

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from sdp_cli.cli import app
 from sdp_cli.commands.train import with_cpu_placement
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import Device, RayConfig, ServerConfig
+from sdp_cli.config.server_settings import Device, RayConfig, ServerConfig
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.ray_actor import (
@@ -25,9 +26,8 @@ from sdp_cli.launcher.ray_actor import (
 )
 from sdp_cli.launcher.ray_cluster import server_resources
 from sdp_cli.launcher.ray_fleet import RayServerFleet
-from sdp_cli.launcher.registry import RegistryEntry, read_registry, write_registry
-from sdp_cli.telemetry.dashboard import Dashboard
-from sdp_cli.telemetry.schema import ServerStateEvent
+from sdp_cli.launcher.registry_file import RegistryEntry, read_registry, write_registry
+from sdp_cli.views.dashboard import Dashboard
 
 runner = CliRunner()
 

@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode, RolloutConfig, Strategy
+from sdp_cli.config.rollout_settings import RolloutConfig, Strategy
+from sdp_cli.config.train_settings import ProxMode
+from sdp_cli.events.event_log import EventRecorder
+from sdp_cli.events.event_schema import (
+    BatchTakenEvent,
+    CapacityEvent,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    SampleDroppedEvent,
+)
 from sdp_cli.rollout.executor import (
     ExecutorError,
     ExecutorStopped,
@@ -22,14 +31,6 @@ from sdp_cli.rollout.executor import (
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.simulate.clock import VirtualTimeLoop
-from sdp_cli.telemetry.events import EventRecorder
-from sdp_cli.telemetry.schema import (
-    BatchTakenEvent,
-    CapacityEvent,
-    RolloutFinishedEvent,
-    RolloutSubmittedEvent,
-    SampleDroppedEvent,
-)
 
 
 def trajectory(versions: list[int], reward: float = 1.0) -> Trajectory:

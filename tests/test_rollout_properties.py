@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.control import StalenessControl
 from sdp_cli.rollout.recompute import write_proximal
 from sdp_cli.rollout.staleness import StalenessManager, conservation_holds

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.train_settings import ProxMode
+from sdp_cli.events.event_log import EventRecorder
+from sdp_cli.events.event_schema import BatchTakenEvent, RolloutFinishedEvent, SampleDroppedEvent
 from sdp_cli.rollout.control import StalenessControl
 from sdp_cli.rollout.staleness import StalenessManager, conservation_holds
 from sdp_cli.rollout.strategy import (
@@ -15,8 +17,6 @@ from sdp_cli.rollout.strategy import (
     make_strategy,
 )
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventRecorder
-from sdp_cli.telemetry.schema import BatchTakenEvent, RolloutFinishedEvent, SampleDroppedEvent
 
 
 def group(*token_versions: list[int], recompute_version: int = -1, rid: int = 0) -> RolloutGroup:

@@ -17,11 +17,10 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.config.schema import ProxMode, Strategy
-from sdp_cli.simulate import parse_sweep, run_simulation
-from sdp_cli.simulate.clock import VirtualTimeLoop
-from sdp_cli.telemetry.events import EventRecorder
-from sdp_cli.telemetry.schema import (
+from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.train_settings import ProxMode
+from sdp_cli.events.event_log import EventRecorder
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     ProximalRecomputeEvent,
     RolloutFinishedEvent,
@@ -31,6 +30,8 @@ from sdp_cli.telemetry.schema import (
     TrainStepEvent,
     parse_event,
 )
+from sdp_cli.simulate import parse_sweep, run_simulation
+from sdp_cli.simulate.clock import VirtualTimeLoop
 
 runner = CliRunner()
 

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import load_config
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import TrainStepEvent
 from sdp_cli.simulate import run_simulation
 from sdp_cli.simulate.calibrate import (
     fixed_step_s,
@@ -21,8 +23,6 @@ from sdp_cli.simulate.calibrate import (
     steady_train_steps,
     step_time_line,
 )
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import TrainStepEvent
 
 runner = CliRunner()
 

@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 import pytest
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import SimulateConfig
+from sdp_cli.config.simulate_settings import SimulateConfig
 from sdp_cli.simulate import run_simulation
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
-from sdp_cli.simulate.server import SimulatedSegment, SimulatedServer
+from sdp_cli.simulate.sim_server import SimulatedSegment, SimulatedServer
 
 T = TypeVar("T")
 

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.config.schema import ProxMode, Strategy
+from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.simulate import run_simulation
 from sdp_cli.simulate.clock import VirtualTimeLoop
 

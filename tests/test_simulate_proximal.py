@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import ProxMode
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.recompute import ProximalRecomputer, RecomputeStats
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.simulate import run_simulation
@@ -21,7 +21,7 @@ from sdp_cli.simulate.proximal_check import (
     scored_version,
     simulated_logprob,
 )
-from sdp_cli.simulate.server import SimulatedSegment, SimulatedServer
+from sdp_cli.simulate.sim_server import SimulatedSegment, SimulatedServer
 
 runner = CliRunner()
 

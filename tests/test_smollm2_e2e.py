@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
 from sdp_cli.inference import client as client_module
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import EvalEvent, TrainStepEvent
-from sdp_cli.train.samples import read_samples
+from sdp_cli.orchestrator.sample_log import read_samples
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()

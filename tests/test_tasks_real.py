@@ -12,7 +12,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from sdp_cli.config import load_config
-from sdp_cli.config.schema import TaskConfig
+from sdp_cli.config.task_settings import TaskConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.tasks import PromptFormat, Task, decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.math import math_verify_reward

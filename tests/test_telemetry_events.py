@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sdp_cli.telemetry.events import (
+from sdp_cli.events.event_log import (
     EventLog,
     EventTail,
     NullEventLog,
@@ -16,7 +16,7 @@ from sdp_cli.telemetry.events import (
     parse_event_line,
     read_events,
 )
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     RolloutSubmittedEvent,
     ServerStateEvent,
@@ -117,17 +117,17 @@ def test_tail_reads_lines_split_across_chunks(tmp_path: Path) -> None:
     assert tail.skipped_lines == 0
 
 
-def test_telemetry_imports_no_other_sdp_part() -> None:
+def test_views_import_no_sdp_part_but_events() -> None:
     code = (
         "import sys\n"
-        "import sdp_cli.telemetry.dashboard, sdp_cli.telemetry.report, sdp_cli.telemetry.plot\n"
+        "import sdp_cli.views.dashboard, sdp_cli.views.staleness_report, sdp_cli.views.plot\n"
         "others = sorted(m for m in sys.modules if m.startswith('sdp_cli.')"
-        " and not m.startswith(('sdp_cli.telemetry', 'sdp_cli.errors')))\n"
+        " and not m.startswith(('sdp_cli.events', 'sdp_cli.views', 'sdp_cli.errors')))\n"
         "print(others, 'matplotlib' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    # Nothing but telemetry and errors; matplotlib only once a plot is asked for.
+    # Nothing but events, views and errors; matplotlib only once a plot is asked for.
     assert result.stdout.strip() == "[] False"
 
 

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import pytest
 
-from sdp_cli.telemetry.events import event_line
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import event_line
+from sdp_cli.events.event_schema import (
     EVENT_TYPES,
     BatchTakenEvent,
     Event,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     CapacityEvent,
     RolloutFinishedEvent,
@@ -13,8 +13,8 @@ from sdp_cli.telemetry.schema import (
     SampleDroppedEvent,
     TrainStepEvent,
 )
-from sdp_cli.telemetry.staleness import summarize
-from sdp_cli.telemetry.widgets import format_duration, format_rate, sparkline
+from sdp_cli.views.staleness_analysis import summarize
+from sdp_cli.views.widgets import format_duration, format_rate, sparkline
 
 
 def run_started(**overrides: Any) -> RunStartedEvent:

@@ -18,10 +18,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
-from sdp_cli.launcher.devices import split_cpu_cores
-from sdp_cli.telemetry.dashboard import Dashboard
-from sdp_cli.telemetry.events import read_events
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import (
     BatchTakenEvent,
     EvalEvent,
     Event,
@@ -33,7 +31,9 @@ from sdp_cli.telemetry.schema import (
     WeightUpdateEvent,
     parse_event,
 )
-from sdp_cli.train.samples import read_samples
+from sdp_cli.launcher.devices import split_cpu_cores
+from sdp_cli.orchestrator.sample_log import read_samples
+from sdp_cli.views.dashboard import Dashboard
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()

@@ -16,16 +16,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdp_cli.config.schema import EvalConfig, LrSchedule, RolloutConfig, TrainConfig
+from sdp_cli.config.eval_settings import EvalConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.train_settings import LrSchedule, TrainConfig
 from sdp_cli.inference.types import Completion
+from sdp_cli.orchestrator.evaluate import Evaluator, summarize_rewards
+from sdp_cli.orchestrator.sample_log import SampleLog, read_samples, version_spans
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
-from sdp_cli.train.actor import load_model
-from sdp_cli.train.evaluate import Evaluator, summarize_rewards
-from sdp_cli.train.recompute_activations import enable_gradient_checkpointing
-from sdp_cli.train.samples import SampleLog, read_samples, version_spans
-from sdp_cli.train.schedule import lr_at
-from sdp_cli.train.token_stats import k3, token_entropy
+from sdp_cli.trainer.actor import load_model
+from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
+from sdp_cli.trainer.schedule import lr_at
+from sdp_cli.trainer.token_stats import k3, token_entropy
 from tests.test_actor import make_actor, on_policy_groups, stale_groups, weights
 
 # ---- learning-rate schedule -----------------------------------------------------------------
@@ -288,8 +290,8 @@ def test_sdp_samples_shows_the_records_and_filters_dropped(tmp_path: Path) -> No
 
 
 def test_inspect_staleness_reports_eval_accuracy(tmp_path: Path) -> None:
-    from sdp_cli.telemetry.schema import EvalEvent
-    from sdp_cli.telemetry.staleness import summarize
+    from sdp_cli.events.event_schema import EvalEvent
+    from sdp_cli.views.staleness_analysis import summarize
 
     evals = [
         EvalEvent(
@@ -309,7 +311,7 @@ def test_inspect_staleness_reports_eval_accuracy(tmp_path: Path) -> None:
     assert [row["accuracy"] for row in summary.to_dict()["evals"]] == [0.25, 0.5]
     from rich.console import Console
 
-    from sdp_cli.telemetry.report import render_summary
+    from sdp_cli.views.staleness_report import render_summary
 
     console = Console(record=True, width=200)
     console.print(render_summary(summary))

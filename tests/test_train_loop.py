@@ -13,15 +13,17 @@ from typing import Any
 import pytest
 
 from sdp_cli.config import SdpConfig, load_config
-from sdp_cli.config.schema import ProxMode, RolloutConfig, TrainConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.run_plan import plan_run
+from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
+from sdp_cli.events.event_log import EventRecorder
+from sdp_cli.events.event_schema import TrainStepEvent, WeightUpdateEvent
+from sdp_cli.orchestrator.loop import NonFiniteTrainingError, TrainingLoop
+from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventRecorder
-from sdp_cli.telemetry.schema import TrainStepEvent, WeightUpdateEvent
-from sdp_cli.train.checkpoint import TrainState
-from sdp_cli.train.loop import NonFiniteTrainingError, TrainingLoop
 
 
 class OneTokenWorkflow:
@@ -113,6 +115,7 @@ def run_loop(
         sink,
         data_positions=PositionState,
         start=TrainState(step=0, version=0, data_position=0),
+        plan=plan_run(cfg),
     )
     try:
         outcome: Any = loop.run()

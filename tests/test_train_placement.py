@@ -12,7 +12,7 @@ from rich.console import Console
 
 from sdp_cli.commands.train import TrainSummary, pinned_to, print_summary, with_cpu_placement
 from sdp_cli.config import load_config
-from sdp_cli.train.loop import LoopResult
+from sdp_cli.orchestrator.loop import LoopResult
 
 
 @pytest.fixture

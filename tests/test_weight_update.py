@@ -12,14 +12,16 @@ from typing import Any
 
 import pytest
 
-from sdp_cli.config.schema import ProxMode, RolloutConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.run_plan import needs_proximal_recompute
+from sdp_cli.config.train_settings import ProxMode
+from sdp_cli.events.event_log import EventRecorder, NullEventLog
+from sdp_cli.events.event_schema import WeightUpdateEvent
 from sdp_cli.rollout.executor import ExecutorStopped, Gate, RolloutExecutor
-from sdp_cli.rollout.recompute import count_missing_recompute, needs_proximal_recompute
+from sdp_cli.rollout.recompute import count_missing_recompute
 from sdp_cli.rollout.staleness import conservation_holds
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventRecorder, NullEventLog
-from sdp_cli.telemetry.schema import WeightUpdateEvent
-from sdp_cli.train.update import WeightUpdate
+from sdp_cli.weight_sync.sequence import WeightUpdate
 
 # Tokens made before the update's version; the recompute at v = 1 rewrites them.
 OLD_VERSION = 0
@@ -140,9 +142,7 @@ def test_a_rollout_that_finishes_mid_recompute_is_scored_before_the_servers_relo
         while executor.snapshot()["queue_size"] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        update = WeightUpdate(
-            executor, servers, no_export, ProxMode.segment, NullEventLog(), abort_every_s=0.2
-        )
+        update = WeightUpdate(executor, servers, no_export, True, NullEventLog(), abort_every_s=0.2)
         result = executor.run_sync(update.run(1), timeout=10)
         # The third rollout was still generating: the abort parked it at the gate instead.
         assert servers.calls[0] == "abort" and servers.calls[-1] == "load"
@@ -213,7 +213,7 @@ def update_over_buffer(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     events = EventRecorder()
-    return executor, WeightUpdate(executor, servers, no_export, ProxMode.segment, events), events
+    return executor, WeightUpdate(executor, servers, no_export, True, events), events
 
 
 def test_take_next_hands_over_the_scored_batch_while_the_servers_still_reload() -> None:
@@ -283,7 +283,7 @@ def test_take_next_waits_for_a_running_rollout_that_completes_the_batch() -> Non
     executor.restore(1)
     servers.release(FIRST)
     executor.start()
-    update = WeightUpdate(executor, servers, no_export, ProxMode.loglinear, NullEventLog())
+    update = WeightUpdate(executor, servers, no_export, False, NullEventLog())
     # As if the last reload had taken 5 s.
     update._last_reload_s = 5.0
     try:
@@ -386,7 +386,7 @@ def test_a_stop_during_a_stuck_recompute_ends_at_once() -> None:
     while executor.snapshot()["queue_size"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    update = WeightUpdate(executor, servers, no_export, ProxMode.segment, NullEventLog())
+    update = WeightUpdate(executor, servers, no_export, True, NullEventLog())
     outcome: list[BaseException] = []
 
     def run_update() -> None:

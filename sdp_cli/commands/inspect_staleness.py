@@ -9,7 +9,7 @@ from typing import TextIO
 
 from rich.console import Console
 
-from sdp_cli.telemetry.report import (
+from sdp_cli.views.staleness_report import (
     check_plot_target,
     follow_log,
     locate_event_log,
@@ -43,7 +43,7 @@ def inspect_staleness(
         else:
             console.print(render_summary(summary, source=str(log_path)))
     if plot is not None and summary is not None:
-        from sdp_cli.telemetry.plot import write_plot
+        from sdp_cli.views.plot import write_plot
 
         write_plot(summary, plot)
         if not as_json:

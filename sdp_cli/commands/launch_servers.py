@@ -13,14 +13,14 @@ from rich.table import Table
 from sdp_cli.commands.preflight import check_model_fits_servers
 from sdp_cli.commands.signals import Terminated, signals_ignored
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.events.event_log import EventLog
 from sdp_cli.inference.pool import ServerState
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.command import check_vllm_installed
 from sdp_cli.launcher.fleet import ServerFleet
 from sdp_cli.launcher.server import ServerStartError
 from sdp_cli.model import check_model_dir, ensure_model_dir
-from sdp_cli.telemetry.dashboard import short_node
-from sdp_cli.telemetry.events import EventLog
+from sdp_cli.views.dashboard import short_node
 
 _STATE_STYLE = {
     ServerState.starting: "yellow",

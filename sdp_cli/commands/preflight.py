@@ -14,14 +14,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import (
-    Device,
-    ModelConfig,
-    RayConfig,
-    SdpConfig,
-    ServerBackend,
-    ServerConfig,
-)
+from sdp_cli.config.model_settings import ModelConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,
@@ -31,11 +26,11 @@ from sdp_cli.launcher.command import (
     servers_may_be_remote,
 )
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
-from sdp_cli.launcher.registry import RegistryError, read_registry
+from sdp_cli.launcher.registry_file import RegistryError, read_registry
 from sdp_cli.model import builtin_name, check_model_dir, smollm2
+from sdp_cli.orchestrator.run_state import latest_checkpoint
 from sdp_cli.tasks import check_task, get_task, load_tokenizer
-from sdp_cli.train.checkpoint import latest_checkpoint
-from sdp_cli.train.weights import MEMORY_ROOT, MEMORY_WEIGHTS, weights_dir_for
+from sdp_cli.weight_sync.versions import MEMORY_ROOT, MEMORY_WEIGHTS, weights_dir_for
 
 # What `sdp train` writes into run.dir; any of the first two means a run is already there.
 RUN_FILES = (
@@ -228,8 +223,8 @@ def check_registry(path: Path) -> str:
 
 
 def check_trainer_device(cfg: SdpConfig) -> list[str]:
-    from sdp_cli.train.actor import torch_device
-    from sdp_cli.train.distributed import compute_dtype, total_ranks, trainer_on_cuda
+    from sdp_cli.trainer.actor import torch_device
+    from sdp_cli.trainer.distributed import compute_dtype, total_ranks, trainer_on_cuda
 
     device = torch_device(cfg.train.device)
     dtype = str(compute_dtype(cfg.train)).removeprefix("torch.")

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdp_cli.errors import SdpError
-from sdp_cli.train.samples import SAMPLES_FILE, read_samples
+from sdp_cli.orchestrator.sample_log import SAMPLES_FILE, read_samples
 
 
 def locate_samples(run_dir: Path) -> Path:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from sdp_cli.config import SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.events.event_log import EventLog
 from sdp_cli.simulate import parse_sweep, run_simulation, run_sweep
 from sdp_cli.simulate.calibrate import (
     Calibration,
@@ -19,7 +20,6 @@ from sdp_cli.simulate.calibrate import (
     simulate_to_log,
 )
 from sdp_cli.simulate.report import print_result, print_sweep, to_json
-from sdp_cli.telemetry.events import EventLog
 
 # Loads the config from the command's arguments plus the extra overrides given.
 ConfigLoader = Callable[[list[str]], SdpConfig]

@@ -22,41 +22,38 @@ from transformers import PreTrainedTokenizerBase
 from sdp_cli.commands.dry_run import print_dry_run
 from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, preflight
 from sdp_cli.config import SdpConfig, config_to_yaml
-from sdp_cli.config.schema import Device
+from sdp_cli.config.run_plan import RunPlan, plan_run
+from sdp_cli.config.server_settings import Device
 from sdp_cli.errors import ConfigError
+from sdp_cli.events.event_log import EventLog, EventSink
+from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent
+from sdp_cli.events.metrics import MetricsSink, open_writers
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.backends import make_fleet
 from sdp_cli.launcher.command import server_device, servers_may_be_remote
 from sdp_cli.launcher.devices import split_cpu_cores
 from sdp_cli.launcher.process import free_port
-from sdp_cli.launcher.registry import attach_servers
+from sdp_cli.launcher.registry_file import attach_servers
 from sdp_cli.model import ensure_model_dir
+from sdp_cli.orchestrator.evaluate import Evaluator
+from sdp_cli.orchestrator.loop import LoopResult, TrainingLoop
+from sdp_cli.orchestrator.run_started import run_started_event
+from sdp_cli.orchestrator.run_state import TrainState, latest_checkpoint
+from sdp_cli.orchestrator.sample_log import SAMPLES_FILE, SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
-from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
-from sdp_cli.telemetry.dashboard import Dashboard
-from sdp_cli.telemetry.events import EventLog, EventSink
-from sdp_cli.telemetry.metrics import MetricsSink, open_writers
-from sdp_cli.telemetry.schema import RunFinishedEvent, ServerStateEvent
-from sdp_cli.train.actor import Actor, torch_device
-from sdp_cli.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from sdp_cli.train.distributed import total_ranks
-from sdp_cli.train.evaluate import Evaluator
-from sdp_cli.train.fsdp import serve_worker_node, trainer_actor
-from sdp_cli.train.loop import LoopResult, TrainingLoop
-from sdp_cli.train.run_started import run_started_event
-from sdp_cli.train.samples import SAMPLES_FILE, SampleLog
-from sdp_cli.train.update import InferenceServers
-from sdp_cli.train.weights import (
-    MEMORY_WEIGHTS,
-    export_dtype,
-    reserve_export_files,
-    weights_dir_for,
-)
+from sdp_cli.trainer.actor import Actor, torch_device
+from sdp_cli.trainer.checkpoint import load_checkpoint
+from sdp_cli.trainer.distributed import total_ranks
+from sdp_cli.trainer.fsdp import serve_worker_node, trainer_actor
+from sdp_cli.views.dashboard import Dashboard
+from sdp_cli.weight_sync.disk import DiskTransport
+from sdp_cli.weight_sync.export import export_dtype, reserve_export_files
+from sdp_cli.weight_sync.versions import MEMORY_WEIGHTS, weights_dir_for
 
 
 @dataclass
@@ -230,6 +227,8 @@ class RunInputs:
     """What the steps after `prepare_inputs` share: nothing here runs or holds a process."""
 
     cfg: SdpConfig
+    # What the config implies for the run, resolved once.
+    plan: RunPlan
     run_dir: Path
     model_dir: Path
     tokenizer: PreTrainedTokenizerBase
@@ -257,12 +256,14 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         )
         events = open_event_log(stack, dashboard, run)
         events.emit(
-            run_started_event(cfg, resumed_from_step=run.state.step, version=run.state.version)
+            run_started_event(
+                cfg, run.plan, resumed_from_step=run.state.step, version=run.state.version
+            )
         )
         started = time.monotonic()
         console.print(f"run dir {run.run_dir}: starting servers...", highlight=False)
         pool = stack.enter_context(server_pool(cfg, run.model_dir, run.run_dir, events))
-        client = inference_client(cfg, pool, run.tokenizer)
+        client = inference_client(cfg, run.plan, pool, run.tokenizer)
         positions = restored_positions(run.state)
         workflow = rollout_workflow(run, client, positions)
         executor = start_executor(
@@ -276,10 +277,11 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             cfg,
             run.actor,
             executor,
-            InferenceServers(client),
+            DiskTransport(client),
             events,
             data_positions=positions.state,
             start=run.state,
+            plan=run.plan,
             evaluator=evaluator(run, client, workflow.stop_token_ids),
             samples=samples,
         )
@@ -314,7 +316,9 @@ def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     actor = stack.enter_context(trainer_actor(cfg, model_dir, run_dir / "logs"))
     state = restore_state(cfg, run_dir, actor)
     weights_dir = weights_dir_for(cfg.train.weights_dir, run_dir)
-    return RunInputs(cfg, run_dir, model_dir, tokenizer, task, actor, state, weights_dir)
+    return RunInputs(
+        cfg, plan_run(cfg), run_dir, model_dir, tokenizer, task, actor, state, weights_dir
+    )
 
 
 def open_event_log(stack: ExitStack, dashboard: Dashboard, run: RunInputs) -> EventSink:
@@ -382,7 +386,7 @@ def evaluator(
 
 
 def inference_client(
-    cfg: SdpConfig, pool: ServerPool, tokenizer: PreTrainedTokenizerBase
+    cfg: SdpConfig, plan: RunPlan, pool: ServerPool, tokenizer: PreTrainedTokenizerBase
 ) -> InferenceClient:
     return InferenceClient(
         pool,
@@ -390,7 +394,7 @@ def inference_client(
         update_timeout_s=cfg.train.update_timeout_s,
         max_model_len=cfg.server.max_model_len,
         eos_token_id=tokenizer.eos_token_id,
-        score_continuations=scores_continuations(cfg),
+        score_continuations=plan.scores_continuations,
     )
 
 
@@ -452,7 +456,8 @@ def give_servers_trainer_weights(
         run.weights_dir, run.state.version, export_dtype(cfg.server.dtype)
     )
     executor.run_sync(
-        client.update_weights(initial, run.state.version), timeout=cfg.train.update_timeout_s * 2
+        DiskTransport(client).load_weights(initial, run.state.version),
+        timeout=cfg.train.update_timeout_s * 2,
     )
 
 

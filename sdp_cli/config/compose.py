@@ -12,7 +12,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdp_cli.config.errors import config_error_from_exception
+from sdp_cli.config.hydra_errors import config_error_from_exception
 from sdp_cli.config.schema import SdpConfig, register_schema
 from sdp_cli.config.validate import validate
 from sdp_cli.errors import ConfigError

@@ -11,7 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdp_cli.config.schema import Rule, declared_keys
+from sdp_cli.config.schema import declared_keys
+from sdp_cli.config.setting import Rule
 from sdp_cli.errors import ConfigError
 
 

@@ -1,8 +1,9 @@
-"""Async client for the vLLM servers: segmented generation, prompt logprobs, weight updates,
-routing over a shared ServerPool. Independent of the launcher (the launcher imports this)."""
+"""Async client for the vLLM servers: segmented generation, prompt logprobs, routing over a
+shared ServerPool. Independent of the launcher (the launcher imports this); weight updates are
+`weight_sync`'s."""
 
 from sdp_cli.inference.client import InferenceClient
-from sdp_cli.inference.errors import (
+from sdp_cli.inference.client_errors import (
     InferenceError,
     NoServerAvailableError,
     RequestFailedError,
@@ -14,7 +15,6 @@ from sdp_cli.inference.errors import (
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus, WeightsTarget
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME, parse_version
 from sdp_cli.inference.types import Completion, Gate, SamplingParams, Segment
-from sdp_cli.inference.weights import check_weights_dir
 
 __all__ = [
     "SERVED_MODEL_NAME",
@@ -34,6 +34,5 @@ __all__ = [
     "WeightUpdateError",
     "WeightsDirError",
     "WeightsTarget",
-    "check_weights_dir",
     "parse_version",
 ]

@@ -17,21 +17,19 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from sdp_cli.inference.connections import ConnectionPool
-from sdp_cli.inference.errors import (
+from sdp_cli.inference.client_errors import (
     NoServerAvailableError,
     PoisonRequestError,
     RequestFailedError,
     RequestRejectedError,
-    WeightUpdateError,
 )
+from sdp_cli.inference.connections import ConnectionPool
 from sdp_cli.inference.poison import POISON_DEATHS, DeathWitness
-from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
+from sdp_cli.inference.pool import ServerPool, ServerStatus
 from sdp_cli.inference.protocol import (
     ABORT_PATH,
     COMPLETIONS_PATH,
@@ -45,14 +43,6 @@ from sdp_cli.inference.protocol import (
     prompt_logprobs_body,
 )
 from sdp_cli.inference.types import Completion, Gate, SamplingParams
-from sdp_cli.inference.weights import (
-    PHASES,
-    PhaseTimings,
-    check_weights_dir,
-    pause_server,
-    resume_server,
-    update_server_weights,
-)
 
 BodyFactory = Callable[[], dict[str, Any]]
 # (prompt_ids, output_ids)
@@ -260,84 +250,6 @@ class InferenceClient:
         )
         return parse_prompt_logprobs(payload, sequences, starts, temperature)
 
-    # ---- weights ------------------------------------------------------------------------
-
-    async def update_weights(self, weights_dir: str | Path, version: int) -> dict[str, float]:
-        """Load `weights_dir` as `version` on every ready server at once (pause with abort →
-        reload_weights → update_weight_version → resume, each server within update_timeout_s).
-        The pool records the target first, so a server that is restarting, or that fails here
-        and is handed to the supervisor for a restart, is given these weights before it serves
-        again. Returns the slowest server's seconds per phase, the total, and server counts."""
-        path = str(check_weights_dir(weights_dir))
-        self.pool.set_target_weights(path, version)
-        targets = [s for s in self.pool.snapshot() if s.state == ServerState.ready]
-        if not targets and self.pool.all_dead():
-            raise NoServerAvailableError(
-                "no server to update: every server was given up:\n" + self.pool.why_all_dead()
-            )
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(self._update_one(server, path, version) for server in targets)
-        )
-        timings = {f"{phase}_s": 0.0 for phase in PHASES}
-        for result in results:
-            if result is not None:
-                for key, value in result.as_dict().items():
-                    timings[key] = max(timings[key], value)
-        failed = sum(result is None for result in results)
-        # Under a supervisor a server that failed (one just killed, say) is restarted with
-        # these weights before it serves again, so the run can go on; attached servers have no
-        # one to bring them back.
-        if targets and failed == len(targets) and not self.pool.supervised:
-            raise WeightUpdateError(
-                f"loading '{path}' as version {version} failed on all {failed} servers"
-            )
-        timings["total_s"] = time.perf_counter() - start
-        timings["servers"] = float(len(targets) - failed)
-        timings["failed"] = float(failed)
-        return timings
-
-    async def abort_generation(self) -> None:
-        """Every generation request in flight on a ready server returns now with
-        finish_reason "abort" and its tokens so far, and the servers go on serving: pause with
-        abort, then resume at once (a paused vLLM server would queue scoring requests too)."""
-        http = self._http()
-        targets = [s for s in self.pool.snapshot() if s.state == ServerState.ready]
-        await asyncio.gather(*(self._abort_one(http, server) for server in targets))
-
-    async def _abort_one(self, http: httpx.AsyncClient, server: ServerStatus) -> None:
-        try:
-            await pause_server(http, server.address, self.update_timeout_s, clear_cache=False)
-        except (httpx.HTTPError, OSError) as exc:
-            # A server that just died (SIGKILL, crash) cannot be paused, nor does it generate:
-            # its requests fail and are retried elsewhere, and its supervisor restarts it. The
-            # weight update goes on; steer requests away until the health check catches up.
-            log.warning("aborting generation on %s failed: %r", server.address, exc)
-            self.pool.report_unreachable(server.index)
-        finally:
-            # Resume even after a failed pause, in case the pause went through.
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                await resume_server(http, server.address, self.update_timeout_s)
-
-    async def _update_one(
-        self, server: ServerStatus, path: str, version: int
-    ) -> PhaseTimings | None:
-        http = self._http()
-        try:
-            local_path = await self.pool.weights_path_for(server.index, path, version)
-            timings = await update_server_weights(
-                http, server.address, local_path, version, self.update_timeout_s
-            )
-        except (httpx.HTTPError, OSError) as exc:
-            # Unpause it in case it can still serve, then let the supervisor restart it: its
-            # weights are unknown now.
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                await http.post(f"{server.address}/resume", timeout=5.0)
-            self.pool.request_restart(server.index, f"weight update failed: {exc!r}")
-            return None
-        self.pool.set_version(server.index, version)
-        return timings
-
     # ---- transport ----------------------------------------------------------------------
 
     def _connections(self) -> _LoopConnections:
@@ -349,8 +261,9 @@ class InferenceClient:
                 self._loops[loop] = connections
             return connections
 
-    def _http(self) -> httpx.AsyncClient:
-        """A shared client for the few control calls (weight updates, versions, aborts)."""
+    def http(self) -> httpx.AsyncClient:
+        """A shared client of this event loop for the few control calls (weight updates,
+        versions, aborts: `weight_sync.disk`)."""
         return self._connections().shared
 
     async def _acquire(self, avoid: set[int]) -> ServerStatus:

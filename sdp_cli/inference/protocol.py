@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sdp_cli.inference.errors import ServerProtocolError
+from sdp_cli.inference.client_errors import ServerProtocolError
 
 # The name the launcher serves the policy under; /v1/completions requests must name it.
 SERVED_MODEL_NAME = "sdp-policy"

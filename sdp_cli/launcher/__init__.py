@@ -8,7 +8,7 @@ a running, supervised fleet (for the InferenceClient; `fleet.set_current_weights
 
 from sdp_cli.launcher.devices import DeviceAllocationError, split_devices, visible_cuda_devices
 from sdp_cli.launcher.fleet import ServerFleet
-from sdp_cli.launcher.registry import (
+from sdp_cli.launcher.registry_file import (
     RegistryEntry,
     RegistryError,
     attach_servers,

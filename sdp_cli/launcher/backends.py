@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdp_cli.config.schema import SdpConfig, ServerBackend
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.server_settings import ServerBackend
+from sdp_cli.events.event_log import EventSink
 from sdp_cli.launcher.fleet import ServerFleet
-from sdp_cli.telemetry.events import EventSink
 
 
 def make_fleet(

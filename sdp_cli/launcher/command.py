@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdp_cli.config.schema import Device, RayConfig, ServerBackend, ServerConfig
+from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 

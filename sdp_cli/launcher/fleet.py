@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 import httpx
 
 from sdp_cli.common.loop_thread import LoopThread
-from sdp_cli.config.schema import Device, ServerConfig
+from sdp_cli.config.server_settings import Device, ServerConfig
+from sdp_cli.events.event_log import EventSink, NullEventLog
+from sdp_cli.events.event_schema import ServerStateEvent
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.inference.protocol import GENERATE_PATH, generate_body, parse_version
-from sdp_cli.inference.weights import server_version, set_server_version, update_server_weights
 from sdp_cli.launcher.command import check_vllm_installed, server_device
 from sdp_cli.launcher.devices import split_devices, visible_cuda_devices
 from sdp_cli.launcher.process import (
@@ -43,7 +44,7 @@ from sdp_cli.launcher.process import (
     free_port,
     group_alive,
 )
-from sdp_cli.launcher.registry import RegistryEntry, write_registry
+from sdp_cli.launcher.registry_file import RegistryEntry, write_registry
 from sdp_cli.launcher.server import (
     PortTakenError,
     ServerStartError,
@@ -53,8 +54,8 @@ from sdp_cli.launcher.server import (
     server_address,
     startup_failure,
 )
-from sdp_cli.telemetry.events import EventSink, NullEventLog
-from sdp_cli.telemetry.schema import ServerStateEvent
+from sdp_cli.weight_sync.disk import load_target_weights
+from sdp_cli.weight_sync.vllm_http import server_version
 
 T = TypeVar("T")
 
@@ -135,7 +136,7 @@ class ServerFleet:
 
     def set_current_weights(self, weights_dir: str | Path, version: int) -> None:
         """Tell the supervisor which weights a (re)started server must load before it serves.
-        `InferenceClient.update_weights` records this itself; call it directly when the servers
+        `DiskTransport.load_weights` records this itself; call it directly when the servers
         were given weights some other way (e.g. resuming from a checkpoint)."""
         self.pool.set_target_weights(str(Path(weights_dir).resolve()), version)
 
@@ -299,20 +300,8 @@ class ServerFleet:
         return startup_failure(index, address, proc.spec.log_path, log_start, what)
 
     async def _load_current_weights(self, index: int) -> None:
-        """Give the server the pool's target weights and version, then mark it ready; again if
-        the target moved on meanwhile (a weight update ran while this server was starting)."""
-        address = self.pool.status(index).address
-        timeout = self.server.request_timeout_s
-        while True:
-            target = self.pool.target()
-            if target.weights_dir is None:
-                await set_server_version(self._client(), address, target.version, timeout)
-            else:
-                path = await self.pool.weights_path_for(index, target.weights_dir, target.version)
-                await update_server_weights(self._client(), address, path, target.version, timeout)
-            if self.pool.mark_ready_if_current(index, target.version):
-                self._last_healthy[index] = time.monotonic()
-                return
+        await load_target_weights(self.pool, self._client(), index, self.server.request_timeout_s)
+        self._last_healthy[index] = time.monotonic()
 
     # ---- supervision --------------------------------------------------------------------
 

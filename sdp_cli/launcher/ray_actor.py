@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sdp_cli.common.atomic import atomic_dir
-from sdp_cli.config.schema import ServerConfig
+from sdp_cli.config.server_settings import ServerConfig
 from sdp_cli.launcher.command import vllm_command, vllm_env
 from sdp_cli.launcher.process import LaunchSpec, LocalProcessBackend, ServerProcess, free_port
 from sdp_cli.launcher.server import log_size, log_tail

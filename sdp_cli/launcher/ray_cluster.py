@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from sdp_cli.config.schema import Device, RayConfig, RayPlacement, ServerConfig
+from sdp_cli.config.server_settings import Device, RayConfig, RayPlacement, ServerConfig
 from sdp_cli.config.validate import RAY_INSTALL_HINT
 from sdp_cli.errors import MissingDependencyError, SdpError
 from sdp_cli.launcher.command import server_device

@@ -22,20 +22,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdp_cli.config.schema import RayConfig, ServerConfig, WeightsTransport
+from sdp_cli.config.server_settings import RayConfig, ServerConfig, WeightsTransport
+from sdp_cli.events.event_log import EventSink
 from sdp_cli.inference.pool import ServerState
 from sdp_cli.launcher.fleet import PORT_ATTEMPTS, ServerFleet
 from sdp_cli.launcher.process import LaunchSpec, ServerProcess
 from sdp_cli.launcher.ray_actor import ServerActor, read_dir_files
 from sdp_cli.launcher.ray_cluster import RaySession
-from sdp_cli.launcher.registry import RegistryEntry
+from sdp_cli.launcher.registry_file import RegistryEntry
 from sdp_cli.launcher.server import (
     PortTakenError,
     ServerStartError,
     explain_failure,
     server_address,
 )
-from sdp_cli.telemetry.events import EventSink
 
 # How long one question to an actor may take before the supervisor treats it as busy.
 ACTOR_CALL_S = 10.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sdp_cli.config.schema import ServerConfig
+from sdp_cli.config.server_settings import ServerConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.launcher.command import vllm_command, vllm_env
 from sdp_cli.launcher.process import LaunchSpec

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdp_cli.config.schema import ModelConfig
+from sdp_cli.config.model_settings import ModelConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.model import smollm2
 from sdp_cli.model.tiny import TinyModelSpec, default_cache_dir, init_tiny_model

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdp_cli.common.atomic import atomic_dir, published_or_free
-from sdp_cli.config.schema import ModelConfig
+from sdp_cli.config.model_settings import ModelConfig
 from sdp_cli.errors import ConfigError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"

@@ -13,6 +13,14 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
+from sdp_cli.events.event_schema import (
+    BatchTakenEvent,
+    CapacityEvent,
+    RolloutFinishedEvent,
+    RolloutSubmittedEvent,
+    SampleDroppedEvent,
+)
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import (
@@ -22,14 +30,6 @@ from sdp_cli.rollout.strategy import (
     StalenessStrategy,
 )
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
-from sdp_cli.telemetry.schema import (
-    BatchTakenEvent,
-    CapacityEvent,
-    RolloutFinishedEvent,
-    RolloutSubmittedEvent,
-    SampleDroppedEvent,
-)
 
 # (dropped group, reason, point, version): told of every drop, on the executor loop.
 DropListener = Callable[[RolloutGroup, str, str, int], None]

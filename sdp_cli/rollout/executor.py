@@ -20,9 +20,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
-from sdp_cli.config.schema import ProxMode, RecomputeOn, RolloutConfig
+from sdp_cli.config.rollout_settings import RecomputeOn, RolloutConfig
+from sdp_cli.config.run_plan import needs_proximal_recompute
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.errors import SdpError
-from sdp_cli.inference.errors import PoisonRequestError
+from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
+from sdp_cli.events.event_schema import CapacityEvent
+from sdp_cli.inference.client_errors import PoisonRequestError
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import DropListener, RejectReason, StalenessControl
 from sdp_cli.rollout.positions import DataPositions
@@ -32,13 +36,10 @@ from sdp_cli.rollout.recompute import (
     RecomputeStats,
     Scorer,
     count_missing_recompute,
-    needs_proximal_recompute,
 )
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import Buffered, make_strategy
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.telemetry.events import EventSink, NullEventLog, keeps_events
-from sdp_cli.telemetry.schema import CapacityEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -30,25 +30,12 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from sdp_cli.config.schema import ProxMode, SdpConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 # async def score_many([(prompt_ids, output_ids), ...]) -> for each pair, the logprob of every
 # output token under the server's current weights.
 Scorer = Callable[[list[tuple[list[int], list[int]]]], Awaitable[list[list[float]]]]
 Job = tuple[Trajectory, list[int]]
-
-
-def needs_proximal_recompute(prox_mode: ProxMode | str) -> bool:
-    """Whether `train.prox_mode` takes p_t from the servers' recompute at each update (the
-    other modes compute p_t in the trainer)."""
-    return ProxMode(prox_mode) == ProxMode.segment
-
-
-def scores_continuations(cfg: SdpConfig) -> bool:
-    """Whether continuations ask for their earlier tokens' scores (rollout.score_continuations
-    applies where the servers' recompute does, segment mode)."""
-    return cfg.rollout.score_continuations and needs_proximal_recompute(cfg.train.prox_mode)
 
 
 def count_missing_recompute(groups: Iterable[RolloutGroup], version: int) -> int:

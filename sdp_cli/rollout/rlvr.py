@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
-from sdp_cli.config.schema import RolloutConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
 from sdp_cli.inference.types import Completion, Gate, SamplingParams
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory

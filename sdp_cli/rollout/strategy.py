@@ -20,8 +20,9 @@ from enum import StrEnum
 from itertools import islice
 from typing import ClassVar
 
-from sdp_cli.config.schema import ProxMode, Strategy
-from sdp_cli.rollout.recompute import needs_proximal_recompute
+from sdp_cli.config.rollout_settings import Strategy
+from sdp_cli.config.run_plan import needs_proximal_recompute
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.trajectory import NOT_RECOMPUTED, RolloutGroup
 
 
@@ -105,7 +106,7 @@ class StalenessStrategy:
 
 
 class StandardStrategy(StalenessStrategy):
-    """AReaL's behaviour: lag beyond η is reported by telemetry, not prevented."""
+    """AReaL's behaviour: lag beyond η is reported in the events, not prevented."""
 
 
 class SegmentWiseStrategy(StalenessStrategy):

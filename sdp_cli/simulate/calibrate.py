@@ -28,8 +28,8 @@ from typing import Any
 
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
-from sdp_cli.telemetry.events import EventLog, read_events
-from sdp_cli.telemetry.schema import (
+from sdp_cli.events.event_log import EventLog, read_events
+from sdp_cli.events.event_schema import (
     Event,
     RolloutFinishedEvent,
     RolloutSubmittedEvent,

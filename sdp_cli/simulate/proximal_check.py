@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import Any
 
-from sdp_cli.config.schema import ProxMode
-from sdp_cli.rollout.recompute import needs_proximal_recompute
+from sdp_cli.config.run_plan import needs_proximal_recompute
+from sdp_cli.config.train_settings import ProxMode
 from sdp_cli.rollout.trajectory import RolloutGroup
 
 # RolloutGroup.meta key: the executor's version when the group was accepted into the buffer.

@@ -11,18 +11,19 @@ from collections.abc import Callable
 from functools import reduce
 from typing import Any
 
+from sdp_cli.config.run_plan import plan_run
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
+from sdp_cli.events.event_log import EventSink
+from sdp_cli.events.event_schema import Event, RunFinishedEvent
+from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.proximal_check import ProximalCheck
-from sdp_cli.simulate.server import SimulatedFleet
+from sdp_cli.simulate.sim_server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
 from sdp_cli.simulate.workflow import SimulatedWorkflow
-from sdp_cli.telemetry.events import EventSink
-from sdp_cli.telemetry.schema import Event, RunFinishedEvent
-from sdp_cli.train.run_started import run_started_event
 
 
 def run_simulation(
@@ -37,9 +38,10 @@ def run_simulation(
     sim = cfg.simulate
     rng = random.Random(sim.seed)
     sim_time = SimTime(sim.time_scale)
+    plan = plan_run(cfg)
     if events is not None:
         events = SimulatedTimeSink(events, sim_time)
-        events.emit(run_started_event(cfg, mode="simulate"))
+        events.emit(run_started_event(cfg, plan, mode="simulate"))
     pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
     pool.report_states()
     workflow = SimulatedWorkflow(
@@ -61,7 +63,7 @@ def run_simulation(
     )
     workflow.executor_version = lambda: executor.version
     check = ProximalCheck(cfg.train.prox_mode)
-    trainer = SimulatedTrainer(executor, pool, cfg, sim_time, check, events)
+    trainer = SimulatedTrainer(executor, pool, cfg, plan, sim_time, check, events)
     wall_started = time.perf_counter()
     cpu_started = time.process_time()
     # Started paused: in virtual time nothing may happen before the trainer is on the loop.

@@ -1,6 +1,6 @@
 """The simulated trainer: takes B rollouts, "trains" for train_step_s, then runs the
-weight-update protocol `sdp train` runs (train/update.py) with a simulated export against the
-executor and the simulated servers.
+weight-update protocol `sdp train` runs (weight_sync/sequence.py) with a simulated export
+against the executor and the simulated servers.
 
 It runs as a coroutine on the executor's own loop (awaiting the executor's `*_async` methods),
 so in virtual time the whole simulation lives on one deterministic clock. Every batch it trains
@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.events.event_log import EventSink, NullEventLog
+from sdp_cli.events.event_schema import TrainStepEvent
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.simulate.clock import SimTime
 from sdp_cli.simulate.proximal_check import ProximalCheck
-from sdp_cli.simulate.server import SimulatedFleet
-from sdp_cli.telemetry.events import EventSink, NullEventLog
-from sdp_cli.telemetry.schema import TrainStepEvent
-from sdp_cli.train.update import UpdateResult, WeightUpdate, overlaps_reload
+from sdp_cli.simulate.sim_server import SimulatedFleet
+from sdp_cli.weight_sync.sequence import UpdateResult, WeightUpdate
 
 
 @dataclass
@@ -59,6 +60,7 @@ class SimulatedTrainer:
         executor: RolloutExecutor,
         pool: SimulatedFleet,
         cfg: SdpConfig,
+        plan: RunPlan,
         time: SimTime,
         check: ProximalCheck,
         events: EventSink | None = None,
@@ -73,13 +75,13 @@ class SimulatedTrainer:
         self._take_timeout_s = cfg.rollout.take_timeout_s
         self._train_step_s = cfg.simulate.train_step_s
         self._export_s = cfg.simulate.export_s
-        # As the training loop decides it (train/loop.py), without checkpoints here.
-        self._overlap_reload = overlaps_reload(cfg)
+        # As the training loop decides it (orchestrator/loop.py), without checkpoints here.
+        self._overlap_reload = plan.overlaps_reload
         self._weight_update = WeightUpdate(
             executor,
             pool,
             self._simulated_export,
-            cfg.train.prox_mode,
+            plan.proximal_recompute,
             events if events is not None else NullEventLog(),
             settle_timeout_s=time.loop_seconds(cfg.train.update_timeout_s),
             abort_every_s=time.loop_seconds(1.0),

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.simulate.proximal_check import ACCEPTED_AT
-from sdp_cli.simulate.server import SimulatedFleet
+from sdp_cli.simulate.sim_server import SimulatedFleet
 
 _PROMPT = [1, 2, 3, 4]
 # Gamma shape for completion lengths: coefficient of variation 1/sqrt(4) = 0.5.

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import TaskConfig
+from sdp_cli.config.task_settings import TaskConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.tasks.base import encode_prompt
 

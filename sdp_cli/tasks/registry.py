@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sdp_cli.config.schema import TaskConfig
+from sdp_cli.config.task_settings import TaskConfig
 from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
 from sdp_cli.tasks.chat import PromptFormat

@@ -1,0 +1,90 @@
+"""The `rollout.*` keys: sampling, admission (η, concurrency) and the proximal recompute's place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sdp_cli.config.setting import setting
+
+
+class Strategy(StrEnum):
+    segment_wise = "segment_wise"
+    standard = "standard"
+
+
+class RecomputeOn(StrEnum):
+    server = "server"
+    trainer = "trainer"
+
+
+@dataclass
+class RolloutConfig:
+    max_staleness: int = setting(
+        2, ge=0, help="η: how many versions old a sample may be when it is trained on"
+    )
+    batch_size: int = setting(8, ge=1, help="B: rollouts (groups) consumed per training step")
+    max_concurrent: int = setting(64, ge=1, help="rollouts generating at once")
+    strategy: Strategy = setting(
+        Strategy.segment_wise,
+        help="segment_wise: also drop what breaks the bound; standard: admission only",
+    )
+    n_samples: int = setting(
+        4,
+        ge=2,
+        help="completions per prompt: the GRPO group",
+        why="GRPO's advantage is reward minus the group mean, so a group of 1 has every "
+        "advantage 0 and nothing is learned",
+    )
+    max_new_tokens: int = setting(16, ge=1, help="longest completion, in tokens")
+    temperature: float = setting(
+        1.0,
+        gt=0,
+        help="sampling temperature",
+        why="0 is greedy decoding: every completion of a group is the same, so GRPO has "
+        "nothing to compare, and the trainer divides its logits by the temperature",
+    )
+    top_p: float = setting(
+        1.0,
+        ge=1,
+        le=1,
+        help="nucleus sampling; only 1 (off) is accepted",
+        why="the loss needs the logprobs of the distribution tokens are drawn from, and the "
+        "trainer and the proximal recompute do not truncate; lower rollout.temperature instead",
+    )
+    top_k: int = setting(
+        -1,
+        ge=-1,
+        le=0,
+        help="top-k sampling; only -1 or 0 (off) are accepted",
+        why="the loss needs the logprobs of the distribution tokens are drawn from, and the "
+        "trainer and the proximal recompute do not truncate; lower rollout.temperature instead",
+    )
+    take_timeout_s: float = setting(
+        600.0, gt=0, help="seconds the trainer waits for a batch before the run stops"
+    )
+    recompute_batch_size: int = setting(
+        64, ge=1, help="proximal recompute: samples per scoring request"
+    )
+    recompute_concurrency: int = setting(
+        4, ge=1, help="proximal recompute: scoring requests in flight at once"
+    )
+    recompute_early: bool = setting(
+        True,
+        help="score buffered samples while the trainer trains, so the update waits only for "
+        "the last ones (segment mode; the p_t written are the same either way)",
+    )
+    recompute_on: RecomputeOn = setting(
+        RecomputeOn.server,
+        help="who scores the buffered v−1 tokens under v (segment mode): server (vLLM, early "
+        "while the trainer trains, and at the update), or trainer (its version-v weights, "
+        "before its optimizer step, what is buffered then; what finishes during the step is "
+        "scored by the servers at the update). Trainer needs train.world_size=1",
+    )
+    score_continuations: bool = setting(
+        True,
+        help="a completion continued after a weight update asks vLLM for the logprobs of its "
+        "tokens so far, which its prefill computes under the new weights anyway; the next "
+        "update's proximal recompute writes them instead of scoring the sample (segment "
+        "mode, rollout.temperature=1; the p_t are the same)",
+    )

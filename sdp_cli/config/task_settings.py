@@ -1,0 +1,55 @@
+"""The `task.*` keys: prompts and rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sdp_cli.config.setting import setting
+
+
+@dataclass
+class TaskConfig:
+    name: str = setting("reverse", help="task: reverse, copy, math_jsonl, or a registered one")
+    path: str | None = setting(
+        None, help="data file of a file-based task (builtin:math_small is bundled)"
+    )
+    reward_fn: str | None = setting(
+        None, help="module:function (or module.function) replacing the task's reward"
+    )
+    seed: int = setting(0, help="seed of the prompt stream")
+    min_len: int = setting(1, ge=1, help="reverse/copy: shortest digit string")
+    max_len: int = setting(2, ge=1, help="reverse/copy: longest digit string (>= min_len)")
+    prompt_template: str | None = setting(
+        None,
+        help="math_jsonl, reasoning_gym: prompt with a {question} field; null: the task's default",
+    )
+    chat_template: str = setting(
+        "auto",
+        help="format prompts with the tokenizer's chat template: auto (when it has one), true, "
+        "false",
+    )
+    system_prompt: str | None = setting(
+        None, help="system message of the chat (a first line without a template); null: none"
+    )
+    eval_fraction: float = setting(
+        0.1,
+        ge=0,
+        lt=1,
+        help="part of the distinct questions held out for evaluation, never trained on",
+    )
+    question_field: str = setting("question", help="math_jsonl: the question's field in the file")
+    answer_field: str = setting("answer", help="math_jsonl: the reference answer's field")
+    dataset: str | None = setting(None, help="reasoning_gym: the dataset name, e.g. chain_sum")
+    dataset_config: dict[str, Any] = setting(
+        factory=dict, help="reasoning_gym: the dataset's generator options"
+    )
+    dataset_size: int = setting(
+        5000, ge=1, help="reasoning_gym: items generated (offline, seeded by task.seed)"
+    )
+    answer_extract: str = setting(
+        "tags",
+        choices=("tags", "last_number"),
+        help="reasoning_gym: what score_answer gets: tags (<answer>...</answer>, else the "
+        "whole completion) or last_number (the last number in it)",
+    )

@@ -1,0 +1,106 @@
+"""Held-out evaluation: the task's held-out prompts, generated on the training servers.
+
+Evaluation requests go straight to the inference client, not through the rollout executor, so
+they take no staleness capacity and are never trained on. The training loop runs an evaluation
+between two weight updates, so every completion is made by the one version it reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sdp_cli.config.eval_settings import EvalConfig
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.inference.types import SamplingParams
+from sdp_cli.rollout.rlvr import Generator, sample_seed
+from sdp_cli.tasks.base import Prompt, Task
+
+# A completion counts as correct when its reward reaches this (rewards are in [0, 1]).
+CORRECT_REWARD = 1.0 - 1e-9
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    pass_at_k: float
+    k: int
+    mean_reward: float
+    n_prompts: int
+    seconds: float
+
+
+def summarize_rewards(rewards_per_prompt: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """(accuracy, pass@k, mean reward) of k completions per prompt: accuracy over all
+    completions, pass@k the fraction of prompts with at least one correct completion."""
+    flat = [reward for rewards in rewards_per_prompt for reward in rewards]
+    if not flat:
+        return 0.0, 0.0, 0.0
+    correct = sum(reward >= CORRECT_REWARD for reward in flat)
+    passed = sum(
+        any(reward >= CORRECT_REWARD for reward in rewards) for rewards in rewards_per_prompt
+    )
+    return correct / len(flat), passed / len(rewards_per_prompt), sum(flat) / len(flat)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        task: Task,
+        generator: Generator,
+        decode: Callable[[list[int]], str],
+        settings: EvalConfig,
+        rollout: RolloutConfig,
+        stop_token_ids: tuple[int, ...],
+        seed: int = 0,
+    ) -> None:
+        self.task = task
+        self.generator = generator
+        self.decode = decode
+        self.settings = settings
+        self.max_new_tokens = settings.max_new_tokens or rollout.max_new_tokens
+        self.stop_token_ids = stop_token_ids
+        self.seed = seed
+        # The same held-out prompts every time, so successive evaluations are comparable.
+        self.prompts = task.eval_prompts(settings.n_prompts)
+
+    def due(self, completed_steps: int) -> bool:
+        every = self.settings.every
+        return every > 0 and completed_steps % every == 0
+
+    def sampling(self, prompt_index: int, sample_index: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.settings.temperature,
+            seed=sample_seed(self.seed, -1 - prompt_index, sample_index),
+            stop_token_ids=self.stop_token_ids,
+        )
+
+    async def _rewards(self, index: int, prompt: Prompt) -> list[float]:
+        completions = await asyncio.gather(
+            *(
+                self.generator.generate(
+                    list(prompt.prompt_ids), self.sampling(index, sample), self.max_new_tokens
+                )
+                for sample in range(self.settings.n_samples)
+            )
+        )
+        return [
+            float(self.task.reward(self.decode(c.output_ids), prompt.meta)) for c in completions
+        ]
+
+    async def run(self) -> EvalResult:
+        started = time.monotonic()
+        rewards = await asyncio.gather(
+            *(self._rewards(index, prompt) for index, prompt in enumerate(self.prompts))
+        )
+        accuracy, pass_at_k, mean_reward = summarize_rewards(rewards)
+        return EvalResult(
+            accuracy=accuracy,
+            pass_at_k=pass_at_k,
+            k=self.settings.n_samples,
+            mean_reward=mean_reward,
+            n_prompts=len(self.prompts),
+            seconds=time.monotonic() - started,
+        )

@@ -1,0 +1,1 @@
+"""Weight sync: how new weights get from the trainer to the servers."""

@@ -1,0 +1,139 @@
+"""The disk transport: the trainer writes `weights_dir/v{N}/` and every vLLM server reloads
+it (pause with abort → reload_weights → update_weight_version → resume, `vllm_http`). With
+Ray the servers cannot read the exported directory, and the pool's stager
+(`launcher.ray_fleet.RayWeightsStager`) copies it to each server's node before the reload.
+
+A server that starts or restarts during a run is given the pool's target weights the same way
+(`load_target_weights`), so a weight update never misses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import httpx
+
+from sdp_cli.inference.client import InferenceClient
+from sdp_cli.inference.client_errors import NoServerAvailableError, WeightUpdateError
+from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
+from sdp_cli.weight_sync.vllm_http import (
+    PHASES,
+    PhaseTimings,
+    check_weights_dir,
+    pause_server,
+    resume_server,
+    set_server_version,
+    update_server_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DiskTransport:
+    """The vLLM servers behind an inference client, loading exported directories
+    (a `transport.WeightTransport`)."""
+
+    def __init__(self, client: InferenceClient) -> None:
+        self._client = client
+
+    async def load_weights(self, weights: Path | str | None, version: int) -> dict[str, float]:
+        """Load `weights_dir` as `version` on every ready server at once (pause with abort →
+        reload_weights → update_weight_version → resume, each server within update_timeout_s).
+        The pool records the target first, so a server that is restarting, or that fails here
+        and is handed to the supervisor for a restart, is given these weights before it serves
+        again. Returns the slowest server's seconds per phase, the total, and server counts."""
+        if weights is None:
+            raise ValueError("vLLM servers load weights from a directory; the export gave none")
+        path = str(check_weights_dir(weights))
+        self._client.pool.set_target_weights(path, version)
+        targets = [s for s in self._client.pool.snapshot() if s.state == ServerState.ready]
+        if not targets and self._client.pool.all_dead():
+            raise NoServerAvailableError(
+                "no server to update: every server was given up:\n"
+                + self._client.pool.why_all_dead()
+            )
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(self._update_one(server, path, version) for server in targets)
+        )
+        timings = {f"{phase}_s": 0.0 for phase in PHASES}
+        for result in results:
+            if result is not None:
+                for key, value in result.as_dict().items():
+                    timings[key] = max(timings[key], value)
+        failed = sum(result is None for result in results)
+        # Under a supervisor a server that failed (one just killed, say) is restarted with
+        # these weights before it serves again, so the run can go on; attached servers have no
+        # one to bring them back.
+        if targets and failed == len(targets) and not self._client.pool.supervised:
+            raise WeightUpdateError(
+                f"loading '{path}' as version {version} failed on all {failed} servers"
+            )
+        timings["total_s"] = time.perf_counter() - start
+        timings["servers"] = float(len(targets) - failed)
+        timings["failed"] = float(failed)
+        return timings
+
+    async def abort_generation(self) -> None:
+        """Every generation request in flight on a ready server returns now with
+        finish_reason "abort" and its tokens so far, and the servers go on serving: pause with
+        abort, then resume at once (a paused vLLM server would queue scoring requests too)."""
+        http = self._client.http()
+        targets = [s for s in self._client.pool.snapshot() if s.state == ServerState.ready]
+        await asyncio.gather(*(self._abort_one(http, server) for server in targets))
+
+    async def _abort_one(self, http: httpx.AsyncClient, server: ServerStatus) -> None:
+        try:
+            await pause_server(
+                http, server.address, self._client.update_timeout_s, clear_cache=False
+            )
+        except (httpx.HTTPError, OSError) as exc:
+            # A server that just died (SIGKILL, crash) cannot be paused, nor does it generate:
+            # its requests fail and are retried elsewhere, and its supervisor restarts it. The
+            # weight update goes on; steer requests away until the health check catches up.
+            log.warning("aborting generation on %s failed: %r", server.address, exc)
+            self._client.pool.report_unreachable(server.index)
+        finally:
+            # Resume even after a failed pause, in case the pause went through.
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                await resume_server(http, server.address, self._client.update_timeout_s)
+
+    async def _update_one(
+        self, server: ServerStatus, path: str, version: int
+    ) -> PhaseTimings | None:
+        http = self._client.http()
+        try:
+            local_path = await self._client.pool.weights_path_for(server.index, path, version)
+            timings = await update_server_weights(
+                http, server.address, local_path, version, self._client.update_timeout_s
+            )
+        except (httpx.HTTPError, OSError) as exc:
+            # Unpause it in case it can still serve, then let the supervisor restart it: its
+            # weights are unknown now.
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                await http.post(f"{server.address}/resume", timeout=5.0)
+            self._client.pool.request_restart(server.index, f"weight update failed: {exc!r}")
+            return None
+        self._client.pool.set_version(server.index, version)
+        return timings
+
+
+async def load_target_weights(
+    pool: ServerPool, http: httpx.AsyncClient, index: int, timeout_s: float
+) -> None:
+    """Give server `index` the pool's target weights and version, then mark it ready; again if
+    the target moved on meanwhile (a weight update ran while this server was starting)."""
+    address = pool.status(index).address
+    while True:
+        target = pool.target()
+        if target.weights_dir is None:
+            await set_server_version(http, address, target.version, timeout_s)
+        else:
+            path = await pool.weights_path_for(index, target.weights_dir, target.version)
+            await update_server_weights(http, address, path, target.version, timeout_s)
+        if pool.mark_ready_if_current(index, target.version):
+            return

@@ -1,0 +1,135 @@
+"""The weight-update protocol on one server: pause → reload → version → resume
+(docs/design.md, Weight-update protocol).
+
+vLLM's `reload_weights(weights_path=DIR)` points the model loader at DIR and reads every
+`*.safetensors` file there (config.json is read too when present). A failed reload leaves the
+engine with half-initialised weights and it dies on the next request, so the directory is checked
+before any server is touched, and a server that fails the protocol is restarted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from sdp_cli.inference.client_errors import WeightsDirError
+
+PHASES = ("pause", "reload", "version", "resume")
+
+
+@dataclass
+class PhaseTimings:
+    """Seconds each phase of the protocol took on one server."""
+
+    pause: float = 0.0
+    reload: float = 0.0
+    version: float = 0.0
+    resume: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"{phase}_s": getattr(self, phase) for phase in PHASES}
+
+
+def check_weights_dir(weights_dir: str | Path) -> Path:
+    """The absolute weights directory, or WeightsDirError if vLLM could not load it."""
+    path = Path(weights_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise WeightsDirError(f"weights directory '{path}' does not exist")
+    if not any(path.glob("*.safetensors")):
+        raise WeightsDirError(
+            f"weights directory '{path}' holds no *.safetensors file "
+            "(write it with save_pretrained(..., safe_serialization=True))"
+        )
+    if not (path / "config.json").is_file():
+        raise WeightsDirError(f"weights directory '{path}' has no config.json")
+    return path
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise httpx.TimeoutException("weight-update deadline passed")
+        return left
+
+
+async def _post(
+    http: httpx.AsyncClient, url: str, deadline: _Deadline, **kwargs: object
+) -> httpx.Response:
+    response = await http.post(url, timeout=deadline.left(), **kwargs)  # type: ignore[arg-type]
+    response.raise_for_status()
+    return response
+
+
+async def update_server_weights(
+    http: httpx.AsyncClient,
+    address: str,
+    weights_dir: str,
+    version: int,
+    timeout_s: float,
+) -> PhaseTimings:
+    """Run the whole protocol on one server within `timeout_s`. In-flight requests come back
+    with finish_reason "abort" and their tokens so far; requests arriving meanwhile wait in
+    vLLM's queue until the resume. Raises httpx errors on any failure."""
+    deadline = _Deadline(timeout_s)
+    timings = PhaseTimings()
+
+    start = time.perf_counter()
+    await pause_server(http, address, deadline.left())
+    timings.pause = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await _post(
+        http,
+        f"{address}/collective_rpc",
+        deadline,
+        json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}},
+    )
+    timings.reload = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await set_server_version(http, address, version, deadline.left())
+    timings.version = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await resume_server(http, address, deadline.left())
+    timings.resume = time.perf_counter() - start
+    return timings
+
+
+async def pause_server(
+    http: httpx.AsyncClient, address: str, timeout_s: float, clear_cache: bool = True
+) -> None:
+    """`POST /pause?mode=abort`: in-flight and queued requests return with finish_reason
+    "abort"; requests that arrive while paused wait in vLLM's queue until the resume."""
+    params = {"mode": "abort", "clear_cache": "true" if clear_cache else "false"}
+    response = await http.post(f"{address}/pause", params=params, timeout=timeout_s)
+    response.raise_for_status()
+
+
+async def resume_server(http: httpx.AsyncClient, address: str, timeout_s: float) -> None:
+    response = await http.post(f"{address}/resume", timeout=timeout_s)
+    response.raise_for_status()
+
+
+async def set_server_version(
+    http: httpx.AsyncClient, address: str, version: int, timeout_s: float
+) -> None:
+    """Name the weights a server holds; every token it samples from now on carries it."""
+    response = await http.post(
+        f"{address}/update_weight_version", json={"new_version": str(version)}, timeout=timeout_s
+    )
+    response.raise_for_status()
+
+
+async def server_version(http: httpx.AsyncClient, address: str, timeout_s: float) -> str:
+    """The raw weight version string a server reports ("default" before any update)."""
+    response = await http.get(f"{address}/weight_info", timeout=timeout_s)
+    response.raise_for_status()
+    return str(response.json()["weight_version"])
