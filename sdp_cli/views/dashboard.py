@@ -375,7 +375,8 @@ def _counters_panel(state: RunFold, counters: Mapping[str, Any]) -> Panel:
         str(pick("accepted_total", 0)),
         f"live {_n(as_int(counters.get('accepted_live')))} (minus drops)",
     )
-    table.add_row("rejected", str(pick("rejected", 0)), "by the workflow")
+    by_reason = " · ".join(f"{reason} {n}" for reason, n in state.rejected_by_reason().items())
+    table.add_row("rejected", str(pick("rejected", 0)), by_reason or "by the workflow")
     reasons = " · ".join(f"{reason} {n}" for reason, n in _drops_by_reason(counters).items())
     table.add_row("dropped", str(dropped_total), reasons or "stale samples")
     table.add_row("consumed", str(pick("consumed", 0)), "trained on")
@@ -476,7 +477,8 @@ def _servers_panel(state: RunFold) -> Panel:
     servers = [state.servers[index] for index in sorted(state.servers)]
     # The node column only when some server runs elsewhere (local processes have none).
     with_node = any(server.node is not None for server in servers)
-    with_reason = any(server.reason for server in servers)
+    last_trouble = {s.server: state.last_incident(s.server) for s in servers}
+    with_reason = any(server.reason or last_trouble[server.server] for server in servers)
     headers = ["#", "address", *(["node"] if with_node else []), "state", "version", "restarts"]
     table = Table(box=None, pad_edge=False, padding=(0, 1))
     for header in [*headers, *(["last reason"] if with_reason else [])]:
@@ -492,7 +494,10 @@ def _servers_panel(state: RunFold) -> Panel:
             str(server.restarts),
         ]
         if with_reason:
-            row.append(Text(server.reason or "", style="dim"))
+            # A server back at work keeps showing what it last died of.
+            incident = last_trouble[server.server]
+            reason = server.reason or (incident.reason if incident is not None else None)
+            row.append(Text(reason or "", style="dim"))
         table.add_row(*row)
     return Panel(table, title="servers", title_align="left")
 

@@ -31,6 +31,9 @@ from sdp_cli.events.event_schema import (
 )
 from sdp_cli.events.fields import as_lag_counts
 
+# The reject reason of a rollout whose request servers died serving (inference/poison.py).
+POISON = "poison"
+
 # Finish reasons that are staleness drops: each is counted once per rollout, from its
 # sample_dropped event when there is one, else from the finish.
 DROP_REASONS = ("head_lag", "no_recompute")
@@ -103,6 +106,10 @@ class RunFold:
     drops: Counter[str] = field(default_factory=Counter)
     # Rejected rollouts (not staleness drops), with the version they were submitted under.
     rejected_by_rollout: dict[int, int | None] = field(default_factory=dict)
+    # Why each rejected rollout was rejected (error, poison, no_group, cancelled).
+    rejected_reason: dict[int, str] = field(default_factory=dict)
+    # The errors of the rollouts rejected as poison requests, the last few.
+    poison_errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     batches: int = 0
     consumed: int = 0
     last_batch: BatchTakenEvent | None = None
@@ -122,6 +129,8 @@ class RunFold:
     update_s: float = 0.0
     phases: Counter[str] = field(default_factory=Counter)
     servers: dict[int, ServerStateEvent] = field(default_factory=dict)
+    # Every restart or give-up with its reason (the log's last error included), in order.
+    server_incidents: list[ServerStateEvent] = field(default_factory=list)
     last_eval: EvalEvent | None = None
     evals: list[EvalEvent] = field(default_factory=list)
     rewards: deque[float] = field(default_factory=_history)
@@ -132,6 +141,14 @@ class RunFold:
     @property
     def rejected(self) -> int:
         return len(self.rejected_by_rollout)
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        counts = Counter(self.rejected_reason.get(r, "error") for r in self.rejected_by_rollout)
+        return dict(counts.most_common())
+
+    def last_incident(self, server: int) -> ServerStateEvent | None:
+        """The server's last restart or give-up, whose reason names what it died of."""
+        return next((e for e in reversed(self.server_incidents) if e.server == server), None)
 
     def add_all(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -155,6 +172,8 @@ class RunFold:
         view = copy.copy(self)
         view.drops = Counter(self.drops)
         view.servers = dict(self.servers)
+        view.server_incidents = list(self.server_incidents)
+        view.poison_errors = deque(self.poison_errors, maxlen=5)
         for name in ("rewards", "losses", "gen_tokens_per_s", "samples_per_s"):
             setattr(view, name, deque(getattr(self, name), maxlen=HISTORY))
         return view
@@ -179,6 +198,7 @@ class RunFold:
         self.drop_by_rollout[rollout_id] = drop
         self.drops[drop.reason] += 1
         self.rejected_by_rollout.pop(rollout_id, None)
+        self.rejected_reason.pop(rollout_id, None)
 
 
 # --- one handler per event type -------------------------------------------------------------
@@ -209,6 +229,9 @@ def _on_rollout_finished(fold: RunFold, event: RolloutFinishedEvent, ts: float |
             fold.drop(event.rollout_id, Drop(event.reason, "finish", event.version))
     elif event.rollout_id not in fold.drop_by_rollout:
         fold.rejected_by_rollout[event.rollout_id] = event.version
+        fold.rejected_reason[event.rollout_id] = event.reason or "error"
+        if event.reason == POISON and event.error:
+            fold.poison_errors.append(event.error)
 
 
 def _on_sample_dropped(fold: RunFold, event: SampleDroppedEvent, ts: float | None) -> None:
@@ -276,6 +299,8 @@ def _on_weight_update(fold: RunFold, event: WeightUpdateEvent, ts: float | None)
 
 def _on_server_state(fold: RunFold, event: ServerStateEvent, ts: float | None) -> None:
     fold.servers[event.server] = event
+    if event.reason and event.state in ("restarting", "dead"):
+        fold.server_incidents.append(event)
 
 
 def _on_train_step(fold: RunFold, event: TrainStepEvent, ts: float | None) -> None:

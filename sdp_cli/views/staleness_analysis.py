@@ -146,6 +146,16 @@ class StalenessSummary:
     skipped_lines: int = 0
     # Held-out evaluations in order: step, version, accuracy, pass_at_k, k, mean_reward.
     evals: list[dict[str, Any]] = field(default_factory=list)
+    # Rejected rollouts by reason (error, poison, no_group, cancelled).
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    # Errors of the last rollouts rejected as poison requests.
+    poison_errors: list[str] = field(default_factory=list)
+    # Each server restart or give-up in order: server, state, restarts, reason.
+    server_incidents: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def poison_requests(self) -> int:
+        return self.rejected_by_reason.get("poison", 0)
 
     @property
     def dropped_total(self) -> int:
@@ -174,6 +184,10 @@ class StalenessSummary:
             "submitted": self.submitted,
             "accepted": self.accepted,
             "rejected": self.rejected,
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "poison_requests": self.poison_requests,
+            "poison_errors": list(self.poison_errors),
+            "server_incidents": [dict(row) for row in self.server_incidents],
             "dropped_total": self.dropped_total,
             "dropped_by_reason": dict(self.dropped_by_reason),
             "dropped_by_point": dict(self.dropped_by_point),
@@ -225,6 +239,12 @@ def staleness_summary(
         submitted=fold.submitted,
         accepted=fold.accepted,
         rejected=fold.rejected,
+        rejected_by_reason=fold.rejected_by_reason(),
+        poison_errors=list(fold.poison_errors),
+        server_incidents=[
+            {"server": e.server, "state": e.state, "restarts": e.restarts, "reason": e.reason}
+            for e in fold.server_incidents
+        ],
         dropped_by_reason=_ordered_reasons(Counter(d.reason for d in drops)),
         dropped_by_point=dict(sorted(Counter(d.point for d in drops).items())),
         drop_matrix=_drop_matrix(fold),

@@ -180,6 +180,9 @@ def render_summary(
     update_line = _weight_update_line(summary)
     if update_line is not None:
         parts.append(update_line)
+    trouble = _server_trouble(summary)
+    if trouble is not None:
+        parts.append(trouble)
     if summary.evals:
         parts.append(_eval_accuracy_line(summary))
     parts.extend(_advice_panels(summary))
@@ -375,6 +378,32 @@ def _weight_update_line(summary: StalenessSummary) -> RenderableType | None:
         + (f" ({phases})" if phases else ""),
         style="dim",
     )
+
+
+def _server_trouble(summary: StalenessSummary) -> RenderableType | None:
+    """Rejections by reason, poison requests and every server restart with what it died of."""
+    if not summary.server_incidents and not summary.rejected:
+        return None
+    text = Text()
+    if summary.rejected:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in summary.rejected_by_reason.items())
+        text.append(f"rejected rollouts: {reasons}\n")
+    if summary.poison_requests:
+        text.append(
+            f"{summary.poison_requests} poison request(s): servers died twice while serving "
+            "them, so their rollouts were left out and the run went on\n",
+            style="yellow",
+        )
+        for error in summary.poison_errors[-2:]:
+            text.append(f"  {error[:240]}\n", style="dim")
+    for incident in summary.server_incidents:
+        text.append(
+            f"server {incident['server']} {incident['state']} "
+            f"(restarts {incident['restarts']}): {incident['reason']}\n",
+            style="red" if incident["state"] == "dead" else "yellow",
+        )
+    text.rstrip()
+    return text
 
 
 def _advice_panels(summary: StalenessSummary) -> list[RenderableType]:
