@@ -153,6 +153,30 @@ def test_segment_wise_run_keeps_every_trained_token_within_the_bound(tmp_path: P
         assert all(n > 0 for n in event.prompt_tokens)
 
 
+def test_long_completions_cut_by_updates_continue_without_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    """Completions of up to 200 tokens with 32 in flight: each update aborts many mid-way, and
+    their re-prefills together exceed one engine step's budget, which made CPU servers crash
+    (launcher/command.py cpu_scheduler_args) before they stopped splitting prefills."""
+    run_dir = tmp_path / "long"
+    train(
+        run_dir,
+        "train.steps=4",
+        "rollout.max_new_tokens=200",
+        "rollout.max_concurrent=32",
+        "rollout.batch_size=8",
+        "rollout.n_samples=4",
+    )
+    steps = events_of(run_dir, TrainStepEvent)
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    states = events_of(run_dir, ServerStateEvent)
+    assert states and not [e for e in states if e.state == "restarting" or e.restarts]
+    finished = events_of(run_dir, RolloutFinishedEvent)
+    assert any(e.n_segments >= 2 and e.n_tokens >= 64 for e in finished)
+    assert "CPU Generator" not in (run_dir / "logs" / "server-0.log").read_text()
+
+
 def test_the_trainer_can_score_the_proximal_recompute(tmp_path: Path) -> None:
     run_dir = tmp_path / "trainer-recompute"
     train(run_dir, "train.steps=5", "rollout.max_staleness=2", "rollout.recompute_on=trainer")
