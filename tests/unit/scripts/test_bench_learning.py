@@ -7,8 +7,9 @@ from pathlib import Path
 
 from sdp_cli.events.event_log import EventLog
 from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
+from tests import REPO
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_learning.py"
+SCRIPT = REPO / "scripts" / "bench_learning.py"
 
 
 def load_script():  # type: ignore[no-untyped-def]

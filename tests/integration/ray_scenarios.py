@@ -1,8 +1,8 @@
-"""Scenarios that start Ray, run by tests/test_ray_backend.py inside a private network
+"""Scenarios that start Ray, run by tests/integration/test_ray_backend.py inside a private network
 namespace (`unshare -n`), where Ray binds to loopback only. Each prints one JSON object with
 what it observed on its last line; the test asserts on it.
 
-    python tests/ray_scenarios.py fleet RUN_DIR MODEL_DIR WEIGHTS_DIR
+    python -m tests.integration.ray_scenarios fleet RUN_DIR MODEL_DIR WEIGHTS_DIR
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from server_kill import kill_while_serving
 
 from sdp_cli.config import load_config
 from sdp_cli.inference import InferenceClient, SamplingParams, ServerPool
@@ -25,6 +24,7 @@ from sdp_cli.launcher.guard import group_members, shared_memory_segments
 from sdp_cli.launcher.ray_fleet import RayServerFleet
 from sdp_cli.launcher.registry_file import read_registry
 from sdp_cli.weight_sync.disk import DiskTransport
+from tests.integration.server_kill import kill_while_serving
 
 PROMPT = [1, 5, 6, 7]
 # Names of the processes a Ray instance runs (its services and its workers).

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sdp_cli.cli import app
+from tests import REPO
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "conf").rglob("*.yaml"))
 # Needs a CUDA GPU, a model directory and a data file this machine does not have.
 GPU_EXAMPLE = REPO / "conf" / "examples" / "qwen2.5-1.5b-gsm8k.yaml"

@@ -12,7 +12,7 @@ from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.trainer.actor import Actor
 from sdp_cli.trainer.batch import build_micro_batches
 from sdp_cli.trainer.packing import first_fit_rows, pack_batch
-from tests.test_actor import PROMPTS, stale_groups
+from tests.unit.trainer.test_actor import PROMPTS, stale_groups
 
 
 def test_first_fit_rows_places_each_sequence_once_within_the_longest() -> None:

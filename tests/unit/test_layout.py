@@ -11,7 +11,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sdp_cli"
+from tests import REPO
+
+PACKAGE = REPO / "sdp_cli"
 
 # Imported by anything (events are written to by every part and read none of them).
 ANYONE = {"errors", "common", "events"}

@@ -12,9 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train_e2e import SMALL, descendants_alive, events_of, still_running_after, train
 
 from sdp_cli.events.event_schema import RunStartedEvent, TrainStepEvent, WeightUpdateEvent
+from tests.integration.test_train_e2e import (
+    SMALL,
+    descendants_alive,
+    events_of,
+    still_running_after,
+    train,
+)
 
 pytestmark = pytest.mark.vllm
 

@@ -1,6 +1,6 @@
 """Kill a real vLLM server while it certainly holds unfinished requests, for the tests that
-prove a killed server's requests are resubmitted (tests/test_launcher_vllm.py, and
-tests/ray_scenarios.py inside its network namespace)."""
+prove a killed server's requests are resubmitted (tests/integration/test_launcher_vllm.py,
+and tests/integration/ray_scenarios.py inside its network namespace)."""
 
 from __future__ import annotations
 

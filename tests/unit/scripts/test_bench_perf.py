@@ -11,7 +11,9 @@ from types import ModuleType
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_perf.py"
+from tests import REPO
+
+SCRIPT = REPO / "scripts" / "bench_perf.py"
 
 
 def bench_module() -> ModuleType:

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from server_kill import kill_while_serving
 
 from sdp_cli.events.event_log import read_events
 from sdp_cli.events.event_schema import ServerStateEvent
@@ -23,6 +22,7 @@ from sdp_cli.inference import Completion, InferenceClient, SamplingParams, Serve
 from sdp_cli.launcher import ServerFleet, read_registry
 from sdp_cli.launcher.process import group_alive
 from sdp_cli.weight_sync.disk import DiskTransport
+from tests.integration.server_kill import kill_while_serving
 
 pytestmark = pytest.mark.vllm
 

@@ -1,6 +1,6 @@
 """InferenceClient and ServerPool against fake servers (httpx.MockTransport): fault injection for
 routing, retries, backoff, timeouts, segment joining and the weight-update call sequence.
-Real behaviour on vLLM is in test_inference_vllm.py."""
+Real behaviour on vLLM is in tests/integration/test_inference_vllm.py."""
 
 from __future__ import annotations
 

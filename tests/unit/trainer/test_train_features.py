@@ -28,7 +28,7 @@ from sdp_cli.trainer.actor import load_model
 from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
 from sdp_cli.trainer.schedule import lr_at
 from sdp_cli.trainer.token_stats import k3, token_entropy
-from tests.test_actor import make_actor, on_policy_groups, stale_groups, weights
+from tests.unit.trainer.test_actor import make_actor, on_policy_groups, stale_groups, weights
 
 # ---- learning-rate schedule -----------------------------------------------------------------
 

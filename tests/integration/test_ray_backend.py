@@ -2,8 +2,8 @@
 
 Ray binds to the machine's external interface unless it runs in a network namespace of its own,
 so every command here that starts Ray runs under `unshare -n` with only loopback up
-(tests/ray_scenarios.py holds the library-level scenario). Process ids are shared with the
-namespace, so the test kills and inspects processes from outside.
+(tests/integration/ray_scenarios.py holds the library-level scenario). Process ids are shared
+with the namespace, so the test kills and inspects processes from outside.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from sdp_cli.events.event_schema import (
     TrainStepEvent,
     WeightUpdateEvent,
 )
+from tests import REPO
 
 pytestmark = pytest.mark.vllm
 E = TypeVar("E", bound=Event)
 
-TESTS = Path(__file__).parent
 SMALL = [
     "rollout.batch_size=4",
     "rollout.n_samples=2",
@@ -60,7 +60,7 @@ def sdp(*args: str) -> list[str]:
 
 
 def left_running(since: float) -> list[str]:
-    from ray_scenarios import ray_or_vllm_processes
+    from tests.integration.ray_scenarios import ray_or_vllm_processes
 
     time.sleep(1.0)
     return ray_or_vllm_processes(since)
@@ -75,9 +75,11 @@ def test_two_servers_on_two_nodes_generate_load_staged_weights_and_survive_a_kil
 ) -> None:
     weights = write_tiny_weights(11)
     run_dir = tmp_path / "run"
-    command = [sys.executable, str(TESTS / "ray_scenarios.py"), "fleet", str(run_dir)]
+    # As a module from the root, so that it imports tests.integration.server_kill.
+    command = [sys.executable, "-m", "tests.integration.ray_scenarios", "fleet", str(run_dir)]
     done = subprocess.run(
         in_private_network([*command, str(tiny_model_dir), str(weights)]),
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

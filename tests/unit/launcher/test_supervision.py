@@ -1,6 +1,6 @@
 """The supervisor with fake server processes, for faults that are hard to cause in vLLM on
 purpose: a hung server, one that cannot start again, a port taken before the server binds, a
-failed weight reload. Real vLLM restarts are in test_launcher_vllm.py.
+failed weight reload. Real vLLM restarts are in tests/integration/test_launcher_vllm.py.
 
 Run as a script, this file *is* the fake server: a small HTTP server that answers the endpoints
 the launcher uses and records what it was asked in a state directory.

@@ -3,7 +3,6 @@ exits 2 naming the key and the allowed values, with no traceback, before anythin
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from sdp_cli.config.reference import markdown_table, readme_with_table
 from sdp_cli.config.schema import SdpConfig, declared_keys
 from sdp_cli.config.validate import check_declared_rules
 from sdp_cli.errors import ConfigError
+from tests import REPO
 
 runner = CliRunner()
 
@@ -126,7 +126,7 @@ def test_group_files_keep_only_what_differs_from_the_schema_defaults() -> None:
 
 
 def test_configuration_doc_key_table_is_the_schema() -> None:
-    doc_path = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    doc_path = REPO / "docs" / "configuration.md"
     doc = doc_path.read_text(encoding="utf-8")
     table = markdown_table()
     assert readme_with_table(doc, table) == doc, (

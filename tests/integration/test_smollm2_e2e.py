@@ -17,10 +17,11 @@ from sdp_cli.events.event_log import read_events
 from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
 from sdp_cli.inference import client as client_module
 from sdp_cli.orchestrator.sample_log import read_samples
+from tests import REPO
 
 pytestmark = pytest.mark.vllm
 runner = CliRunner()
-EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "examples" / "smollm2-chain-sum.yaml"
+EXAMPLE = REPO / "conf" / "examples" / "smollm2-chain-sum.yaml"
 SYSTEM_PROMPT = "Give only the final number."
 
 
