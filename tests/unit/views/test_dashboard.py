@@ -1,5 +1,5 @@
-"""The live dashboard, rendered from run logs: the hand-computed small run of conftest.py and
-the log a real (simulated) run writes."""
+"""The live dashboard, rendered from run logs: the hand-computed small run of small_run.py where
+the numbers are checked, and the log a real (simulated) run writes elsewhere."""
 
 from __future__ import annotations
 
@@ -86,8 +86,12 @@ def test_sparklines_follow_reward_and_loss(recorded: Any) -> None:
     assert "█▆▃▁" in loss_line
 
 
-def test_narrow_console_stacks_the_panels(recorded: Any) -> None:
-    text = rendered_text(*recorded(width=80))
+def test_narrow_console_stacks_the_panels(simulated_run_log: Path) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    dashboard = Dashboard(console=console, live=False)
+    dashboard.feed(read_events(simulated_run_log))
+    assert list(dashboard.errors) == []
+    text = rendered_text(dashboard, console)
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "rollouts" in text and "servers" in text
 
@@ -162,21 +166,21 @@ def test_one_log_line_per_train_step_when_not_a_terminal(small_run_events: list[
     assert "18.0 gen tok/s" in last
 
 
-def test_nothing_is_printed_before_start(small_run_events: list[Event]) -> None:
+def test_nothing_is_printed_before_start(simulated_run_log: Path) -> None:
     out = io.StringIO()
     dashboard = Dashboard(console=Console(file=out), live=False)
-    dashboard.feed(small_run_events)
+    dashboard.feed(read_events(simulated_run_log))
     assert out.getvalue() == ""
 
 
-def test_live_mode_starts_refreshes_and_stops(small_run_events: list[Event]) -> None:
+def test_live_mode_starts_refreshes_and_stops(simulated_run_log: Path) -> None:
     out = io.StringIO()
     console = Console(file=out, width=140, force_terminal=True)
     dashboard = Dashboard(console=console, refresh_per_second=50)
     assert dashboard.live is True
     assert dashboard.refresh_per_second == MAX_REFRESH_PER_SECOND
     with dashboard:
-        dashboard.feed(small_run_events)
+        dashboard.feed(read_events(simulated_run_log))
     assert "weight update" in out.getvalue()
 
 

@@ -1,5 +1,6 @@
-"""`sdp inspect-staleness` on the small run of conftest.py, a 4-step run built through the
-event schema so every number can be computed by hand.
+"""`sdp inspect-staleness` on the small run of small_run.py, a 4-step run built through the
+event schema so every number can be computed by hand, and on the log `sdp simulate --run-dir`
+writes where no number is checked by hand.
 
 The log (η=2, B=2, max_concurrent=4, segment_wise): rollouts 1-6 submitted at v0, 7-8 at v1,
 9-11 at v2. Batches: [1,2] at v0 (head lags 0,0), [3,5] at v1 (1,1), [7,8] at v2 (1,1),
@@ -30,6 +31,12 @@ runner = CliRunner()
 @pytest.fixture
 def run_dir(small_run_log: Path) -> Path:
     return small_run_log.parent
+
+
+@pytest.fixture
+def simulated_run_dir(simulated_run_log: Path) -> Path:
+    """A run directory `sdp simulate --run-dir` wrote (read only: shared by the session)."""
+    return simulated_run_log.parent
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -148,37 +155,40 @@ def test_text_report_shows_every_section(run_dir: Path) -> None:
     assert "61 tokens" in output
 
 
-def test_the_log_file_itself_is_accepted(run_dir: Path) -> None:
-    code, output = invoke(str(run_dir / "events.jsonl"), "--json")
+def test_the_log_file_itself_is_accepted(simulated_run_dir: Path) -> None:
+    code, output = invoke(str(simulated_run_dir / "events.jsonl"), "--json")
     assert code == 0
-    assert json.loads(output)["steps"] == 4
+    assert json.loads(output)["steps"] == 6  # train.steps of SIMULATED_RUN_OVERRIDES
+    assert json.loads(output) == json.loads(invoke(str(simulated_run_dir), "--json")[1])
 
 
-def test_plot_writes_a_png(run_dir: Path, tmp_path: Path) -> None:
+def test_plot_writes_a_png(simulated_run_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "staleness.png"
-    code, output = invoke(str(run_dir), "--plot", str(target))
+    code, output = invoke(str(simulated_run_dir), "--plot", str(target))
     assert code == 0, output
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written" in output
 
 
 def test_plot_without_matplotlib_is_a_clear_error(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    simulated_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A None entry makes `import matplotlib...` raise ImportError, as if it were not installed.
     for name in list(sys.modules):
         if name == "matplotlib" or name.startswith("matplotlib."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, output = invoke(str(run_dir), "--plot", str(tmp_path / "x.png"))
+    code, output = invoke(str(simulated_run_dir), "--plot", str(tmp_path / "x.png"))
     assert code == 2
     assert "matplotlib" in output and "pip install" in output
     assert "Traceback" not in output
     assert not (tmp_path / "x.png").exists()
 
 
-def test_plot_into_a_missing_directory_fails_before_reading(run_dir: Path, tmp_path: Path) -> None:
-    code, output = invoke(str(run_dir), "--plot", str(tmp_path / "nope" / "x.png"))
+def test_plot_into_a_missing_directory_fails_before_reading(
+    simulated_run_dir: Path, tmp_path: Path
+) -> None:
+    code, output = invoke(str(simulated_run_dir), "--plot", str(tmp_path / "nope" / "x.png"))
     assert code == 2
     assert "does not exist" in output
 
@@ -280,12 +290,14 @@ def test_follow_refreshes_until_ctrl_c(run_dir: Path, monkeypatch: pytest.Monkey
     assert snapshots[1]["skipped_lines"] == 0
 
 
-def test_follow_text_mode_ends_cleanly(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_follow_text_mode_ends_cleanly(
+    simulated_run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def interrupt(seconds: float) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "_sleep", interrupt)
-    code, output = invoke(str(run_dir), "--follow")
+    code, output = invoke(str(simulated_run_dir), "--follow")
     assert code == 0, output
     assert "per version" in output
     assert "Traceback" not in output
