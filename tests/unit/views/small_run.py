@@ -64,6 +64,18 @@ def capacity(
     )
 
 
+def lags(version: int, versions: tuple[int, int]) -> dict[str, int]:
+    """The version fields of a rollout whose head and tail were generated under `versions`,
+    seen at `version`."""
+    head, tail = versions
+    return {
+        "head_version": head,
+        "tail_version": tail,
+        "head_lag": version - head,
+        "tail_lag": version - tail,
+    }
+
+
 def finished(
     ts: float,
     rollout_id: int,
@@ -76,17 +88,13 @@ def finished(
 ) -> RolloutFinishedEvent:
     """Rollout `rollout_id` finished at `version`, its head and tail generated under
     `versions`; accepted unless a `reason` is given."""
-    head, tail = versions
     return RolloutFinishedEvent(
         ts=ts,
         rollout_id=rollout_id,
         version=version,
         accepted=reason is None,
         reason=reason,
-        head_version=head,
-        tail_version=tail,
-        head_lag=version - head,
-        tail_lag=version - tail,
+        **lags(version, versions),
         n_tokens=n_tokens,
         n_segments=n_segments,
         reward=reward,
@@ -96,17 +104,13 @@ def finished(
 def dropped(
     ts: float, rollout_id: int, reason: str, point: str, version: int, versions: tuple[int, int]
 ) -> SampleDroppedEvent:
-    head, tail = versions
     return SampleDroppedEvent(
         ts=ts,
         rollout_id=rollout_id,
         reason=reason,
         point=point,
-        head_lag=version - head,
-        tail_lag=version - tail,
         version=version,
-        head_version=head,
-        tail_version=tail,
+        **lags(version, versions),
     )
 
 
