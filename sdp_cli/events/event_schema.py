@@ -17,9 +17,10 @@ Adding an event type (or a field):
    reader uses. Emit it where it happens: `events.emit(MyEvent(...))`.
 3. Readers that do not care about it need no change: they skip types they do not handle. A
    reader that shows it adds a handler keyed by the class (see the dashboard's `_HANDLERS`).
-4. Add the name to `ALL_TYPES` in tests/test_telemetry_schema.py. The logs of a simulated run
-   and of the end-to-end vLLM run are parsed strictly there and in tests/test_train_e2e.py, so
-   a writer that logs a key the dataclass does not declare fails a test.
+4. Add the name to `ALL_TYPES` in tests/unit/events/test_event_schema.py. The logs of a
+   simulated run and of the end-to-end vLLM run are parsed strictly there and in
+   tests/integration/test_train_e2e.py, so a writer that logs a key the dataclass does not
+   declare fails a test.
 
 Rules the parser enforces (`parse_event`): a line whose `type` is not in `EVENT_TYPES` is
 "unknown" (a newer sdp wrote it; readers skip it); a known type with a missing required field or a

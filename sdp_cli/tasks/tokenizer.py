@@ -11,7 +11,7 @@ from sdp_cli.errors import ConfigError
 
 def load_tokenizer(model_dir: Path | str) -> PreTrainedTokenizerBase:
     # Imported here: transformers' auto classes import torch, which the orchestration and the
-    # simulator must not load (tests/test_layout.py).
+    # simulator must not load (tests/unit/test_layout.py).
     from transformers import AutoTokenizer
 
     try:
