@@ -318,8 +318,9 @@ class ServerFleet:
             if reason is None:
                 reason = await self._problem(index)
                 if reason is not None:
-                    # It died (exited or hung) while routed to: the client counts this death
-                    # against the requests it was serving (inference/poison.py).
+                    # It died (exited or hung) while routed to: out of routing first, so that a
+                    # request routed to it again sees this death counted (inference/poison.py).
+                    self.pool.set_state(index, ServerState.restarting)
                     self.pool.count_crash(index)
                     reason = self._with_last_error(index, reason)
             if reason is not None:
