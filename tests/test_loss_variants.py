@@ -32,6 +32,7 @@ from sdp_cli.trainer.actor import Actor
 from sdp_cli.trainer.advantages import group_advantages
 from sdp_cli.trainer.batch import (
     SampleSettings,
+    TrainBatch,
     collate,
     flatten_groups,
     loss_scales,
@@ -46,28 +47,46 @@ AGG_TOKENS = 7  # the Dr.GRPO constant of the tests
 
 @dataclass
 class Case:
-    logprobs: torch.Tensor
-    prox: torch.Tensor
-    behav: torch.Tensor
-    advantages: torch.Tensor
-    mask: torch.Tensor
-    versions: torch.Tensor
+    """A collated batch and the current policy's logprobs π on it."""
+
+    batch: TrainBatch
+    pi: torch.Tensor
 
 
-def random_case(seed: int, rows: int = 7, cols: int = 9) -> Case:
-    """Rows of 1..cols tokens from versions v−3..v, per-row advantages, proximal values far
-    enough from μ and π that clipping and the weight bounds trigger, token and sequence wise."""
+def random_groups(seed: int, n_groups: int = 5, size: int = 4) -> list[RolloutGroup]:
     gen = torch.Generator().manual_seed(seed)
-    behav = -3.0 * torch.rand(rows, cols, generator=gen)
-    prox = behav + 1.2 * torch.randn(rows, cols, generator=gen)
-    logprobs = prox + 0.5 * torch.randn(rows, cols, generator=gen)
-    advantages = torch.randn(rows, 1, generator=gen).expand(rows, cols).clone()
-    lengths = torch.randint(1, cols + 1, (rows,), generator=gen)
-    mask = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)
-    versions = V - torch.randint(0, 4, (rows, cols), generator=gen)
-    for t in (behav, prox, logprobs, advantages):
-        t[~mask] = 0.0
-    return Case(logprobs, prox, behav, advantages, mask, versions)
+    groups = []
+    for g in range(n_groups):
+        prompt = [1] + [int(x) for x in torch.randint(3, 40, (1 + g % 3,), generator=gen)]
+        samples = []
+        for k in range(size):
+            n = int(torch.randint(1, 12, (1,), generator=gen))
+            behav = (-3.0 * torch.rand(n, generator=gen)).tolist()
+            prox = [b + 0.8 * float(torch.randn(1, generator=gen)) for b in behav]
+            versions = [V - int(x) for x in torch.randint(0, 4, (n,), generator=gen)]
+            output = [int(x) for x in torch.randint(3, 40, (n,), generator=gen)]
+            reward = float(torch.randint(0, 3, (1,), generator=gen)) / 2
+            sample = Trajectory(prompt, output, behav, versions, prox_logprobs=prox, reward=reward)
+            sample.finish_reason = "length" if (g + k) % 3 == 0 else "stop"
+            samples.append(sample)
+        groups.append(RolloutGroup(rollout_id=g, samples=samples))
+    return groups
+
+
+def synthetic_logprobs(prox: torch.Tensor, behav: torch.Tensor) -> torch.Tensor:
+    """A current policy that depends on each token alone, so any cut of the batch sees it."""
+    return prox + 0.4 * torch.sin(13.0 * behav)
+
+
+def case_of(batch: TrainBatch) -> Case:
+    return Case(batch, synthetic_logprobs(batch.prox_logprobs, batch.behav_logprobs))
+
+
+def random_case(seed: int) -> Case:
+    """Twenty completions of 1 to 11 tokens from versions v−3..v with their group advantages,
+    proximal values far enough from μ and π that clipping and the weight bounds trigger, token
+    and sequence wise."""
+    return case_of(collate(flatten_groups(random_groups(seed), SampleSettings()), pad_id=0))
 
 
 def coefficient(agg: LossAgg, lengths: list[int], row: int) -> float:
@@ -84,26 +103,26 @@ def reference(
     case: Case, prox: torch.Tensor, s: LossSettings, agg: LossAgg
 ) -> tuple[float, dict, torch.Tensor]:
     """The loss, its statistics and d loss / d π, one token at a time in Python floats."""
-    rows, cols = case.mask.shape
-    lengths = [int(case.mask[i].sum()) for i in range(rows)]
+    rows, cols = case.batch.loss_mask.shape
+    lengths = [int(case.batch.loss_mask[i].sum()) for i in range(rows)]
     loss, n_clipped, n_kept = 0.0, 0, 0
     raw_weights: list[float] = []
     ratios: list[float] = []
     grad = torch.zeros(rows, cols)
     for i in range(rows):
-        tokens = [t for t in range(cols) if case.mask[i, t]]
+        tokens = [t for t in range(cols) if case.batch.loss_mask[i, t]]
 
         def log_w(t: int, i: int = i) -> float:
-            return float(prox[i, t]) - float(case.behav[i, t])
+            return float(prox[i, t]) - float(case.batch.behav_logprobs[i, t])
 
         def log_r(t: int, i: int = i) -> float:
-            return float(case.logprobs[i, t]) - float(prox[i, t])
+            return float(case.pi[i, t]) - float(prox[i, t])
 
         raw_weights += [math.exp(log_w(t)) for t in tokens]
         lag_kept = [
             t
             for t in tokens
-            if s.token_max_lag is None or V - case.versions[i, t] <= s.token_max_lag
+            if s.token_max_lag is None or V - case.batch.versions[i, t] <= s.token_max_lag
         ]
         if s.behav_weight_level == Level.sequence:
             row_w = math.exp(sum(log_w(t) for t in lag_kept) / len(lag_kept)) if lag_kept else 1.0
@@ -132,7 +151,7 @@ def reference(
             ratio = {t: math.exp(log_r(t)) for t in tokens}
         c = coefficient(agg, lengths, i)
         for t in tokens:
-            r, adv = ratio[t], float(case.advantages[i, t])
+            r, adv = ratio[t], float(case.batch.advantages[i, t])
             ratios.append(r)
             clipped_r = min(max(r, 1 - s.eps_clip_low), 1 + s.eps_clip_high)
             n_clipped += clipped_r * adv < r * adv
@@ -160,25 +179,21 @@ def reference(
 
 def token_scale(case: Case, agg: LossAgg) -> torch.Tensor:
     """TrainBatch.loss_scale for the case's rows, from the code's `loss_scales`."""
-    lengths = [int(n) for n in case.mask.sum(dim=1)]
+    lengths = [int(n) for n in case.batch.loss_mask.sum(dim=1)]
     scales = loss_scales(lengths, agg, AGG_TOKENS)
-    return torch.tensor(scales).unsqueeze(1) * case.mask
+    return torch.tensor(scales).unsqueeze(1) * case.batch.loss_mask
 
 
+# IcePop: tokens (or completions) with a weight outside [floor, cap] leave the loss.
+ICEPOP = LossSettings(behav_weight_cap=1.5, behav_weight_floor=0.6)
 BOUNDS = {
     "plain": LossSettings(),
-    # IcePop: mask outside [floor, cap].
-    "cap_floor_mask": LossSettings(behav_weight_cap=1.5, behav_weight_floor=0.6),
-    "floor_clamp": LossSettings(
-        behav_weight_cap=2.0, behav_weight_floor=0.6, behav_weight_mode=WeightBoundMode.clamp
-    ),
-    "everything": LossSettings(
-        eps_clip_low=0.15,
-        eps_clip_high=0.25,
-        dual_clip=2.0,
-        behav_weight_cap=2.0,
-        behav_weight_floor=0.3,
-        token_max_lag=2,
+    "cap_floor_mask": ICEPOP,
+    # TIS with a floor: the weight clamped into [floor, cap].
+    "floor_clamp": replace(ICEPOP, behav_weight_cap=2.0, behav_weight_mode=WeightBoundMode.clamp),
+    # Asymmetric clip, dual clip, IcePop bounds and the lag mask at once.
+    "everything": replace(
+        ICEPOP, eps_clip_low=0.1, eps_clip_high=0.3, dual_clip=2.5, token_max_lag=2
     ),
 }
 
@@ -186,14 +201,14 @@ BOUNDS = {
 def run_loss(
     case: Case, prox: torch.Tensor, settings: LossSettings, scale: torch.Tensor
 ) -> tuple[torch.Tensor, object, torch.Tensor]:
-    pi = case.logprobs.clone().requires_grad_(True)
+    pi = case.pi.clone().requires_grad_(True)
     loss, stats = decoupled_ppo_loss(
         pi,
         prox,
-        case.behav,
-        case.advantages,
-        case.mask,
-        case.versions,
+        case.batch.behav_logprobs,
+        case.batch.advantages,
+        case.batch.loss_mask,
+        case.batch.versions,
         V,
         settings,
         token_scale=scale,
@@ -214,14 +229,14 @@ def test_variants_match_the_per_token_reference(
     settings = replace(BOUNDS[bounds], ratio_level=ratio_level, behav_weight_level=weight_level)
     for seed in range(2):
         case = random_case(seed)
-        recomputed = case.logprobs + 0.3 * torch.randn(case.mask.shape)
+        recomputed = case.pi + 0.3 * torch.randn(case.batch.loss_mask.shape)
         # The proximal values of the prox mode (no gradient); loglinear's depend on π.
         prox = select_proximal(
             mode,
-            logprobs=case.logprobs,
-            segment_prox=case.prox,
-            behav_logprobs=case.behav,
-            versions=case.versions,
+            logprobs=case.pi,
+            segment_prox=case.batch.prox_logprobs,
+            behav_logprobs=case.batch.behav_logprobs,
+            versions=case.batch.versions,
             train_version=V,
             recomputed=recomputed,
         )
@@ -239,10 +254,10 @@ def test_the_sequence_cases_mask_clamp_and_clip_whole_rows() -> None:
     case = random_case(0)
     seq = BOUNDS["cap_floor_mask"]
     seq = replace(seq, behav_weight_level=Level.sequence)
-    _, masked, _ = reference(case, case.prox, seq, LossAgg.token_mean)
+    _, masked, _ = reference(case, case.batch.prox_logprobs, seq, LossAgg.token_mean)
     assert 0 < masked["masked_frac"] < 1
     gspo = LossSettings(ratio_level=Level.sequence, eps_clip_low=0.05, eps_clip_high=0.05)
-    _, clipped, _ = reference(case, case.prox, gspo, LossAgg.token_mean)
+    _, clipped, _ = reference(case, case.batch.prox_logprobs, gspo, LossAgg.token_mean)
     assert 0 < clipped["clip_frac"] < 1
 
 
@@ -250,7 +265,15 @@ def test_without_a_token_scale_the_token_mean_is_the_old_loss() -> None:
     """train.loss_agg=token-mean, the default, keeps the loss sdp always had: Σ / Σ loss_mask."""
     case = random_case(3)
     settings = BOUNDS["everything"]
-    args = (case.logprobs, case.prox, case.behav, case.advantages, case.mask, case.versions, V)
+    args = (
+        case.pi,
+        case.batch.prox_logprobs,
+        case.batch.behav_logprobs,
+        case.batch.advantages,
+        case.batch.loss_mask,
+        case.batch.versions,
+        V,
+    )
     old, _ = decoupled_ppo_loss(*args, settings)
     new, _ = decoupled_ppo_loss(*args, settings, token_scale=token_scale(case, LossAgg.token_mean))
     assert float(new) == pytest.approx(float(old), rel=1e-6)
@@ -264,7 +287,7 @@ def test_sequence_ratio_with_sequence_mean_is_gspo(on_policy: bool) -> None:
     sequence-level behaviour weight exp(mean_t(p − μ))."""
     case = random_case(4)
     if on_policy:
-        case.behav = case.prox.clone()
+        case = Case(replace(case.batch, behav_logprobs=case.batch.prox_logprobs.clone()), case.pi)
     settings = LossSettings(
         eps_clip_low=0.1,
         eps_clip_high=0.1,
@@ -273,17 +296,21 @@ def test_sequence_ratio_with_sequence_mean_is_gspo(on_policy: bool) -> None:
         behav_weight_cap=None,
     )
     scale = token_scale(case, LossAgg.seq_mean_token_mean)
-    loss, _, grad = run_loss(case, case.prox, settings, scale)
+    loss, _, grad = run_loss(case, case.batch.prox_logprobs, settings, scale)
 
-    pi = case.logprobs.clone().requires_grad_(True)
-    rows = case.mask.shape[0]
+    pi = case.pi.clone().requires_grad_(True)
+    rows = case.batch.loss_mask.shape[0]
     total = torch.zeros(())
     for i in range(rows):
-        tokens = case.mask[i].nonzero().flatten().tolist()
-        s_i = torch.exp(torch.stack([pi[i, t] - case.prox[i, t] for t in tokens]).mean())
-        log_w = [float(case.prox[i, t] - case.behav[i, t]) for t in tokens]
+        tokens = case.batch.loss_mask[i].nonzero().flatten().tolist()
+        s_i = torch.exp(
+            torch.stack([pi[i, t] - case.batch.prox_logprobs[i, t] for t in tokens]).mean()
+        )
+        log_w = [
+            float(case.batch.prox_logprobs[i, t] - case.batch.behav_logprobs[i, t]) for t in tokens
+        ]
         w_i = math.exp(sum(log_w) / len(tokens))
-        a = float(case.advantages[i, 0])
+        a = float(case.batch.advantages[i, 0])
         total = total - w_i * torch.minimum(s_i * a, s_i.clamp(0.9, 1.1) * a)
     total = total / rows
     total.backward()
@@ -292,31 +319,6 @@ def test_sequence_ratio_with_sequence_mean_is_gspo(on_policy: bool) -> None:
 
 
 # --- one batch cut into ranks and micro-batches -------------------------------------------
-
-
-def random_groups(seed: int, n_groups: int = 5, size: int = 4) -> list[RolloutGroup]:
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in range(n_groups):
-        prompt = [1] + [int(x) for x in torch.randint(3, 40, (1 + g % 3,), generator=gen)]
-        samples = []
-        for k in range(size):
-            n = int(torch.randint(1, 12, (1,), generator=gen))
-            behav = (-3.0 * torch.rand(n, generator=gen)).tolist()
-            prox = [b + 0.8 * float(torch.randn(1, generator=gen)) for b in behav]
-            versions = [V - int(x) for x in torch.randint(0, 4, (n,), generator=gen)]
-            output = [int(x) for x in torch.randint(3, 40, (n,), generator=gen)]
-            reward = float(torch.randint(0, 3, (1,), generator=gen)) / 2
-            sample = Trajectory(prompt, output, behav, versions, prox_logprobs=prox, reward=reward)
-            sample.finish_reason = "length" if (g + k) % 3 == 0 else "stop"
-            samples.append(sample)
-        groups.append(RolloutGroup(rollout_id=g, samples=samples))
-    return groups
-
-
-def synthetic_logprobs(prox: torch.Tensor, behav: torch.Tensor) -> torch.Tensor:
-    """A current policy that depends on each token alone, so any cut of the batch sees it."""
-    return prox + 0.4 * torch.sin(13.0 * behav)
 
 
 def cut_loss(samples: list, world_size: int, budget: int, settings: LossSettings) -> float:
@@ -355,16 +357,8 @@ def test_the_aggregate_is_the_same_however_the_batch_is_cut(
     )
     samples = flatten_groups(random_groups(7), sample_settings)
     settings = replace(BOUNDS["everything"], ratio_level=levels[0], behav_weight_level=levels[1])
-    full = collate(samples, pad_id=0)
-    case = Case(
-        synthetic_logprobs(full.prox_logprobs, full.behav_logprobs),
-        full.prox_logprobs,
-        full.behav_logprobs,
-        full.advantages,
-        full.loss_mask,
-        full.versions,
-    )
-    want, _, _ = reference(case, case.prox, settings, agg)
+    case = case_of(collate(samples, pad_id=0))
+    want, _, _ = reference(case, case.batch.prox_logprobs, settings, agg)
     for world_size in (1, 2, 3):
         for budget in (10_000, 30):
             got = cut_loss(samples, world_size, budget, settings)
@@ -471,25 +465,6 @@ def test_the_keys_are_checked_and_reach_the_settings() -> None:
         load_config(overrides=["train.loss_agg_tokens=0"])
 
 
-def stale_groups(actor: Actor) -> list[RolloutGroup]:
-    prompts = [[1, 5, 6, 7, 45], [1, 8, 45], [1, 9, 9, 45]]
-    outputs = [[9, 9, 2], [10, 11, 12, 13, 14, 15, 2], [7], [20, 21, 22, 23, 2]]
-    groups = []
-    for g, prompt in enumerate(prompts):
-        outs = [outputs[(g + k) % len(outputs)] for k in range(3)]
-        behav = actor.score([prompt] * 3, outs)
-        samples = []
-        for k, (out, lp) in enumerate(zip(outs, behav, strict=True)):
-            mu = [x - 0.3 * ((t + k) % 3) for t, x in enumerate(lp)]
-            sample = Trajectory(prompt, out, mu, [V - (t % 3) for t in range(len(out))])
-            sample.reward = float((g + k) % 2)
-            sample.prox_logprobs = [x + 0.25 for x in mu]
-            sample.finish_reason = "length" if k == 0 else "stop"
-            samples.append(sample)
-        groups.append(RolloutGroup(rollout_id=g, samples=samples))
-    return groups
-
-
 def test_the_actor_trains_every_variant_and_says_which(tiny_model_dir: Path) -> None:
     variants = {
         "train.loss_agg": "seq-mean-token-sum-norm",
@@ -500,13 +475,15 @@ def test_the_actor_trains_every_variant_and_says_which(tiny_model_dir: Path) -> 
     }
     cfg = load_config(overrides=[f"{k}={v}" for k, v in variants.items()] + ["train.kl_coef=0.1"])
     actor = Actor(tiny_model_dir, cfg.train, seed=0, rollout=cfg.rollout)
-    groups = stale_groups(actor)
+    groups = random_groups(5, n_groups=3, size=3)
     stats = actor.train_step(groups, V)
     assert stats["skipped"] == 0.0 and math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     for key, value in variants.items():
         assert stats[f"{key}={value}"] == 1.0
     assert stats["train.loss_agg_tokens"] == float(cfg.rollout.max_new_tokens)
-    assert stats["truncated_frac"] == pytest.approx(1 / 3)
+    truncated = [s.truncated for g in groups for s in g.samples]
+    assert 0 < sum(truncated) < len(truncated)
+    assert stats["truncated_frac"] == pytest.approx(sum(truncated) / len(truncated))
     # The filtered completions are not trained on.
     assert stats["n_tokens"] == sum(
         len(s.output_ids) for g in groups for s in g.samples if not s.truncated
