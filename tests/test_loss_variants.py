@@ -6,7 +6,9 @@ loss)."""
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from sdp_cli.config import load_config
 from sdp_cli.config.rollout_settings import Overlong, RolloutConfig
+from sdp_cli.config.schema import SdpConfig
 from sdp_cli.config.train_settings import (
     AdvNorm,
     Level,
@@ -25,6 +28,7 @@ from sdp_cli.config.train_settings import (
 )
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.types import Completion
+from sdp_cli.launcher.process import free_port
 from sdp_cli.rollout.rlvr import RLVRWorkflow, overlong_penalty
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
@@ -38,7 +42,7 @@ from sdp_cli.trainer.batch import (
     loss_scales,
     split_by_token_budget,
 )
-from sdp_cli.trainer.fsdp import split_across_ranks
+from sdp_cli.trainer.fsdp import split_across_ranks, trainer_actor
 from sdp_cli.trainer.loss import LossSettings, decoupled_ppo_loss, select_proximal
 
 V = 5  # the version being trained
@@ -490,3 +494,42 @@ def test_the_actor_trains_every_variant_and_says_which(tiny_model_dir: Path) -> 
     )
     default = Actor(tiny_model_dir, TrainConfig(), seed=0).train_step(groups, V)
     assert default["train.loss_agg=token-mean"] == 1.0 and default["rollout.overlong=none"] == 1.0
+
+
+def _one_step_on_two_ranks(cfg: SdpConfig, model_dir: Path, groups: list, out: Path) -> None:
+    with trainer_actor(cfg, model_dir, out / "logs") as actor:
+        (out / "stats.json").write_text(json.dumps(actor.train_step(groups, V)))
+
+
+def test_two_ranks_take_the_same_variant_step_as_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The sharded trainer gets the rollout keys and the loss scales travel with the samples:
+    with per-completion aggregation, sequence-level ratio and weight, the overlong filter and
+    the KL penalty, two ranks with small micro-batches take the one-rank step."""
+    overrides = [
+        "train.loss_agg=seq-mean-token-mean",
+        "train.ratio_level=sequence",
+        "train.behav_weight_level=sequence",
+        "rollout.overlong=filter",
+        "train.kl_coef=0.05",
+        "train.micro_batch_tokens=40",
+    ]
+    one = load_config(overrides=overrides)
+    groups = random_groups(8, n_groups=4, size=3)
+    expected = Actor(tiny_model_dir, one.train, seed=0, rollout=one.rollout).train_step(groups, V)
+
+    two = load_config(overrides=[*overrides, "train.world_size=2"])
+    two = replace(two, train=replace(two.train, master_port=free_port()))
+    process = multiprocessing.get_context("spawn").Process(
+        target=_one_step_on_two_ranks, args=(two, tiny_model_dir, groups, tmp_path)
+    )
+    process.start()
+    process.join(120.0)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("rank 0 did not finish in time")
+    assert process.exitcode == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["n_tokens"] == expected["n_tokens"]
+    assert stats["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert stats["train.loss_agg=seq-mean-token-mean"] == 1.0
