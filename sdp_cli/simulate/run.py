@@ -18,7 +18,6 @@ from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import Event, RunFinishedEvent
 from sdp_cli.orchestrator.run_started import run_started_event
 from sdp_cli.rollout.executor import RolloutExecutor
-from sdp_cli.rollout.recompute import scores_continuations
 from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.proximal_check import ProximalCheck
 from sdp_cli.simulate.sim_server import SimulatedFleet
@@ -51,7 +50,7 @@ def run_simulation(
         rng,
         sim.new_tokens,
         # As the inference client: prompt logprobs are of T = 1 only.
-        score_continuations=scores_continuations(cfg) and cfg.rollout.temperature == 1.0,
+        score_continuations=plan.scores_continuations and cfg.rollout.temperature == 1.0,
     )
     executor = RolloutExecutor(
         workflow,
