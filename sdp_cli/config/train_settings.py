@@ -92,7 +92,9 @@ class TrainConfig:
         None, ge=0, help="mask or clamp tokens with behaviour weight below it; null: off"
     )
     behav_weight_mode: WeightBoundMode = setting(
-        WeightBoundMode.mask, help="what the cap and floor do to a token: mask it or clamp w"
+        WeightBoundMode.mask,
+        help="what the cap and floor do to a token: mask it (MIS; IcePop with both) or clamp "
+        "w (TIS)",
     )
     behav_weight_level: Level = setting(
         Level.token,
