@@ -18,6 +18,12 @@ class RecomputeOn(StrEnum):
     trainer = "trainer"
 
 
+class Overlong(StrEnum):
+    none = "none"
+    filter = "filter"
+    penalty = "penalty"
+
+
 @dataclass
 class RolloutConfig:
     max_staleness: int = setting(
@@ -37,6 +43,22 @@ class RolloutConfig:
         "advantage 0 and nothing is learned",
     )
     max_new_tokens: int = setting(16, ge=1, help="longest completion, in tokens")
+    overlong: Overlong = setting(
+        Overlong.none,
+        help="completions cut at max_new_tokens: none; filter (left out of the loss, their "
+        "reward still in the group's mean); penalty (DAPO's soft overlong punishment: reward − "
+        "overlong_penalty·(len − (max_new_tokens − overlong_buffer)) / overlong_buffer past "
+        "max_new_tokens − overlong_buffer)",
+    )
+    overlong_buffer: int = setting(
+        4,
+        ge=1,
+        help="penalty: the last tokens before max_new_tokens over which the penalty grows "
+        "from 0 to overlong_penalty (at most max_new_tokens)",
+    )
+    overlong_penalty: float = setting(
+        1.0, ge=0, help="penalty: what a completion of max_new_tokens tokens loses from its reward"
+    )
     temperature: float = setting(
         1.0,
         gt=0,

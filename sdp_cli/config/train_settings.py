@@ -26,6 +26,25 @@ class WeightBoundMode(StrEnum):
     clamp = "clamp"
 
 
+class LossAgg(StrEnum):
+    """How per-token losses add up to the step's loss (docs/design.md, The loss). The values
+    have hyphens, as peers spell them, so the key is declared as a string with these choices."""
+
+    token_mean = "token-mean"
+    seq_mean_token_mean = "seq-mean-token-mean"
+    seq_mean_token_sum_norm = "seq-mean-token-sum-norm"
+
+
+class AdvNorm(StrEnum):
+    group_std = "group_std"
+    none = "none"
+
+
+class Level(StrEnum):
+    token = "token"
+    sequence = "sequence"
+
+
 class LrSchedule(StrEnum):
     constant = "constant"
     linear = "linear"
@@ -73,7 +92,40 @@ class TrainConfig:
         None, ge=0, help="mask or clamp tokens with behaviour weight below it; null: off"
     )
     behav_weight_mode: WeightBoundMode = setting(
-        WeightBoundMode.mask, help="what the cap and floor do to a token: mask it or clamp w"
+        WeightBoundMode.mask,
+        help="what the cap and floor do to a token: mask it (MIS; IcePop with both) or clamp "
+        "w (TIS)",
+    )
+    behav_weight_level: Level = setting(
+        Level.token,
+        help="token: each token's behaviour weight exp(p − μ); sequence: one weight per "
+        "completion, the geometric mean exp(mean_t(p − μ)) of its tokens', so the cap and floor "
+        "mask or clamp whole completions (sequence-level TIS/MIS)",
+    )
+    ratio_level: Level = setting(
+        Level.token,
+        help="token: PPO ratio exp(π − p) per token; sequence (GSPO): one ratio per completion, "
+        "exp(mean_t(π − p)), clipped per completion (each token's gradient is the sequence "
+        "ratio times its own ∇π)",
+    )
+    loss_agg: str = setting(
+        LossAgg.token_mean.value,
+        choices=tuple(member.value for member in LossAgg),
+        help="how token losses add up: token-mean (DAPO: sum over the step's tokens / their "
+        "number), seq-mean-token-mean (GRPO: mean per completion, then over completions), "
+        "seq-mean-token-sum-norm (Dr.GRPO: sum per completion / train.loss_agg_tokens, then "
+        "mean over completions)",
+    )
+    loss_agg_tokens: int | None = setting(
+        None,
+        ge=1,
+        help="seq-mean-token-sum-norm: the constant each completion's token sum is divided by; "
+        "null: rollout.max_new_tokens",
+    )
+    adv_norm: AdvNorm = setting(
+        AdvNorm.group_std,
+        help="GRPO advantage: group_std divides reward − group mean by the group's std + "
+        "train.adv_eps; none leaves it undivided (Dr.GRPO)",
     )
     token_max_lag: int | None = setting(
         None, ge=0, help="mask tokens more than this many versions old; null: off"

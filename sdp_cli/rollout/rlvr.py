@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
-from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.rollout_settings import Overlong, RolloutConfig
 from sdp_cli.inference.types import Completion, Gate, SamplingParams
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
@@ -28,6 +28,22 @@ class Generator(Protocol):
         max_new_tokens: int,
         gate: Gate | None = None,
     ) -> Completion: ...
+
+
+def overlong_penalty(n_tokens: int, rollout: RolloutConfig) -> float:
+    """DAPO's soft overlong punishment, the amount taken off the reward of a completion of
+    `n_tokens` with rollout.overlong=penalty (else 0): with L = rollout.max_new_tokens and a
+    buffer of B = rollout.overlong_buffer tokens (at most L), factor·(n − (L − B))/B once
+    n > L − B, at most the factor. It grows with the length alone, so a long answer that
+    finished is nudged too, before it gets cut."""
+    if Overlong(rollout.overlong) != Overlong.penalty:
+        return 0.0
+    limit = rollout.max_new_tokens
+    buffer = min(rollout.overlong_buffer, limit)
+    excess = n_tokens - (limit - buffer)
+    if excess <= 0:
+        return 0.0
+    return rollout.overlong_penalty * min(excess / buffer, 1.0)
 
 
 def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
@@ -70,12 +86,17 @@ class RLVRWorkflow:
     def to_trajectory(
         self, prompt: Prompt, completion: Completion, generate_s: float | None = None
     ) -> Trajectory:
+        # The penalty goes into the reward itself, so the group's baseline and the logged
+        # reward are those the advantage is computed from.
+        reward = float(self.task.reward(self.decode(completion.output_ids), prompt.meta))
+        reward -= overlong_penalty(len(completion.output_ids), self.rollout)
         return Trajectory(
             prompt_ids=list(prompt.prompt_ids),
             output_ids=list(completion.output_ids),
             behav_logprobs=list(completion.logprobs),
             versions=list(completion.versions),
-            reward=float(self.task.reward(self.decode(completion.output_ids), prompt.meta)),
+            reward=reward,
+            finish_reason=completion.finish_reason,
             n_segments=completion.n_segments,
             generate_s=generate_s,
             prefix_logprobs=completion.prefix_logprobs,

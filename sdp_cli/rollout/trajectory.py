@@ -34,6 +34,9 @@ class Trajectory:
     # the proximal recompute under that version takes them instead of scoring the sample.
     prefix_logprobs: list[float] | None = None
     prefix_version: int | None = None
+    # Why generation ended, as the server said: "stop" (a stop token), "length" (cut at
+    # rollout.max_new_tokens or the context); "" when not known.
+    finish_reason: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.output_ids)
@@ -44,6 +47,11 @@ class Trajectory:
             )
         if self.prox_logprobs is not None and len(self.prox_logprobs) != n:
             raise ValueError("prox_logprobs must have one entry per output token")
+
+    @property
+    def truncated(self) -> bool:
+        """Cut at the length limit before it finished (rollout.overlong=filter leaves it out)."""
+        return self.finish_reason == "length"
 
     @property
     def head_version(self) -> int | None:

@@ -18,12 +18,14 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from sdp_cli.config.rollout_settings import RolloutConfig
 from sdp_cli.config.server_settings import Device
-from sdp_cli.config.train_settings import ProxMode, TrainConfig
+from sdp_cli.config.train_settings import LossAgg, ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.trainer.batch import (
+    SampleSettings,
     TokenSample,
     TrainBatch,
     build_micro_batches,
@@ -93,10 +95,17 @@ def _pad_id(model: PreTrainedModel) -> int:
 
 class Actor:
     def __init__(
-        self, model_dir: Path, train: TrainConfig, seed: int = 0, temperature: float = 1.0
+        self,
+        model_dir: Path,
+        train: TrainConfig,
+        seed: int = 0,
+        temperature: float = 1.0,
+        rollout: RolloutConfig | None = None,
     ) -> None:
         """`temperature` is the sampling temperature of the rollouts: every logprob the actor
-        computes is of softmax(logits / temperature), the distribution tokens were drawn from."""
+        computes is of softmax(logits / temperature), the distribution tokens were drawn from.
+        `rollout` gives what the loss takes from the rollout keys (rollout.max_new_tokens for
+        train.loss_agg=seq-mean-token-sum-norm, rollout.overlong); its defaults if None."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
         seed_everything(seed)
@@ -108,6 +117,9 @@ class Actor:
         self.model = load_model(self.model_dir, self.device)
         self.pad_id = _pad_id(self.model)
         self.loss_settings = LossSettings.from_config(train)
+        rollout = rollout or RolloutConfig()
+        self.sample_settings = SampleSettings.from_config(train, rollout)
+        self.variant = loss_variant(train, rollout)
         self.prox_mode = ProxMode(train.prox_mode)
         self.optimizer = make_optimizer(self.model, train)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -221,7 +233,7 @@ class Actor:
 
     def _micro_batches(self, groups: Sequence[RolloutGroup]) -> list[TrainBatch]:
         batches = build_micro_batches(
-            groups, self.train_config.adv_eps, self.train_config.micro_batch_tokens, self.pad_id
+            groups, self.sample_settings, self.train_config.micro_batch_tokens, self.pad_id
         )
         return [b.to(self.device) for b in batches]
 
@@ -245,17 +257,18 @@ class Actor:
         the loss or the gradient norm was not finite and the weights were left unchanged)."""
         started = time.perf_counter()
         batches = self._micro_batches(groups)
-        normalizer = sum(b.n_tokens for b in batches)
-        stats, grad_norm, finite = self._optimizer_step(batches, normalizer, version)
+        n_tokens = sum(b.n_tokens for b in batches)
+        stats, grad_norm, finite = self._optimizer_step(batches, n_tokens, version)
         extras = {**self.step_extras, "padding_frac": self.padding_fraction(batches)}
         return step_summary(groups, stats, grad_norm, finite, len(batches), started, extras)
 
     def _optimizer_step(
-        self, batches: list[TrainBatch], normalizer: int, version: int
+        self, batches: list[TrainBatch], n_tokens: int, version: int
     ) -> tuple[LossStats, float, bool]:
-        """Accumulate the gradients of `batches` (their losses divided by `normalizer`, the
-        token count of the whole batch) and step; returns the statistics, the gradient norm and
-        whether the step was finite (else the weights were left unchanged)."""
+        """Accumulate the gradients of `batches` (each token's loss times its coefficient in
+        the whole step's loss, `TrainBatch.loss_scale`) and step unless the whole batch, across
+        ranks, has no token (`n_tokens`); returns the statistics, the gradient norm and whether
+        the step was finite (else the weights were left unchanged)."""
         recomputed = self._recomputed_proximal(batches)
         self.optimizer.zero_grad(set_to_none=True)
         stats = LossStats()
@@ -281,15 +294,15 @@ class Actor:
                 batch.versions,
                 version,
                 self.loss_settings,
-                normalizer=normalizer,
+                token_scale=batch.loss_scale,
             )
-            loss = loss + self.reference_penalty(batch, logprobs, normalizer, extra)
+            loss = loss + self.reference_penalty(batch, logprobs, extra)
             loss.backward()
             stats = stats.merge(batch_stats)
         # What follows costs the same whatever the batch: `sdp simulate --calibrate` needs it
         # apart from the forward and backward, which grow with the tokens.
         optimizer_started = time.perf_counter()
-        grad_norm = self._clip_gradients() if normalizer > 0 else 0.0
+        grad_norm = self._clip_gradients() if n_tokens > 0 else 0.0
         lr = lr_at(version, self.train_config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -301,10 +314,11 @@ class Actor:
         )
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-        elif normalizer > 0:
+        elif n_tokens > 0:
             self.optimizer.step()
         # Rank-local: the schedule's rate, entropy and KL of this rank's tokens.
         self.step_extras = {
+            **self.variant,
             "lr": lr,
             **extra.summary(),
             "optimizer_s": time.perf_counter() - optimizer_started,
@@ -322,18 +336,16 @@ class Actor:
     def load_tensors(self, path: Path) -> None:
         read_model_tensors(path, self.model, self.optimizer)
 
-    def reference_penalty(
-        self, batch: TrainBatch, logprobs: Tensor, normalizer: int, extra: _ExtraStats
-    ) -> Tensor:
-        """train.kl_coef × the k3 estimate of KL(current ‖ reference), summed over the batch's
-        output tokens and normalised like the policy loss; 0 without a reference model."""
+    def reference_penalty(self, batch: TrainBatch, logprobs: Tensor, extra: _ExtraStats) -> Tensor:
+        """train.kl_coef × the k3 estimate of KL(current ‖ reference) per output token,
+        aggregated like the policy loss (train.loss_agg); 0 without a reference model."""
         reference = self.reference_logprobs(batch)
         if reference is None:
             return logprobs.new_zeros(())
         mask = batch.loss_mask.bool()
         per_token = torch.where(mask, k3(logprobs, reference), torch.zeros_like(logprobs))
         extra.ref_kl_sum += float(per_token.detach().sum().item())
-        return self.train_config.kl_coef * per_token.sum() / max(normalizer, 1)
+        return self.train_config.kl_coef * (per_token * batch.loss_scale).sum()
 
     def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int | None) -> Path:
         """Write `run_dir/checkpoints/step-{state.step}/`, keeping the newest `keep`."""
@@ -367,6 +379,7 @@ def step_summary(
 ) -> dict[str, float]:
     """The numbers `train_step` returns, from the merged statistics of its micro-batches."""
     rewards = [r for g in groups for r in g.rewards]
+    truncated = sum(s.truncated for g in groups for s in g.samples)
     return {
         **stats.summary(),
         "skipped": 0.0 if finite else 1.0,
@@ -375,9 +388,30 @@ def step_summary(
         **(extras or {}),
         "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
         "n_samples": float(len(rewards)),
+        # Completions cut at the length limit (rollout.overlong decides what they cost).
+        "truncated_frac": truncated / len(rewards) if rewards else 0.0,
         "n_micro_batches": float(n_micro_batches),
         "step_time_s": time.perf_counter() - started,
     }
+
+
+def loss_variant(train: TrainConfig, rollout: RolloutConfig) -> dict[str, float]:
+    """The loss variant in force, for `train_step.stats`: `KEY=VALUE: 1.0` per choice (stats
+    hold numbers only), and the Dr.GRPO constant when it applies."""
+    choices = {
+        "train.loss_agg": train.loss_agg,
+        "train.adv_norm": train.adv_norm,
+        "train.ratio_level": train.ratio_level,
+        "train.behav_weight_level": train.behav_weight_level,
+        "train.behav_weight_mode": train.behav_weight_mode,
+        "train.prox_mode": train.prox_mode,
+        "rollout.overlong": rollout.overlong,
+    }
+    variant = {f"{key}={getattr(value, 'value', value)}": 1.0 for key, value in choices.items()}
+    settings = SampleSettings.from_config(train, rollout)
+    if settings.loss_agg == LossAgg.seq_mean_token_sum_norm:
+        variant["train.loss_agg_tokens"] = float(settings.agg_tokens)
+    return variant
 
 
 def padding_fraction(batches: Sequence[TrainBatch]) -> float:

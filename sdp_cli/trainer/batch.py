@@ -3,6 +3,10 @@
 Layout: prompts are left-padded and outputs right-padded, so every row's output starts at the
 same column. Per-token tensors ([rows, L], L = longest output) then index output tokens
 directly, and the actor asks the model for logits of the last L + 1 columns only.
+
+Each sample carries its tokens' share of the step's loss (`loss_scale`, from train.loss_agg),
+computed over the whole batch before it is cut into ranks and micro-batches, so the loss is the
+same however it is cut.
 """
 
 from __future__ import annotations
@@ -13,8 +17,34 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from sdp_cli.config.rollout_settings import Overlong, RolloutConfig
+from sdp_cli.config.train_settings import AdvNorm, LossAgg, TrainConfig
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.trainer.advantages import group_advantages
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How rollout groups become trained samples: the advantage (train.adv_eps,
+    train.adv_norm), which completions are trained (rollout.overlong=filter) and each token's
+    share of the loss (train.loss_agg)."""
+
+    adv_eps: float = 1e-6
+    adv_norm: AdvNorm = AdvNorm.group_std
+    loss_agg: LossAgg = LossAgg.token_mean
+    # seq-mean-token-sum-norm: the constant each completion's token sum is divided by.
+    agg_tokens: int = 16
+    drop_truncated: bool = False
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, rollout: RolloutConfig) -> SampleSettings:
+        return cls(
+            adv_eps=train.adv_eps,
+            adv_norm=AdvNorm(train.adv_norm),
+            loss_agg=LossAgg(train.loss_agg),
+            agg_tokens=train.loss_agg_tokens or rollout.max_new_tokens,
+            drop_truncated=Overlong(rollout.overlong) == Overlong.filter,
+        )
 
 
 @dataclass(frozen=True)
@@ -28,6 +58,8 @@ class TokenSample:
     versions: list[int]
     advantage: float
     reward: float
+    # Coefficient of each of its tokens' loss in the step's loss (see `loss_scales`).
+    loss_scale: float = 0.0
 
     @property
     def length(self) -> int:
@@ -47,6 +79,8 @@ class TrainBatch:
     prox_logprobs: Tensor
     versions: Tensor
     advantages: Tensor
+    # Each token's coefficient in the step's loss (train.loss_agg); 0 at padding.
+    loss_scale: Tensor
 
     @property
     def n_output_cols(self) -> int:
@@ -93,16 +127,45 @@ def _sample(trajectory: Trajectory, advantage: float) -> TokenSample:
     )
 
 
-def flatten_groups(groups: Sequence[RolloutGroup], adv_eps: float) -> list[TokenSample]:
-    """Every non-empty completion with its GRPO advantage (computed over its whole group,
-    including empty completions, which are then left out: they have no token to train on)."""
-    samples: list[TokenSample] = []
+def loss_scales(lengths: Sequence[int], agg: LossAgg, agg_tokens: int) -> list[float]:
+    """Per sample, the coefficient c of each of its tokens' loss, so that the step's loss is
+    Σ c·ℓ_t over every token of the batch, with S samples of n_i tokens and N = Σ n_i:
+    token-mean 1/N, seq-mean-token-mean 1/(S·n_i), seq-mean-token-sum-norm 1/(S·agg_tokens)."""
+    if not lengths:
+        return []
+    if agg == LossAgg.token_mean:
+        return [1.0 / sum(lengths)] * len(lengths)
+    if agg == LossAgg.seq_mean_token_mean:
+        return [1.0 / (len(lengths) * n) for n in lengths]
+    return [1.0 / (len(lengths) * agg_tokens)] * len(lengths)
+
+
+def flatten_groups(
+    groups: Sequence[RolloutGroup], settings: SampleSettings | float
+) -> list[TokenSample]:
+    """Every trained completion with its GRPO advantage and loss scale. The advantage is
+    computed over the whole group, including completions then left out: empty ones (no token
+    to train on) and, with rollout.overlong=filter, truncated ones (their reward is still an
+    outcome the others are compared with). `settings` may be just train.adv_eps."""
+    if not isinstance(settings, SampleSettings):
+        settings = SampleSettings(adv_eps=settings)
+    divide = settings.adv_norm == AdvNorm.group_std
+    chosen: list[tuple[Trajectory, float]] = []
     for group in groups:
-        advantages = group_advantages(group.rewards, adv_eps)
+        advantages = group_advantages(group.rewards, settings.adv_eps, divide_by_std=divide)
         for trajectory, advantage in zip(group.samples, advantages, strict=True):
-            if trajectory.output_ids:
-                samples.append(_sample(trajectory, advantage))
-    return samples
+            if not trajectory.output_ids:
+                continue
+            if settings.drop_truncated and trajectory.truncated:
+                continue
+            chosen.append((trajectory, advantage))
+    scales = loss_scales(
+        [len(t.output_ids) for t, _ in chosen], settings.loss_agg, settings.agg_tokens
+    )
+    return [
+        replace(_sample(trajectory, advantage), loss_scale=scale)
+        for (trajectory, advantage), scale in zip(chosen, scales, strict=True)
+    ]
 
 
 def _padded_rows(rows: list[list[float]], width: int, fill: float, left: bool) -> list[list]:
@@ -137,6 +200,7 @@ def collate(samples: Sequence[TokenSample], pad_id: int) -> TrainBatch:
         prox_logprobs=per_token([s.prox_logprobs for s in samples], torch.float32),
         versions=per_token([s.versions for s in samples], torch.long),
         advantages=per_token([[s.advantage] * len(s.output_ids) for s in samples], torch.float32),
+        loss_scale=per_token([[s.loss_scale] * len(s.output_ids) for s in samples], torch.float32),
     )
 
 
@@ -162,7 +226,10 @@ def split_by_token_budget(
 
 
 def build_micro_batches(
-    groups: Sequence[RolloutGroup], adv_eps: float, micro_batch_tokens: int, pad_id: int
+    groups: Sequence[RolloutGroup],
+    settings: SampleSettings | float,
+    micro_batch_tokens: int,
+    pad_id: int,
 ) -> list[TrainBatch]:
-    samples = flatten_groups(groups, adv_eps)
+    samples = flatten_groups(groups, settings)
     return [collate(chunk, pad_id) for chunk in split_by_token_budget(samples, micro_batch_tokens)]

@@ -2,9 +2,10 @@
 
 `fully_shard` wraps every decoder layer and then the root, so each rank holds 1/N of the
 parameters, gradients and AdamW state. Rank 0 splits a batch's samples across the ranks by
-token count; each rank cuts its share into micro-batches by train.micro_batch_tokens. Every
-rank divides its loss by the token count of the whole batch (an all-reduce) and the gradients
-are summed, not averaged, across ranks, so N ranks take the same step as one rank would.
+token count; each rank cuts its share into micro-batches by train.micro_batch_tokens. Each
+token's coefficient in the loss (train.loss_agg: 1/N for the token mean) is computed on rank 0
+over the whole batch before it is split, and the gradients are summed, not averaged, across
+ranks, so N ranks take the same step as one rank would.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from sdp_cli.config.rollout_settings import RolloutConfig
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.errors import ConfigError
@@ -119,8 +121,9 @@ class ShardedActor(Actor):
         channel: RankChannel,
         seed: int = 0,
         temperature: float = 1.0,
+        rollout: RolloutConfig | None = None,
     ) -> None:
-        super().__init__(model_dir, train, seed=seed, temperature=temperature)
+        super().__init__(model_dir, train, seed=seed, temperature=temperature, rollout=rollout)
         # The chunked LM head calls the decoder directly, which skips the unsharding that
         # FSDP2 does in the root module's forward.
         self.logit_chunk_tokens = 0
@@ -135,7 +138,8 @@ class ShardedActor(Actor):
 
     def train_step(self, groups: Sequence[RolloutGroup], version: int) -> dict[str, float]:
         started = time.perf_counter()
-        samples = flatten_groups(groups, self.train_config.adv_eps)
+        # The loss scales are computed here, over the whole batch, before it is cut.
+        samples = flatten_groups(groups, self.sample_settings)
         budget = self.train_config.micro_batch_tokens
         parts = [
             [collate(chunk, self.pad_id) for chunk in split_by_token_budget(share, budget)]
@@ -202,12 +206,12 @@ class ShardedActor(Actor):
         """This rank's part of one step; returns its statistics, the gradient norm (over the
         full model) and the number of micro-batches of the whole step."""
         local_tokens = sum(b.n_tokens for b in batches)
-        normalizer = int(self.channel.all_reduce(local_tokens, dist.ReduceOp.SUM))
+        n_tokens = int(self.channel.all_reduce(local_tokens, dist.ReduceOp.SUM))
         total_micro = int(self.channel.all_reduce(len(batches), dist.ReduceOp.SUM))
         most = int(self.channel.all_reduce(len(batches), dist.ReduceOp.MAX))
         padded = batches + [idle_batch(self.pad_id)] * (most - len(batches))
         moved = [b.to(self.device) for b in padded]
-        stats, grad_norm, finite = self._optimizer_step(moved, normalizer, version)
+        stats, grad_norm, finite = self._optimizer_step(moved, n_tokens, version)
         return stats, grad_norm, finite, total_micro
 
     def _finite_everywhere(self, finite: bool) -> bool:
@@ -276,6 +280,7 @@ def _join(
         channel,
         seed=cfg.run.seed,
         temperature=cfg.rollout.temperature,
+        rollout=cfg.rollout,
     )
 
 
@@ -320,7 +325,13 @@ def trainer_actor(cfg: SdpConfig, model_dir: Path, log_dir: Path) -> Iterator[Ac
 
     `cfg.train.master_port` must be set when there is more than one rank."""
     if not uses_sharded_trainer(cfg.train):
-        yield Actor(model_dir, cfg.train, seed=cfg.run.seed, temperature=cfg.rollout.temperature)
+        yield Actor(
+            model_dir,
+            cfg.train,
+            seed=cfg.run.seed,
+            temperature=cfg.rollout.temperature,
+            rollout=cfg.rollout,
+        )
         return
     with local_ranks(cfg, model_dir, log_dir) as ranks:
         try:

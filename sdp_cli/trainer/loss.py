@@ -1,13 +1,15 @@
 """The decoupled PPO loss (docs/design.md, The loss), on padded per-token tensors of shape
-[batch, T].
+[batch, T], one completion per row.
 
 Per output token: r = exp(π − p), pg = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) (optionally
 dual-clipped for A < 0), behaviour weight w = exp(p − μ) without gradient, and
 
-    loss = Σ keep·w·pg / Σ loss_mask
+    loss = Σ c·keep·w·pg        (c = 1 / Σ loss_mask by default: the token mean)
 
 where `keep` drops padding, tokens whose w is outside [floor, cap] (mask mode) and tokens more
-than `token_max_lag` versions old. Only π carries gradient.
+than `token_max_lag` versions old, and c is each token's coefficient (train.loss_agg). At
+sequence level w (train.behav_weight_level) and r (train.ratio_level, GSPO) are one value per
+row, the exponential of the row's mean log weight or log ratio. Only π carries gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sdp_cli.config.train_settings import ProxMode, TrainConfig, WeightBoundMode
+from sdp_cli.config.train_settings import Level, ProxMode, TrainConfig, WeightBoundMode
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class LossSettings:
     behav_weight_floor: float | None = None
     behav_weight_mode: WeightBoundMode = WeightBoundMode.mask
     token_max_lag: int | None = None
+    behav_weight_level: Level = Level.token
+    ratio_level: Level = Level.token
 
     @classmethod
     def from_config(cls, train: TrainConfig) -> LossSettings:
@@ -41,6 +45,8 @@ class LossSettings:
             behav_weight_floor=train.behav_weight_floor,
             behav_weight_mode=WeightBoundMode(train.behav_weight_mode),
             token_max_lag=train.token_max_lag,
+            behav_weight_level=Level(train.behav_weight_level),
+            ratio_level=Level(train.ratio_level),
         )
 
 
@@ -53,8 +59,8 @@ class LossStats:
     n_kept: int = 0
     n_clipped: int = 0
     n_dual_clipped: int = 0
-    # Σ keep·w·pg: the loss numerator.
-    weighted_pg_sum: float = 0.0
+    # Σ c·keep·w·pg: the loss, or the part of it these micro-batches make.
+    loss_sum: float = 0.0
     # Raw behaviour weights w = exp(p − μ), before any clamp.
     weight_sum: float = 0.0
     weight_max: float = 0.0
@@ -70,7 +76,7 @@ class LossStats:
             n_kept=self.n_kept + other.n_kept,
             n_clipped=self.n_clipped + other.n_clipped,
             n_dual_clipped=self.n_dual_clipped + other.n_dual_clipped,
-            weighted_pg_sum=self.weighted_pg_sum + other.weighted_pg_sum,
+            loss_sum=self.loss_sum + other.loss_sum,
             weight_sum=self.weight_sum + other.weight_sum,
             weight_max=max(self.weight_max, other.weight_max),
             ratio_sum=self.ratio_sum + other.ratio_sum,
@@ -81,7 +87,7 @@ class LossStats:
         """Per-step statistics; fractions and means are over valid tokens."""
         n = max(self.n_valid, 1)
         return {
-            "loss": self.weighted_pg_sum / n,
+            "loss": self.loss_sum,
             "n_tokens": float(self.n_valid),
             "clip_frac": self.n_clipped / n,
             "dual_clip_frac": self.n_dual_clipped / n,
@@ -138,6 +144,12 @@ def _bound_weights(weights: Tensor, keep: Tensor, settings: LossSettings) -> tup
     return weights, keep
 
 
+def _row_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over each row's `mask`ed entries ([rows, 1]); 0 for a row with none."""
+    total = torch.where(mask, values, 0.0).sum(dim=1, keepdim=True)
+    return total / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 def _tokens_by_lag(lags: Tensor, valid: Tensor) -> dict[int, int]:
     values, counts = torch.unique(lags[valid], return_counts=True)
     return {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
@@ -170,42 +182,69 @@ def decoupled_ppo_loss(
     train_version: int,
     settings: LossSettings,
     normalizer: float | None = None,
+    token_scale: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
-    """The loss and its statistics. All tensors are [batch, T]; `loss_mask` marks real output
-    tokens. `normalizer` is Σ loss_mask of the full batch when this is one micro-batch of it (so
-    micro-batch losses add up to the full-batch loss); by default this batch's own count."""
+    """The loss and its statistics. All tensors are [batch, T], one completion per row;
+    `loss_mask` marks real output tokens. `token_scale` is each token's coefficient in the
+    step's loss (TrainBatch.loss_scale, train.loss_agg); without it every token's is
+    1/`normalizer`, where `normalizer` is Σ loss_mask of the full batch when this is one
+    micro-batch of it (so micro-batch losses add up to the full-batch loss), by default this
+    batch's own count."""
     valid = loss_mask.bool()
     prox = prox_logprobs.detach()
     adv = advantages.detach().to(logprobs.dtype)
+    sequence_ratio = settings.ratio_level == Level.sequence
 
     with torch.no_grad():
-        raw_weights = torch.exp(prox - behav_logprobs.detach())
+        log_weights = prox - behav_logprobs.detach()
+        raw_weights = torch.exp(log_weights)
         lags = train_version - versions.long()
         keep = valid
         if settings.token_max_lag is not None:
             keep = keep & (lags <= settings.token_max_lag)
-        weights, keep = _bound_weights(raw_weights, keep, settings)
+        weights = raw_weights
+        if settings.behav_weight_level == Level.sequence:
+            # The geometric mean of the row's token weights (those the lag mask keeps), so
+            # the cap and floor keep, drop or clamp whole completions.
+            row_weight = torch.exp(_row_mean(log_weights, keep))
+            weights = row_weight.expand_as(raw_weights)
+        weights, keep = _bound_weights(weights, keep, settings)
         # A dropped token's weight may have overflowed too; its gradient path must hold no inf.
         weights = torch.where(keep, weights, 0.0)
-        # Statistics see every valid token's own ratio, kept or not.
-        stat_ratio = torch.exp(torch.where(valid, logprobs.detach() - prox, 0.0))
-        _, is_clipped, is_dual_clipped = _policy_gradient(stat_ratio, adv, settings)
 
-    # Mask before anything can overflow: a dropped token's ratio is computed as exp(0), so an
-    # overflowing exp(π − p) can neither reach the loss (0·inf = NaN) nor its gradient.
-    ratio = torch.exp(torch.where(keep, logprobs - prox, 0.0))
+    # Mask before anything can overflow: a dropped token's log ratio is 0, so an overflowing
+    # exp(π − p) can neither reach the loss (0·inf = NaN) nor its gradient.
+    log_ratio = torch.where(keep, logprobs - prox, 0.0)
+    if sequence_ratio:
+        # GSPO per token: the value is the row's mean log ratio over its kept tokens, the
+        # gradient each token's own ∇π (π − sg(π) is 0 with gradient 1).
+        row_log_ratio = _row_mean(log_ratio.detach(), keep)
+        log_ratio = torch.where(keep, log_ratio - log_ratio.detach() + row_log_ratio, 0.0)
+    ratio = torch.exp(log_ratio)
     pg, _, _ = _policy_gradient(ratio, adv, settings)
     per_token = torch.where(keep, weights * pg, 0.0)
-    numerator = per_token.sum()
-    denominator = float(valid.sum().item()) if normalizer is None else float(normalizer)
-    loss = numerator / max(denominator, 1.0)
+
+    with torch.no_grad():
+        # Statistics see every valid token's ratio, kept or not: its own at token level, its
+        # row's (over the kept tokens) at sequence level.
+        if sequence_ratio:
+            stat_ratio = torch.exp(row_log_ratio).expand_as(ratio)
+        else:
+            stat_ratio = torch.exp(torch.where(valid, logprobs.detach() - prox, 0.0))
+        _, is_clipped, is_dual_clipped = _policy_gradient(stat_ratio, adv, settings)
+
+    if token_scale is None:
+        denominator = float(valid.sum().item()) if normalizer is None else float(normalizer)
+        loss = per_token.sum() / max(denominator, 1.0)
+    else:
+        loss = (per_token * token_scale.detach().to(per_token.dtype)).sum()
 
     stats = LossStats(
         n_valid=int(valid.sum().item()),
         n_kept=int(keep.sum().item()),
         n_clipped=int((valid & is_clipped).sum().item()),
         n_dual_clipped=int((valid & is_dual_clipped).sum().item()),
-        weighted_pg_sum=float(numerator.detach().item()),
+        loss_sum=float(loss.detach().item()),
         weight_sum=float(raw_weights[valid].sum().item()),
         weight_max=float(raw_weights[valid].max().item()) if bool(valid.any()) else 0.0,
         ratio_sum=float(stat_ratio[valid].sum().item()),

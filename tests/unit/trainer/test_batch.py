@@ -39,7 +39,7 @@ def groups() -> list[RolloutGroup]:
 
 
 def test_layout_left_pads_prompts_and_aligns_outputs() -> None:
-    (batch,) = build_micro_batches(groups(), adv_eps=1e-6, micro_batch_tokens=10_000, pad_id=PAD)
+    (batch,) = build_micro_batches(groups(), settings=1e-6, micro_batch_tokens=10_000, pad_id=PAD)
     # The empty completion has no token to train on.
     assert batch.input_ids.tolist() == [
         [PAD, PAD, 1, 5, 7, 8, 2],
