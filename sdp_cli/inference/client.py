@@ -183,7 +183,9 @@ class InferenceClient:
         payload, attempts = await self._with_retries("POST", GENERATE_PATH, body)
         answer = parse_generate_answer(payload)
         if prefix_start is not None:
-            answer.prefix_logprobs = parse_prefix_logprobs(payload, token_ids, prefix_start)
+            answer.prefix_logprobs = parse_prefix_logprobs(
+                payload, token_ids, prefix_start, aborted=answer.finish_reason == "abort"
+            )
         return answer, attempts
 
     def _ends_on_stop_token(self, completion: Completion, sampling: SamplingParams) -> bool:

@@ -94,14 +94,15 @@ def parse_generate_answer(payload: dict[str, Any]) -> GenerateAnswer:
 
 
 def parse_prefix_logprobs(
-    payload: dict[str, Any], token_ids: list[int], start: int
+    payload: dict[str, Any], token_ids: list[int], start: int, aborted: bool = False
 ) -> list[float] | None:
     """From a /inference/v1/generate answer to a request for `token_ids` with
     `prompt_logprobs: 0`: the logprob of token_ids[i] given token_ids[:i] for every i >= start,
-    under the weights that answered; None if the server sent no prompt logprobs. (vLLM computes
-    prompt logprobs from the raw logits, whatever the request's sampling settings.)"""
+    under the weights that answered; None if the server sent no prompt logprobs, or sent only
+    part of them for a request it `aborted` before its prefill ran. (vLLM computes prompt
+    logprobs from the raw logits, whatever the request's sampling settings.)"""
     entries = payload.get("prompt_logprobs")
-    if not entries:
+    if not entries or (aborted and len(entries) < len(token_ids)):
         return None
     if len(entries) != len(token_ids):
         raise ServerProtocolError(

@@ -142,6 +142,9 @@ def test_prefix_logprobs_of_a_generate_answer_are_read_by_token_id_from_start() 
     assert parse_prefix_logprobs({"prompt_logprobs": None}, [1, 7, 9], 1) is None
     with pytest.raises(ServerProtocolError, match="3 prompt logprobs for 4 tokens"):
         parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 9, 4], 1)
+    # A continuation aborted before its prefill ran comes back with its first entry only: it
+    # brings no scores (the recompute scores the sample instead), and is no protocol error.
+    assert parse_prefix_logprobs({"prompt_logprobs": [None]}, [1, 7, 9], 1, aborted=True) is None
     with pytest.raises(ServerProtocolError, match="unexpected prompt logprobs"):
         parse_prefix_logprobs({"prompt_logprobs": entries}, [1, 7, 8], 1)
 
