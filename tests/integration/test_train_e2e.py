@@ -167,9 +167,15 @@ def test_long_completions_cut_by_updates_continue_without_a_server_restart(
         "rollout.max_concurrent=32",
         "rollout.batch_size=8",
         "rollout.n_samples=4",
+        "eval.every=4",
+        "eval.n_prompts=4",
     )
     steps = events_of(run_dir, TrainStepEvent)
     assert [s.step for s in steps] == [0, 1, 2, 3]
+    # Long samples are scored under the new weights at each update, and evaluated.
+    recomputes = events_of(run_dir, ProximalRecomputeEvent)
+    assert sum(r.tokens for r in recomputes) > 0 and not any(r.failures for r in recomputes)
+    assert [(e.step, e.n_prompts) for e in events_of(run_dir, EvalEvent)] == [(0, 4), (4, 4)]
     states = events_of(run_dir, ServerStateEvent)
     assert states and not [e for e in states if e.state == "restarting" or e.restarts]
     finished = events_of(run_dir, RolloutFinishedEvent)
