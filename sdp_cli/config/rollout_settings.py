@@ -18,6 +18,11 @@ class RecomputeOn(StrEnum):
     trainer = "trainer"
 
 
+class FilterGroups(StrEnum):
+    none = "none"
+    same_reward = "same_reward"
+
+
 class Overlong(StrEnum):
     none = "none"
     filter = "filter"
@@ -43,6 +48,27 @@ class RolloutConfig:
         "advantage 0 and nothing is learned",
     )
     max_new_tokens: int = setting(16, ge=1, help="longest completion, in tokens")
+    filter_groups: FilterGroups = setting(
+        FilterGroups.none,
+        help="dynamic sampling: none trains every group; same_reward leaves out a group whose "
+        "rewards are all equal (every advantage 0) and keeps generating until B informative "
+        "groups are buffered. A filtered group is dropped with reason `uninformative`",
+    )
+    max_uninformative_fraction: float = setting(
+        0.95,
+        gt=0,
+        le=1,
+        help="same_reward: the share of uninformative groups among the last "
+        "uninformative_window finished ones at which a warning is logged; still at or above "
+        "it one window later, the run stops instead of generating forever without a batch "
+        "(1 = stop only when every group is uninformative)",
+    )
+    uninformative_window: int = setting(
+        64,
+        ge=1,
+        help="same_reward: how many of the last finished groups max_uninformative_fraction "
+        "is measured over",
+    )
     overlong: Overlong = setting(
         Overlong.none,
         help="completions cut at max_new_tokens: none; filter (left out of the loss, their "

@@ -55,4 +55,11 @@ class SimulateConfig:
     time_scale: float = setting(
         0.0, ge=0, help="wall seconds per simulated second; 0 runs in virtual time"
     )
+    uninformative_fraction: float = setting(
+        0.0,
+        ge=0,
+        le=1,
+        help="share of simulated groups whose rewards are all equal (uninformative under "
+        "rollout.filter_groups=same_reward)",
+    )
     seed: int = setting(0, help="seed of the simulated latencies and lengths")

@@ -174,6 +174,21 @@ class SampleDroppedEvent(Event):
 
 @event_type
 @dataclass(frozen=True, kw_only=True)
+class UninformativeWarningEvent(Event):
+    """Dynamic sampling: the share of uninformative groups (all rewards equal) over the window
+    reached rollout.max_uninformative_fraction; one more window like that stops the run."""
+
+    type: ClassVar[str] = "uninformative_warning"
+    version: int
+    # Uninformative groups among the last `window` finished ones.
+    fraction: float
+    window: int
+    max_fraction: float
+    message: str
+
+
+@event_type
+@dataclass(frozen=True, kw_only=True)
 class CapacityEvent(Event):
     """Every term of the capacity formula and the executor's counters, when they change."""
 

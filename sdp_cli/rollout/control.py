@@ -8,6 +8,7 @@ change / take deterministically. The executor calls it only from its event-loop 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
@@ -20,19 +21,24 @@ from sdp_cli.events.event_schema import (
     RolloutFinishedEvent,
     RolloutSubmittedEvent,
     SampleDroppedEvent,
+    UninformativeWarningEvent,
 )
+from sdp_cli.rollout.group_filter import GroupFilter
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.staleness import StalenessManager
 from sdp_cli.rollout.strategy import (
     Buffered,
     Dropped,
     DropPoint,
+    DropReason,
     StalenessStrategy,
 )
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 # (dropped group, reason, point, version): told of every drop, on the executor loop.
 DropListener = Callable[[RolloutGroup, str, str, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class RejectReason(StrEnum):
@@ -52,8 +58,12 @@ class StalenessControl:
         events: EventSink | None = None,
         defer_free: bool = False,
         positions: DataPositions | None = None,
+        group_filter: GroupFilter | None = None,
     ) -> None:
         self.manager = manager
+        # Dynamic sampling (rollout.filter_groups); None trains every group.
+        self.group_filter = group_filter
+        self._warned_uninformative = False
         # Data positions follow the ledger: a rollout that ends without being trained gives
         # its position back for replay (rollout/positions.py).
         self.positions = positions
@@ -128,10 +138,40 @@ class StalenessControl:
             self._emit_finished(rollout_id, item, accepted=False, reason=drop)
             self._emit_drops([(item, drop)], DropPoint.finish)
             return False
+        if self.group_filter is not None and not self._observe_informative(item):
+            # Like a drop at finish (docs/design.md, Dynamic sampling): the slot comes back
+            # once. The position counts as used, not replayed: the same prompt would most
+            # likely give an all-equal group again.
+            self.manager.drop_at_finish(rollout_id, DropReason.uninformative)
+            if self.positions is not None:
+                self.positions.trained([rollout_id])
+            self._emit_finished(rollout_id, item, accepted=False, reason=DropReason.uninformative)
+            self._emit_drops([(item, DropReason.uninformative)], DropPoint.finish)
+            return False
         self.manager.accept(rollout_id)
         self._buffer.append(item)
         self._emit_finished(rollout_id, item, accepted=True, reason=None)
         return True
+
+    def _observe_informative(self, item: Buffered) -> bool:
+        """Run the group filter on a finished group; warn (log and event) the first time the
+        share of uninformative groups reaches the limit."""
+        assert self.group_filter is not None
+        informative = self.group_filter.observe(item.group)
+        warning = self.group_filter.warning
+        if warning is not None and not self._warned_uninformative:
+            self._warned_uninformative = True
+            log.warning("%s", warning)
+            self.events.emit(
+                UninformativeWarningEvent(
+                    version=self.version,
+                    fraction=self.group_filter.fraction(),
+                    window=self.group_filter.window,
+                    max_fraction=self.group_filter.max_fraction,
+                    message=warning,
+                )
+            )
+        return informative
 
     def cancel(self, rollout_id: int) -> None:
         """An in-flight rollout cancelled at shutdown: it produced no group."""

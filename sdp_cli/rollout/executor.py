@@ -29,6 +29,7 @@ from sdp_cli.events.event_schema import CapacityEvent
 from sdp_cli.inference.client_errors import PoisonRequestError
 from sdp_cli.inference.types import Gate
 from sdp_cli.rollout.control import DropListener, RejectReason, StalenessControl
+from sdp_cli.rollout.group_filter import GroupFilter
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.recompute import (
     Job,
@@ -115,7 +116,16 @@ class RolloutExecutor:
         )
         strategy = make_strategy(rollout.strategy, rollout.max_staleness, prox_mode)
         self._control = StalenessControl(
-            manager, strategy, self._events, defer_free=True, positions=positions
+            manager,
+            strategy,
+            self._events,
+            defer_free=True,
+            positions=positions,
+            group_filter=GroupFilter.of(
+                rollout.filter_groups,
+                rollout.max_uninformative_fraction,
+                rollout.uninformative_window,
+            ),
         )
         self._releasing = False
 
@@ -510,6 +520,11 @@ class RolloutExecutor:
             self._consecutive_errors = 0
         self._tasks.pop(rollout_id, None)
         accepted = self._record(lambda: self._control.finish(rollout_id, group, error, reason))
+        group_filter = self._control.group_filter
+        if group_filter is not None and group_filter.stop is not None:
+            # Bounds the trainer's wait when almost nothing is informative: its take raises
+            # this message instead of waiting out rollout.take_timeout_s batch after batch.
+            self._fail(ExecutorError(group_filter.stop))
         self._rollouts_changed.set()
         if accepted:
             self._wake_early_scoring()

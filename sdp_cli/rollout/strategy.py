@@ -29,6 +29,8 @@ from sdp_cli.rollout.trajectory import NOT_RECOMPUTED, RolloutGroup
 class DropReason(StrEnum):
     head_lag = "head_lag"
     no_recompute = "no_recompute"
+    # Dynamic sampling: all rewards of the group equal (rollout/group_filter.py); at finish only.
+    uninformative = "uninformative"
 
 
 # Plain strings in the hot paths: enum attribute access costs more than the check itself when

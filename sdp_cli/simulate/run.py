@@ -51,6 +51,7 @@ def run_simulation(
         sim.new_tokens,
         # As the inference client: prompt logprobs are of T = 1 only.
         score_continuations=plan.scores_continuations and cfg.rollout.temperature == 1.0,
+        uninformative_fraction=sim.uninformative_fraction,
     )
     executor = RolloutExecutor(
         workflow,

@@ -28,6 +28,7 @@ class SimulatedWorkflow:
         rng: random.Random,
         lengths: Sequence[int] = (),
         score_continuations: bool = False,
+        uninformative_fraction: float = 0.0,
     ) -> None:
         self._pool = pool
         self._n_samples = n_samples
@@ -36,6 +37,7 @@ class SimulatedWorkflow:
         self._lengths = list(lengths)
         self._rng = rng
         self._score_continuations = score_continuations
+        self._uninformative_fraction = uninformative_fraction
         # The executor's version, for the proximal check; set once the executor exists.
         self.executor_version: Callable[[], int] = lambda: 0
 
@@ -49,6 +51,11 @@ class SimulatedWorkflow:
                     *(self._complete(gate, started) for _ in range(self._n_samples))
                 )
             )
+        # No draw at fraction 0, so runs without it keep their random sequence.
+        if self._uninformative_fraction > 0 and self._rng.random() < self._uninformative_fraction:
+            # All rewards equal: every advantage 0 (as a group all wrong on a hard task).
+            for sample in samples:
+                sample.reward = 0.0
         # The executor accepts the group in the loop step in which this returns, so at the
         # version it is at now.
         return RolloutGroup(

@@ -36,7 +36,7 @@ POISON = "poison"
 
 # Finish reasons that are staleness drops: each is counted once per rollout, from its
 # sample_dropped event when there is one, else from the finish.
-DROP_REASONS = ("head_lag", "no_recompute")
+DROP_REASONS = ("head_lag", "no_recompute", "uninformative")
 # Points of the recent training history a live view plots.
 HISTORY = 120
 

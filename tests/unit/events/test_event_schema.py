@@ -34,6 +34,7 @@ ALL_TYPES = {
     "train_step",
     "checkpoint",
     "run_finished",
+    "uninformative_warning",
 }
 
 
