@@ -288,7 +288,9 @@ def _version_table(summary: StalenessSummary, max_rows: int | None) -> Renderabl
 
 
 def _short_reason(reason: str) -> str:
-    return {"head_lag": "lag", "no_recompute": "no_rc"}.get(reason, reason)
+    return {"head_lag": "lag", "no_recompute": "no_rc", "uninformative": "uninf"}.get(
+        reason, reason
+    )
 
 
 def _term(row: VersionRow, key: str) -> str:

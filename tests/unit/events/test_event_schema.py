@@ -34,7 +34,6 @@ ALL_TYPES = {
     "train_step",
     "checkpoint",
     "run_finished",
-    "uninformative_warning",
 }
 
 
