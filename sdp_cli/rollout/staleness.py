@@ -6,7 +6,7 @@ Every rollout id moves through exactly one path:
     admit ─► running ─┬─► accepted (buffered) ─┬─► consumed   (given to the trainer)
                       │                        ├─► drained    (handed back at shutdown)
                       │                        └─► dropped    (stale in the buffer: slot back)
-                      ├─► dropped at finish     (stale before the buffer: slot back)
+                      ├─► dropped at finish     (stale or uninformative: slot back)
                       └─► rejected              (no usable group: None, error, cancelled)
 
 `accepted_live` counts accepted rollouts minus those dropped from the buffer; consumed and
