@@ -5,7 +5,6 @@ groups, so conservation, the η bound and "no slot given back twice" are checked
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
@@ -71,17 +70,21 @@ def test_the_stop_clock_restarts_when_the_share_falls_below_the_limit() -> None:
     assert gf.stop is None
 
 
+def _core(
+    events: EventRecorder, group_filter: GroupFilter, positions: DataPositions | None = None
+) -> StalenessControl:
+    manager = StalenessManager(max_staleness=1, batch_size=2, max_concurrent=8)
+    strategy = make_strategy("segment_wise", 1, ProxMode.segment)
+    return StalenessControl(
+        manager, strategy, events, positions=positions, group_filter=group_filter
+    )
+
+
 def test_a_filtered_group_is_a_drop_at_finish_with_its_own_reason() -> None:
     events = EventRecorder()
     positions = DataPositions()
-    manager = StalenessManager(max_staleness=1, batch_size=2, max_concurrent=4)
-    core = StalenessControl(
-        manager,
-        make_strategy("segment_wise", 1, ProxMode.segment),
-        events,
-        positions=positions,
-        group_filter=GroupFilter(max_fraction=1.0, window=8),
-    )
+    core = _core(events, GroupFilter(max_fraction=1.0, window=8), positions)
+    manager = core.manager
     rid = core.admit()
     assert rid is not None
     capacity = manager.capacity()
@@ -100,13 +103,7 @@ def test_a_filtered_group_is_a_drop_at_finish_with_its_own_reason() -> None:
 
 def test_the_warning_is_logged_once_as_an_event() -> None:
     events = EventRecorder()
-    manager = StalenessManager(max_staleness=8, batch_size=1, max_concurrent=4)
-    core = StalenessControl(
-        manager,
-        make_strategy("segment_wise", 8, ProxMode.segment),
-        events,
-        group_filter=GroupFilter(max_fraction=0.5, window=2),
-    )
+    core = _core(events, GroupFilter(max_fraction=0.5, window=2))
     for _ in range(6):
         rid = core.admit()
         assert rid is not None
@@ -119,34 +116,17 @@ def test_the_warning_is_logged_once_as_an_event() -> None:
 class FilteredCoreMachine(ExecutorCoreMachine):
     """The executor-core machine with dynamic sampling on; most groups are uninformative."""
 
-    @initialize(
-        eta=st.integers(0, 3),
-        batch=st.integers(1, 4),
-        concurrent=st.integers(1, 8),
-        strategy=st.sampled_from(["standard", "segment_wise"]),
-        prox_mode=st.sampled_from(list(ProxMode)),
-        seed=st.integers(0, 2**16),
-        max_fraction=st.sampled_from([0.5, 0.9, 1.0]),
-        window=st.integers(1, 8),
-    )
-    def setup(  # type: ignore[override]
-        self,
-        eta: int,
-        batch: int,
-        concurrent: int,
-        strategy: str,
-        prox_mode: ProxMode,
-        seed: int,
-        max_fraction: float = 1.0,
-        window: int = 4,
-    ) -> None:
-        super().setup(eta, batch, concurrent, strategy, prox_mode, seed)
-        self.core.group_filter = GroupFilter(max_fraction, window)
+    # Runs with the parent's setup, before any rule; the filter goes in at the first finish.
+    @initialize(max_fraction=st.sampled_from([0.5, 0.9, 1.0]), window=st.integers(1, 8))
+    def draw_filter(self, max_fraction: float, window: int) -> None:
+        self.filter_args = (max_fraction, window)
         self.filtered: set[int] = set()
 
     @precondition(lambda self: bool(self.running))
     @rule(pick=st.integers(0, 1000), n_samples=st.integers(1, 3), informative=st.integers(0, 9))
     def finish(self, pick: int, n_samples: int, informative: int) -> None:  # type: ignore[override]
+        if self.core.group_filter is None:
+            self.core.group_filter = GroupFilter(*self.filter_args)
         rid = sorted(self.running)[pick % len(self.running)]
         submitted = self.running.pop(rid)
         samples = [_completion(self.rng, submitted, self.core.version) for _ in range(n_samples)]
@@ -165,7 +145,7 @@ class FilteredCoreMachine(ExecutorCoreMachine):
 
     @invariant()
     def every_filtered_group_is_counted_once(self) -> None:
-        if not hasattr(self, "filtered"):
+        if not hasattr(self, "filtered") or not hasattr(self, "core"):
             return
         snap = self.core.snapshot()
         assert snap["dropped"].get("uninformative", 0) == len(self.filtered)
@@ -179,10 +159,6 @@ class FilteredCoreMachine(ExecutorCoreMachine):
             assert gf.warning is not None
 
 
-FilteredCoreMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+# As many examples and steps as the machine without a filter.
+FilteredCoreMachine.TestCase.settings = ExecutorCoreMachine.TestCase.settings
 TestFilteredExecutorCore = FilteredCoreMachine.TestCase
