@@ -385,15 +385,21 @@ def _tight_advice(summary: StalenessSummary) -> Advice | None:
 
 def _loose_advice(summary: StalenessSummary, *, also_tight: bool) -> Advice | None:
     denominator = summary.submitted or (summary.accepted + summary.rejected + summary.dropped_total)
-    if not summary.dropped_total or not denominator:
+    # Dynamic sampling's uninformative groups are not stale: the bound has nothing to do with
+    # them (rollout.filter_groups), so they do not make it look loose.
+    stale_by_reason = {
+        reason: n for reason, n in summary.dropped_by_reason.items() if reason != "uninformative"
+    }
+    stale = sum(stale_by_reason.values())
+    if not stale or not denominator:
         return None
-    share = summary.dropped_total / denominator
+    share = stale / denominator
     if share < LOOSE_DROP_SHARE:
         return None
     eta, max_concurrent = _knob_values(summary)
-    reasons = ", ".join(f"{n} {reason}" for reason, n in summary.dropped_by_reason.items())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in stale_by_reason.items())
     head = (
-        f"bound is loose: {summary.dropped_total} of {denominator} rollouts "
+        f"bound is loose: {stale} of {denominator} rollouts "
         f"({share:.0%}) were generated and then dropped as stale ({reasons})"
     )
     mostly_no_recompute = summary.dropped_by_reason.get(
