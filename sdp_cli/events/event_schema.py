@@ -290,6 +290,10 @@ class TrainStepEvent(Event):
     skipped_steps: int = 0
     # Every statistic the actor returned.
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Off-policy health of the step's trained tokens (sdp_cli/trainer/health.py: mismatch_kl,
+    # clip_fraction, cap_fraction, ...), and the same by version lag, keyed by str(lag).
+    health: dict[str, float] = dataclasses.field(default_factory=dict)
+    health_by_lag: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     rollouts: int = 0
     rollout_ids: list[int] = dataclasses.field(default_factory=list)
     # Data positions identify a sample across a resume (rollout ids restart at v·B).
