@@ -264,6 +264,26 @@ class WeightUpdateEvent(Event):
     trainer_wait_s: float | None = None
 
 
+# The keys of a `health` record of TrainStepEvent (one per lag in `health_by_lag`), in display
+# order; the step's record adds `uninformative_group_fraction` (sdp_cli/trainer/health.py).
+HEALTH_KEYS = (
+    "tokens",
+    "mismatch_kl",
+    "clip_fraction",
+    "clip_low_fraction",
+    "clip_high_fraction",
+    "cap_fraction",
+    "floor_fraction",
+    "behav_weight_p99",
+    "behav_weight_max",
+    "adv_mean",
+    "adv_std",
+    "adv_min",
+    "adv_max",
+    "adv_zero_fraction",
+)
+
+
 @event_type
 @dataclass(frozen=True, kw_only=True)
 class TrainStepEvent(Event):

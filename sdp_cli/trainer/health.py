@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -34,24 +34,9 @@ LOG_W_MAX = 8.0
 LOG_W_STEP = 0.02
 N_BINS = round((LOG_W_MAX - LOG_W_MIN) / LOG_W_STEP)
 
-# The keys of one health record, in display order.
-HEALTH_KEYS = (
-    "tokens",
-    "mismatch_kl",
-    "clip_fraction",
-    "clip_low_fraction",
-    "clip_high_fraction",
-    "cap_fraction",
-    "floor_fraction",
-    "behav_weight_p99",
-    "behav_weight_max",
-    "adv_mean",
-    "adv_std",
-    "adv_min",
-    "adv_max",
-    "adv_zero_fraction",
-)
 UNINFORMATIVE_KEY = "uninformative_group_fraction"
+_MAX_FIELDS = frozenset({"weight_max", "adv_max"})
+_MIN_FIELDS = frozenset({"adv_min"})
 # Where they travel inside `train_step`'s flat stats, before the loop makes the event fields.
 STATS_PREFIX = "health/"
 
@@ -60,36 +45,40 @@ STATS_PREFIX = "health/"
 class LagHealth:
     """Sums, counts and extremes over the trained tokens of one lag."""
 
+    # Counts of log w in N_BINS fixed bins from LOG_W_MIN: a p99 that merges by addition.
+    log_w_hist: list[int] = field(default_factory=lambda: [0] * N_BINS)
+    # Trained tokens, and the sum of their k3 terms w − log w − 1.
     n: int = 0
     kl_sum: float = 0.0
+    # Tokens where the PPO clip binds, below 1 − ε_low and above 1 + ε_high.
     n_clip_low: int = 0
     n_clip_high: int = 0
+    # Tokens whose weight is beyond the cap, or the floor.
     n_cap: int = 0
     n_floor: int = 0
+    # The largest raw weight.
     weight_max: float = 0.0
+    # Advantages: sums for the mean and variance, extremes, and how many are exactly 0.
     adv_sum: float = 0.0
     adv_sq_sum: float = 0.0
     adv_min: float = math.inf
     adv_max: float = -math.inf
     n_adv_zero: int = 0
-    log_w_hist: list[int] = field(default_factory=lambda: [0] * N_BINS)
 
     def merge(self, other: LagHealth) -> LagHealth:
-        return LagHealth(
-            n=self.n + other.n,
-            kl_sum=self.kl_sum + other.kl_sum,
-            n_clip_low=self.n_clip_low + other.n_clip_low,
-            n_clip_high=self.n_clip_high + other.n_clip_high,
-            n_cap=self.n_cap + other.n_cap,
-            n_floor=self.n_floor + other.n_floor,
-            weight_max=max(self.weight_max, other.weight_max),
-            adv_sum=self.adv_sum + other.adv_sum,
-            adv_sq_sum=self.adv_sq_sum + other.adv_sq_sum,
-            adv_min=min(self.adv_min, other.adv_min),
-            adv_max=max(self.adv_max, other.adv_max),
-            n_adv_zero=self.n_adv_zero + other.n_adv_zero,
-            log_w_hist=[a + b for a, b in zip(self.log_w_hist, other.log_w_hist, strict=True)],
-        )
+        """Sums and counts add, extremes take the extreme, histograms add bin by bin."""
+        merged: dict[str, object] = {}
+        for item in fields(self):
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            if item.name in _MAX_FIELDS:
+                merged[item.name] = max(mine, theirs)
+            elif item.name in _MIN_FIELDS:
+                merged[item.name] = min(mine, theirs)
+            elif isinstance(mine, list):
+                merged[item.name] = [a + b for a, b in zip(mine, theirs, strict=True)]
+            else:
+                merged[item.name] = mine + theirs
+        return LagHealth(**merged)  # type: ignore[arg-type]
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
@@ -140,7 +129,6 @@ def merge_by_lag(
 
 @torch.no_grad()
 def token_health(
-    *,
     valid: Tensor,
     lags: Tensor,
     log_weights: Tensor,
@@ -148,13 +136,13 @@ def token_health(
     ratio: Tensor,
     is_clipped: Tensor,
     advantages: Tensor,
-    cap: float | None,
-    floor: float | None,
+    bounds: tuple[float | None, float | None],
 ) -> dict[int, LagHealth]:
     """The health sums of one micro-batch by lag; every tensor is [rows, T]. `log_weights` is
-    log w = p − μ per token, `bound_weights` the weight the cap and floor compare, `ratio` the
-    ratio the clip saw and `is_clipped` where it bound. Only tensors the loss already has: no
-    extra forward pass."""
+    log w = p − μ per token, `bound_weights` the weight the cap and floor (`bounds`) compare,
+    `ratio` the ratio the clip saw and `is_clipped` where it bound. Only tensors the loss
+    already has: no extra forward pass."""
+    cap, floor = bounds
     out: dict[int, LagHealth] = {}
     for lag in torch.unique(lags[valid]).tolist():
         sel = valid & (lags == lag)
@@ -163,7 +151,10 @@ def token_health(
         adv = advantages[sel].double()
         clipped = is_clipped[sel]
         bounded = bound_weights[sel]
-        bins = ((log_w.clamp(LOG_W_MIN, LOG_W_MAX - 1e-9) - LOG_W_MIN) / LOG_W_STEP).long()
+        # A non-finite weight (a step about to be skipped) lands in an end bin, not in bincount's
+        # way; kl_sum and weight_max still show it.
+        finite_log_w = torch.nan_to_num(log_w, nan=LOG_W_MAX, posinf=LOG_W_MAX, neginf=LOG_W_MIN)
+        bins = ((finite_log_w.clamp(LOG_W_MIN, LOG_W_MAX - 1e-9) - LOG_W_MIN) / LOG_W_STEP).long()
         out[int(lag)] = LagHealth(
             n=int(sel.sum().item()),
             kl_sum=float((weight - log_w - 1.0).sum().item()),

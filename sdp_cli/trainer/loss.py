@@ -213,7 +213,7 @@ def decoupled_ppo_loss(
             row_weight = torch.exp(_row_mean(log_weights, keep))
             weights = row_weight.expand_as(raw_weights)
         # What the cap and floor compare, kept for the health figures.
-        bound_input = weights
+        bounded = weights
         weights, keep = _bound_weights(weights, keep, settings)
         # A dropped token's weight may have overflowed too; its gradient path must hold no inf.
         weights = torch.where(keep, weights, 0.0)
@@ -245,6 +245,8 @@ def decoupled_ppo_loss(
     else:
         loss = (per_token * token_scale.detach().to(per_token.dtype)).sum()
 
+    bounds = (settings.behav_weight_cap, settings.behav_weight_floor)
+    health = token_health(valid, lags, log_weights, bounded, stat_ratio, is_clipped, adv, bounds)
     stats = LossStats(
         n_valid=int(valid.sum().item()),
         n_kept=int(keep.sum().item()),
@@ -255,16 +257,6 @@ def decoupled_ppo_loss(
         weight_max=float(raw_weights[valid].max().item()) if bool(valid.any()) else 0.0,
         ratio_sum=float(stat_ratio[valid].sum().item()),
         tokens_by_lag=_tokens_by_lag(lags, valid),
-        health=token_health(
-            valid=valid,
-            lags=lags,
-            log_weights=log_weights,
-            bound_weights=bound_input,
-            ratio=stat_ratio,
-            is_clipped=is_clipped,
-            advantages=adv,
-            cap=settings.behav_weight_cap,
-            floor=settings.behav_weight_floor,
-        ),
+        health=health,
     )
     return loss, stats

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from rich import box
 from rich.table import Table
 
+from sdp_cli.events.event_schema import HEALTH_KEYS
+
 # Healthy ranges: above these a warning names the keys to change.
 MASKED_FRACTION_LIMIT = 0.2  # cap_fraction + floor_fraction
 MISMATCH_KL_LIMIT = 0.05  # nats per token, k3 estimate of KL(behaviour ‖ proximal)
@@ -25,20 +27,8 @@ CLIP_FRACTION_LIMIT = 0.3
 _MAX_KEYS = frozenset({"behav_weight_max", "behav_weight_p99", "adv_max"})
 _MIN_KEYS = frozenset({"adv_min"})
 _PER_STEP_KEYS = frozenset({"uninformative_group_fraction"})
-# Columns of the by-lag table (text and dashboard).
-TABLE_KEYS = (
-    "tokens",
-    "mismatch_kl",
-    "clip_fraction",
-    "clip_low_fraction",
-    "clip_high_fraction",
-    "cap_fraction",
-    "floor_fraction",
-    "behav_weight_p99",
-    "behav_weight_max",
-    "adv_mean",
-    "adv_zero_fraction",
-)
+# Columns of the by-lag table (text and dashboard): the advantage's spread stays in the JSON.
+TABLE_KEYS = tuple(k for k in HEALTH_KEYS if k not in ("adv_std", "adv_min", "adv_max"))
 
 
 @dataclass

@@ -467,46 +467,38 @@ def _health_advice(summary: StalenessSummary) -> list[Advice]:
         return []
     eta, _ = _knob_values(summary)
     worst = _worst_lags(summary.health_by_lag)
-    advice = []
     masked = health.get("cap_fraction", 0.0) + health.get("floor_fraction", 0.0)
-    if masked > MASKED_FRACTION_LIMIT:
-        advice.append(
-            Advice(
-                "health",
-                f"{masked:.0%} of the trained tokens had a behaviour weight beyond the cap or "
-                f"floor (cap {health.get('cap_fraction', 0.0):.0%}, floor "
-                f"{health.get('floor_fraction', 0.0):.0%}; worst lag "
-                f"{worst.get('masked', '?')}), above {MASKED_FRACTION_LIMIT:.0%}: widen "
-                f"train.behav_weight_cap / train.behav_weight_floor, or lower "
-                f"rollout.max_staleness (now {eta}).",
-                ("train.behav_weight_cap", "train.behav_weight_floor", "rollout.max_staleness"),
-            )
-        )
     kl = health.get("mismatch_kl", 0.0)
-    if kl > MISMATCH_KL_LIMIT:
-        advice.append(
-            Advice(
-                "health",
-                f"mismatch KL behaviour → proximal is {kl:.3g} nats per token (worst lag "
-                f"{worst.get('mismatch_kl', '?')}), above {MISMATCH_KL_LIMIT}: the samples are "
-                f"too far off-policy; lower rollout.max_staleness (now {eta}).",
-                ("rollout.max_staleness",),
-            )
-        )
     clip = health.get("clip_fraction", 0.0)
-    if clip > CLIP_FRACTION_LIMIT:
-        advice.append(
-            Advice(
-                "health",
-                f"the PPO clip bound {clip:.0%} of the trained tokens (low "
-                f"{health.get('clip_low_fraction', 0.0):.0%}, high "
-                f"{health.get('clip_high_fraction', 0.0):.0%}), above "
-                f"{CLIP_FRACTION_LIMIT:.0%}: each step moves the policy too far; lower train.lr "
-                f"or widen train.eps_clip_low / train.eps_clip_high.",
-                ("train.lr", "train.eps_clip_low", "train.eps_clip_high"),
-            )
-        )
-    return advice
+    # (out of range, what, the keys to change) per figure.
+    checks = [
+        (
+            masked > MASKED_FRACTION_LIMIT,
+            f"{masked:.0%} of the trained tokens had a behaviour weight beyond the cap or floor "
+            f"(cap {health.get('cap_fraction', 0.0):.0%}, floor "
+            f"{health.get('floor_fraction', 0.0):.0%}; worst lag {worst.get('masked', '?')}), "
+            f"above {MASKED_FRACTION_LIMIT:.0%}: widen train.behav_weight_cap / "
+            f"train.behav_weight_floor, or lower rollout.max_staleness (now {eta}).",
+            ("train.behav_weight_cap", "train.behav_weight_floor", "rollout.max_staleness"),
+        ),
+        (
+            kl > MISMATCH_KL_LIMIT,
+            f"mismatch KL behaviour → proximal is {kl:.3g} nats per token (worst lag "
+            f"{worst.get('mismatch_kl', '?')}), above {MISMATCH_KL_LIMIT}: the samples are too "
+            f"far off-policy; lower rollout.max_staleness (now {eta}).",
+            ("rollout.max_staleness",),
+        ),
+        (
+            clip > CLIP_FRACTION_LIMIT,
+            f"the PPO clip bound {clip:.0%} of the trained tokens (low "
+            f"{health.get('clip_low_fraction', 0.0):.0%}, high "
+            f"{health.get('clip_high_fraction', 0.0):.0%}), above {CLIP_FRACTION_LIMIT:.0%}: "
+            f"each step moves the policy too far; lower train.lr or widen train.eps_clip_low / "
+            f"train.eps_clip_high.",
+            ("train.lr", "train.eps_clip_low", "train.eps_clip_high"),
+        ),
+    ]
+    return [Advice("health", message, knobs) for bad, message, knobs in checks if bad]
 
 
 def _worst_lags(by_lag: Mapping[str, Mapping[str, float]]) -> dict[str, str]:

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from sdp_cli.cli import app
 from sdp_cli.events.event_log import event_line
-from sdp_cli.events.event_schema import RunStartedEvent, TrainStepEvent, parse_event
+from sdp_cli.events.event_schema import TrainStepEvent, parse_event
 from sdp_cli.events.metrics import health_scalars
 from sdp_cli.views.dashboard import Dashboard
 from sdp_cli.views.staleness_analysis import summarize
+from tests.unit.views.test_staleness_analysis import run_started
 
 
 def _record(tokens: float, kl: float, clip: float, cap: float, p99: float) -> dict[str, float]:
@@ -52,17 +53,7 @@ def _step(step: int, lag1_kl: float, lag1_cap: float, clip: float = 0.1) -> Trai
 
 
 def _events(lag1_kl: float = 0.01, lag1_cap: float = 0.0, clip: float = 0.1) -> list:
-    start = RunStartedEvent(
-        run="r",
-        steps=2,
-        max_staleness=2,
-        batch_size=4,
-        strategy="segment_wise",
-        prox_mode="segment",
-        n_samples=4,
-        max_concurrent=8,
-        server_count=1,
-    )
+    start = run_started(max_staleness=2)
     return [start, _step(0, lag1_kl, lag1_cap, clip), _step(1, lag1_kl, lag1_cap, clip)]
 
 
