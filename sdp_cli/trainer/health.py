@@ -155,19 +155,38 @@ def token_health(
         # way; kl_sum and weight_max still show it.
         finite_log_w = torch.nan_to_num(log_w, nan=LOG_W_MAX, posinf=LOG_W_MAX, neginf=LOG_W_MIN)
         bins = ((finite_log_w.clamp(LOG_W_MIN, LOG_W_MAX - 1e-9) - LOG_W_MIN) / LOG_W_STEP).long()
+        no_bound = torch.zeros((), dtype=torch.bool, device=bounded.device)
+        # One transfer per lag, not one per figure: on a GPU each .item() waits for the device.
+        scalars = torch.stack(
+            [
+                sel.sum().double(),
+                (weight - log_w - 1.0).sum(),
+                (clipped & (ratio[sel] < 1.0)).sum().double(),
+                (clipped & (ratio[sel] > 1.0)).sum().double(),
+                (bounded > cap if cap is not None else no_bound).sum().double(),
+                (bounded < floor if floor is not None else no_bound).sum().double(),
+                weight.max(),
+                adv.sum(),
+                (adv * adv).sum(),
+                adv.min(),
+                adv.max(),
+                (adv == 0).sum().double(),
+            ]
+        ).tolist()
+        n, kl, low, high, n_cap, n_floor, w_max, a_sum, a_sq, a_min, a_max, a_zero = scalars
         out[int(lag)] = LagHealth(
-            n=int(sel.sum().item()),
-            kl_sum=float((weight - log_w - 1.0).sum().item()),
-            n_clip_low=int((clipped & (ratio[sel] < 1.0)).sum().item()),
-            n_clip_high=int((clipped & (ratio[sel] > 1.0)).sum().item()),
-            n_cap=int((bounded > cap).sum().item()) if cap is not None else 0,
-            n_floor=int((bounded < floor).sum().item()) if floor is not None else 0,
-            weight_max=float(weight.max().item()),
-            adv_sum=float(adv.sum().item()),
-            adv_sq_sum=float((adv * adv).sum().item()),
-            adv_min=float(adv.min().item()),
-            adv_max=float(adv.max().item()),
-            n_adv_zero=int((adv == 0).sum().item()),
+            n=int(n),
+            kl_sum=kl,
+            n_clip_low=int(low),
+            n_clip_high=int(high),
+            n_cap=int(n_cap),
+            n_floor=int(n_floor),
+            weight_max=w_max,
+            adv_sum=a_sum,
+            adv_sq_sum=a_sq,
+            adv_min=a_min,
+            adv_max=a_max,
+            n_adv_zero=int(a_zero),
             log_w_hist=torch.bincount(bins, minlength=N_BINS).tolist(),
         )
     return out
