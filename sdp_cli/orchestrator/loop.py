@@ -20,13 +20,13 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent
+from sdp_cli.events.health_fields import split_health
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
 from sdp_cli.orchestrator.sample_log import SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup
-from sdp_cli.trainer.health import split_health
 from sdp_cli.weight_sync.sequence import WeightUpdate
 from sdp_cli.weight_sync.transport import WeightTransport
 from sdp_cli.weight_sync.versions import weights_dir_for

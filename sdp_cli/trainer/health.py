@@ -29,16 +29,15 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from sdp_cli.events.health_fields import STATS_PREFIX, UNINFORMATIVE_KEY
+
 LOG_W_MIN = -8.0
 LOG_W_MAX = 8.0
 LOG_W_STEP = 0.02
 N_BINS = round((LOG_W_MAX - LOG_W_MIN) / LOG_W_STEP)
 
-UNINFORMATIVE_KEY = "uninformative_group_fraction"
 _MAX_FIELDS = frozenset({"weight_max", "adv_max"})
 _MIN_FIELDS = frozenset({"adv_min"})
-# Where they travel inside `train_step`'s flat stats, before the loop makes the event fields.
-STATS_PREFIX = "health/"
 
 
 @dataclass
@@ -212,23 +211,3 @@ def health_stats(by_lag: Mapping[int, LagHealth], uninformative: float) -> dict[
         for key, value in health.summary().items():
             stats[f"{STATS_PREFIX}lag{lag}/{key}"] = value
     return stats
-
-
-def split_health(
-    stats: Mapping[str, float],
-) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """`train_step` stats → (the others, the step's health, health by lag keyed by str(lag))."""
-    rest: dict[str, float] = {}
-    step: dict[str, float] = {}
-    by_lag: dict[str, dict[str, float]] = {}
-    for name, value in stats.items():
-        if not name.startswith(STATS_PREFIX):
-            rest[name] = value
-            continue
-        key = name[len(STATS_PREFIX) :]
-        if key.startswith("lag") and "/" in key:
-            lag, _, sub = key[3:].partition("/")
-            by_lag.setdefault(lag, {})[sub] = value
-        else:
-            step[key] = value
-    return rest, step, dict(sorted(by_lag.items(), key=lambda item: int(item[0])))

@@ -122,7 +122,7 @@ _HEADERS = {
 _FRACTIONS = frozenset(k for k in TABLE_KEYS if k.endswith("_fraction"))
 
 
-def _cell(key: str, row: Mapping[str, float]) -> str:
+def _health_cell(key: str, row: Mapping[str, float]) -> str:
     value = row.get(key)
     if value is None:
         return "-"
@@ -143,9 +143,9 @@ def health_table(
     for key in TABLE_KEYS:
         table.add_column(_HEADERS[key], justify="right")
     for lag, row in by_lag.items():
-        table.add_row(lag, *(_cell(key, row) for key in TABLE_KEYS))
+        table.add_row(lag, *(_health_cell(key, row) for key in TABLE_KEYS))
     if run:
-        table.add_row("all", *(_cell(key, run) for key in TABLE_KEYS), style="bold")
+        table.add_row("all", *(_health_cell(key, run) for key in TABLE_KEYS), style="bold")
         uninformative = run.get("uninformative_group_fraction")
         if uninformative is not None:
             table.caption = f"uninformative groups (all rewards equal): {uninformative:.1%}"

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from sdp_cli.events.health_fields import split_health
 from sdp_cli.trainer.health import (
     LOG_W_STEP,
     health_stats,
-    split_health,
     uninformative_fraction,
 )
 from sdp_cli.trainer.loss import LossSettings, LossStats, decoupled_ppo_loss
