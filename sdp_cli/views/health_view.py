@@ -107,8 +107,8 @@ class RunHealth:
 
 # Short column headers of the by-lag table.
 _HEADERS = {
-    "tokens": "tokens",
-    "mismatch_kl": "mismatch KL",
+    "tokens": "tok",
+    "mismatch_kl": "KL",
     "clip_fraction": "clip",
     "clip_low_fraction": "low",
     "clip_high_fraction": "high",
@@ -116,8 +116,8 @@ _HEADERS = {
     "floor_fraction": "floor",
     "behav_weight_p99": "w p99",
     "behav_weight_max": "w max",
-    "adv_mean": "adv mean",
-    "adv_zero_fraction": "adv = 0",
+    "adv_mean": "adv",
+    "adv_zero_fraction": "A=0",
 }
 _FRACTIONS = frozenset(k for k in TABLE_KEYS if k.endswith("_fraction"))
 
@@ -130,6 +130,10 @@ def _health_cell(key: str, row: Mapping[str, float]) -> str:
         return f"{value:.0f}"
     if key in _FRACTIONS:
         return f"{value:.1%}"
+    if key == "adv_mean":
+        return f"{value:.2f}"
+    if key == "mismatch_kl":
+        return f"{value:.3f}"
     return f"{value:.3g}"
 
 
@@ -138,7 +142,10 @@ def health_table(
 ) -> Table:
     """One row per version lag and one for all, with the uninformative-group fraction in the
     caption: the by-lag table of inspect-staleness and the dashboard's health panel."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # Narrow cells (one space between columns) so that a dozen columns fit 80 characters.
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1)
+    )
     table.add_column("lag", justify="right")
     for key in TABLE_KEYS:
         table.add_column(_HEADERS[key], justify="right")
@@ -148,6 +155,9 @@ def health_table(
         table.add_row("all", *(_health_cell(key, run) for key in TABLE_KEYS), style="bold")
         uninformative = run.get("uninformative_group_fraction")
         if uninformative is not None:
-            table.caption = f"uninformative groups (all rewards equal): {uninformative:.1%}"
+            table.caption = (
+                f"KL: mismatch KL(behaviour ‖ proximal), w: behaviour weight, A: advantage; "
+                f"uninformative groups (all rewards equal): {uninformative:.1%}"
+            )
             table.caption_justify = "left"
     return table

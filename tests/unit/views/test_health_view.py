@@ -105,7 +105,7 @@ def test_the_dashboard_panel_renders() -> None:
     console.print(dashboard.render())
     text = console.export_text()
     assert "off-policy health" in text
-    assert "mismatch KL" in text
+    assert "w p99" in text
     assert "0.02" in text
 
 
