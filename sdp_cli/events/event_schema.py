@@ -279,6 +279,26 @@ class WeightUpdateEvent(Event):
     trainer_wait_s: float | None = None
 
 
+# The keys of a `health` record of TrainStepEvent (one per lag in `health_by_lag`), in display
+# order; the step's record adds `uninformative_group_fraction` (sdp_cli/trainer/health.py).
+HEALTH_KEYS = (
+    "tokens",
+    "mismatch_kl",
+    "clip_fraction",
+    "clip_low_fraction",
+    "clip_high_fraction",
+    "cap_fraction",
+    "floor_fraction",
+    "behav_weight_p99",
+    "behav_weight_max",
+    "adv_mean",
+    "adv_std",
+    "adv_min",
+    "adv_max",
+    "adv_zero_fraction",
+)
+
+
 @event_type
 @dataclass(frozen=True, kw_only=True)
 class TrainStepEvent(Event):
@@ -305,6 +325,10 @@ class TrainStepEvent(Event):
     skipped_steps: int = 0
     # Every statistic the actor returned.
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Off-policy health of the step's trained tokens (sdp_cli/trainer/health.py: mismatch_kl,
+    # clip_fraction, cap_fraction, ...), and the same by version lag, keyed by str(lag).
+    health: dict[str, float] = dataclasses.field(default_factory=dict)
+    health_by_lag: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     rollouts: int = 0
     rollout_ids: list[int] = dataclasses.field(default_factory=list)
     # Data positions identify a sample across a resume (rollout ids restart at v·B).

@@ -3,13 +3,15 @@
 `MetricsSink` wraps the event sink (like the dashboard does), so the curves carry the same
 numbers under the same names as `events.jsonl`: `train/<field>` from `train_step`,
 `eval/<field>` from `eval`, `capacity/<term>` from `capacity`, `update/<phase>` from
-`weight_update`, `drops/<reason>` (running totals) from `sample_dropped`, and lag histograms from
+`weight_update`, `drops/<reason>` (running totals) from `sample_dropped`, `health/<key>` and
+`health/lag<k>/<key>` from `train_step`'s health fields, and lag histograms from
 `batch_taken`. The x axis is the trainer step. Writers are the backends' own APIs:
 `torch.utils.tensorboard.SummaryWriter` and `wandb.init(mode=...)`, offline by default.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -117,6 +119,15 @@ def finite_values(event: Event, names: Sequence[str], prefix: str) -> dict[str, 
     return out
 
 
+def health_scalars(event: TrainStepEvent) -> dict[str, float]:
+    """`health/<key>` for the step and `health/lag<k>/<key>` by version lag, finite ones only
+    (a backend refuses NaN and infinities)."""
+    out = {f"health/{key}": value for key, value in event.health.items()}
+    for lag, values in event.health_by_lag.items():
+        out.update({f"health/lag{lag}/{key}": value for key, value in values.items()})
+    return {name: float(value) for name, value in out.items() if math.isfinite(value)}
+
+
 class MetricsSink:
     """Forwards every event to `inner` and turns the ones with curves into backend calls."""
 
@@ -136,6 +147,7 @@ class MetricsSink:
         if isinstance(event, TrainStepEvent):
             self._step = event.step + 1
             self._scalars(finite_values(event, TRAIN_FIELDS, "train"), event.step)
+            self._scalars(health_scalars(event), event.step)
         elif isinstance(event, EvalEvent):
             values = finite_values(event, EVAL_FIELDS, "eval")
             values[f"eval/pass@{event.k}"] = values.pop("eval/pass_at_k")

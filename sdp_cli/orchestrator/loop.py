@@ -20,6 +20,7 @@ from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent
+from sdp_cli.events.health_fields import split_health
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
 from sdp_cli.orchestrator.sample_log import SampleLog
@@ -255,6 +256,8 @@ class TrainingLoop:
         samples = sum(len(g.samples) for g in groups)
         tokens = trained_tokens(groups)
         cycle_s = wait_s + step_s + phases["wait_s"]
+        # The health figures get typed fields of their own, not a second copy in `stats`.
+        stats, health, health_by_lag = split_health(stats)
         self.events.emit(
             TrainStepEvent(
                 # 0-based index of the step; with no resume it equals the version trained.
@@ -275,6 +278,8 @@ class TrainingLoop:
                 skipped=bool(stats.get("skipped")),
                 skipped_steps=self.skipped_steps,
                 stats=stats,
+                health=health,
+                health_by_lag=health_by_lag,
                 rollouts=len(groups),
                 rollout_ids=[g.rollout_id for g in groups],
                 # Data positions identify a sample across a resume (rollout ids restart at v·B).

@@ -34,6 +34,7 @@ from sdp_cli.trainer.batch import (
 )
 from sdp_cli.trainer.checkpoint import read_model_tensors, save_checkpoint, write_model_tensors
 from sdp_cli.trainer.chunked_logprobs import chunked_logprobs_and_entropy
+from sdp_cli.trainer.health import health_stats, uninformative_fraction
 from sdp_cli.trainer.loss import LossSettings, LossStats, decoupled_ppo_loss, select_proximal
 from sdp_cli.trainer.packing import PackedRows, pack_batch
 from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
@@ -391,6 +392,7 @@ def step_summary(
         # Completions cut at the length limit (rollout.overlong decides what they cost).
         "truncated_frac": truncated / len(rewards) if rewards else 0.0,
         "n_micro_batches": float(n_micro_batches),
+        **health_stats(stats.health, uninformative_fraction(g.rewards for g in groups)),
         "step_time_s": time.perf_counter() - started,
     }
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sdp_cli.config.train_settings import Level, ProxMode, TrainConfig, WeightBoundMode
+from sdp_cli.trainer.health import LagHealth, merge_by_lag, token_health
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class LossStats:
     weight_max: float = 0.0
     ratio_sum: float = 0.0
     tokens_by_lag: dict[int, int] = field(default_factory=dict)
+    # Off-policy health sums by lag (sdp_cli/trainer/health.py).
+    health: dict[int, LagHealth] = field(default_factory=dict)
 
     def merge(self, other: LossStats) -> LossStats:
         lags = dict(self.tokens_by_lag)
@@ -81,6 +84,7 @@ class LossStats:
             weight_max=max(self.weight_max, other.weight_max),
             ratio_sum=self.ratio_sum + other.ratio_sum,
             tokens_by_lag=dict(sorted(lags.items())),
+            health=merge_by_lag(self.health, other.health),
         )
 
     def summary(self) -> dict[str, float]:
@@ -208,6 +212,8 @@ def decoupled_ppo_loss(
             # the cap and floor keep, drop or clamp whole completions.
             row_weight = torch.exp(_row_mean(log_weights, keep))
             weights = row_weight.expand_as(raw_weights)
+        # What the cap and floor compare, kept for the health figures.
+        bounded = weights
         weights, keep = _bound_weights(weights, keep, settings)
         # A dropped token's weight may have overflowed too; its gradient path must hold no inf.
         weights = torch.where(keep, weights, 0.0)
@@ -239,6 +245,8 @@ def decoupled_ppo_loss(
     else:
         loss = (per_token * token_scale.detach().to(per_token.dtype)).sum()
 
+    bounds = (settings.behav_weight_cap, settings.behav_weight_floor)
+    health = token_health(valid, lags, log_weights, bounded, stat_ratio, is_clipped, adv, bounds)
     stats = LossStats(
         n_valid=int(valid.sum().item()),
         n_kept=int(keep.sum().item()),
@@ -249,5 +257,6 @@ def decoupled_ppo_loss(
         weight_max=float(raw_weights[valid].max().item()) if bool(valid.any()) else 0.0,
         ratio_sum=float(stat_ratio[valid].sum().item()),
         tokens_by_lag=_tokens_by_lag(lags, valid),
+        health=health,
     )
     return loss, stats

@@ -42,6 +42,7 @@ from sdp_cli.events.event_schema import (
 )
 from sdp_cli.events.fields import as_int, as_lag_counts
 from sdp_cli.views.event_fold import RunFold
+from sdp_cli.views.health_view import health_table
 from sdp_cli.views.widgets import (
     bar,
     format_duration,
@@ -191,6 +192,8 @@ class Dashboard:
         for row in range(0, len(panels), columns):
             grid.add_row(*panels[row : row + columns])
         parts: list[RenderableType] = [_dashboard_header(state, self.error_count), grid]
+        # Full width: the by-lag table has a dozen columns, too many for half the screen.
+        parts.append(_health_panel(state))
         if problems:
             parts.append(Text("; ".join(problems), style="dim red"))
         return Group(*parts)
@@ -432,6 +435,15 @@ def _training_panel(state: RunFold) -> Panel:
         style="dim",
     )
     return Panel(Group(table, details), title="training", title_align="left")
+
+
+def _health_panel(state: RunFold) -> Panel:
+    if not state.health.run.steps:
+        return Panel(
+            Text("no train step yet", style="dim"), title="off-policy health", title_align="left"
+        )
+    table = health_table(state.health.summary(), state.health.summary_by_lag(), "")
+    return Panel(table, title="off-policy health (run so far, by lag)", title_align="left")
 
 
 def _eval_line(last: EvalEvent | None) -> str:

@@ -30,6 +30,7 @@ from sdp_cli.events.event_schema import (
     WeightUpdateEvent,
 )
 from sdp_cli.events.fields import as_lag_counts
+from sdp_cli.views.health_view import RunHealth
 
 # The reject reason of a rollout whose request servers died serving (inference/poison.py).
 POISON = "poison"
@@ -137,6 +138,8 @@ class RunFold:
     losses: deque[float] = field(default_factory=_history)
     gen_tokens_per_s: deque[float] = field(default_factory=_history)
     samples_per_s: deque[float] = field(default_factory=_history)
+    # Off-policy health of the steps, per run and by lag (the dashboard and inspect-staleness).
+    health: RunHealth = field(default_factory=RunHealth)
 
     @property
     def rejected(self) -> int:
@@ -174,6 +177,7 @@ class RunFold:
         view.servers = dict(self.servers)
         view.server_incidents = list(self.server_incidents)
         view.poison_errors = deque(self.poison_errors, maxlen=5)
+        view.health = self.health.copy()
         for name in ("rewards", "losses", "gen_tokens_per_s", "samples_per_s"):
             setattr(view, name, deque(getattr(self, name), maxlen=HISTORY))
         return view
@@ -310,6 +314,7 @@ def _on_train_step(fold: RunFold, event: TrainStepEvent, ts: float | None) -> No
     fold.steps_seen += 1
     fold.last_step_ts = ts
     fold.train_s += event.step_s
+    fold.health.add(event.health, event.health_by_lag)
     for series, value in (
         (fold.rewards, event.reward),
         (fold.losses, event.loss),

@@ -29,6 +29,11 @@ from sdp_cli.events.event_schema import (
 )
 from sdp_cli.events.fields import as_int
 from sdp_cli.views.event_fold import DROP_REASONS, CapacityPoint, RunFold, VersionTally
+from sdp_cli.views.health_view import (
+    CLIP_FRACTION_LIMIT,
+    MASKED_FRACTION_LIMIT,
+    MISMATCH_KL_LIMIT,
+)
 
 # The trainer waiting for samples this share of its busy time means generation cannot keep up.
 TIGHT_WAIT_SHARE = 0.3
@@ -106,7 +111,7 @@ class TimeSplit:
 class Advice:
     """A warning about the staleness bound, naming the config keys to change."""
 
-    kind: str  # "tight" | "loose" | "bound_exceeded"
+    kind: str  # "tight" | "loose" | "bound_exceeded" | "health"
     message: str
     knobs: tuple[str, ...]
 
@@ -152,6 +157,9 @@ class StalenessSummary:
     poison_errors: list[str] = field(default_factory=list)
     # Each server restart or give-up in order: server, state, restarts, reason.
     server_incidents: list[dict[str, Any]] = field(default_factory=list)
+    # Off-policy health over the run's steps, and by version lag (views/health_view.py).
+    health: dict[str, float] = field(default_factory=dict)
+    health_by_lag: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def poison_requests(self) -> int:
@@ -210,6 +218,8 @@ class StalenessSummary:
             "known_events": self.known_events,
             "skipped_lines": self.skipped_lines,
             "evals": [dict(row) for row in self.evals],
+            "health": dict(self.health),
+            "health_by_lag": {lag: dict(row) for lag, row in self.health_by_lag.items()},
         }
 
 
@@ -264,6 +274,8 @@ def staleness_summary(
         known_events=fold.events,
         skipped_lines=skipped_lines,
         evals=[_eval_row(event) for event in fold.evals],
+        health=fold.health.summary(),
+        health_by_lag=fold.health.summary_by_lag(),
     )
     return _with_advice(partial)
 
@@ -343,7 +355,7 @@ def _with_advice(summary: StalenessSummary) -> StalenessSummary:
     tight = _tight_advice(summary)
     loose = _loose_advice(summary, also_tight=tight is not None)
     advice = [a for a in (tight, loose, _bound_exceeded_advice(summary)) if a is not None]
-    return replace(summary, advice=advice)
+    return replace(summary, advice=advice + _health_advice(summary))
 
 
 def _tight_advice(summary: StalenessSummary) -> Advice | None:
@@ -451,6 +463,61 @@ def _bound_exceeded_advice(summary: StalenessSummary) -> Advice | None:
         f"please report it with this log.",
         (),
     )
+
+
+def _health_advice(summary: StalenessSummary) -> list[Advice]:
+    """Off-policy health outside its healthy range over the run (thresholds in
+    views/health_view.py, docs/design.md); the worst lag is named where it stands out."""
+    health = summary.health
+    if not health:
+        return []
+    eta, _ = _knob_values(summary)
+    worst = _worst_lags(summary.health_by_lag)
+    masked = health.get("cap_fraction", 0.0) + health.get("floor_fraction", 0.0)
+    kl = health.get("mismatch_kl", 0.0)
+    clip = health.get("clip_fraction", 0.0)
+    # (out of range, what, the keys to change) per figure.
+    checks = [
+        (
+            masked > MASKED_FRACTION_LIMIT,
+            f"{masked:.0%} of the trained tokens had a behaviour weight beyond the cap or floor "
+            f"(cap {health.get('cap_fraction', 0.0):.0%}, floor "
+            f"{health.get('floor_fraction', 0.0):.0%}; worst lag {worst.get('masked', '?')}), "
+            f"above {MASKED_FRACTION_LIMIT:.0%}: widen train.behav_weight_cap / "
+            f"train.behav_weight_floor, or lower rollout.max_staleness (now {eta}).",
+            ("train.behav_weight_cap", "train.behav_weight_floor", "rollout.max_staleness"),
+        ),
+        (
+            kl > MISMATCH_KL_LIMIT,
+            f"mismatch KL behaviour → proximal is {kl:.3g} nats per token (worst lag "
+            f"{worst.get('mismatch_kl', '?')}), above {MISMATCH_KL_LIMIT}: the samples are too "
+            f"far off-policy; lower rollout.max_staleness (now {eta}).",
+            ("rollout.max_staleness",),
+        ),
+        (
+            clip > CLIP_FRACTION_LIMIT,
+            f"the PPO clip bound {clip:.0%} of the trained tokens (low "
+            f"{health.get('clip_low_fraction', 0.0):.0%}, high "
+            f"{health.get('clip_high_fraction', 0.0):.0%}), above {CLIP_FRACTION_LIMIT:.0%}: "
+            f"each step moves the policy too far; lower train.lr or widen train.eps_clip_low / "
+            f"train.eps_clip_high.",
+            ("train.lr", "train.eps_clip_low", "train.eps_clip_high"),
+        ),
+    ]
+    return [Advice("health", message, knobs) for bad, message, knobs in checks if bad]
+
+
+def _worst_lags(by_lag: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    if not by_lag:
+        return {}
+
+    def masked(row: Mapping[str, float]) -> float:
+        return row.get("cap_fraction", 0.0) + row.get("floor_fraction", 0.0)
+
+    return {
+        "masked": max(by_lag, key=lambda lag: masked(by_lag[lag])),
+        "mismatch_kl": max(by_lag, key=lambda lag: by_lag[lag].get("mismatch_kl", 0.0)),
+    }
 
 
 def _knob_values(summary: StalenessSummary) -> tuple[str, str]:

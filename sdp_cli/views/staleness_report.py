@@ -19,6 +19,7 @@ from rich.text import Text
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventTail, TailRead
 from sdp_cli.views.event_fold import DROP_REASONS, RunFold
+from sdp_cli.views.health_view import health_table
 from sdp_cli.views.staleness_analysis import (
     StalenessSummary,
     VersionRow,
@@ -30,7 +31,12 @@ EVENTS_FILE = "events.jsonl"
 FOLLOW_POLL_S = 1.0
 # In --follow the view must fit a terminal, so the per-version table keeps its newest rows.
 FOLLOW_VERSION_ROWS = 12
-ADVICE_TITLES = {"tight": "tight bound", "loose": "loose bound", "bound_exceeded": "bound exceeded"}
+ADVICE_TITLES = {
+    "tight": "tight bound",
+    "loose": "loose bound",
+    "bound_exceeded": "bound exceeded",
+    "health": "off-policy health",
+}
 
 
 def locate_event_log(run_dir: Path) -> Path:
@@ -185,6 +191,10 @@ def render_summary(
         parts.append(trouble)
     if summary.evals:
         parts.append(_eval_accuracy_line(summary))
+    if summary.health:
+        parts.append(
+            health_table(summary.health, summary.health_by_lag, "off-policy health by lag")
+        )
     parts.extend(_advice_panels(summary))
     if summary.skipped_lines:
         parts.append(
