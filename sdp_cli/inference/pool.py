@@ -143,16 +143,10 @@ class ServerPool:
         self._update(index, address=address)
 
     def count_restart(self, index: int) -> int:
-        with self._lock:
-            restarts = self._entries[index].status.restarts + 1
-        self._update(index, restarts=restarts)
-        return restarts
+        return self._count(index, "restarts")
 
     def count_crash(self, index: int) -> int:
-        with self._lock:
-            crashes = self._entries[index].status.crashes + 1
-        self._update(index, crashes=crashes)
-        return crashes
+        return self._count(index, "crashes")
 
     def why_all_dead(self) -> str:
         """One line per server on why it was given up (for the error that ends a run)."""
@@ -246,6 +240,13 @@ class ServerPool:
             self._entries[index].suspect_until = time.monotonic() + SUSPECT_S
 
     # ---- internals ----------------------------------------------------------------------
+
+    def _count(self, index: int, counter: str) -> int:
+        """Add one to a counter of the server's status (only the supervisor counts)."""
+        with self._lock:
+            value = int(getattr(self._entries[index].status, counter)) + 1
+        self._update(index, **{counter: value})
+        return value
 
     def _update(self, index: int, **changes: object) -> None:
         with self._lock:
