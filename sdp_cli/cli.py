@@ -158,7 +158,7 @@ def cmd_export(
 ) -> None:
     """Write a run's trained weights where a server loads them: the LoRA adapter (vLLM, peft),
     or with --merge (and for full fine-tuning) a Hugging Face model directory with tokenizer."""
-    from sdp_cli.commands.export import export_command
+    from sdp_cli.commands.export_run import export_command
 
     export_command(run_dir, out, step, merge)
 

@@ -23,7 +23,7 @@ def make_fleet(
 ) -> ServerFleet:
     """An unstarted fleet of `cfg.server.count` servers on the configured backend (serving
     LoRA adapters when train.lora.rank > 0)."""
-    server = with_lora_serving(cfg.server, cfg.train.lora)
+    server = with_lora_serving(cfg.server, cfg.train.lora, model_dir)
     if cfg.server.backend == ServerBackend.ray:
         from sdp_cli.launcher.ray_fleet import RayServerFleet
 

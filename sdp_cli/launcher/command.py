@@ -11,6 +11,7 @@ from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, Ser
 from sdp_cli.config.train_settings import VLLM_LORA_RANKS, LoraConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
+from sdp_cli.weight_sync.adapter_export import model_projection_names
 
 __all__ = [
     "CPU_HEAD_SIZES",
@@ -161,18 +162,31 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return value
 
 
-def lora_server_args(lora: LoraConfig) -> list[str]:
+def lora_server_args(lora: LoraConfig, targets: list[str] | None = None) -> list[str]:
     """The server flags for train.lora: LoRA on, the smallest rank vLLM allows that holds the
-    adapter's; none at rank 0."""
+    adapter's, and LoRA layers on the adapter's `targets` only; none at rank 0.
+
+    Why the targets: without them vLLM wraps the LM head too, and vLLM 0.32's CPU LoRA path
+    then fails on every request with prompt logprobs (the proximal recompute, continuation
+    scores): the LM head's LoRA uses the sampled positions' adapter indices for the prompt's
+    positions, and the engine dies ("einsum(): subscript b has size ..."). sdp never trains
+    an adapter on the LM head (preflight refuses it), so leaving it plain costs nothing."""
     if lora.rank == 0:
         return []
     max_rank = min(rank for rank in VLLM_LORA_RANKS if rank >= lora.rank)
-    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(MAX_LORAS)]
+    flags = ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(MAX_LORAS)]
+    if targets:
+        flags += ["--lora-target-modules", *targets]
+    return flags
 
 
-def with_lora_serving(server: ServerConfig, lora: LoraConfig) -> ServerConfig:
-    """`server` with the LoRA flags of `lora` before its own extra_args (which win)."""
-    flags = lora_server_args(lora)
+def with_lora_serving(server: ServerConfig, lora: LoraConfig, model_dir: Path) -> ServerConfig:
+    """`server` with the LoRA flags of `lora` before its own extra_args (which win); the
+    adapter's modules are `train.lora.target_modules`, or every linear projection of the
+    model in `model_dir` but its LM head."""
+    if lora.rank == 0:
+        return server
+    flags = lora_server_args(lora, list(lora.target_modules) or model_projection_names(model_dir))
     if not flags:
         return server
     return replace(server, extra_args=[*flags, *server.extra_args])

@@ -27,7 +27,12 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sdp_cli.config.train_settings import LoraConfig
 from sdp_cli.errors import ConfigError
-from sdp_cli.weight_sync.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_dir
+from sdp_cli.weight_sync.adapter_export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    linear_projection_names,
+    write_adapter_dir,
+)
 
 # peft's name for the one adapter the actor trains.
 ADAPTER = "default"
@@ -40,7 +45,8 @@ CHECKPOINT_ADAPTER_DIR = "adapter"
 def with_lora(model: PreTrainedModel, lora: LoraConfig, model_dir: Path) -> PeftModel:
     """`model` with a fresh adapter injected (B = 0, so it computes what the model did);
     every weight of the model itself frozen."""
-    targets: list[str] | str = list(lora.target_modules) or "all-linear"
+    # The modules the servers put LoRA layers on (launcher.command.with_lora_serving).
+    targets = list(lora.target_modules) or linear_projection_names(model)
     config = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,

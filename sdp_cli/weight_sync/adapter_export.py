@@ -2,6 +2,9 @@
 only the adapter, as peft's `save_pretrained` writes it (adapter_model.safetensors and
 adapter_config.json), which vLLM's `POST /v1/load_lora_adapter` and peft both load. Written
 atomically and pruned like a full export (`export.export_weights`).
+
+Adapters go on the decoder's linear projections (`linear_projection_names`): the trainer gives
+peft those names, and the launcher gives vLLM the same ones (`--lora-target-modules`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sdp_cli.common.atomic import atomic_dir
 from sdp_cli.weight_sync.export import write_safetensors
@@ -59,3 +64,24 @@ def export_adapter(
             "resume=true"
         ) from exc
     return final
+
+
+def linear_projection_names(model: torch.nn.Module) -> list[str]:
+    """The last name part of every linear module but the LM head (q_proj, gate_proj, ...),
+    what peft's all-linear targets."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
+
+
+def model_projection_names(model_dir: Path) -> list[str]:
+    """`linear_projection_names` of a model directory's architecture, built without weights."""
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return linear_projection_names(model)

@@ -27,7 +27,11 @@ from sdp_cli.launcher.command import (
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.trainer.actor import Actor
 from sdp_cli.trainer.checkpoint import load_checkpoint
-from sdp_cli.weight_sync.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from sdp_cli.weight_sync.adapter_export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    model_projection_names,
+)
 from tests.unit.trainer.test_checkpoint import PROMPT, train_once
 
 OUTPUT = [7, 8, 2]
@@ -71,6 +75,9 @@ def test_the_export_is_the_adapter_alone_and_peft_loads_it_to_the_same_logprobs(
     assert tensors and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in tensors)
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+    # The modules the servers put LoRA layers on (--lora-target-modules) are the adapter's.
+    assert sorted(config["target_modules"]) == model_projection_names(tiny_model_dir)
+    assert "lm_head" not in config["target_modules"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     # The update moved the policy: the export is not the base model.
     expected = actor.score([PROMPT], [OUTPUT])[0]
@@ -132,7 +139,7 @@ def test_a_checkpoint_of_another_rank_is_refused_naming_the_key(
 def test_sdp_export_writes_the_adapter_or_the_merged_model(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from sdp_cli.commands.export import export_run
+    from sdp_cli.commands.export_run import export_run
 
     run_dir = tmp_path / "run"
     cfg = load_config(overrides=[f"run.dir={run_dir}", f"model.path={tiny_model_dir}"])
@@ -175,7 +182,9 @@ def test_lora_keys_are_checked() -> None:
         assert raised.value.key == key
 
 
-def test_servers_start_with_lora_and_the_smallest_vllm_rank_that_fits() -> None:
+def test_servers_start_with_lora_and_the_smallest_vllm_rank_that_fits(
+    tiny_model_dir: Path,
+) -> None:
     cfg = load_config(overrides=["train.lora.rank=12", "server.extra_args=[--seed,3]"])
     assert lora_server_args(cfg.train.lora) == [
         "--enable-lora",
@@ -184,9 +193,14 @@ def test_servers_start_with_lora_and_the_smallest_vllm_rank_that_fits() -> None:
         "--max-loras",
         "2",
     ]
-    server = with_lora_serving(cfg.server, cfg.train.lora)
+    server = with_lora_serving(cfg.server, cfg.train.lora, tiny_model_dir)
     assert server.extra_args[-2:] == ["--seed", "3"]
+    # LoRA layers on the decoder's projections only, never on the LM head.
+    targets = server.extra_args[6:-2]
+    assert server.extra_args[5] == "--lora-target-modules"
+    assert targets == model_projection_names(tiny_model_dir)
+    assert "q_proj" in targets and "down_proj" in targets and "lm_head" not in targets
     assert vllm_env(server)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     plain = load_config()
-    assert with_lora_serving(plain.server, plain.train.lora) == plain.server
+    assert with_lora_serving(plain.server, plain.train.lora, tiny_model_dir) == plain.server
     assert "--enable-lora" not in vllm_command(plain.server, Path("m"), 8000)
