@@ -173,7 +173,10 @@ async def sync_server(
     address = pool.status(index).address
     path = await pool.weights_path_for(index, weights_dir, version)
     if not is_adapter_dir(weights_dir):
-        return await update_server_weights(http, address, path, version, timeout_s)
+        timings = await update_server_weights(http, address, path, version, timeout_s)
+        # Whole weights: requests name the served model again, no adapter.
+        pool.set_adapter(index, None)
+        return timings
     adapter = adapter_name(pool.adapter_prefix, version)
     timings = await update_server_adapter(http, address, path, adapter, version, timeout_s)
     pool.set_adapter(index, adapter)
