@@ -86,7 +86,8 @@ class LoraConfig:
     target_modules: list[str] = setting(
         factory=list,
         help="module names (or name suffixes) that get an adapter; []: every linear "
-        "projection of the decoder (peft's all-linear; the LM head is left out)",
+        "projection of the decoder (q_proj ... down_proj on Llama-like models), never the LM "
+        "head",
     )
 
 
