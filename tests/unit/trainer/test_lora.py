@@ -204,3 +204,30 @@ def test_servers_start_with_lora_and_the_smallest_vllm_rank_that_fits(
     plain = load_config()
     assert with_lora_serving(plain.server, plain.train.lora, tiny_model_dir) == plain.server
     assert "--enable-lora" not in vllm_command(plain.server, Path("m"), 8000)
+
+
+def test_sdp_export_on_the_command_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdp_cli.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(
+        app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]
+    )
+    assert missing.exit_code == 2 and "config.yaml" in missing.output
+    assert "Traceback" not in missing.output
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(overrides=[f"run.dir={run_dir}", f"model.path={tiny_model_dir}"])
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    full = Actor(tiny_model_dir, replace(TrainConfig(), lr=1e-2), seed=0)
+    train_once(full, 0)
+    full.save_checkpoint(run_dir, TrainState(step=1, version=1, data_position=8), None)
+    out = tmp_path / "model"
+    done = runner.invoke(app, ["export", str(run_dir), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "exported step 1" in done.output
+    # A full fine-tuning run exports its model directory.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert hf_logprobs(model) == pytest.approx(full.score([PROMPT], [OUTPUT])[0], abs=1e-5)
