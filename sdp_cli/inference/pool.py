@@ -253,12 +253,13 @@ class ServerPool:
     # ---- LoRA adapters ------------------------------------------------------------------
 
     def set_adapter(self, index: int, adapter: str | None) -> None:
-        """Server `index` serves its version under `adapter` now (None: its own weights)."""
+        """Server `index` serves its version under `adapter` now (None: its own weights).
+        Listeners are not called: the version that comes with it is what they report."""
         with self._lock:
             entry = self._entries[index]
             if adapter is not None and adapter not in entry.loaded_adapters:
                 entry.loaded_adapters.append(adapter)
-        self._update(index, adapter=adapter)
+            entry.status = replace(entry.status, adapter=adapter)
 
     def unloadable_adapters(self, index: int) -> list[str]:
         """The adapters server `index` may unload now (`adapters_to_unload`)."""

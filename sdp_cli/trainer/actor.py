@@ -86,10 +86,9 @@ def load_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters (the adapter's alone with LoRA), with
-    torch's fused kernel: one pass over each tensor
-    with no temporaries. The default on CPU (one tensor at a time, `foreach=False`) allocates
-    two tensors the size of the largest parameter (SmolLM2-135M's embedding) and is several
-    times slower (docs/benchmarks.md)."""
+    torch's fused kernel: one pass over each tensor with no temporaries. The default on CPU
+    (one tensor at a time, `foreach=False`) allocates two tensors the size of the largest
+    parameter (SmolLM2-135M's embedding) and is several times slower (docs/benchmarks.md)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay, fused=True)
 
@@ -405,7 +404,9 @@ class Actor:
         )
 
     def export_adapter(self, weights_dir: Path, version: int, tensors: dict[str, Tensor]) -> Path:
-        assert self.peft is not None
+        """Write the adapter `tensors` (peft's names) as `weights_dir/v{version}/`."""
+        if self.peft is None:
+            raise ValueError("only a LoRA actor (train.lora.rank > 0) exports an adapter")
         return export_adapter(
             tensors,
             adapter_config(self.peft),
