@@ -24,9 +24,14 @@ from sdp_cli.model import ensure_model_dir
 from sdp_cli.orchestrator.run_state import list_checkpoints
 from sdp_cli.trainer.adapter import CHECKPOINT_ADAPTER_DIR, merged_model, model_with_checkpoint
 from sdp_cli.trainer.checkpoint import MODEL_FILE
-from sdp_cli.weight_sync.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
 from sdp_cli.weight_sync.export import copy_tokenizer_files
-from sdp_cli.weight_sync.versions import VERSION_DIR, weights_dir_for
+from sdp_cli.weight_sync.versions import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    VERSION_DIR,
+    is_adapter_dir,
+    weights_dir_for,
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, Ser
 from sdp_cli.config.train_settings import VLLM_LORA_RANKS, LoraConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
-from sdp_cli.weight_sync.adapter_export import model_projection_names
 
 __all__ = [
     "CPU_HEAD_SIZES",
@@ -186,6 +185,10 @@ def with_lora_serving(server: ServerConfig, lora: LoraConfig, model_dir: Path) -
     model in `model_dir` but its LM head."""
     if lora.rank == 0:
         return server
+    # Imported here: it needs torch and transformers, which the launcher (the supervisor,
+    # `sdp launch-servers`) otherwise never loads.
+    from sdp_cli.weight_sync.adapter_export import model_projection_names
+
     flags = lora_server_args(lora, list(lora.target_modules) or model_projection_names(model_dir))
     if not flags:
         return server

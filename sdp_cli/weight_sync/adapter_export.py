@@ -21,15 +21,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sdp_cli.common.atomic import atomic_dir
 from sdp_cli.weight_sync.export import write_safetensors
-from sdp_cli.weight_sync.versions import WeightsExportError, prune_versions, version_dir
+from sdp_cli.weight_sync.versions import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    WeightsExportError,
+    prune_versions,
+    version_dir,
+)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """Whether a weights directory holds a LoRA adapter rather than a whole model."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "export_adapter",
+    "linear_projection_names",
+    "model_projection_names",
+    "write_adapter_dir",
+]
 
 
 def write_adapter_dir(

@@ -27,7 +27,7 @@ from sdp_cli.inference.adapters import adapter_name
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.client_errors import NoServerAvailableError, WeightUpdateError
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
-from sdp_cli.weight_sync.adapter_export import is_adapter_dir
+from sdp_cli.weight_sync.versions import is_adapter_dir
 from sdp_cli.weight_sync.vllm_http import (
     PHASES,
     PhaseTimings,
