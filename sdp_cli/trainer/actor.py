@@ -299,32 +299,10 @@ class Actor:
         extra = _ExtraStats()
         dropout = self.peft is not None and self.train_config.lora.dropout > 0
         for batch, prox_pass in zip(batches, recomputed, strict=True):
+            # The adapter's dropout stays on through backward, where activation checkpointing
+            # recomputes the forward (with the same random state, so the same masks).
             with adapter_dropout(self.model, dropout):
-                logprobs, entropy = self.logprobs_and_entropy(batch)
-            extra.add(batch, entropy, logprobs)
-            prox = select_proximal(
-                self.prox_mode,
-                logprobs=logprobs,
-                segment_prox=batch.prox_logprobs,
-                behav_logprobs=batch.behav_logprobs,
-                versions=batch.versions,
-                train_version=version,
-                recomputed=prox_pass,
-            )
-            loss, batch_stats = decoupled_ppo_loss(
-                logprobs,
-                prox,
-                batch.behav_logprobs,
-                batch.advantages,
-                batch.loss_mask,
-                batch.versions,
-                version,
-                self.loss_settings,
-                token_scale=batch.loss_scale,
-            )
-            loss = loss + self.reference_penalty(batch, logprobs, extra)
-            loss.backward()
-            stats = stats.merge(batch_stats)
+                stats = stats.merge(self._accumulate(batch, prox_pass, version, extra))
         # What follows costs the same whatever the batch: `sdp simulate --calibrate` needs it
         # apart from the forward and backward, which grow with the tokens.
         optimizer_started = time.perf_counter()
@@ -350,6 +328,36 @@ class Actor:
             "optimizer_s": time.perf_counter() - optimizer_started,
         }
         return stats, grad_norm, finite
+
+    def _accumulate(
+        self, batch: TrainBatch, prox_pass: Tensor | None, version: int, extra: _ExtraStats
+    ) -> LossStats:
+        """One micro-batch's forward and backward (gradients add up); its loss statistics."""
+        logprobs, entropy = self.logprobs_and_entropy(batch)
+        extra.add(batch, entropy, logprobs)
+        prox = select_proximal(
+            self.prox_mode,
+            logprobs=logprobs,
+            segment_prox=batch.prox_logprobs,
+            behav_logprobs=batch.behav_logprobs,
+            versions=batch.versions,
+            train_version=version,
+            recomputed=prox_pass,
+        )
+        loss, batch_stats = decoupled_ppo_loss(
+            logprobs,
+            prox,
+            batch.behav_logprobs,
+            batch.advantages,
+            batch.loss_mask,
+            batch.versions,
+            version,
+            self.loss_settings,
+            token_scale=batch.loss_scale,
+        )
+        loss = loss + self.reference_penalty(batch, logprobs, extra)
+        loss.backward()
+        return batch_stats
 
     def _finite_everywhere(self, finite: bool) -> bool:
         """Whether the step is finite for every rank taking part (one, here)."""

@@ -38,7 +38,8 @@ OUTPUT = [7, 8, 2]
 
 
 def lora_actor(model_dir: Path, rank: int = 8, **train: object) -> Actor:
-    config = replace(TrainConfig(), lr=1e-2, lora=LoraConfig(rank=rank), **train)
+    settings: dict[str, object] = {"lr": 1e-2, "lora": LoraConfig(rank=rank), **train}
+    config = replace(TrainConfig(), **settings)
     return Actor(model_dir, config, seed=0)
 
 
@@ -231,3 +232,19 @@ def test_sdp_export_on_the_command_line(tiny_model_dir: Path, tmp_path: Path) ->
     # A full fine-tuning run exports its model directory.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert hf_logprobs(model) == pytest.approx(full.score([PROMPT], [OUTPUT])[0], abs=1e-5)
+
+
+def test_lora_dropout_acts_in_the_loss_pass_only(tiny_model_dir: Path) -> None:
+    from sdp_cli.trainer.adapter import adapter_dropout
+
+    actor = lora_actor(tiny_model_dir, lora=LoraConfig(rank=8, dropout=0.5))
+    train_once(actor, 0)  # lora_B leaves zero, so dropout on the adapter's input shows
+    dropouts = [m for n, m in actor.model.named_modules() if n.endswith(".lora_dropout")]
+    assert dropouts and not any(m.training for m in dropouts)
+    # Scoring (the recompute, the trainer's μ checks) sees no dropout: the same twice.
+    assert actor.score([PROMPT], [OUTPUT]) == actor.score([PROMPT], [OUTPUT])
+    with adapter_dropout(actor.model, True):
+        assert all(m.training for m in dropouts)
+        noisy = [actor.score([PROMPT], [OUTPUT])[0] for _ in range(3)]
+    assert not all(n == noisy[0] for n in noisy[1:])
+    assert not any(m.training for m in dropouts)
