@@ -48,15 +48,17 @@ def explained_yaml(cfg: SdpConfig) -> str:
     """The resolved config as YAML, each key followed by its help and allowed values."""
     values: Any = OmegaConf.structured(cfg)
     lines: list[str] = []
-    group = ""
+    group: list[str] = []
     for key, _, rule in declared_keys():
-        head, _, name = key.rpartition(".")
-        if head != group and head:
-            lines.append(f"{head}:")
-        group = head
-        indent = "  " * key.count(".")
+        *path, name = key.split(".")
+        # Open the groups (train, then train.lora) this key is in and the last one was not.
+        shared = 0
+        while shared < min(len(path), len(group)) and path[shared] == group[shared]:
+            shared += 1
+        lines += [f"{'  ' * depth}{path[depth]}:" for depth in range(shared, len(path))]
+        group = path
         value = yaml_value(OmegaConf.select(values, key))
-        lines.append(f"{indent}{name or head}: {value}{_comment(rule)}")
+        lines.append(f"{'  ' * len(path)}{name}: {value}{_comment(rule)}")
     return "\n".join(lines) + "\n"
 
 

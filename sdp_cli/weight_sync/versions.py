@@ -17,6 +17,9 @@ from sdp_cli.errors import SdpError
 SPARE_DIR = ".spare"
 # The single file the direct export writes (vLLM reads every *.safetensors in the directory).
 WEIGHTS_FILE = "model.safetensors"
+# A LoRA export (train.lora.rank > 0): the adapter alone, as peft's save_pretrained writes it.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 # A complete version, or (group 2) the leftover of a writer killed half-way (common/atomic.py).
 VERSION_DIR = re.compile(r"^v(\d+)((?:\.tmp|\.old)-\d+)?$")
 
@@ -43,6 +46,11 @@ def weights_dir_for(setting: str, run_dir: Path) -> Path:
         digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
         return MEMORY_ROOT / f"sdp-weights-{digest}"
     return Path(setting)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether a weights directory holds a LoRA adapter rather than a whole model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def version_dir(weights_dir: Path, version: int) -> Path:

@@ -327,3 +327,23 @@ def test_cpu_server_flags_that_would_split_a_prefill_are_refused(
     tmp_path: Path, args: str, hint: str
 ) -> None:
     refused(tmp_path, "server.extra_args", "server=cpu", f"server.extra_args={args}", hint=hint)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["train.lora.target_modules=[q_proj,lm_head]"], "train.lora.target_modules", "lm_head"),
+        (["train.lora.target_modules=[embed_tokens]"], "train.lora.target_modules", "linear"),
+        (["server.extra_args=[--max-lora-rank,8]"], "server.extra_args", "below"),
+    ],
+)
+def test_lora_settings_the_servers_cannot_serve_are_refused(
+    tmp_path: Path, overrides: list[str], key: str, hint: str
+) -> None:
+    refused(tmp_path, key, "train.lora.rank=16", *overrides, hint=hint)
+
+
+def test_a_lora_dry_run_names_the_server_flags(tmp_path: Path) -> None:
+    code, output = dry_run(tmp_path, "train.lora.rank=8")
+    assert code == 0, output
+    assert "--enable-lora --max-lora-rank 8 --max-loras 2" in output

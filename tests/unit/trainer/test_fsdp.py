@@ -211,3 +211,32 @@ def test_ranks_are_numbered_node_by_node() -> None:
     train = load_config(overrides=["train.world_size=2", *nodes]).train
     infos = [rank_info(train, local) for local in (0, 1)]
     assert [(i.rank, i.world_size, i.is_main) for i in infos] == [(2, 6, False), (3, 6, False)]
+
+
+def test_two_ranks_train_the_same_lora_adapter_as_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """train.lora.rank with FSDP2 (and the default selective activation checkpointing): the
+    same step, the adapter alone exported and checkpointed, and a resume that continues it."""
+    from sdp_cli.trainer.adapter import adapter_tensors
+
+    single = Actor(tiny_model_dir, config(1, "train.lora.rank=8").train)
+    groups = stale_groups(single, 2)
+    expected = single.train_step(groups, 2)
+    assert single.peft is not None
+    expected_adapter = {k: v.clone() for k, v in adapter_tensors(single.peft, single.model).items()}
+    expected_second = single.train_step(groups, 2)
+
+    finish(spawn(_step_on_ranks, config(2, "train.lora.rank=8"), tiny_model_dir, groups, tmp_path))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+
+    assert abs(stats["first"]["loss"] - expected["loss"]) < 1e-6
+    assert abs(stats["first"]["grad_norm"] - expected["grad_norm"]) < 1e-5
+    exported = load_file(tmp_path / "weights" / "v1" / "adapter_model.safetensors")
+    assert sorted(p.name for p in (tmp_path / "weights" / "v1").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert exported.keys() == expected_adapter.keys()
+    for name, value in expected_adapter.items():
+        torch.testing.assert_close(exported[name], value, atol=1e-5, rtol=0, msg=name)
+    assert abs(stats["resumed"]["loss"] - expected_second["loss"]) < 1e-6
+    assert (tmp_path / "checkpoints" / "step-1" / "adapter" / "adapter_model.safetensors").is_file()
