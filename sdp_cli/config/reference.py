@@ -48,15 +48,19 @@ def explained_yaml(cfg: SdpConfig) -> str:
     """The resolved config as YAML, each key followed by its help and allowed values."""
     values: Any = OmegaConf.structured(cfg)
     lines: list[str] = []
-    group = ""
+    group: list[str] = []
     for key, _, rule in declared_keys():
-        head, _, name = key.rpartition(".")
-        if head != group and head:
-            lines.append(f"{head}:")
+        *head, name = key.split(".")
+        # Open each group (task:, then task.curriculum: within it) the key's path enters.
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(head, group, strict=False)) if a != b),
+            min(len(head), len(group)),
+        )
+        for depth in range(shared, len(head)):
+            lines.append(f"{'  ' * depth}{head[depth]}:")
         group = head
-        indent = "  " * key.count(".")
         value = yaml_value(OmegaConf.select(values, key))
-        lines.append(f"{indent}{name or head}: {value}{_comment(rule)}")
+        lines.append(f"{'  ' * len(head)}{name}: {value}{_comment(rule)}")
     return "\n".join(lines) + "\n"
 
 
