@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return runs
 
 
+def slug(name: str) -> str:
+    """A variant's directory name: Hydra reads `=`, `,` and brackets in `run.dir` as syntax."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
 def shared_overrides(seed: int, args: argparse.Namespace) -> list[str]:
     """What every run of a seed gets, sdp or peer: the seeds and the evaluation."""
     return [
@@ -209,7 +215,9 @@ def train_for(command: list[str], minutes: float, log: Path, grace_s: float = 0.
 def curve(run_dir: Path, launched: float | None = None) -> dict[str, Any]:
     """The run's accuracy curve (with `t_s`, seconds since `launched`, when given) and its
     training figures."""
-    events = list(read_events(run_dir / "events.jsonl"))
+    log = run_dir / "events.jsonl"
+    # A run that failed before its log (a config error): an empty curve, its log says why.
+    events = list(read_events(log)) if log.is_file() else []
     evals = [e for e in events if isinstance(e, EvalEvent)]
     steps = [e for e in events if isinstance(e, TrainStepEvent)]
     points = [
@@ -367,7 +375,7 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for seed in args.seeds:
         for variant in variants(args):
-            run_dir = args.out / variant.name.replace("/", "_") / f"seed-{seed}"
+            run_dir = args.out / slug(variant.name) / f"seed-{seed}"
             command = run_command(variant, run_dir, seed, args, extra)
             launched = time.time()
             grace = PEER_GRACE_S if variant.peer else 0.0

@@ -67,6 +67,12 @@ def test_compare_takes_a_key_and_two_or_more_values_with_brackets_kept_whole() -
         "task.curriculum.attributes=[num_terms]",
         "task.curriculum.attributes=[num_terms,num_digits]",
     ]
+    # Run directories Hydra accepts in run.dir=..., one per variant.
+    dirs = [script.slug(name) for name in names]
+    assert dirs == [
+        "task.curriculum.attributes-num_terms",
+        "task.curriculum.attributes-num_terms-num_digits",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -150,3 +156,8 @@ def test_completions_per_s_leaves_out_start_up_and_evaluation(tmp_path: Path) ->
     # Steps 2-4 trained 48 completions in 35 s, 5 s of which were evaluation.
     assert result["completions_per_s"] == 48 / 30
     assert [p["t_s"] for p in result["curve"]] == [10.0, 95.0]
+
+
+def test_a_run_that_left_no_log_gives_an_empty_curve(tmp_path: Path) -> None:
+    result = load_script().curve(tmp_path / "never-started", launched=0.0)
+    assert result["curve"] == [] and result["steps"] == 0 and result["gain_points"] is None
