@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdp_cli.config.task_settings import CurriculumConfig
+from sdp_cli.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,17 @@ class Schedule:
         return CurriculumState(list(self._changes), list(self._state.rewards))
 
     def restore(self, state: CurriculumState) -> None:
-        """The schedule a checkpoint saved (before any prompt is sampled)."""
+        """The schedule a checkpoint saved (before any prompt is sampled); its levels must lie
+        within this run's start_level..end_level, which are the ones generated."""
+        levels = [c.level for c in state.changes]
+        low, high = self.cfg.start_level, self.cfg.end_level
+        if not state.changes or not all(low <= level <= high for level in levels):
+            raise ConfigError(
+                "task.curriculum.end_level",
+                f"the checkpoint's curriculum used levels {levels}, outside this run's "
+                f"start_level..end_level ({low}..{high})",
+                "resume with the task.curriculum levels the run was started with",
+            )
         self._state = CurriculumState(list(state.changes), list(state.rewards))
         self._changes = tuple(state.changes)
 

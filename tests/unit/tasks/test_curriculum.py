@@ -100,6 +100,15 @@ def test_a_schedule_restored_from_its_checkpoint_state_decides_as_if_never_stopp
     assert [resumed.level_at(p) for p in range(60)] == [whole.level_at(p) for p in range(60)]
 
 
+def test_a_checkpoint_with_levels_this_run_does_not_have_is_refused() -> None:
+    first = step_schedule(end_level=3)
+    run_schedule(first, [0.0] * 9, 0)
+    narrower = step_schedule(end_level=1)
+    with pytest.raises(ConfigError) as caught:
+        narrower.restore(first.state())
+    assert caught.value.key == "task.curriculum.end_level"
+
+
 def test_levels_follow_reasoning_gyms_chain_sum_curriculum() -> None:
     cfg = CurriculumConfig(mode="step", attributes=["num_terms", "num_digits"])
     assert level_options("chain_sum", OPTIONS, cfg, 0) == {
