@@ -51,7 +51,9 @@ def test_levels_rise_with_the_step_follow_the_data_position_and_survive_a_resume
     train(run_dir, "train.steps=4", "train.checkpoint_every=2")
     state = json.loads((run_dir / "checkpoints" / "step-4" / "state.json").read_text())
     assert [level for _, _, level in state["curriculum"]["changes"]] == [0, 1, 2]
-    train(run_dir, "train.steps=6", "train.checkpoint_every=2", "resume=true")
+    # Up to (η + v + 1)·B positions are handed out ahead of training: 10 steps train 20
+    # distinct positions, more than the 14 below the level-2 change, so level 2 is trained.
+    train(run_dir, "train.steps=10", "train.checkpoint_every=2", "resume=true")
 
     events = list(read_events(run_dir / "events.jsonl"))
     assert any(isinstance(e, RunStartedEvent) and e.resumed_from_step == 4 for e in events)
@@ -63,14 +65,14 @@ def test_levels_rise_with_the_step_follow_the_data_position_and_survive_a_resume
         (4, 2, "resume"),
     ]
     steps = [e for e in events if isinstance(e, TrainStepEvent)]
-    assert [s.curriculum_level for s in steps] == [0, 1, 1, 2, 2, 2]
+    assert [s.curriculum_level for s in steps] == [0, 1, 1, 2, 2, 2, 2, 2, 2, 2]
     changes = [(e.position, e.level) for e in announced]
 
     def level_at(position: int) -> int:
         return max((c for c in changes if c[0] <= position), key=lambda c: c[0])[1]
 
     trained = [r for r in read_samples(run_dir / "samples.jsonl") if r["kind"] == "trained"]
-    assert len(trained) == 6 * 2 * 2
+    assert len(trained) == 10 * 2 * 2
     # Level k trains chain_sum with 2 + k terms, whatever the target (4 terms) says.
     for record in trained:
         assert terms(record["prompt"]) == 2 + level_at(record["position"]), record
