@@ -7,7 +7,8 @@ overrides) is composed and its task built by sdp itself, so both sides read the 
 training prompts are the task's data positions 0, 1, ... (TRL shuffles them), the reward is the
 task's reward of the decoded completion, and evaluation is `task.eval_prompts(eval.n_prompts)`
 at temperature 0 and `eval.max_new_tokens` (else rollout.max_new_tokens). The curve is written
-as sdp events (`train_step`, `eval`) to OUT/events.jsonl, so the bench reads both sides alike.
+as sdp events (`train_step`, `eval`) to OUT/events.jsonl, so the bench reads both sides alike;
+the first batches' completions and rewards go to OUT/samples.jsonl.
 
 Settings: where sdp has a setting its value is used (lr and its schedule, warm-up, weight decay,
 gradient clip, clip ε low/high, loss aggregation, advantage normalisation, ratio level, KL
@@ -245,10 +246,18 @@ def main() -> None:
     check = {"prompt_ids_match": same_prompt_ids(tokenizer, sample), "generation": args.generation}
     (args.out / "peer.json").write_text(json.dumps(check))
 
+    samples = args.out / "samples.jsonl"
+
     def reward(
         prompts: list[str], completions: list[str], meta: list[str], **_: Any
     ) -> list[float]:
-        return [task.reward(c, json.loads(m)) for c, m in zip(completions, meta, strict=True)]
+        scores = [task.reward(c, json.loads(m)) for c, m in zip(completions, meta, strict=True)]
+        # The first batches' completions and rewards, to check what the reward sees.
+        if not samples.exists() or samples.stat().st_size < 20_000:
+            with samples.open("a") as out:
+                for text, m, score in zip(completions, meta, scores, strict=True):
+                    out.write(json.dumps({"completion": text, "meta": m, "reward": score}) + "\n")
+        return scores
 
     completions = cfg.rollout.batch_size * cfg.rollout.n_samples
     with EventLog(args.out / "events.jsonl") as events:
