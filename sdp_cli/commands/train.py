@@ -44,7 +44,13 @@ from sdp_cli.orchestrator.sample_log import SAMPLES_FILE, SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.rlvr import RLVRWorkflow
-from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
+from sdp_cli.tasks import (
+    CurriculumState,
+    curriculum_of,
+    decode_completion,
+    get_task,
+    load_tokenizer,
+)
 from sdp_cli.tasks.base import Task
 from sdp_cli.trainer.actor import Actor, torch_device
 from sdp_cli.trainer.checkpoint import load_checkpoint
@@ -284,6 +290,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             plan=run.plan,
             evaluator=evaluator(run, client, workflow.stop_token_ids),
             samples=samples,
+            curriculum=curriculum_of(run.task),
         )
         stack.enter_context(dashboard)
         result = loop.run()
@@ -315,6 +322,7 @@ def prepare_inputs(cfg: SdpConfig, stack: ExitStack) -> RunInputs:
     task = get_task(cfg.task, tokenizer)
     actor = stack.enter_context(trainer_actor(cfg, model_dir, run_dir / "logs"))
     state = restore_state(cfg, run_dir, actor)
+    restore_curriculum(task, state)
     weights_dir = weights_dir_for(cfg.train.weights_dir, run_dir)
     return RunInputs(
         cfg, plan_run(cfg), run_dir, model_dir, tokenizer, task, actor, state, weights_dir
@@ -396,6 +404,13 @@ def inference_client(
         eos_token_id=tokenizer.eos_token_id,
         score_continuations=plan.scores_continuations,
     )
+
+
+def restore_curriculum(task: Task, state: TrainState) -> None:
+    """task.curriculum's schedule as the checkpoint left it, before any prompt is sampled."""
+    schedule = curriculum_of(task)
+    if schedule is not None and state.curriculum is not None:
+        schedule.restore(CurriculumState.from_json(state.curriculum))
 
 
 def restored_positions(state: TrainState) -> DataPositions:

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdp_cli.config.setting import setting
+
+CURRICULUM_MODES = ("off", "step", "reward")
+
+
+@dataclass
+class CurriculumConfig:
+    """The `task.curriculum.*` keys: training prompts that get harder as the run goes (the
+    reasoning_gym task, through the dataset's own reasoning-gym curriculum). Held-out
+    evaluation stays on `task.dataset_config`, the target difficulty."""
+
+    mode: str = setting(
+        "off",
+        choices=CURRICULUM_MODES,
+        help="off; step: one level up every `every_steps` steps; reward: one level up when the "
+        "mean training reward of the last `window` steps at a level reaches `reward_threshold`",
+    )
+    attributes: list[str] = setting(
+        factory=lambda: ["num_terms"],
+        help="reasoning_gym: the curriculum attributes a level sets (chain_sum: num_terms, "
+        "num_digits); level k is the attribute's k-th value, e.g. num_terms 0: 2 terms, 1: 3",
+    )
+    start_level: int = setting(0, ge=0, help="the level of the first training prompts")
+    end_level: int = setting(
+        1, ge=0, help="the highest level (>= start_level, within every attribute's levels)"
+    )
+    every_steps: int = setting(20, ge=1, help="step mode: training steps per level")
+    reward_threshold: float = setting(
+        0.7, gt=0, le=1, help="reward mode: the mean training reward that moves a level up"
+    )
+    window: int = setting(
+        10, ge=1, help="reward mode: steps at a level whose mean reward is compared"
+    )
 
 
 @dataclass
@@ -53,3 +85,4 @@ class TaskConfig:
         help="reasoning_gym: what score_answer gets: tags (<answer>...</answer>, else the "
         "whole completion) or last_number (the last number in it)",
     )
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

@@ -86,6 +86,31 @@ def _task_options(cfg: DictConfig) -> None:
         )
 
 
+def _curriculum_levels_ordered(cfg: DictConfig) -> None:
+    curriculum = cfg.task.curriculum
+    if curriculum.mode == "off":
+        return
+    if curriculum.end_level < curriculum.start_level:
+        raise ConfigError(
+            "task.curriculum.end_level",
+            f"must be >= task.curriculum.start_level ({curriculum.start_level}, got "
+            f"{curriculum.end_level})",
+            f"set task.curriculum.end_level={curriculum.start_level} or higher",
+        )
+    if cfg.task.name != "reasoning_gym":
+        raise ConfigError(
+            "task.curriculum.mode",
+            f"a curriculum needs task.name=reasoning_gym (got '{cfg.task.name}')",
+            "set task.curriculum.mode=off, or use a reasoning_gym dataset",
+        )
+    if not curriculum.attributes:
+        raise ConfigError(
+            "task.curriculum.attributes",
+            "names no attribute",
+            "name one or more, e.g. task.curriculum.attributes=[num_terms]",
+        )
+
+
 def _weight_floor_below_cap(cfg: DictConfig) -> None:
     cap, floor = cfg.train.behav_weight_cap, cfg.train.behav_weight_floor
     if cap is not None and floor is not None and floor > cap:
@@ -200,6 +225,7 @@ def validate(cfg: DictConfig) -> None:
     _length_range_ordered(cfg)
     _file_task_has_a_path(cfg)
     _task_options(cfg)
+    _curriculum_levels_ordered(cfg)
     _weight_floor_below_cap(cfg)
     _node_rank_below_nnodes(cfg)
     _trainer_recompute_on_one_rank(cfg)

@@ -341,6 +341,8 @@ class TrainStepEvent(Event):
     update_s: float = 0.0
     samples_per_s: float | None = None
     gen_tokens_per_s: float | None = None
+    # task.curriculum: the level new training prompts get after this step; None when off.
+    curriculum_level: int | None = None
 
 
 @event_type
@@ -361,6 +363,21 @@ class EvalEvent(Event):
     n_prompts: int
     temperature: float
     seconds: float
+
+
+@event_type
+@dataclass(frozen=True, kw_only=True)
+class CurriculumEvent(Event):
+    """task.curriculum raised the level: training prompts from data position `position` on are
+    at `level` (the first event, at step 0, is the start level)."""
+
+    type: ClassVar[str] = "curriculum"
+    # Training steps completed when it was decided.
+    step: int
+    position: int
+    level: int
+    # step or reward: what moved it (start for the first level).
+    reason: str
 
 
 @event_type

@@ -1,12 +1,13 @@
 """Curves where people look for them: the run's events as TensorBoard and W&B scalars.
 
 `MetricsSink` wraps the event sink (like the dashboard does), so the curves carry the same
-numbers under the same names as `events.jsonl`: `train/<field>` from `train_step`,
-`eval/<field>` from `eval`, `capacity/<term>` from `capacity`, `update/<phase>` from
-`weight_update`, `drops/<reason>` (running totals) from `sample_dropped`, `health/<key>` and
-`health/lag<k>/<key>` from `train_step`'s health fields, and lag histograms from
-`batch_taken`. The x axis is the trainer step. Writers are the backends' own APIs:
-`torch.utils.tensorboard.SummaryWriter` and `wandb.init(mode=...)`, offline by default.
+numbers under the same names as `events.jsonl`: `train/<field>` from `train_step` (with
+`train/curriculum_level` under task.curriculum), `eval/<field>` from `eval`, `capacity/<term>`
+from `capacity`, `update/<phase>` from `weight_update`, `drops/<reason>` (running totals) from
+`sample_dropped`, `health/<key>` and `health/lag<k>/<key>` from `train_step`'s health fields,
+and lag histograms from `batch_taken`. The x axis is the trainer step. Writers are the
+backends' own APIs: `torch.utils.tensorboard.SummaryWriter` and `wandb.init(mode=...)`, offline
+by default.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ TRAIN_FIELDS = (
     "step_s",
     "update_s",
     "skipped_steps",
+    "curriculum_level",
 )
 EVAL_FIELDS = ("accuracy", "pass_at_k", "mean_reward", "seconds")
 

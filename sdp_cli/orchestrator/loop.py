@@ -19,7 +19,12 @@ from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
-from sdp_cli.events.event_schema import CheckpointEvent, EvalEvent, TrainStepEvent
+from sdp_cli.events.event_schema import (
+    CheckpointEvent,
+    CurriculumEvent,
+    EvalEvent,
+    TrainStepEvent,
+)
 from sdp_cli.events.health_fields import split_health
 from sdp_cli.orchestrator.evaluate import Evaluator
 from sdp_cli.orchestrator.run_state import TrainState, checkpoint_due
@@ -27,6 +32,7 @@ from sdp_cli.orchestrator.sample_log import SampleLog
 from sdp_cli.rollout.executor import RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.tasks.levels import Schedule
 from sdp_cli.weight_sync.sequence import WeightUpdate
 from sdp_cli.weight_sync.transport import WeightTransport
 from sdp_cli.weight_sync.versions import weights_dir_for
@@ -81,6 +87,7 @@ class TrainingLoop:
         plan: RunPlan,
         evaluator: Evaluator | None = None,
         samples: SampleLog | None = None,
+        curriculum: Schedule | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
@@ -103,6 +110,8 @@ class TrainingLoop:
         self.version = start.version
         self.evaluator = evaluator
         self.samples = samples
+        # task.curriculum: the level schedule the task's training prompts follow.
+        self.curriculum = curriculum
         self.rewards: list[float] = []
         # The next step's batch, when the last update took it before its reload.
         self.next_batch: list[RolloutGroup] | None = None
@@ -111,6 +120,7 @@ class TrainingLoop:
 
     def run(self) -> LoopResult:
         started = time.monotonic()
+        self.announce_curriculum()
         # A baseline before the first step (or where a resumed run left off).
         self.evaluate_if_due()
         try:
@@ -147,10 +157,41 @@ class TrainingLoop:
         self.version += 1
         self.step += 1
         self.rewards.append(stats["reward_mean"])
+        self.advance_curriculum(stats["reward_mean"])
         self.emit_train_step(index, groups, stats, trained_version, wait_s, phases)
         self.stop_if_not_finite()
         if checkpoint_due(self.step, self.cfg.train.checkpoint_every):
             self.save_checkpoint()
+
+    def announce_curriculum(self) -> None:
+        """The level the run starts (or resumes) at, so the log holds every level in force."""
+        if self.curriculum is None:
+            return
+        last = self.curriculum.state().changes[-1]
+        self.events.emit(
+            CurriculumEvent(
+                step=self.step,
+                position=last.position,
+                level=last.level,
+                reason="start" if self.step == 0 else "resume",
+            )
+        )
+
+    def advance_curriculum(self, reward: float) -> None:
+        """Raise the curriculum's level when its rule says so: the positions handed out from
+        now on get the new level."""
+        if self.curriculum is None:
+            return
+        change = self.curriculum.after_step(self.step, reward, self.data_positions().next_position)
+        if change is not None:
+            self.events.emit(
+                CurriculumEvent(
+                    step=change.step,
+                    position=change.position,
+                    level=change.level,
+                    reason=self.curriculum.cfg.mode,
+                )
+            )
 
     def score_proximal_on_trainer(self) -> tuple[float, int]:
         """rollout.recompute_on=trainer: score the buffered version−1 tokens with the
@@ -292,6 +333,7 @@ class TrainingLoop:
                 update_s=phases["wait_s"],
                 samples_per_s=samples / cycle_s if cycle_s > 0 else 0.0,
                 gen_tokens_per_s=tokens / cycle_s if cycle_s > 0 else 0.0,
+                curriculum_level=None if self.curriculum is None else self.curriculum.level,
             )
         )
 
@@ -304,6 +346,7 @@ class TrainingLoop:
             version=self.version,
             data_position=positions.next_position,
             untrained_positions=positions.untrained,
+            curriculum=None if self.curriculum is None else self.curriculum.state().to_json(),
         )
         path = self.actor.save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
         self.events.emit(CheckpointEvent(step=self.step, version=self.version, path=str(path)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -24,6 +25,8 @@ class TrainState:
     # ... and the positions below it not trained yet (in flight, buffered or waiting for a
     # replay when the checkpoint was written); a resumed run generates them first.
     untrained_positions: list[int] = field(default_factory=list)
+    # task.curriculum's schedule (tasks/levels.py CurriculumState.to_json()); None when off.
+    curriculum: dict[str, Any] | None = None
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

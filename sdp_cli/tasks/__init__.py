@@ -5,14 +5,26 @@ one."""
 
 from sdp_cli.tasks.base import Prompt, Task, decode_completion, encode_prompt
 from sdp_cli.tasks.chat import PromptFormat
-from sdp_cli.tasks.registry import check_task, get_task, load_reward_fn, register_task, task_names
+from sdp_cli.tasks.levels import CurriculumState, LevelChange, Schedule
+from sdp_cli.tasks.registry import (
+    check_task,
+    curriculum_of,
+    get_task,
+    load_reward_fn,
+    register_task,
+    task_names,
+)
 from sdp_cli.tasks.tokenizer import load_tokenizer
 
 __all__ = [
+    "CurriculumState",
+    "LevelChange",
     "Prompt",
     "PromptFormat",
+    "Schedule",
     "Task",
     "check_task",
+    "curriculum_of",
     "decode_completion",
     "encode_prompt",
     "get_task",

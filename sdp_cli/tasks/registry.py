@@ -13,7 +13,9 @@ from sdp_cli.config.task_settings import TaskConfig
 from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
 from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.curriculum import CurriculumTask, check_curriculum_config
 from sdp_cli.tasks.gym import ReasoningGymTask, check_reasoning_gym_config
+from sdp_cli.tasks.levels import Schedule
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
 
@@ -53,7 +55,16 @@ def _math_jsonl(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
 
 
 def _reasoning_gym(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    if cfg.curriculum.mode != "off":
+        return CurriculumTask(cfg, tokenizer)
     return ReasoningGymTask.from_config(cfg, tokenizer)
+
+
+def _check_reasoning_gym(cfg: TaskConfig) -> str:
+    checked = check_reasoning_gym_config(cfg)
+    if cfg.curriculum.mode != "off":
+        checked += "; " + check_curriculum_config(cfg)
+    return checked
 
 
 _TASKS: dict[str, TaskFactory] = {
@@ -66,7 +77,7 @@ _TASKS: dict[str, TaskFactory] = {
 
 _CHECKS: dict[str, TaskCheck] = {
     "math_jsonl": check_math_config,
-    "reasoning_gym": check_reasoning_gym_config,
+    "reasoning_gym": _check_reasoning_gym,
 }
 
 
@@ -116,6 +127,8 @@ class _CustomRewardTask:
         self.name = inner.name
         self.stop_token_ids = inner.stop_token_ids
         self._inner = inner
+        # The curriculum, when the inner task has one, stays reachable (curriculum_of).
+        self.schedule = curriculum_of(inner)
         self._reward_fn = reward_fn
         self._dotted = dotted
 
@@ -132,6 +145,12 @@ class _CustomRewardTask:
                 f"task.reward_fn '{self._dotted}' returned {value}; rewards must be in [0, 1]"
             )
         return value
+
+
+def curriculum_of(task: Task) -> Schedule | None:
+    """The level schedule of a task with `task.curriculum` on, else None."""
+    schedule = getattr(task, "schedule", None)
+    return schedule if isinstance(schedule, Schedule) else None
 
 
 def _check_task_name(name: str) -> None:

@@ -163,6 +163,8 @@ def load_checkpoint(
         data_position=payload["data_position"],
         # Absent in checkpoints written before positions were replayed.
         untrained_positions=payload.get("untrained_positions", []),
+        # Absent in checkpoints of runs without task.curriculum, or written before it.
+        curriculum=payload.get("curriculum"),
     )
 
 

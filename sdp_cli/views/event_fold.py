@@ -18,6 +18,7 @@ from sdp_cli.events.event_schema import (
     CAPACITY_TERMS,
     BatchTakenEvent,
     CapacityEvent,
+    CurriculumEvent,
     EvalEvent,
     Event,
     RolloutFinishedEvent,
@@ -134,6 +135,8 @@ class RunFold:
     server_incidents: list[ServerStateEvent] = field(default_factory=list)
     last_eval: EvalEvent | None = None
     evals: list[EvalEvent] = field(default_factory=list)
+    # task.curriculum: the level at the start and each rise, in order.
+    curriculum: list[CurriculumEvent] = field(default_factory=list)
     rewards: deque[float] = field(default_factory=_history)
     losses: deque[float] = field(default_factory=_history)
     gen_tokens_per_s: deque[float] = field(default_factory=_history)
@@ -330,6 +333,10 @@ def _on_eval(fold: RunFold, event: EvalEvent, ts: float | None) -> None:
     fold.evals.append(event)
 
 
+def _on_curriculum(fold: RunFold, event: CurriculumEvent, ts: float | None) -> None:
+    fold.curriculum.append(event)
+
+
 # Each handler takes its own event type; the table is keyed by that type.
 _HANDLERS: dict[type[Event], Callable[[RunFold, Any, float | None], None]] = {
     RunStartedEvent: _on_run_started,
@@ -343,4 +350,5 @@ _HANDLERS: dict[type[Event], Callable[[RunFold, Any, float | None], None]] = {
     ServerStateEvent: _on_server_state,
     TrainStepEvent: _on_train_step,
     EvalEvent: _on_eval,
+    CurriculumEvent: _on_curriculum,
 }

@@ -160,6 +160,8 @@ class StalenessSummary:
     # Off-policy health over the run's steps, and by version lag (views/health_view.py).
     health: dict[str, float] = field(default_factory=dict)
     health_by_lag: dict[str, dict[str, float]] = field(default_factory=dict)
+    # task.curriculum: each level in force, in order: step, position, level, reason.
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def poison_requests(self) -> int:
@@ -220,6 +222,7 @@ class StalenessSummary:
             "evals": [dict(row) for row in self.evals],
             "health": dict(self.health),
             "health_by_lag": {lag: dict(row) for lag, row in self.health_by_lag.items()},
+            "curriculum": [dict(row) for row in self.curriculum],
         }
 
 
@@ -276,6 +279,10 @@ def staleness_summary(
         evals=[_eval_row(event) for event in fold.evals],
         health=fold.health.summary(),
         health_by_lag=fold.health.summary_by_lag(),
+        curriculum=[
+            {"step": e.step, "position": e.position, "level": e.level, "reason": e.reason}
+            for e in fold.curriculum
+        ],
     )
     return _with_advice(partial)
 

@@ -191,6 +191,8 @@ def render_summary(
         parts.append(trouble)
     if summary.evals:
         parts.append(_eval_accuracy_line(summary))
+    if summary.curriculum:
+        parts.append(_curriculum_line(summary))
     if summary.health:
         parts.append(
             health_table(summary.health, summary.health_by_lag, "off-policy health by lag")
@@ -215,6 +217,15 @@ def _eval_accuracy_line(summary: StalenessSummary) -> RenderableType:
         f"eval accuracy ({last['n_prompts']} held-out prompts): {points}; "
         f"last pass@{last['k']} {last['pass_at_k']:.3f}"
     )
+
+
+def _curriculum_line(summary: StalenessSummary) -> RenderableType:
+    """task.curriculum: the level now, and from which step and data position each held."""
+    levels = " → ".join(
+        f"{row['level']} (step {row['step']}, position {row['position']})"
+        for row in summary.curriculum[-8:]
+    )
+    return Text(f"curriculum level {summary.curriculum[-1]['level']}: {levels}")
 
 
 def _report_header(summary: StalenessSummary, source: str) -> RenderableType:

@@ -15,15 +15,17 @@ import pytest
 from sdp_cli.config import SdpConfig, load_config
 from sdp_cli.config.rollout_settings import RolloutConfig
 from sdp_cli.config.run_plan import plan_run
+from sdp_cli.config.task_settings import CurriculumConfig
 from sdp_cli.config.train_settings import ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventRecorder
-from sdp_cli.events.event_schema import TrainStepEvent, WeightUpdateEvent
+from sdp_cli.events.event_schema import CurriculumEvent, TrainStepEvent, WeightUpdateEvent
 from sdp_cli.orchestrator.loop import NonFiniteTrainingError, TrainingLoop
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.executor import Gate, RolloutExecutor
 from sdp_cli.rollout.positions import PositionState
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.tasks.levels import Schedule
 
 
 class OneTokenWorkflow:
@@ -186,3 +188,53 @@ def test_with_overlap_reload_the_next_step_trains_while_the_servers_reload(
 def test_max_nonfinite_steps_must_be_positive(value: int) -> None:
     with pytest.raises(ConfigError, match=r"train\.max_nonfinite_steps"):
         load_config(None, [f"train.max_nonfinite_steps={value}"])
+
+
+def test_the_curriculum_level_is_announced_logged_per_step_and_checkpointed(
+    tmp_path: Path,
+) -> None:
+    cfg = SdpConfig()
+    cfg = replace(
+        cfg,
+        run=replace(cfg.run, dir=str(tmp_path)),
+        rollout=RolloutConfig(batch_size=1, max_staleness=1, max_concurrent=2),
+        train=replace(TrainConfig(prox_mode=ProxMode.loglinear), steps=5, checkpoint_every=5),
+    )
+    workflow = OneTokenWorkflow()
+    servers = FakeServers(workflow)
+    actor = CheckpointingActor([False] * 5, tmp_path, servers)
+    sink = EventRecorder()
+    executor = RolloutExecutor(workflow, cfg.rollout, cfg.train.prox_mode, events=sink)
+    executor.start()
+    schedule = Schedule(CurriculumConfig(mode="step", every_steps=2, end_level=3))
+    loop = TrainingLoop(
+        cfg,
+        actor,  # type: ignore[arg-type]
+        executor,
+        servers,
+        sink,
+        data_positions=lambda: PositionState(next_position=7),
+        start=TrainState(step=0, version=0, data_position=0),
+        plan=plan_run(cfg),
+        curriculum=schedule,
+    )
+    try:
+        loop.run()
+    finally:
+        executor.stop()
+    announced = [(e.step, e.position, e.level, e.reason) for e in sink.of(CurriculumEvent)]
+    assert announced == [(0, 0, 0, "start"), (2, 7, 1, "step"), (4, 7, 2, "step")]
+    assert [e.curriculum_level for e in sink.of(TrainStepEvent)] == [0, 1, 1, 2, 2]
+    saved = actor.saved[-1].curriculum
+    assert saved is not None
+    assert saved["changes"] == [[0, 0, 0], [2, 7, 1], [4, 7, 2]]
+
+
+class CheckpointingActor(ScriptedActor):
+    def __init__(self, skipped: list[bool], tmp_path: Path, servers: FakeServers) -> None:
+        super().__init__(skipped, tmp_path, servers)
+        self.saved: list[TrainState] = []
+
+    def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int | None) -> Path:
+        self.saved.append(state)
+        return run_dir / f"step-{state.step}"
