@@ -24,6 +24,8 @@ from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, pref
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.run_plan import RunPlan, plan_run
 from sdp_cli.config.server_settings import Device
+from sdp_cli.episodes.messages import MessageFormat
+from sdp_cli.episodes.multiturn import EpisodeLimits, MultiTurnWorkflow
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventLog, EventSink
 from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent
@@ -46,6 +48,8 @@ from sdp_cli.rollout.positions import DataPositions, PositionState
 from sdp_cli.rollout.rlvr import RLVRWorkflow
 from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.base import Task
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.environment import EnvTask
 from sdp_cli.trainer.actor import Actor, torch_device
 from sdp_cli.trainer.checkpoint import load_checkpoint
 from sdp_cli.trainer.distributed import total_ranks
@@ -282,7 +286,12 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             data_positions=positions.state,
             start=run.state,
             plan=run.plan,
-            evaluator=evaluator(run, client, workflow.stop_token_ids),
+            evaluator=evaluator(
+                run,
+                client,
+                workflow.stop_token_ids,
+                workflow if isinstance(workflow, MultiTurnWorkflow) else None,
+            ),
             samples=samples,
         )
         stack.enter_context(dashboard)
@@ -367,7 +376,10 @@ def open_sample_log(
 
 
 def evaluator(
-    run: RunInputs, client: InferenceClient, stop_token_ids: tuple[int, ...]
+    run: RunInputs,
+    client: InferenceClient,
+    stop_token_ids: tuple[int, ...],
+    episodes: MultiTurnWorkflow | None = None,
 ) -> Evaluator | None:
     """Held-out evaluation every eval.every steps; None when it is off."""
     cfg = run.cfg
@@ -382,6 +394,7 @@ def evaluator(
         cfg.rollout,
         stop_token_ids,
         seed=cfg.run.seed,
+        episodes=episodes,
     )
 
 
@@ -405,9 +418,24 @@ def restored_positions(state: TrainState) -> DataPositions:
 
 def rollout_workflow(
     run: RunInputs, client: InferenceClient, positions: DataPositions
-) -> RLVRWorkflow:
+) -> RLVRWorkflow | MultiTurnWorkflow:
+    """Episodes for a task with an environment, one completion per sample otherwise."""
     cfg, tokenizer = run.cfg, run.tokenizer
     stops = run.task.stop_token_ids
+    if isinstance(run.task, EnvTask):
+        return MultiTurnWorkflow(
+            run.task,
+            client,
+            MessageFormat(PromptFormat.from_config(cfg.task, tokenizer)),
+            lambda ids: decode_completion(tokenizer, ids, stops),
+            cfg.rollout,
+            EpisodeLimits.from_config(
+                cfg.rollout, cfg.server.max_model_len, cfg.task.env_timeout_s
+            ),
+            eos_token_id=tokenizer.eos_token_id,
+            run_seed=cfg.run.seed,
+            positions=positions,
+        )
     return RLVRWorkflow(
         run.task,
         client,
@@ -422,7 +450,7 @@ def rollout_workflow(
 def start_executor(
     stack: ExitStack,
     cfg: SdpConfig,
-    workflow: RLVRWorkflow,
+    workflow: RLVRWorkflow | MultiTurnWorkflow,
     client: InferenceClient,
     events: EventSink,
     version: int,

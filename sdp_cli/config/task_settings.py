@@ -10,7 +10,11 @@ from sdp_cli.config.setting import setting
 
 @dataclass
 class TaskConfig:
-    name: str = setting("reverse", help="task: reverse, copy, math_jsonl, or a registered one")
+    name: str = setting(
+        "reverse",
+        help="task: reverse, copy, math_jsonl, reasoning_gym, feedback (multi-turn), or a "
+        "registered one",
+    )
     path: str | None = setting(
         None, help="data file of a file-based task (builtin:math_small is bundled)"
     )
@@ -52,4 +56,27 @@ class TaskConfig:
         choices=("tags", "last_number"),
         help="reasoning_gym: what score_answer gets: tags (<answer>...</answer>, else the "
         "whole completion) or last_number (the last number in it)",
+    )
+    env: str | None = setting(
+        None,
+        help="module:Class of a multi-turn environment (reset(instance) -> messages, "
+        "step(model_message) -> (messages, done, reward)) played on task.name's prompts; "
+        "null: none",
+    )
+    base: str = setting(
+        "reasoning_gym",
+        help="feedback: the task whose prompts are asked and whose reward decides correct",
+    )
+    max_attempts: int = setting(
+        3, ge=1, help="feedback: answers the model may give (a wrong one gets the feedback)"
+    )
+    feedback_message: str = setting(
+        "That is not correct. Try again.",
+        help="feedback: the user message after a wrong answer",
+    )
+    env_timeout_s: float = setting(
+        30.0,
+        gt=0,
+        help="longest an environment's reset or step (a tool call) may take; past it the "
+        "episode's rollout is rejected",
     )
