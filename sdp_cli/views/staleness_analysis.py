@@ -160,6 +160,9 @@ class StalenessSummary:
     # Off-policy health over the run's steps, and by version lag (views/health_view.py).
     health: dict[str, float] = field(default_factory=dict)
     health_by_lag: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Multi-turn runs: episodes, model turns per episode, generation and environment seconds,
+    # the environment's share of them and why episodes ended (EpisodeTally.as_dict); {} else.
+    episodes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def poison_requests(self) -> int:
@@ -220,6 +223,7 @@ class StalenessSummary:
             "evals": [dict(row) for row in self.evals],
             "health": dict(self.health),
             "health_by_lag": {lag: dict(row) for lag, row in self.health_by_lag.items()},
+            "episodes": dict(self.episodes),
         }
 
 
@@ -276,6 +280,7 @@ def staleness_summary(
         evals=[_eval_row(event) for event in fold.evals],
         health=fold.health.summary(),
         health_by_lag=fold.health.summary_by_lag(),
+        episodes=fold.episodes.as_dict() if fold.episodes.episodes else {},
     )
     return _with_advice(partial)
 

@@ -191,6 +191,8 @@ def render_summary(
         parts.append(trouble)
     if summary.evals:
         parts.append(_eval_accuracy_line(summary))
+    if summary.episodes:
+        parts.append(episodes_line(summary.episodes))
     if summary.health:
         parts.append(
             health_table(summary.health, summary.health_by_lag, "off-policy health by lag")
@@ -205,6 +207,16 @@ def render_summary(
             )
         )
     return Group(*parts)
+
+
+def episodes_line(episodes: dict[str, Any]) -> Text:
+    """Multi-turn runs: turns per episode, generation against environment seconds, ends."""
+    ends = ", ".join(f"{reason} {n}" for reason, n in episodes.get("ends", {}).items())
+    return Text(
+        f"episodes {episodes['episodes']}: {episodes['turns_per_episode']:.2f} model turns "
+        f"each; generation {episodes['generate_s']:.1f}s, environment {episodes['env_s']:.1f}s "
+        f"({episodes['env_fraction']:.0%} of episode time); ended: {ends}"
+    )
 
 
 def _eval_accuracy_line(summary: StalenessSummary) -> RenderableType:
