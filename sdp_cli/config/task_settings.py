@@ -12,8 +12,8 @@ from sdp_cli.config.setting import setting
 class TaskConfig:
     name: str = setting(
         "reverse",
-        help="task: reverse, copy, math_jsonl, reasoning_gym, feedback (multi-turn), or a "
-        "registered one",
+        help="task: reverse, copy, math_jsonl, reasoning_gym, feedback or tool_calc "
+        "(multi-turn), or a registered one",
     )
     path: str | None = setting(
         None, help="data file of a file-based task (builtin:math_small is bundled)"
@@ -65,7 +65,8 @@ class TaskConfig:
     )
     base: str = setting(
         "reasoning_gym",
-        help="feedback: the task whose prompts are asked and whose reward decides correct",
+        help="feedback, tool_calc: the task whose prompts are asked and whose reward scores the "
+        "answer",
     )
     max_attempts: int = setting(
         3, ge=1, help="feedback: answers the model may give (a wrong one gets the feedback)"
@@ -74,9 +75,24 @@ class TaskConfig:
         "That is not correct. Try again.",
         help="feedback: the user message after a wrong answer",
     )
+    max_tool_calls: int = setting(
+        3, ge=0, help="tool_calc: calculator calls per episode; the turn after the last is scored"
+    )
     env_timeout_s: float = setting(
         30.0,
         gt=0,
         help="longest an environment's reset or step (a tool call) may take; past it the "
+        "episode's rollout is rejected",
+    )
+    agent: str | None = setting(
+        None,
+        help="module:function of an agent program played through the OpenAI-compatible gateway "
+        "on task.name's prompts: await function(base_url, model_name, instance) -> reward in "
+        "[0, 1], or None to let the task score its last answer; null: none",
+    )
+    agent_timeout_s: float = setting(
+        600.0,
+        gt=0,
+        help="longest one agent episode may take (all its model calls included); past it the "
         "episode's rollout is rejected",
     )

@@ -18,6 +18,7 @@ from sdp_cli.tasks.feedback import FeedbackEnv
 from sdp_cli.tasks.gym import ReasoningGymTask, check_reasoning_gym_config
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
+from sdp_cli.tasks.tool_calc import ToolCalcEnv
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 TaskFactory = Callable[[TaskConfig, PreTrainedTokenizerBase], Task]
@@ -71,9 +72,14 @@ def _feedback(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     )
 
 
-def _check_feedback(cfg: TaskConfig) -> str:
+def _tool_calc(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    base = _base_task(cfg, tokenizer)
+    return EnvTask("tool_calc", base, lambda: ToolCalcEnv(base, cfg.max_tool_calls))
+
+
+def _check_episode_base(cfg: TaskConfig) -> str:
     _check_base_name(cfg.base)
-    checked = f"feedback over task {cfg.base}"
+    checked = f"{cfg.name} over task {cfg.base}"
     if cfg.base in _CHECKS:
         checked += f" ({_CHECKS[cfg.base](cfg)})"
     return checked
@@ -85,15 +91,17 @@ _TASKS: dict[str, TaskFactory] = {
     "math_jsonl": _math_jsonl,
     "reasoning_gym": _reasoning_gym,
     "feedback": _feedback,
+    "tool_calc": _tool_calc,
 }
 # Tasks whose rollouts are already episodes: not a base of another episode task.
-_EPISODE_TASKS = {"feedback"}
+_EPISODE_TASKS = {"feedback", "tool_calc"}
 
 
 _CHECKS: dict[str, TaskCheck] = {
     "math_jsonl": check_math_config,
     "reasoning_gym": check_reasoning_gym_config,
-    "feedback": _check_feedback,
+    "feedback": _check_episode_base,
+    "tool_calc": _check_episode_base,
 }
 
 
