@@ -18,6 +18,7 @@ from sdp_cli.config.model_settings import ModelConfig
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.errors import ConfigError
+from sdp_cli.gateway.agent_workflow import check_agent
 from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,
     check_cpu_extra_args,
@@ -55,6 +56,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
     return [
         *check_model(cfg),
         *check_task(cfg.task),
+        *check_agent(cfg.task),
         *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
         *check_run_dir(cfg),

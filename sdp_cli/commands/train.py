@@ -30,6 +30,7 @@ from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventLog, EventSink
 from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent
 from sdp_cli.events.metrics import MetricsSink, open_writers
+from sdp_cli.gateway.agent_workflow import AgentWorkflow
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.backends import make_fleet
@@ -273,6 +274,9 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         executor = start_executor(
             stack, cfg, workflow, client, events, run.state.version, positions
         )
+        if isinstance(workflow, AgentWorkflow):
+            # Before the executor stops: the gateway listens on the executor's loop.
+            stack.callback(lambda: executor.run_sync(workflow.aclose(), timeout=10))
         dashboard.add_snapshot(executor.snapshot)
         give_servers_trainer_weights(cfg, run, executor, client)
         samples = open_sample_log(stack, run, executor)
@@ -290,7 +294,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
                 run,
                 client,
                 workflow.stop_token_ids,
-                workflow if isinstance(workflow, MultiTurnWorkflow) else None,
+                workflow if isinstance(workflow, MultiTurnWorkflow | AgentWorkflow) else None,
             ),
             samples=samples,
         )
@@ -418,9 +422,12 @@ def restored_positions(state: TrainState) -> DataPositions:
 
 def rollout_workflow(
     run: RunInputs, client: InferenceClient, positions: DataPositions
-) -> RLVRWorkflow | MultiTurnWorkflow:
-    """Episodes for a task with an environment, one completion per sample otherwise."""
+) -> RLVRWorkflow | MultiTurnWorkflow | AgentWorkflow:
+    """Episodes for a task with an environment or an agent (task.agent, through the OpenAI
+    gateway), one completion per sample otherwise."""
     cfg, tokenizer = run.cfg, run.tokenizer
+    if cfg.task.agent:
+        return AgentWorkflow.from_config(cfg, run.task, tokenizer, client, positions)
     stops = run.task.stop_token_ids
     if isinstance(run.task, EnvTask):
         return MultiTurnWorkflow(
@@ -450,7 +457,7 @@ def rollout_workflow(
 def start_executor(
     stack: ExitStack,
     cfg: SdpConfig,
-    workflow: RLVRWorkflow | MultiTurnWorkflow,
+    workflow: RLVRWorkflow | MultiTurnWorkflow | AgentWorkflow,
     client: InferenceClient,
     events: EventSink,
     version: int,

@@ -29,18 +29,24 @@ import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from transformers import PreTrainedTokenizerBase
+
 from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.task_settings import TaskConfig
 from sdp_cli.episodes.multiturn import EpisodeLimits
-from sdp_cli.episodes.render import Renderer
+from sdp_cli.episodes.render import PLAIN_CHAT_TEMPLATE, Renderer
 from sdp_cli.errors import ConfigError, EpisodeRejected
 from sdp_cli.gateway.agent_episode import AgentEpisode
 from sdp_cli.gateway.openai_server import Gateway
+from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 from sdp_cli.inference.types import Gate, SamplingParams
 from sdp_cli.rollout.positions import DataPositions
 from sdp_cli.rollout.rlvr import Generator, sample_seed
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
-from sdp_cli.tasks.base import Prompt, Task
-from sdp_cli.tasks.environment import instance_of
+from sdp_cli.tasks.base import Prompt, Task, decode_completion, encode_prompt
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.environment import EnvTask, instance_of
 
 T = TypeVar("T")
 Agent = Callable[[str, str, dict[str, Any]], Awaitable[float | None] | float | None]
@@ -71,6 +77,20 @@ def load_agent(dotted: str) -> Agent:
             "point it at a function (base_url, model_name, instance) -> reward or None",
         )
     return function
+
+
+def check_agent(cfg: TaskConfig) -> list[str]:
+    """`task.agent` imports and is not combined with an environment; what was checked."""
+    if not cfg.agent:
+        return []
+    if cfg.env:
+        raise ConfigError(
+            "task.agent",
+            "an agent plays the episodes, and so does task.env",
+            "set one of task.agent and task.env to null",
+        )
+    load_agent(cfg.agent)
+    return [f"task.agent {cfg.agent} imports"]
 
 
 def agent_reward(value: Any) -> float | None:
@@ -117,7 +137,7 @@ class AgentWorkflow:
         eos_token_id: int | None,
         run_seed: int = 0,
         positions: DataPositions | None = None,
-        model_name: str = "sdp",
+        model_name: str = SERVED_MODEL_NAME,
     ) -> None:
         self.task = task
         self.agent = agent
@@ -141,6 +161,45 @@ class AgentWorkflow:
         # untrained by them.
         self.n_forked = 0
         self.n_untrained_branches = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SdpConfig,
+        task: Task,
+        tokenizer: PreTrainedTokenizerBase,
+        generator: Generator,
+        positions: DataPositions | None = None,
+    ) -> AgentWorkflow:
+        """The workflow of `task.agent` on `task.name`'s prompts and reward. Messages are
+        rendered with the model's chat template (render.PLAIN_CHAT_TEMPLATE without one, or
+        with task.chat_template=false); the agent writes its own system prompt."""
+        if cfg.task.agent is None:
+            raise ConfigError("task.agent", "no agent is set", "set task.agent=module:function")
+        if isinstance(task, EnvTask):
+            raise ConfigError(
+                "task.agent",
+                f"task {task.name} plays its own environment",
+                "set task.name to a single-turn task whose prompts the agent answers",
+            )
+        use_template = PromptFormat.from_config(cfg.task, tokenizer).use_chat_template
+        stops = task.stop_token_ids
+        return cls(
+            task,
+            load_agent(cfg.task.agent),
+            generator,
+            Renderer(tokenizer, None if use_template else PLAIN_CHAT_TEMPLATE),
+            lambda ids: decode_completion(tokenizer, ids, stops),
+            lambda text: encode_prompt(tokenizer, text),
+            cfg.rollout,
+            EpisodeLimits.from_config(
+                cfg.rollout, cfg.server.max_model_len, cfg.task.env_timeout_s
+            ),
+            cfg.task.agent_timeout_s,
+            eos_token_id=tokenizer.eos_token_id,
+            run_seed=cfg.run.seed,
+            positions=positions,
+        )
 
     def sampling(self, rollout_id: int, sample_index: int) -> SamplingParams:
         return SamplingParams(
