@@ -26,7 +26,9 @@ import importlib
 import inspect
 import itertools
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
@@ -250,6 +252,7 @@ class AgentWorkflow:
             gate,
         )
         base_url = self.gateway.open(episode)
+        started = time.monotonic()
         try:
             returned = await self._call_agent(base_url, instance_of(prompt), episode)
         finally:
@@ -262,6 +265,10 @@ class AgentWorkflow:
         trajectory = episode.trajectory(reward, end)
         if trajectory is None:
             raise EpisodeRejected("agent made no call", "the agent made no model call")
+        # The agent's own time (its code, its tools): the episode's wall time outside the
+        # model calls of every branch.
+        generate_s = sum(b.session.episode.generate_s for b in episode.branches)
+        trajectory = replace(trajectory, env_s=max(0.0, time.monotonic() - started - generate_s))
         if episode.n_branches > 1:
             self.n_forked += 1
             self.n_untrained_branches += episode.n_branches - 1

@@ -5,6 +5,7 @@ InferenceClient to fake vLLM servers: groups, rewards, and every way an agent ca
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -120,11 +121,14 @@ def test_a_plain_function_agent_runs_in_a_thread_with_the_sync_client(
             reply = client.chat.completions.create(
                 model=model_name, messages=[{"role": "user", "content": instance["question"]}]
             )
+        time.sleep(0.3)  # the agent's own work (a tool): environment time, not generation
         return 0.25 if reply.choices[0].message.content == "5" else 0.0
 
     flow = workflow(smol, ScriptedModel(smol, ["5", "5"]), agent)
     group = run_group(flow)
     assert group is not None and group.rewards == [0.25, 0.25]
+    for sample in group.samples:
+        assert sample.env_s is not None and 0.3 <= sample.env_s < 5.0
 
 
 async def raises(base_url: str, model_name: str, instance: dict[str, Any]) -> None:
@@ -160,7 +164,8 @@ def test_a_failing_agent_rejects_the_rollout_with_its_kind(
     smol: PreTrainedTokenizerBase, agent: Agent, kind: str
 ) -> None:
     flow = workflow(smol, ScriptedModel(smol, ["5", "5"]), agent)
-    flow.agent_timeout_s = 0.5
+    # Short for the agent that sleeps; long enough for a call on a busy machine otherwise.
+    flow.agent_timeout_s = 0.5 if agent is slow else 60.0
     with pytest.raises(EpisodeRejected) as caught:
         run_group(flow)
     assert caught.value.kind == kind
