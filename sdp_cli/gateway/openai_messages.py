@@ -5,8 +5,8 @@ text.
 Agents send back what they got in many spellings (the `openai` client's pydantic models dumped
 with `refusal: None`, `content: None` for a tool call, text as a list of parts, arguments
 re-serialised with other spacing). Two messages are the same when their normal forms are equal:
-role (`developer` is `system`), text, tool calls (name, id, arguments compared as JSON), the tool
-call a result answers, and the name.
+role (`developer` is `system`), text (an assistant's without surrounding whitespace), tool calls
+(name, id, arguments compared as JSON), the tool call a result answers, and the name.
 
 Tool calls: a model writes them in its chat template's syntax; the one understood here is the
 Hermes/Qwen syntax, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (JSON inside the
@@ -89,7 +89,12 @@ def normal_message(message: Any) -> ChatMessage:
     role = ROLE_ALIASES.get(str(message.get("role")), str(message.get("role")))
     if role not in CHAT_ROLES:
         raise MessageError(f"message role must be one of {', '.join(CHAT_ROLES)}; got {role!r}")
-    normal: ChatMessage = {"role": role, "content": text_of(message.get("content"))}
+    content = text_of(message.get("content"))
+    # Agents often strip the model's answer before sending it back; the ids hold it as sampled.
+    normal: ChatMessage = {
+        "role": role,
+        "content": content.strip() if role == "assistant" else content,
+    }
     calls = normal_tool_calls(message.get("tool_calls"))
     if calls:
         normal["tool_calls"] = calls

@@ -254,6 +254,27 @@ def test_an_edited_assistant_message_is_a_fork(smol: PreTrainedTokenizerBase) ->
     assert trajectory.output_ids == model.sampled[1]
 
 
+def test_an_answer_sent_back_stripped_still_extends_the_episode(
+    smol: PreTrainedTokenizerBase,
+) -> None:
+    model = ScriptedModel(smol, ["  padded answer \n", "ok"])
+    episode = episode_of(smol, model)
+
+    async def agent(client: AsyncOpenAI) -> None:
+        messages: list[Any] = [{"role": "user", "content": "Q"}]
+        first = await client.chat.completions.create(model="m", messages=messages)
+        assert first.choices[0].message.content == "  padded answer \n"
+        stripped = {"role": "assistant", "content": first.choices[0].message.content.strip()}
+        messages += [stripped, {"role": "user", "content": "Again"}]
+        await client.chat.completions.create(model="m", messages=messages)
+
+    served(episode, agent)
+    assert episode.n_branches == 1
+    assert model.prompts[1][: len(model.prompts[0]) + len(model.sampled[0])] == (
+        model.prompts[0] + model.sampled[0]
+    )
+
+
 def test_an_abort_mid_call_continues_as_a_new_segment_with_its_versions(
     smol: PreTrainedTokenizerBase,
 ) -> None:
