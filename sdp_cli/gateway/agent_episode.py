@@ -18,7 +18,8 @@ Sampling: the run's temperature, top_p, top_k and seed are always used (the beha
 logprobs must be those of the run's policy); a request's `max_tokens` (or
 `max_completion_tokens`) is honoured up to `rollout.max_new_tokens`; `stop` strings are honoured
 by cutting the turn after the token that completes the first one (the tokens after it are not
-kept, so not trained); `n` must be 1 and `stream` false.
+kept, so not trained); `n` must be 1. `stream: true` is answered as a stream of the whole turn
+(openai_server.py).
 """
 
 from __future__ import annotations
@@ -99,8 +100,6 @@ class CallSettings:
 def call_settings(body: Mapping[str, Any], limits: EpisodeLimits, default_max: int) -> CallSettings:
     if body.get("n", 1) not in (1, None):
         raise _bad("n must be 1: every call is one model turn of the episode", "n")
-    if body.get("stream"):
-        raise _bad("stream is not supported by the sdp gateway; send stream=false", "stream")
     asked = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
     if not isinstance(asked, int) or asked < 1:
         raise _bad(f"max_tokens must be a positive integer, got {asked!r}", "max_tokens")

@@ -7,7 +7,8 @@ The server runs on the event loop of whoever starts it: the rollout executor's, 
 calls it makes go through the same inference client and pause gate as every other rollout, and
 an agent's requests never wait on another thread. Nothing it does blocks the loop (rendering a
 few messages is the only work done inline). Answers and errors have OpenAI's shapes
-(`agent_episode.py`); an unknown or ended episode is a 404.
+(`agent_episode.py`); an unknown or ended episode is a 404. `stream: true` is answered as
+server-sent events once the turn is generated: the whole turn in one delta.
 """
 
 from __future__ import annotations
@@ -27,6 +28,45 @@ HOST = "127.0.0.1"
 
 def _error(exc: GatewayError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
+
+
+def stream_chunks(answer: dict[str, Any], chat: bool, usage: bool) -> list[dict[str, Any]]:
+    """A whole answer as OpenAI stream chunks: the turn is generated before the first chunk
+    (a model turn is one request through the segment-wise client), then sent as one delta,
+    the finish reason, and the usage when `stream_options.include_usage` asks for it."""
+    choice = answer["choices"][0]
+    head = {key: answer[key] for key in ("id", "created", "model")}
+    if chat:
+        head["object"] = "chat.completion.chunk"
+        message = choice["message"]
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [
+                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
+            ]
+        first = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+        last = {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}
+    else:
+        head["object"] = "text_completion"
+        first = {"index": 0, "text": choice["text"], "finish_reason": None, "logprobs": None}
+        last = {"index": 0, "text": "", "finish_reason": choice["finish_reason"]}
+    chunks = [{**head, "choices": [first]}, {**head, "choices": [last]}]
+    if usage:
+        chunks.append({**head, "choices": [], "usage": answer["usage"]})
+    return chunks
+
+
+async def _stream(request: web.Request, chunks: list[dict[str, Any]]) -> web.StreamResponse:
+    """Server-sent events, as OpenAI streams: `data: {json}` per chunk, then `data: [DONE]`."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    for chunk in chunks:
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 class Gateway:
@@ -109,21 +149,25 @@ class Gateway:
             raise GatewayError(400, "the body must be a JSON object", "invalid_json")
         return body
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.n_requests += 1
-        try:
-            episode = self._episode(request)
-            return web.json_response(await episode.chat(await self._body(request)))
-        except GatewayError as exc:
-            return _error(exc)
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
 
-    async def _completion(self, request: web.Request) -> web.Response:
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.n_requests += 1
         try:
             episode = self._episode(request)
-            return web.json_response(await episode.completion(await self._body(request)))
+            body = await self._body(request)
+            answer = await (episode.chat(body) if chat else episode.completion(body))
         except GatewayError as exc:
             return _error(exc)
+        if not body.get("stream"):
+            return web.json_response(answer)
+        options = body.get("stream_options") or {}
+        usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+        return await _stream(request, stream_chunks(answer, chat, usage))
 
     async def _models(self, request: web.Request) -> web.Response:
         try:

@@ -385,7 +385,6 @@ def test_refused_calls_are_openai_errors(smol: PreTrainedTokenizerBase) -> None:
     async def agent(client: AsyncOpenAI) -> dict[str, Any]:
         errors: dict[str, Any] = {}
         for name, kwargs in [
-            ("stream", {"stream": True}),
             ("n", {"n": 2}),
             ("messages", {"messages": [{"role": "narrator", "content": "x"}]}),
         ]:
@@ -403,7 +402,6 @@ def test_refused_calls_are_openai_errors(smol: PreTrainedTokenizerBase) -> None:
         return errors
 
     errors = served(episode, agent)
-    assert errors["stream"].body["param"] == "stream"
     assert errors["n"].body["param"] == "n"
     assert "narrator" in errors["messages"].body["message"]
     assert errors["turns"].body["code"] == "max_turns_exceeded"
@@ -431,6 +429,54 @@ def test_a_call_past_the_episodes_tokens_is_a_context_length_error(
     assert episode.limit_hit == "context"
     trajectory = episode.trajectory(0.0, "context")
     assert trajectory is not None and trajectory.output_ids == model.sampled[0]
+
+
+def test_streamed_calls_get_the_turn_as_openai_chunks(smol: PreTrainedTokenizerBase) -> None:
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    model = ScriptedModel(smol, [call, "It is 5.", " 7"])
+    episode = episode_of(smol, model)
+
+    async def agent(client: AsyncOpenAI) -> list[Any]:
+        messages: list[Any] = [{"role": "user", "content": "Add 2 and 3."}]
+        stream = await client.chat.completions.create(
+            model="m", messages=messages, tools=TOOLS, stream=True
+        )
+        tool_chunks = [chunk async for chunk in stream]
+        # The SDK's own accumulator turns the chunks back into a message.
+        async with client.chat.completions.stream(
+            model="m",
+            messages=[
+                *messages,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        tool_chunks[0].choices[0].delta.tool_calls[0].model_dump(exclude={"index"})
+                    ],
+                },
+                {
+                    "role": "tool",
+                    "tool_call_id": tool_chunks[0].choices[0].delta.tool_calls[0].id,
+                    "content": "5",
+                },
+            ],
+            tools=TOOLS,
+            stream_options={"include_usage": True},
+        ) as streamed:
+            final = await streamed.get_final_completion()
+        text = await client.completions.create(model="m", prompt="6 +", stream=True)
+        return [tool_chunks, final, [chunk async for chunk in text]]
+
+    tool_chunks, final, text_chunks = served(episode, agent)
+    delta = tool_chunks[0].choices[0].delta
+    assert delta.role == "assistant" and delta.content is None
+    assert delta.tool_calls[0].function.name == "add"
+    assert json.loads(delta.tool_calls[0].function.arguments) == {"a": 2, "b": 3}
+    assert tool_chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.content == "It is 5."
+    assert final.choices[0].finish_reason == "stop"
+    assert final.usage is not None and final.usage.completion_tokens == len(model.sampled[1])
+    assert episode.n_branches == 2  # the chat branch, extended by the tool result; the text one
+    assert "".join(c.choices[0].text for c in text_chunks) == " 7"
 
 
 def test_models_lists_the_served_name(smol: PreTrainedTokenizerBase) -> None:
