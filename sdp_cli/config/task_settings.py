@@ -12,8 +12,8 @@ from sdp_cli.config.setting import setting
 class TaskConfig:
     name: str = setting(
         "reverse",
-        help="task: reverse, copy, math_jsonl, reasoning_gym, feedback or tool_calc "
-        "(multi-turn), or a registered one",
+        help="task: reverse, copy, math_jsonl, reasoning_gym; multi-turn: feedback, tool_calc, "
+        "textarena; or a registered one",
     )
     path: str | None = setting(
         None, help="data file of a file-based task (builtin:math_small is bundled)"
@@ -77,6 +77,9 @@ class TaskConfig:
     )
     max_tool_calls: int = setting(
         3, ge=0, help="tool_calc: calculator calls per episode; the turn after the last is scored"
+    )
+    game: str = setting(
+        "GuessTheNumber-v0", help="textarena: the single-player TextArena game (ta.make id)"
     )
     env_timeout_s: float = setting(
         30.0,

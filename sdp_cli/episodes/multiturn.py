@@ -143,7 +143,8 @@ class MultiTurnWorkflow:
 
     async def play(self, prompt: Prompt, sampling: SamplingParams, gate: Gate | None) -> Trajectory:
         """One episode on `prompt`'s instance."""
-        env: Environment = self.task.make_env()
+        # Making an environment runs its code (a library's constructor): off the loop too.
+        env: Environment = await asyncio.to_thread(self.task.make_env)
         try:
             return await self._play(env, prompt, sampling, gate)
         finally:

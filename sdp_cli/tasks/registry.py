@@ -18,6 +18,7 @@ from sdp_cli.tasks.feedback import FeedbackEnv
 from sdp_cli.tasks.gym import ReasoningGymTask, check_reasoning_gym_config
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
+from sdp_cli.tasks.textarena_env import TextArenaEnv, TextArenaTask, check_textarena_config
 from sdp_cli.tasks.tool_calc import ToolCalcEnv
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
@@ -77,6 +78,12 @@ def _tool_calc(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     return EnvTask("tool_calc", base, lambda: ToolCalcEnv(base, cfg.max_tool_calls))
 
 
+def _textarena(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    stops = PromptFormat.from_config(cfg, tokenizer).stop_token_ids()
+    base = TextArenaTask(cfg.game, cfg.seed, stops)
+    return EnvTask("textarena", base, lambda: TextArenaEnv(cfg.game))
+
+
 def _check_episode_base(cfg: TaskConfig) -> str:
     _check_base_name(cfg.base)
     checked = f"{cfg.name} over task {cfg.base}"
@@ -92,9 +99,10 @@ _TASKS: dict[str, TaskFactory] = {
     "reasoning_gym": _reasoning_gym,
     "feedback": _feedback,
     "tool_calc": _tool_calc,
+    "textarena": _textarena,
 }
 # Tasks whose rollouts are already episodes: not a base of another episode task.
-_EPISODE_TASKS = {"feedback", "tool_calc"}
+_EPISODE_TASKS = {"feedback", "tool_calc", "textarena"}
 
 
 _CHECKS: dict[str, TaskCheck] = {
@@ -102,6 +110,7 @@ _CHECKS: dict[str, TaskCheck] = {
     "reasoning_gym": check_reasoning_gym_config,
     "feedback": _check_episode_base,
     "tool_calc": _check_episode_base,
+    "textarena": check_textarena_config,
 }
 
 
