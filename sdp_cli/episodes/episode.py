@@ -53,6 +53,10 @@ class ModelTurn:
     segments: list[Segment] = field(default_factory=list)
     n_requests: int = 0
     generate_s: float = 0.0
+    # From a continuation's prefill (rollout.score_continuations): the logprobs of the
+    # episode's output tokens [0, len) under `prefix_version`; None if none brought them.
+    prefix_logprobs: list[float] | None = None
+    prefix_version: int | None = None
 
 
 class ContextOverflow(Exception):
@@ -79,6 +83,8 @@ class Episode:
         self.generate_s = 0.0
         self.env_s = 0.0
         self.finish_reason = ""
+        self.prefix_logprobs: list[float] | None = None
+        self.prefix_version: int | None = None
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -126,6 +132,10 @@ class Episode:
         self.n_requests += turn.n_requests
         self.generate_s += turn.generate_s
         self.finish_reason = turn.finish_reason
+        # The newest continuation's scores, as for one completion (Completion.prefix_logprobs).
+        if turn.prefix_logprobs is not None:
+            self.prefix_logprobs = list(turn.prefix_logprobs)
+            self.prefix_version = turn.prefix_version
 
     # ---- the trajectory -----------------------------------------------------------------
 
@@ -155,4 +165,6 @@ class Episode:
             turns=[turn.as_dict() for turn in self.turns],
             env_s=self.env_s,
             end_reason=end_reason,
+            prefix_logprobs=self.prefix_logprobs,
+            prefix_version=self.prefix_version,
         )

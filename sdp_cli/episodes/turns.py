@@ -73,7 +73,11 @@ class TurnSession:
             params = replace(params, seed=params.seed + 7919 * self.n_calls)
         self.n_calls += 1
         started = time.monotonic()
-        completion = await self.generator.generate(ids, params, budget, gate=self.gate)
+        # A continuation scores the episode's output from its first token, so that the
+        # recompute can take the scores for earlier turns too.
+        completion = await self.generator.generate(
+            ids, params, budget, gate=self.gate, score_from=len(self.episode.prompt_ids)
+        )
         return ModelTurn(
             ids=list(completion.output_ids),
             logprobs=list(completion.logprobs),
@@ -82,6 +86,8 @@ class TurnSession:
             segments=list(completion.segments),
             n_requests=completion.n_requests,
             generate_s=time.monotonic() - started,
+            prefix_logprobs=completion.prefix_logprobs,
+            prefix_version=completion.prefix_version,
         )
 
     def add_context(self, ids: list[int], role: str, text: str = "") -> None:

@@ -5,8 +5,9 @@ keeps those of the last continuation that brought tokens, as the inference clien
 
 With `turns`, each sample is an episode: a number of model turns drawn from `turns`, each as
 long as a completion, and between two turns an environment step of `env_latency_s` (lognormal)
-in simulated time, which adds `env_tokens` context tokens (not trained). As for real episodes,
-the continuations' prefix scores are not kept (they cover a turn, not the episode)."""
+in simulated time, which adds `env_tokens` context tokens (not trained). Their continuations do
+not ask for prefix scores (the real ones do, from the episode's first output token), so the
+simulated recompute scores every episode itself."""
 
 from __future__ import annotations
 

@@ -60,12 +60,19 @@ class UpdateAtTurnTwo:
         self.update: asyncio.Task[Any] | None = None
 
     async def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, max_new_tokens: int, gate: Any = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        gate: Any = None,
+        score_from: int | None = None,
     ) -> Completion:
         self.calls += 1
         if self.calls == EPISODES + 1:
             self.update = asyncio.create_task(self._update())
-        return await self.client.generate(prompt_ids, sampling, max_new_tokens, gate=gate)
+        return await self.client.generate(
+            prompt_ids, sampling, max_new_tokens, gate=gate, score_from=score_from
+        )
 
     async def _update(self) -> None:
         await asyncio.sleep(0.05)
@@ -95,7 +102,9 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
     recorder = RecordingTransport()
 
     async def go() -> tuple[int, list[Trajectory]]:
-        async with InferenceClient(vllm_fleet.pool, transport=recorder) as client:
+        async with InferenceClient(
+            vllm_fleet.pool, transport=recorder, score_continuations=True
+        ) as client:
             old = current_version(vllm_fleet) + 1
             await DiskTransport(client).load_weights(str(first), old)
             generator = UpdateAtTurnTwo(client, second, old + 1)
@@ -117,22 +126,33 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
             )
             assert generator.update is not None
             await generator.update
+            # Every token of each episode under the second weights, which the servers hold.
+            scores.extend([await client.score(e.prompt_ids, e.output_ids) for e in episodes])
             return old, list(episodes)
 
+    scores: list[list[float]] = []
     old, episodes = asyncio.run(go())
     split_in_turn_two = 0
-    for episode in episodes:
+    for index, episode in enumerate(episodes):
         runs = model_runs(episode)
         assert len(runs) == TURNS and episode.end_reason == "max_turns"
         versions = [[episode.versions[i] for i in run] for run in runs]
         flat = [v for turn in versions for v in turn]
         # Across turns and segments the versions only move forward, old → new.
         assert flat == sorted(flat) and set(flat) <= {old, old + 1}
-        split_in_turn_two += (
+        split = (
             set(versions[0]) == {old}
             and set(versions[1]) == {old, old + 1}
             and set(versions[2]) == {old + 1}
         )
+        split_in_turn_two += split
+        if split:
+            # The continuation in turn 2 scored the episode from its first output token under
+            # the new weights: the recompute takes these for turn 1 and turn 2's first part.
+            assert episode.prefix_version == old + 1 and episode.prefix_logprobs is not None
+            k = len(episode.prefix_logprobs)
+            assert k > len(runs[0]) + 1
+            assert episode.prefix_logprobs == pytest.approx(scores[index][:k], abs=1e-3)
         # Every request was the episode's exact ids so far, and what the servers answered is
         # the episode's model tokens, in order.
         full = episode.prompt_ids + episode.output_ids

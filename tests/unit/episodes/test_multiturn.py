@@ -28,7 +28,13 @@ from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
 from sdp_cli.tasks.chat import PromptFormat
 from sdp_cli.tasks.environment import EnvTask
 from sdp_cli.trainer.batch import SampleSettings, collate, flatten_groups
-from tests.unit.inference.test_client import A, FakeServers, answer, make_client
+from tests.unit.inference.test_client import (
+    A,
+    FakeServers,
+    answer,
+    continuation_scores_handler,
+    make_client,
+)
 
 FEEDBACK = "no, try again."
 
@@ -309,3 +315,43 @@ def test_episode_refuses_context_that_does_not_fit_and_appends_nothing() -> None
     with pytest.raises(ContextOverflow):
         episode.add_context([5, 6], "user", "too long")
     assert episode.context_ids() == [1, 2, 3, 4]
+
+
+def test_a_continued_turn_scores_the_episode_from_its_first_output_token_for_the_recompute(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Turn 2 continues after an abort with score_continuations: the prefill scores every
+    output token before it (turn 1, the feedback, turn 2's first tokens) under v1, and the
+    recompute before the update to v2 takes those instead of scoring the episode again."""
+    turns = ScriptedTurns(tokenizer)
+    answers = [
+        (turns.turn1, "stop", [("0", 0, 2)]),
+        (turns.turn2[:2], "abort", [("0", 0, 2)]),
+        (turns.turn2[2:], "stop", [("1", 0, 2)]),
+        (turns.turn3, "stop", [("1", 0, 3)]),
+    ]
+    requests: list[dict[str, Any]] = []
+
+    async def run() -> Trajectory:
+        fake = FakeServers(continuation_scores_handler(requests, answers))
+        client = make_client(ServerPool([A]), fake, score_continuations=True)
+        flow = workflow(tokenizer, client)
+        return await flow.play(flow.task.sample_prompt(0), flow.sampling(0, 0), gate=None)
+
+    trajectory = asyncio.run(run())
+    n_prompt = len(trajectory.prompt_ids)
+    continued = requests[2]["token_ids"]
+    # Every output token before the continuation, each scored −(id)/10 by the fake.
+    assert trajectory.prefix_version == 1
+    assert trajectory.prefix_logprobs == pytest.approx([-t / 10 for t in continued[n_prompt:]])
+
+    async def no_scorer(pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        raise AssertionError("the continuation's scores cover every v0 token")
+
+    stats = asyncio.run(ProximalRecomputer(no_scorer).recompute([RolloutGroup(0, [trajectory])], 1))
+    assert stats.continued_samples == 1 and stats.tokens == 4
+    prox = trajectory.proximal_logprobs()
+    v0_model = [i for i, v in enumerate(trajectory.versions) if v == 0 and trajectory.is_trained(i)]
+    assert [prox[i] for i in v0_model] == pytest.approx(
+        [-trajectory.output_ids[i] / 10 for i in v0_model]
+    )
