@@ -355,3 +355,29 @@ def test_a_continued_turn_scores_the_episode_from_its_first_output_token_for_the
     assert [prox[i] for i in v0_model] == pytest.approx(
         [-trajectory.output_ids[i] / 10 for i in v0_model]
     )
+
+
+def test_a_resumed_run_replays_the_untrained_position_as_the_same_episode_instance(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Position replay: an episode in flight at a crash was not trained; the checkpoint's
+    untrained position is played again after resume, on the same task instance."""
+    from sdp_cli.rollout.positions import DataPositions
+
+    def handler(address: str, path: str, body: dict[str, Any]) -> Any:
+        return answer([4, 2], "stop", [("0", 0, 2)])
+
+    async def first_prompt(positions: DataPositions, rollout_id: int) -> str:
+        client = make_client(ServerPool([A]), FakeServers(handler))
+        flow = workflow(tokenizer, client)
+        flow.positions = positions
+        positions.assign(rollout_id)
+        group = await flow.run(rollout_id, 0, _open_gate)
+        assert group is not None
+        return str(group.meta["prompt"])
+
+    before = DataPositions()
+    prompts = [asyncio.run(first_prompt(before, rid)) for rid in range(3)]
+    before.trained([0, 2])  # rollout 1 was in flight at the crash
+    resumed = DataPositions(before.state())
+    assert asyncio.run(first_prompt(resumed, 100)) == prompts[1]
