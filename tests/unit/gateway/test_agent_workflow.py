@@ -231,3 +231,24 @@ def test_task_agent_must_name_an_importable_function() -> None:
         with pytest.raises(ConfigError) as caught:
             load_agent(dotted)
         assert caught.value.key == "task.agent" and says in str(caught.value)
+
+
+def test_preflight_checks_task_agent_before_a_run() -> None:
+    from typer.testing import CliRunner
+
+    from sdp_cli.cli import app
+    from tests import REPO
+
+    example = f"conf={REPO / 'conf/examples/tiny-openai-agent.yaml'}"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["train", example, "--dry-run"])
+    assert ok.exit_code == 0, ok.output
+    assert "task.agent sdp_cli.gateway.example_agent:answer_then_check imports" in ok.output
+    for override, says in [
+        ("task.agent=no_such_module_x:f", "cannot import module 'no_such_module_x'"),
+        ("task.env=sdp_cli.tasks.feedback:FeedbackEnv", "set one of task.agent and task.env"),
+    ]:
+        bad = runner.invoke(app, ["train", example, "--dry-run", override])
+        assert bad.exit_code == 2, bad.output
+        assert "task.agent" in bad.output and says in bad.output
+        assert "Traceback" not in bad.output
