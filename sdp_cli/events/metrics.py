@@ -137,6 +137,7 @@ def episode_scalars(event: RolloutFinishedEvent) -> dict[str, float]:
     ends = event.episode_end or []
     return {
         "episodes/turns": sum(turns) / n,
+        "episodes/tool_calls": sum(event.episode_tool_calls or []) / n,
         "episodes/generate_s": sum(event.episode_generate_s or []) / n,
         "episodes/env_s": sum(event.episode_env_s or []) / n,
         "episodes/context_end_fraction": ends.count("context") / n,

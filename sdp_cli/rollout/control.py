@@ -441,6 +441,9 @@ def episode_figures(samples: list[Trajectory]) -> dict[str, Any]:
         "episode_generate_s": [round(s.generate_s or 0.0, 6) for s in samples],
         "episode_env_s": [round(s.env_s or 0.0, 6) for s in samples],
         "episode_end": [s.end_reason for s in samples],
+        "episode_tool_calls": [
+            sum(1 for t in s.turns or [] if t["role"] == "tool") for s in samples
+        ],
     }
 
 

@@ -49,6 +49,7 @@ class EpisodeTally:
 
     episodes: int = 0
     turns: int = 0
+    tool_calls: int = 0
     generate_s: float = 0.0
     env_s: float = 0.0
     ends: Counter[str] = field(default_factory=Counter)
@@ -67,6 +68,7 @@ class EpisodeTally:
         turns = event.episode_turns or []
         self.episodes += len(turns)
         self.turns += sum(turns)
+        self.tool_calls += sum(event.episode_tool_calls or [])
         self.generate_s += sum(event.episode_generate_s or [])
         self.env_s += sum(event.episode_env_s or [])
         self.ends.update(event.episode_end or [])
@@ -75,6 +77,9 @@ class EpisodeTally:
         return {
             "episodes": self.episodes,
             "turns_per_episode": round(self.turns_per_episode, 3),
+            "tool_calls_per_episode": round(self.tool_calls / self.episodes, 3)
+            if self.episodes
+            else 0.0,
             "generate_s": round(self.generate_s, 3),
             "env_s": round(self.env_s, 3),
             "env_fraction": round(self.env_fraction, 4),

@@ -214,7 +214,8 @@ def episodes_line(episodes: dict[str, Any]) -> Text:
     ends = ", ".join(f"{reason} {n}" for reason, n in episodes.get("ends", {}).items())
     return Text(
         f"episodes {episodes['episodes']}: {episodes['turns_per_episode']:.2f} model turns "
-        f"each; generation {episodes['generate_s']:.1f}s, environment {episodes['env_s']:.1f}s "
+        f"and {episodes.get('tool_calls_per_episode', 0.0):.2f} tool results each; "
+        f"generation {episodes['generate_s']:.1f}s, environment {episodes['env_s']:.1f}s "
         f"({episodes['env_fraction']:.0%} of episode time); ended: {ends}"
     )
 
