@@ -25,9 +25,10 @@ kept, so not trained); `n` must be 1. `stream: true` is answered as a stream of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -169,11 +170,35 @@ class AgentEpisode:
         self.closed = False
         # One call at a time: a call's branch choice depends on the calls before it.
         self._lock = asyncio.Lock()
+        # The tasks serving this episode's calls, cancelled when the episode is closed.
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        """End the episode: later calls are refused, and calls still being generated are
+        cancelled (their agent has returned, raised or been stopped: nobody reads them, and
+        the servers have better work)."""
+        self.closed = True
+        for task in list(self._in_flight):
+            task.cancel()
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            yield
+        finally:
+            self._in_flight.discard(task)  # type: ignore[arg-type]
 
     # ---- the calls ----------------------------------------------------------------------
 
     async def chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a /v1/chat/completions body."""
+        with self._serving():
+            return await self._chat(body)
+
+    async def _chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
         async with self._lock:
             self._check_open()
             try:
@@ -208,6 +233,10 @@ class AgentEpisode:
 
     async def completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a /v1/completions body."""
+        with self._serving():
+            return await self._completion(body)
+
+    async def _completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         async with self._lock:
             self._check_open()
             prompt = _single_prompt(body.get("prompt"))

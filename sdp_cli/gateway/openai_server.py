@@ -122,10 +122,11 @@ class Gateway:
         return self.base_url(episode.episode_id)
 
     def close(self, episode_id: str) -> None:
-        """Stop serving an episode: later calls to its URL get 404."""
+        """Stop serving an episode: later calls to its URL get 404, calls in flight are
+        cancelled."""
         episode = self._episodes.pop(episode_id, None)
         if episode is not None:
-            episode.closed = True
+            episode.close()
 
     @property
     def n_open(self) -> int:

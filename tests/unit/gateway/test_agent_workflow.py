@@ -191,6 +191,40 @@ def test_an_agent_stopped_by_max_turns_is_trained_as_far_as_it_got(
         assert [t["trained"] for t in sample.turns or []].count(True) == 3
 
 
+def test_a_call_still_generating_when_its_agent_is_stopped_is_cancelled(
+    smol: PreTrainedTokenizerBase,
+) -> None:
+    generating: list[str] = []
+
+    async def slow_server(address: str, path: str, body: dict[str, Any]) -> Any:
+        generating.append("started")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            generating.append("cancelled")
+            raise
+        return ScriptedModel(smol, ["5"])(address, path, body)
+
+    flow = workflow(smol, slow_server, example_agent.answer_then_check)
+    flow.agent_timeout_s = 1.0
+
+    async def run() -> list[str]:
+        with pytest.raises(EpisodeRejected) as caught:
+            await flow.run(0, 0, _open_gate)
+        assert caught.value.kind == "agent timeout"
+        await asyncio.sleep(0.2)  # the cancellation reaches the request
+        seen = list(generating)
+        await flow.aclose()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen.count("started") == 2 and seen.count("cancelled") == 2
+
+
+async def _open_gate() -> None:
+    return None
+
+
 def test_a_failed_model_call_is_raised_as_the_servers_error_not_the_agents(
     smol: PreTrainedTokenizerBase,
 ) -> None:
