@@ -130,6 +130,9 @@ def cut_at_stop(
                 versions=turn.versions[:k],
                 segments=segments,
                 finish_reason="stop",
+                # A continuation's scores may reach past the cut; the recompute scores instead.
+                prefix_logprobs=None,
+                prefix_version=None,
             )
             return cut, text[:at]
     return turn, None
