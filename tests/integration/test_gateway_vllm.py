@@ -1,6 +1,6 @@
 """The OpenAI gateway on real vLLM CPU servers with the tiny model: agents written with the real
-`openai` client drive 3-call episodes, one call interrupted by a weight update (it continues as a
-new segment), and the trained ids are exactly the ids the servers sampled; and
+`openai` client drive 3-call episodes while a weight update interrupts calls (each continues as
+a new segment), and the trained ids are exactly the ids the servers sampled; and
 `sdp train conf=conf/examples/tiny-openai-agent.yaml`."""
 
 from __future__ import annotations
@@ -93,18 +93,16 @@ def test_openai_agents_through_the_gateway_train_the_ids_vllm_sampled(
             return old, list(episodes)
 
     old, episodes = asyncio.run(go())
-    split_in_call_two = 0
+    split_calls = 0
     for episode in episodes:
         runs = model_runs(episode)
         assert len(runs) == CALLS and episode.end_reason == "done"
         versions = [[episode.versions[i] for i in run] for run in runs]
         flat = [v for turn in versions for v in turn]
         assert flat == sorted(flat) and set(flat) <= {old, old + 1}
-        split_in_call_two += (
-            set(versions[0]) == {old}
-            and set(versions[1]) == {old, old + 1}
-            and set(versions[2]) == {old + 1}
-        )
+        # A call the update interrupted went on as a new segment under the new weights (which
+        # call depends on the machine's pace: a slower episode's first, or a second).
+        split_calls += sum(set(turn) == {old, old + 1} for turn in versions)
         # Every request the gateway made was the episode's exact ids so far, and what the
         # servers answered is the episode's model tokens, in order.
         full = episode.prompt_ids + episode.output_ids
@@ -119,7 +117,7 @@ def test_openai_agents_through_the_gateway_train_the_ids_vllm_sampled(
             "user",
             "assistant",
         ] * (CALLS - 1)
-    assert split_in_call_two >= 1, "no episode was interrupted in call 2 (of 3) by the update"
+    assert split_calls >= 1, "no call was interrupted by the update"
     group = RolloutGroup(0, episodes)
     batch = collate(flatten_groups([group], SampleSettings()), pad_id=0)
     for row, episode in enumerate(episodes):
