@@ -22,6 +22,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,18 +61,35 @@ class EpisodeLimits:
         )
 
 
+# Most environment threads one workflow runs at once: every episode in flight may be waiting
+# on a tool; asyncio's default executor (min(32, cores + 4) threads: 6 on 2 cores) would queue
+# them, which turned a 2 s tool into tens of seconds per step at η = 2 (docs/benchmarks.md).
+MAX_ENV_THREADS = 256
+
+
+def env_threads(rollout: RolloutConfig) -> ThreadPoolExecutor:
+    """A pool with a thread for every episode that can be in flight (up to MAX_ENV_THREADS)."""
+    workers = min(MAX_ENV_THREADS, rollout.max_concurrent * rollout.n_samples)
+    return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sdp-env")
+
+
 async def env_call(
-    method: Callable[..., Any], argument: Any, timeout_s: float, what: str
+    method: Callable[..., Any],
+    argument: Any,
+    timeout_s: float,
+    what: str,
+    threads: Executor | None = None,
 ) -> tuple[Any, float]:
     """Call an environment method off the loop (a coroutine function is awaited, a plain one
-    runs in a worker thread), within `timeout_s`; returns its answer and the seconds it took.
-    A thread past its timeout cannot be stopped: it is left to finish on its own."""
+    runs in a worker thread of `threads`), within `timeout_s`; returns its answer and the
+    seconds it took. A thread past its timeout cannot be stopped: it is left to finish."""
     started = time.monotonic()
     try:
         if inspect.iscoroutinefunction(method):
             answer = await asyncio.wait_for(method(argument), timeout_s)
         else:
-            answer = await asyncio.wait_for(asyncio.to_thread(method, argument), timeout_s)
+            call = asyncio.get_running_loop().run_in_executor(threads, method, argument)
+            answer = await asyncio.wait_for(call, timeout_s)
     except TimeoutError:
         raise EpisodeRejected(
             f"{what} timeout", f"{what} took more than task.env_timeout_s={timeout_s:g}s"
@@ -115,6 +133,10 @@ class MultiTurnWorkflow:
         self.stop_token_ids = tuple(stops)
         self.run_seed = run_seed
         self.positions = positions
+        self.threads = env_threads(rollout)
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn)
 
     def sampling(self, rollout_id: int, sample_index: int) -> SamplingParams:
         return SamplingParams(
@@ -144,20 +166,20 @@ class MultiTurnWorkflow:
     async def play(self, prompt: Prompt, sampling: SamplingParams, gate: Gate | None) -> Trajectory:
         """One episode on `prompt`'s instance."""
         # Making an environment runs its code (a library's constructor): off the loop too.
-        env: Environment = await asyncio.to_thread(self.task.make_env)
+        env: Environment = await self._in_thread(self.task.make_env)
         try:
             return await self._play(env, prompt, sampling, gate)
         finally:
             close = getattr(env, "close", None)
             if callable(close) and not inspect.iscoroutinefunction(close):
-                await asyncio.to_thread(close)
+                await self._in_thread(close)
 
     async def _play(
         self, env: Environment, prompt: Prompt, sampling: SamplingParams, gate: Gate | None
     ) -> Trajectory:
         limits = self.limits
         answer, env_s = await env_call(
-            env.reset, instance_of(prompt), limits.env_timeout_s, "reset"
+            env.reset, instance_of(prompt), limits.env_timeout_s, "reset", self.threads
         )
         first = _messages(answer, "reset")
         _, prompt_ids = self.messages.first(first)
@@ -177,7 +199,9 @@ class MultiTurnWorkflow:
                 break
             text = self.decode(turn.ids)
             session.add_model_turn(turn, text)
-            answer, seconds = await env_call(env.step, text, limits.env_timeout_s, "step")
+            answer, seconds = await env_call(
+                env.step, text, limits.env_timeout_s, "step", self.threads
+            )
             episode.env_s += seconds
             try:
                 step = EnvStep.of(answer)
