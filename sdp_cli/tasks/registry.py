@@ -202,6 +202,7 @@ def check_task(cfg: TaskConfig) -> list[str]:
     """What building the task will need, checked without a tokenizer: its name, its inputs
     and `task.reward_fn`'s import. Returns what was checked."""
     _check_task_name(cfg.name)
+    _check_episode_reward(cfg)
     checked = [f"task {cfg.name}"]
     if cfg.name in _CHECKS:
         checked.append(_CHECKS[cfg.name](cfg))
@@ -213,6 +214,15 @@ def check_task(cfg: TaskConfig) -> list[str]:
         load_env_class(cfg.env)
         checked.append(f"task.env {cfg.env} imports")
     return checked
+
+
+def _check_episode_reward(cfg: TaskConfig) -> None:
+    if cfg.reward_fn and (cfg.env or cfg.name in _EPISODE_TASKS):
+        raise ConfigError(
+            "task.reward_fn",
+            f"a multi-turn task ({cfg.env or cfg.name}) is scored by its environment",
+            "remove task.reward_fn, or score in the environment's step()",
+        )
 
 
 def _check_env(cfg: TaskConfig) -> None:
@@ -228,6 +238,7 @@ def _check_env(cfg: TaskConfig) -> None:
 def get_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """The task `cfg.name`, with `cfg.reward_fn` (if set) replacing its reward."""
     _check_task_name(cfg.name)
+    _check_episode_reward(cfg)
     task = _TASKS[cfg.name](cfg, tokenizer)
     if cfg.reward_fn:
         task = _CustomRewardTask(task, load_reward_fn(cfg.reward_fn), cfg.reward_fn)

@@ -54,6 +54,8 @@ def test_task_env_plays_a_user_class_on_the_prompts_of_task_name(
         ({"name": "feedback", "base": "reverse", "env": f"{__name__}:EchoEnv"}, "task.env"),
         ({"name": "feedback", "base": "feedback"}, "task.base"),
         ({"name": "tool_calc", "base": "nope"}, "task.base"),
+        ({"name": "feedback", "base": "reverse", "reward_fn": "math:sqrt"}, "task.reward_fn"),
+        ({"env": f"{__name__}:EchoEnv", "reward_fn": "math:sqrt"}, "task.reward_fn"),
     ],
 )
 def test_environment_config_errors_name_the_key(fields: dict[str, str], key: str) -> None:
