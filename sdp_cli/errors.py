@@ -24,3 +24,13 @@ class ConfigError(SdpError):
 
 class MissingDependencyError(SdpError):
     """A package the command needs is not installed."""
+
+
+class EpisodeRejected(SdpError):
+    """An episode's environment or agent raised, timed out or broke the protocol: its rollout
+    is rejected (reason `environment`) and the run goes on. `kind` names the failure so that
+    each kind is logged once."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

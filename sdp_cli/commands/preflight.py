@@ -18,6 +18,7 @@ from sdp_cli.config.model_settings import ModelConfig
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
 from sdp_cli.errors import ConfigError
+from sdp_cli.gateway.agent_workflow import check_agent
 from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,
     check_cpu_extra_args,
@@ -32,6 +33,7 @@ from sdp_cli.launcher.registry_file import RegistryError, read_registry
 from sdp_cli.model import builtin_name, check_model_dir, smollm2
 from sdp_cli.orchestrator.run_state import latest_checkpoint
 from sdp_cli.tasks import check_task, get_task, load_tokenizer
+from sdp_cli.tasks.environment import EnvTask
 from sdp_cli.weight_sync.versions import MEMORY_ROOT, MEMORY_WEIGHTS, weights_dir_for
 
 # What `sdp train` writes into run.dir; any of the first two means a run is already there.
@@ -57,6 +59,7 @@ def preflight(cfg: SdpConfig) -> list[str]:
     return [
         *check_model(cfg),
         *check_task(cfg.task),
+        *check_agent(cfg.task),
         *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
         *check_lora(cfg),
@@ -172,6 +175,8 @@ def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str
     """Every prompt plus rollout.max_new_tokens must fit server.max_model_len, with one
     position left for scoring; otherwise completions are cut short (or empty) in silence."""
     task = get_task(cfg.task, tokenizer)
+    if isinstance(task, EnvTask):
+        return check_episodes_fit(cfg)
     finite = isinstance(task, Sized)
     count = min(len(task), _MAX_CHECKED_RECORDS) if finite else _SAMPLED_POSITIONS
     longest = max(len(task.sample_prompt(position).prompt_ids) for position in range(count))
@@ -189,6 +194,27 @@ def check_prompts_fit(cfg: SdpConfig, tokenizer: PreTrainedTokenizerBase) -> str
     return (
         f"{what} fit: longest {longest} + {cfg.rollout.max_new_tokens} new tokens + 1 "
         f"<= server.max_model_len {cfg.server.max_model_len}"
+    )
+
+
+def check_episodes_fit(cfg: SdpConfig) -> str:
+    """An episode (prompt + every turn) is at most rollout.max_episode_tokens, which must fit
+    server.max_model_len with one position left for scoring, and a micro-batch."""
+    room = cfg.server.max_model_len - 1
+    limit = cfg.rollout.max_episode_tokens or room
+    if limit > room:
+        raise ConfigError(
+            "rollout.max_episode_tokens",
+            f"{limit} is more than server.max_model_len − 1 = {room} (one position is kept "
+            "for scoring)",
+            f"set rollout.max_episode_tokens={room} or less (0 means {room}), or raise "
+            "server.max_model_len",
+        )
+    check_sample_fits_micro_batch(cfg, limit)
+    return (
+        f"episodes fit: at most {limit} tokens (rollout.max_episode_tokens) <= "
+        f"server.max_model_len {cfg.server.max_model_len} − 1 and train.micro_batch_tokens "
+        f"{cfg.train.micro_batch_tokens}"
     )
 
 

@@ -1,10 +1,13 @@
-"""`sdp samples RUN_DIR`: the completions a run trained on and dropped, as a person reads them."""
+"""`sdp samples RUN_DIR`: the completions a run trained on and dropped, as a person reads them.
+An episode shows its turns, one line each: role, whether it is trained, its tokens and text."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sdp_cli.errors import SdpError
@@ -47,9 +50,29 @@ def show_samples(
             what,
             f"{record.get('step', '—')}/v{record.get('version')}",
             str(record.get("prompt")),
-            str(record.get("completion")),
+            completion_cell(record),
             f"{record.get('reward', 0.0):.3f}",
             " ".join(f"v{v}[{a}:{b}]" for v, a, b in record.get("version_spans", [])),
             f"head {record.get('head_lag')} tail {record.get('tail_lag')}",
         )
     console.print(table)
+
+
+def completion_cell(record: dict[str, Any]) -> str:
+    """The completion, or an episode's turns (`assistant*` marks a trained one) and why it
+    ended."""
+    turns = record.get("turns")
+    if not isinstance(turns, list):
+        return str(record.get("completion"))
+    lines = [
+        f"{turn.get('role')}{'*' if turn.get('trained') else ''} ({turn.get('n_tokens')}): "
+        f"{turn.get('text')}"
+        for turn in turns
+        if isinstance(turn, dict)
+    ]
+    lines.append(
+        f"[ended: {record.get('end_reason')}; env {record.get('env_s') or 0.0:.2f}s, "
+        f"generation {record.get('generate_s') or 0.0:.2f}s]"
+    )
+    # Texts are the model's and the environment's: never Rich markup.
+    return escape("\n".join(lines))

@@ -24,10 +24,13 @@ from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, pref
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.run_plan import RunPlan, plan_run
 from sdp_cli.config.server_settings import Device
+from sdp_cli.episodes.messages import MessageFormat
+from sdp_cli.episodes.multiturn import EpisodeLimits, MultiTurnWorkflow
 from sdp_cli.errors import ConfigError
 from sdp_cli.events.event_log import EventLog, EventSink
 from sdp_cli.events.event_schema import RunFinishedEvent, ServerStateEvent
 from sdp_cli.events.metrics import MetricsSink, open_writers
+from sdp_cli.gateway.agent_workflow import AgentWorkflow
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
 from sdp_cli.launcher.backends import make_fleet
@@ -52,6 +55,8 @@ from sdp_cli.tasks import (
     load_tokenizer,
 )
 from sdp_cli.tasks.base import Task
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.environment import EnvTask
 from sdp_cli.trainer.actor import Actor, torch_device
 from sdp_cli.trainer.checkpoint import load_checkpoint
 from sdp_cli.trainer.distributed import total_ranks
@@ -275,6 +280,9 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
         executor = start_executor(
             stack, cfg, workflow, client, events, run.state.version, positions
         )
+        if isinstance(workflow, AgentWorkflow):
+            # Before the executor stops: the gateway listens on the executor's loop.
+            stack.callback(lambda: executor.run_sync(workflow.aclose(), timeout=10))
         dashboard.add_snapshot(executor.snapshot)
         give_servers_trainer_weights(cfg, run, executor, client)
         samples = open_sample_log(stack, run, executor)
@@ -288,7 +296,12 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             data_positions=positions.state,
             start=run.state,
             plan=run.plan,
-            evaluator=evaluator(run, client, workflow.stop_token_ids),
+            evaluator=evaluator(
+                run,
+                client,
+                workflow.stop_token_ids,
+                workflow if isinstance(workflow, MultiTurnWorkflow | AgentWorkflow) else None,
+            ),
             samples=samples,
             curriculum=curriculum_of(run.task),
         )
@@ -375,7 +388,10 @@ def open_sample_log(
 
 
 def evaluator(
-    run: RunInputs, client: InferenceClient, stop_token_ids: tuple[int, ...]
+    run: RunInputs,
+    client: InferenceClient,
+    stop_token_ids: tuple[int, ...],
+    episodes: MultiTurnWorkflow | None = None,
 ) -> Evaluator | None:
     """Held-out evaluation every eval.every steps; None when it is off."""
     cfg = run.cfg
@@ -390,6 +406,7 @@ def evaluator(
         cfg.rollout,
         stop_token_ids,
         seed=cfg.run.seed,
+        episodes=episodes,
     )
 
 
@@ -420,9 +437,27 @@ def restored_positions(state: TrainState) -> DataPositions:
 
 def rollout_workflow(
     run: RunInputs, client: InferenceClient, positions: DataPositions
-) -> RLVRWorkflow:
+) -> RLVRWorkflow | MultiTurnWorkflow | AgentWorkflow:
+    """Episodes for a task with an environment or an agent (task.agent, through the OpenAI
+    gateway), one completion per sample otherwise."""
     cfg, tokenizer = run.cfg, run.tokenizer
+    if cfg.task.agent:
+        return AgentWorkflow.from_config(cfg, run.task, tokenizer, client, positions)
     stops = run.task.stop_token_ids
+    if isinstance(run.task, EnvTask):
+        return MultiTurnWorkflow(
+            run.task,
+            client,
+            MessageFormat(PromptFormat.from_config(cfg.task, tokenizer)),
+            lambda ids: decode_completion(tokenizer, ids, stops),
+            cfg.rollout,
+            EpisodeLimits.from_config(
+                cfg.rollout, cfg.server.max_model_len, cfg.task.env_timeout_s
+            ),
+            eos_token_id=tokenizer.eos_token_id,
+            run_seed=cfg.run.seed,
+            positions=positions,
+        )
     return RLVRWorkflow(
         run.task,
         client,
@@ -437,7 +472,7 @@ def rollout_workflow(
 def start_executor(
     stack: ExitStack,
     cfg: SdpConfig,
-    workflow: RLVRWorkflow,
+    workflow: RLVRWorkflow | MultiTurnWorkflow | AgentWorkflow,
     client: InferenceClient,
     events: EventSink,
     version: int,

@@ -47,7 +47,18 @@ class RolloutConfig:
         why="GRPO's advantage is reward minus the group mean, so a group of 1 has every "
         "advantage 0 and nothing is learned",
     )
-    max_new_tokens: int = setting(16, ge=1, help="longest completion, in tokens")
+    max_new_tokens: int = setting(
+        16, ge=1, help="longest completion (in an episode: longest model turn), in tokens"
+    )
+    max_turns: int = setting(
+        4, ge=1, help="episodes: most model turns per episode (reason max_turns when reached)"
+    )
+    max_episode_tokens: int = setting(
+        0,
+        ge=0,
+        help="episodes: longest episode (prompt + every turn), in tokens; 0: "
+        "server.max_model_len. An episode that would overflow it ends with reason context",
+    )
     filter_groups: FilterGroups = setting(
         FilterGroups.none,
         help="dynamic sampling: none trains every group; same_reward leaves out a group whose "

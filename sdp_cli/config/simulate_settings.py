@@ -62,4 +62,20 @@ class SimulateConfig:
         help="share of simulated groups whose rewards are all equal (uninformative under "
         "rollout.filter_groups=same_reward)",
     )
+    turns: list[int] = setting(
+        factory=list,
+        ge=1,
+        help="episodes: model turns per episode, each drawn as often (e.g. [1,2,3,4,5,6]); "
+        "[] simulates single completions. Each turn's length is drawn as one completion's",
+    )
+    env_latency_s: float = setting(
+        0.0,
+        ge=0,
+        help="episodes: mean seconds the environment takes between two model turns (a tool "
+        "call), lognormal with simulate.latency_jitter; the servers serve other requests "
+        "meanwhile",
+    )
+    env_tokens: int = setting(
+        8, ge=0, help="episodes: context tokens each environment turn adds (never trained)"
+    )
     seed: int = setting(0, help="seed of the simulated latencies and lengths")

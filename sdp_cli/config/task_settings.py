@@ -42,7 +42,11 @@ class CurriculumConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = setting("reverse", help="task: reverse, copy, math_jsonl, or a registered one")
+    name: str = setting(
+        "reverse",
+        help="task: reverse, copy, math_jsonl, reasoning_gym; multi-turn: feedback, tool_calc, "
+        "textarena; or a registered one",
+    )
     path: str | None = setting(
         None, help="data file of a file-based task (builtin:math_small is bundled)"
     )
@@ -86,3 +90,45 @@ class TaskConfig:
         "whole completion) or last_number (the last number in it)",
     )
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    env: str | None = setting(
+        None,
+        help="module:Class of a multi-turn environment (reset(instance) -> messages, "
+        "step(model_message) -> (messages, done, reward)) played on task.name's prompts; "
+        "null: none",
+    )
+    base: str = setting(
+        "reasoning_gym",
+        help="feedback, tool_calc: the task whose prompts are asked and whose reward scores the "
+        "answer",
+    )
+    max_attempts: int = setting(
+        3, ge=1, help="feedback: answers the model may give (a wrong one gets the feedback)"
+    )
+    feedback_message: str = setting(
+        "That is not correct. Try again.",
+        help="feedback: the user message after a wrong answer",
+    )
+    max_tool_calls: int = setting(
+        3, ge=0, help="tool_calc: calculator calls per episode; the turn after the last is scored"
+    )
+    game: str = setting(
+        "GuessTheNumber-v0", help="textarena: the single-player TextArena game (ta.make id)"
+    )
+    env_timeout_s: float = setting(
+        30.0,
+        gt=0,
+        help="longest an environment's reset or step (a tool call) may take; past it the "
+        "episode's rollout is rejected",
+    )
+    agent: str | None = setting(
+        None,
+        help="module:function of an agent program played through the OpenAI-compatible gateway "
+        "on task.name's prompts: await function(base_url, model_name, instance) -> reward in "
+        "[0, 1], or None to let the task score its last answer; null: none",
+    )
+    agent_timeout_s: float = setting(
+        600.0,
+        gt=0,
+        help="longest one agent episode may take (all its model calls included); past it the "
+        "episode's rollout is rejected",
+    )

@@ -153,6 +153,14 @@ class RolloutFinishedEvent(Event):
     completion_s: list[float] | None = None
     completion_tokens: list[int] | None = None
     prompt_tokens: list[int] | None = None
+    # Episodes only, per episode in sample order: model turns, seconds generating (the model
+    # turns' requests), seconds in the environment (reset, steps, tools) and why it ended
+    # (done, max_turns, context); and its tool results (turns of role `tool`).
+    episode_turns: list[int] | None = None
+    episode_tool_calls: list[int] | None = None
+    episode_generate_s: list[float] | None = None
+    episode_env_s: list[float] | None = None
+    episode_end: list[str] | None = None
 
 
 @event_type

@@ -26,6 +26,7 @@ from sdp_cli.events.event_schema import (
     CapacityEvent,
     EvalEvent,
     Event,
+    RolloutFinishedEvent,
     SampleDroppedEvent,
     TrainStepEvent,
     WeightUpdateEvent,
@@ -130,6 +131,21 @@ def health_scalars(event: TrainStepEvent) -> dict[str, float]:
     return {name: float(value) for name, value in out.items() if math.isfinite(value)}
 
 
+def episode_scalars(event: RolloutFinishedEvent) -> dict[str, float]:
+    """A finished group of episodes: mean model turns, generation and environment seconds
+    per episode, and the share that ended at the context limit."""
+    turns = event.episode_turns or []
+    n = len(turns)
+    ends = event.episode_end or []
+    return {
+        "episodes/turns": sum(turns) / n,
+        "episodes/tool_calls": sum(event.episode_tool_calls or []) / n,
+        "episodes/generate_s": sum(event.episode_generate_s or []) / n,
+        "episodes/env_s": sum(event.episode_env_s or []) / n,
+        "episodes/context_end_fraction": ends.count("context") / n,
+    }
+
+
 class MetricsSink:
     """Forwards every event to `inner` and turns the ones with curves into backend calls."""
 
@@ -167,6 +183,8 @@ class MetricsSink:
             self._histogram("lag/head_lag", [float(lag) for lag in event.head_lags], step)
             by_lag = {f"lag/tokens_lag_{k}": float(n) for k, n in event.tokens_by_lag.items()}
             self._scalars(by_lag, step)
+        elif isinstance(event, RolloutFinishedEvent) and event.episode_turns:
+            self._scalars(episode_scalars(event), self._step)
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         if values:

@@ -118,11 +118,14 @@ class InferenceClient:
         sampling: SamplingParams,
         max_new_tokens: int,
         gate: Gate | None = None,
+        score_from: int | None = None,
     ) -> Completion:
         """Generate up to `max_new_tokens` tokens after `prompt_ids`. A segment the server
         aborts (a weight update paused it) keeps its tokens; the completion continues from
         prompt + tokens so far on any ready server, after `gate()` allows it. `gate` is
-        awaited before every segment is sent."""
+        awaited before every segment is sent. With `score_continuations`, a continuation
+        brings the logprobs of prompt_ids[score_from:] + tokens so far (`score_from` defaults
+        to the end of the prompt; an episode's turn scores from its first output token)."""
         completion = Completion()
         limit = await self._context_limit()
         empty_aborts = 0
@@ -146,12 +149,17 @@ class InferenceClient:
                 sampling,
                 budget,
                 done,
-                prefix_start=len(prompt_ids) if score_prefix else None,
+                prefix_start=(len(prompt_ids) if score_from is None else score_from)
+                if score_prefix
+                else None,
             )
             completion.n_requests += attempts
             completion.append(answer.token_ids, answer.logprobs, answer.versions)
             if answer.prefix_logprobs is not None:
-                completion.keep_prefix_logprobs(answer.prefix_logprobs, answer.versions)
+                scored_prompt = 0 if score_from is None else len(prompt_ids) - score_from
+                completion.keep_prefix_logprobs(
+                    answer.prefix_logprobs, answer.versions, scored_prompt
+                )
             if answer.finish_reason != "abort":
                 completion.finish_reason = answer.finish_reason
                 return completion

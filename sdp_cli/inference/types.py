@@ -76,7 +76,8 @@ class Completion:
     n_requests: int = 0
     # The logprobs of output tokens [0, len(prefix_logprobs)) under the weights of
     # `prefix_version`, from the prefill of the completion's last continuation that asked for
-    # them (InferenceClient score_continuations); None if none did.
+    # them (InferenceClient score_continuations); None if none did. With `score_from`, they
+    # start at prompt_ids[score_from] instead (an episode's first output token).
     prefix_logprobs: list[float] | None = None
     prefix_version: int | None = None
 
@@ -85,10 +86,17 @@ class Completion:
         """Runs of consecutive tokens produced under one version."""
         return len(self.segments)
 
-    def keep_prefix_logprobs(self, logprobs: list[float], versions: list[int]) -> None:
+    def keep_prefix_logprobs(
+        self, logprobs: list[float], versions: list[int], scored_prompt: int = 0
+    ) -> None:
         """Keep the prefix logprobs of a continuation whose answer brought `versions`: the
-        prefill ran under the weights of its tokens, known only if it brought some."""
-        if versions and len(set(versions)) == 1 and len(logprobs) <= len(self.output_ids):
+        prefill ran under the weights of its tokens, known only if it brought some. They may
+        start `scored_prompt` tokens before the output (an episode's earlier turns)."""
+        if (
+            versions
+            and len(set(versions)) == 1
+            and len(logprobs) <= scored_prompt + len(self.output_ids)
+        ):
             self.prefix_logprobs = list(logprobs)
             self.prefix_version = versions[0]
 

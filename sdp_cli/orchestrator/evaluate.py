@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from sdp_cli.config.eval_settings import EvalConfig
 from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.episodes.multiturn import MultiTurnWorkflow
+from sdp_cli.errors import EpisodeRejected
 from sdp_cli.inference.types import SamplingParams
 from sdp_cli.rollout.rlvr import Generator, sample_seed
 from sdp_cli.tasks.base import Prompt, Task
@@ -55,8 +57,11 @@ class Evaluator:
         rollout: RolloutConfig,
         stop_token_ids: tuple[int, ...],
         seed: int = 0,
+        episodes: MultiTurnWorkflow | None = None,
     ) -> None:
         self.task = task
+        # A multi-turn task: each held-out prompt is played as episodes, scored by the env.
+        self.episodes = episodes
         self.generator = generator
         self.decode = decode
         self.settings = settings
@@ -77,7 +82,26 @@ class Evaluator:
             stop_token_ids=self.stop_token_ids,
         )
 
+    @staticmethod
+    async def _episode_reward(
+        episodes: MultiTurnWorkflow, prompt: Prompt, sampling: SamplingParams
+    ) -> float:
+        try:
+            return (await episodes.play(prompt, sampling, None)).reward
+        except EpisodeRejected:
+            # The environment failed on this prompt: it counts as not solved.
+            return 0.0
+
     async def _rewards(self, index: int, prompt: Prompt) -> list[float]:
+        if self.episodes is not None:
+            return list(
+                await asyncio.gather(
+                    *(
+                        self._episode_reward(self.episodes, prompt, self.sampling(index, sample))
+                        for sample in range(self.settings.n_samples)
+                    )
+                )
+            )
         completions = await asyncio.gather(
             *(
                 self.generator.generate(

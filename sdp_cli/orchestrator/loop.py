@@ -67,7 +67,8 @@ class LoopResult:
 
 
 def trained_tokens(groups: list[RolloutGroup]) -> int:
-    return sum(len(s.output_ids) for g in groups for s in g.samples)
+    """Tokens the models sampled (an episode's context tokens are not generated)."""
+    return sum(s.n_trained for g in groups for s in g.samples)
 
 
 class NonFiniteTrainingError(SdpError):

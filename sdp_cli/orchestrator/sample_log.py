@@ -3,7 +3,11 @@
 Every training step writes a few of the completions it trained on, and the rollouts dropped as
 stale are written with their reason (at most `log.samples_per_step` per version, since a purge
 can drop thousands). Each line: `kind` (`trained` or `dropped`), step, version, the prompt,
-the completion text, its reward, its token-version spans and its head and tail lag.
+the completion text, its reward, its token-version spans and its head and tail lag. An
+episode's line also has its `turns` (`{role, text, n_tokens, trained}`), `end_reason`,
+`env_s` and `generate_s`; its `completion` is every token after the first prompt, model and
+environment turns together, and its version spans are over those tokens (a context token has
+the version of the model token before it).
 `sdp samples RUN_DIR` shows them.
 """
 
@@ -29,6 +33,20 @@ def version_spans(versions: Sequence[int]) -> list[list[int]]:
         else:
             spans.append([version, index, index + 1])
     return spans
+
+
+def episode_record(sample: Trajectory) -> dict[str, Any]:
+    """An episode's turns (`{role, text, n_tokens, trained}`, OpenAI roles), why it ended and
+    its seconds in the environment; nothing for a single completion."""
+    if sample.turns is None:
+        return {}
+    return {
+        "turns": sample.turns,
+        "n_trained": sample.n_trained,
+        "end_reason": sample.end_reason,
+        "env_s": sample.env_s,
+        "generate_s": sample.generate_s,
+    }
 
 
 class SampleLog:
@@ -61,7 +79,7 @@ class SampleLog:
             "version_spans": version_spans(sample.versions),
             "head_lag": None if head is None else version - head,
             "tail_lag": None if tail is None else version - tail,
-        }
+        } | episode_record(sample)
 
     def trained(self, step: int, version: int, groups: Sequence[RolloutGroup]) -> None:
         """The first `per_step` completions of the batch trained at `step` on `version`."""

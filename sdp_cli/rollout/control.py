@@ -47,6 +47,7 @@ class RejectReason(StrEnum):
     no_group = "no_group"  # the workflow returned None or no samples
     error = "error"  # the workflow raised
     poison = "poison"  # servers died serving one of its requests (inference/poison.py)
+    environment = "environment"  # an episode's environment or agent raised or timed out
     cancelled = "cancelled"  # still in flight at shutdown
 
 
@@ -401,6 +402,7 @@ class StalenessControl:
                 reward=sum(s.reward for s in samples) / len(samples),
                 error=error,
                 **completion_timings(samples),
+                **episode_figures(samples),
             )
         self.events.emit(event)
 
@@ -430,11 +432,27 @@ class StalenessControl:
         )
 
 
+def episode_figures(samples: list[Trajectory]) -> dict[str, Any]:
+    """The `episode_*` fields of a finished event, for a group of episodes."""
+    if not samples or any(s.turns is None for s in samples):
+        return {}
+    return {
+        "episode_turns": [sum(1 for t in s.turns or [] if t["trained"]) for s in samples],
+        "episode_generate_s": [round(s.generate_s or 0.0, 6) for s in samples],
+        "episode_env_s": [round(s.env_s or 0.0, 6) for s in samples],
+        "episode_end": [s.end_reason for s in samples],
+        "episode_tool_calls": [
+            sum(1 for t in s.turns or [] if t["role"] == "tool") for s in samples
+        ],
+    }
+
+
 def completion_timings(samples: list[Trajectory]) -> dict[str, Any]:
     """`completion_s`, `completion_tokens` and `prompt_tokens` of a finished event, when every
-    sample was timed."""
+    sample was timed; not for episodes, whose time includes the environment's (what
+    `sdp simulate --calibrate` fits is one request's latency)."""
     times = [s.generate_s for s in samples]
-    if not samples or any(t is None for t in times):
+    if not samples or any(t is None for t in times) or any(s.turns is not None for s in samples):
         return {}
     return {
         "completion_s": times,

@@ -23,7 +23,7 @@ from sdp_cli.common.loop_thread import LoopFactory, LoopThread, LoopThreadError
 from sdp_cli.config.rollout_settings import RecomputeOn, RolloutConfig
 from sdp_cli.config.run_plan import needs_proximal_recompute
 from sdp_cli.config.train_settings import ProxMode
-from sdp_cli.errors import SdpError
+from sdp_cli.errors import EpisodeRejected, SdpError
 from sdp_cli.events.event_log import EventSink, NullEventLog, keeps_events
 from sdp_cli.events.event_schema import CapacityEvent
 from sdp_cli.inference.client_errors import PoisonRequestError
@@ -109,6 +109,7 @@ class RolloutExecutor:
         self._capacity_interval_s = capacity_interval_s
         self._max_consecutive_errors = max_consecutive_errors
         self._consecutive_errors = 0
+        self._episode_errors_seen: set[str] = set()
         manager = StalenessManager(
             max_staleness=rollout.max_staleness,
             batch_size=rollout.batch_size,
@@ -513,6 +514,12 @@ class RolloutExecutor:
             # Counted and left behind: the run goes on without it.
             error, reason = f"{type(exc).__name__}: {exc}", RejectReason.poison
             log.warning("rollout %d rejected: %s", rollout_id, error)
+        except EpisodeRejected as exc:
+            # The environment's fault, not the run's: counted, each kind logged once.
+            error, reason = f"{exc.kind}: {exc}", RejectReason.environment
+            if exc.kind not in self._episode_errors_seen:
+                self._episode_errors_seen.add(exc.kind)
+                log.warning("rollout %d rejected (shown once per kind): %s", rollout_id, error)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             self._note_workflow_error(rollout_id, error)

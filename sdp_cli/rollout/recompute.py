@@ -273,7 +273,10 @@ def _samples_needing_recompute(groups: Iterable[RolloutGroup], version: int) -> 
         for sample in group.samples:
             if sample.recompute_version >= version:
                 continue
-            positions = [i for i, v in enumerate(sample.versions) if v == target]
+            # An episode's context tokens were never sampled: nothing to recompute.
+            positions = [
+                i for i, v in enumerate(sample.versions) if v == target and sample.is_trained(i)
+            ]
             if positions:
                 yield sample, positions
 

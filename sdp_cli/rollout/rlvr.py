@@ -27,6 +27,7 @@ class Generator(Protocol):
         sampling: SamplingParams,
         max_new_tokens: int,
         gate: Gate | None = None,
+        score_from: int | None = None,
     ) -> Completion: ...
 
 

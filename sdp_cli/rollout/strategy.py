@@ -55,14 +55,14 @@ class Buffered:
     head: int | None
     tail: int | None
     recompute_version: int
-    # Output tokens per version over the whole group.
+    # Model tokens per version over the whole group.
     version_counts: dict[int, int]
 
     @classmethod
     def of(cls, group: RolloutGroup) -> Buffered:
         counts: Counter[int] = Counter()
         for sample in group.samples:
-            counts.update(sample.versions)
+            counts.update(sample.model_versions())
         head = min(counts) if counts else None
         tail = max(counts) if counts else None
         return cls(group, head, tail, group.recompute_version, dict(counts))

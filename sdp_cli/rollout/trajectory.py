@@ -2,6 +2,12 @@
 
 A `Trajectory` is one completion; a `RolloutGroup` is the `n_samples` completions of one prompt.
 Capacity, acceptance and staleness are decided per group (docs/design.md, Words).
+
+An episode (many turns, sdp_cli/episodes) is a `Trajectory` too: its output holds every token
+after the first prompt, model and environment turns alike, and `trained` says which are model
+tokens. Context tokens (environment, tool, template) are never trained; their logprob is 0 and
+their version that of the nearest model token, so that a reader that ignores the mask still sees
+versions within [head, tail]. Head, tail and lag are over the model tokens only.
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ class Trajectory:
     # Why generation ended, as the server said: "stop" (a stop token), "length" (cut at
     # rollout.max_new_tokens or the context); "" when not known.
     finish_reason: str = ""
+    # Per output token, whether it is trained (a model token); None means every one is.
+    trained: list[bool] | None = None
+    # An episode's turns as `{role, text, n_tokens, trained}` (OpenAI roles), for people.
+    turns: list[dict[str, Any]] | None = None
+    # Seconds an episode's environment spent (tools, feedback), apart from generation.
+    env_s: float | None = None
+    # Why an episode ended ("done", "max_turns", "context", "budget"); "" for one completion.
+    end_reason: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.output_ids)
@@ -47,6 +61,23 @@ class Trajectory:
             )
         if self.prox_logprobs is not None and len(self.prox_logprobs) != n:
             raise ValueError("prox_logprobs must have one entry per output token")
+        if self.trained is not None and len(self.trained) != n:
+            raise ValueError("trained must have one entry per output token")
+
+    def is_trained(self, index: int) -> bool:
+        """Whether output token `index` is a model token (trained)."""
+        return self.trained is None or self.trained[index]
+
+    def model_versions(self) -> list[int]:
+        """Versions of the model tokens (all output tokens of a single completion)."""
+        if self.trained is None:
+            return list(self.versions)
+        return [v for v, t in zip(self.versions, self.trained, strict=True) if t]
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens the loss sees."""
+        return len(self.output_ids) if self.trained is None else sum(self.trained)
 
     @property
     def truncated(self) -> bool:
@@ -55,13 +86,15 @@ class Trajectory:
 
     @property
     def head_version(self) -> int | None:
-        """Oldest version among the output tokens (None for an empty completion)."""
-        return min(self.versions) if self.versions else None
+        """Oldest version among the model tokens (None for an empty completion)."""
+        versions = self.model_versions()
+        return min(versions) if versions else None
 
     @property
     def tail_version(self) -> int | None:
-        """Newest version among the output tokens."""
-        return max(self.versions) if self.versions else None
+        """Newest version among the model tokens."""
+        versions = self.model_versions()
+        return max(versions) if versions else None
 
     def proximal_logprobs(self) -> list[float]:
         return (
@@ -81,7 +114,7 @@ class RolloutGroup:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def _all_versions(self) -> list[int]:
-        return [v for s in self.samples for v in s.versions]
+        return [v for s in self.samples for v in s.model_versions()]
 
     @property
     def head_version(self) -> int | None:

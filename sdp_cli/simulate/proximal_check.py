@@ -89,7 +89,13 @@ class ProximalCheck:
             for index, sample in enumerate(group.samples):
                 proximal = sample.proximal_logprobs()
                 expected = self._expected(sample.versions, accepted_at, version)
-                self.checked_tokens += len(proximal)
+                if sample.trained is not None:
+                    # An episode's context tokens are never scored: p_t stays μ_t (0).
+                    expected = [
+                        e if t else p
+                        for e, p, t in zip(expected, proximal, sample.trained, strict=True)
+                    ]
+                self.checked_tokens += sample.n_trained
                 if proximal == expected:
                     continue
                 for position, (got, want) in enumerate(zip(proximal, expected, strict=True)):

@@ -22,7 +22,7 @@ from sdp_cli.simulate.clock import SimTime, VirtualTimeLoop
 from sdp_cli.simulate.proximal_check import ProximalCheck
 from sdp_cli.simulate.sim_server import SimulatedFleet
 from sdp_cli.simulate.trainer import SimulatedTrainer, TrainerReport
-from sdp_cli.simulate.workflow import SimulatedWorkflow
+from sdp_cli.simulate.workflow import SimulatedEpisodes, SimulatedWorkflow
 
 
 def run_simulation(
@@ -52,6 +52,9 @@ def run_simulation(
         # As the inference client: prompt logprobs are of T = 1 only.
         score_continuations=plan.scores_continuations and cfg.rollout.temperature == 1.0,
         uninformative_fraction=sim.uninformative_fraction,
+        episodes=SimulatedEpisodes(
+            sim.turns, sim.env_latency_s, sim.env_tokens, sim.latency_jitter
+        ),
     )
     executor = RolloutExecutor(
         workflow,

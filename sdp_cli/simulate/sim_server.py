@@ -330,6 +330,10 @@ class SimulatedFleet:
         """Simulated seconds on the running loop."""
         return self._time.now()
 
+    async def sleep(self, sim_seconds: float) -> None:
+        """Wait `sim_seconds` of simulated time (an environment's step)."""
+        await self._time.sleep(sim_seconds)
+
     def _least_loaded(self) -> SimulatedServer:
         return min(self.servers, key=lambda server: server.load)
 

@@ -142,7 +142,7 @@ class SimulatedTrainer:
         self, step: int, version: int, batch: list[RolloutGroup], wait_s: float, update_s: float
     ) -> None:
         samples = [sample for group in batch for sample in group.samples]
-        tokens = sum(len(sample.output_ids) for sample in samples)
+        tokens = sum(sample.n_trained for sample in samples)
         cycle_s = wait_s + self._train_step_s + update_s
         self._events.emit(
             TrainStepEvent(

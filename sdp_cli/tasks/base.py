@@ -25,6 +25,9 @@ class Prompt:
     prompt_ids: list[int]
     # Whatever the reward needs (reference answer, target string...); JSON-serialisable.
     meta: dict[str, Any] = field(default_factory=dict)
+    # The user message before formatting (template applied, no chat template or system
+    # prompt): what an environment's first message says; "" when the task does not say.
+    question: str = ""
 
 
 @runtime_checkable

@@ -142,9 +142,10 @@ class ReasoningGymTask:
 
     def _prompt(self, index: int) -> Prompt:
         entry = self._entries[index]
-        text, ids = self._format.encode(self._template.format(question=entry["question"]))
+        question = self._template.format(question=entry["question"])
+        text, ids = self._format.encode(question)
         meta = {"answer": str(entry["answer"]), "index": index, "dataset": self.dataset_name}
-        return Prompt(text, ids, meta)
+        return Prompt(text, ids, meta, question=question)
 
     def sample_prompt(self, position: int) -> Prompt:
         return self._prompt(self._split.train_index(position))

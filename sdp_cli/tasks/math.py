@@ -268,8 +268,9 @@ class MathJsonlTask:
 
     def _prompt(self, index: int) -> Prompt:
         record = self._records[index]
-        text, ids = self._format.encode(self._template.format(question=record["question"]))
-        return Prompt(text, ids, {"answer": record["answer"], "index": index})
+        question = self._template.format(question=record["question"])
+        text, ids = self._format.encode(question)
+        return Prompt(text, ids, {"answer": record["answer"], "index": index}, question=question)
 
     def sample_prompt(self, position: int) -> Prompt:
         return self._prompt(self.record_index(position))

@@ -14,10 +14,14 @@ from sdp_cli.errors import ConfigError, SdpError
 from sdp_cli.tasks.base import Prompt, Task
 from sdp_cli.tasks.chat import PromptFormat
 from sdp_cli.tasks.curriculum import CurriculumTask, check_curriculum_config
+from sdp_cli.tasks.environment import EnvTask, load_env_class
+from sdp_cli.tasks.feedback import FeedbackEnv
 from sdp_cli.tasks.gym import ReasoningGymTask, check_reasoning_gym_config
 from sdp_cli.tasks.levels import Schedule
 from sdp_cli.tasks.math import MathJsonlTask, check_math_config
 from sdp_cli.tasks.strings import DigitStringTask, copy_digits, reverse_digits
+from sdp_cli.tasks.textarena_env import TextArenaEnv, TextArenaTask, check_textarena_config
+from sdp_cli.tasks.tool_calc import ToolCalcEnv
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 TaskFactory = Callable[[TaskConfig, PreTrainedTokenizerBase], Task]
@@ -67,26 +71,71 @@ def _check_reasoning_gym(cfg: TaskConfig) -> str:
     return checked
 
 
+def _base_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The single-turn task `task.base` names (built with the same task.* keys)."""
+    _check_base_name(cfg.base)
+    return _TASKS[cfg.base](cfg, tokenizer)
+
+
+def _feedback(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    base = _base_task(cfg, tokenizer)
+    return EnvTask(
+        "feedback", base, lambda: FeedbackEnv(base, cfg.max_attempts, cfg.feedback_message)
+    )
+
+
+def _tool_calc(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    base = _base_task(cfg, tokenizer)
+    return EnvTask("tool_calc", base, lambda: ToolCalcEnv(base, cfg.max_tool_calls))
+
+
+def _textarena(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    stops = PromptFormat.from_config(cfg, tokenizer).stop_token_ids()
+    base = TextArenaTask(cfg.game, cfg.seed, stops)
+    return EnvTask("textarena", base, lambda: TextArenaEnv(cfg.game))
+
+
+def _check_episode_base(cfg: TaskConfig) -> str:
+    _check_base_name(cfg.base)
+    checked = f"{cfg.name} over task {cfg.base}"
+    if cfg.base in _CHECKS:
+        checked += f" ({_CHECKS[cfg.base](cfg)})"
+    return checked
+
+
 _TASKS: dict[str, TaskFactory] = {
     "reverse": _reverse,
     "copy": _copy,
     "math_jsonl": _math_jsonl,
     "reasoning_gym": _reasoning_gym,
+    "feedback": _feedback,
+    "tool_calc": _tool_calc,
+    "textarena": _textarena,
 }
+# Tasks whose rollouts are already episodes: not a base of another episode task.
+_EPISODE_TASKS = {"feedback", "tool_calc", "textarena"}
 
 
 _CHECKS: dict[str, TaskCheck] = {
     "math_jsonl": check_math_config,
     "reasoning_gym": _check_reasoning_gym,
+    "feedback": _check_episode_base,
+    "tool_calc": _check_episode_base,
+    "textarena": check_textarena_config,
 }
 
 
-def register_task(name: str, factory: TaskFactory, check: TaskCheck | None = None) -> None:
+def register_task(
+    name: str, factory: TaskFactory, check: TaskCheck | None = None, episodes: bool = False
+) -> None:
     """Make `task.name=<name>` build a task with `factory(task_config, tokenizer)`; `check`, if
-    given, lets `sdp train --dry-run` check its inputs before anything starts."""
+    given, lets `sdp train --dry-run` check its inputs before anything starts. `episodes`: the
+    task is an EnvTask (multi-turn), so it cannot be `task.base`."""
     _TASKS[name] = factory
     if check is not None:
         _CHECKS[name] = check
+    if episodes:
+        _EPISODE_TASKS.add(name)
 
 
 def task_names() -> list[str]:
@@ -160,23 +209,59 @@ def _check_task_name(name: str) -> None:
         )
 
 
+def _check_base_name(name: str) -> None:
+    singles = sorted(set(_TASKS) - _EPISODE_TASKS)
+    if name not in singles:
+        raise ConfigError(
+            "task.base", f"'{name}' is not a single-turn task", f"use one of {', '.join(singles)}"
+        )
+
+
 def check_task(cfg: TaskConfig) -> list[str]:
     """What building the task will need, checked without a tokenizer: its name, its inputs
     and `task.reward_fn`'s import. Returns what was checked."""
     _check_task_name(cfg.name)
+    _check_episode_reward(cfg)
     checked = [f"task {cfg.name}"]
     if cfg.name in _CHECKS:
         checked.append(_CHECKS[cfg.name](cfg))
     if cfg.reward_fn:
         load_reward_fn(cfg.reward_fn)
         checked.append(f"task.reward_fn {cfg.reward_fn} imports")
+    if cfg.env:
+        _check_env(cfg)
+        load_env_class(cfg.env)
+        checked.append(f"task.env {cfg.env} imports")
     return checked
+
+
+def _check_episode_reward(cfg: TaskConfig) -> None:
+    if cfg.reward_fn and (cfg.env or cfg.name in _EPISODE_TASKS):
+        raise ConfigError(
+            "task.reward_fn",
+            f"a multi-turn task ({cfg.env or cfg.name}) is scored by its environment",
+            "remove task.reward_fn, or score in the environment's step()",
+        )
+
+
+def _check_env(cfg: TaskConfig) -> None:
+    if cfg.name in _EPISODE_TASKS:
+        raise ConfigError(
+            "task.env",
+            f"task {cfg.name} plays its own environment",
+            "set task.env=null, or task.name to a single-turn task whose prompts the "
+            "environment plays",
+        )
 
 
 def get_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """The task `cfg.name`, with `cfg.reward_fn` (if set) replacing its reward."""
     _check_task_name(cfg.name)
+    _check_episode_reward(cfg)
     task = _TASKS[cfg.name](cfg, tokenizer)
     if cfg.reward_fn:
-        return _CustomRewardTask(task, load_reward_fn(cfg.reward_fn), cfg.reward_fn)
+        task = _CustomRewardTask(task, load_reward_fn(cfg.reward_fn), cfg.reward_fn)
+    if cfg.env:
+        _check_env(cfg)
+        task = EnvTask(cfg.name, task, load_env_class(cfg.env))
     return task

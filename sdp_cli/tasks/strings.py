@@ -87,7 +87,7 @@ class DigitStringTask:
 
     def _prompt(self, digits: str) -> Prompt:
         text, ids = self._format.encode(digits + SEPARATOR)
-        return Prompt(text, ids, {"target": self._transform(digits)})
+        return Prompt(text, ids, {"target": self._transform(digits)}, question=digits + SEPARATOR)
 
     def sample_prompt(self, position: int) -> Prompt:
         return self._prompt(self._digits_at(position))

@@ -7,6 +7,9 @@ directly, and the actor asks the model for logits of the last L + 1 columns only
 Each sample carries its tokens' share of the step's loss (`loss_scale`, from train.loss_agg),
 computed over the whole batch before it is cut into ranks and micro-batches, so the loss is the
 same however it is cut.
+
+An episode's context tokens (environment and tool turns) are in the output columns, attended to
+and scored like the rest, but its loss mask is 0 there and its loss share counts model tokens.
 """
 
 from __future__ import annotations
@@ -60,10 +63,18 @@ class TokenSample:
     reward: float
     # Coefficient of each of its tokens' loss in the step's loss (see `loss_scales`).
     loss_scale: float = 0.0
+    # Per output token, whether the loss sees it (an episode's model tokens); None: all.
+    trained: list[bool] | None = None
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def trained_mask(self) -> list[int]:
+        """1 at each output token the loss sees, 0 at an episode's context tokens."""
+        if self.trained is None:
+            return [1] * len(self.output_ids)
+        return [int(t) for t in self.trained]
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ def _sample(trajectory: Trajectory, advantage: float) -> TokenSample:
         versions=list(trajectory.versions),
         advantage=advantage,
         reward=trajectory.reward,
+        trained=None if trajectory.trained is None else list(trajectory.trained),
     )
 
 
@@ -154,14 +166,12 @@ def flatten_groups(
     for group in groups:
         advantages = group_advantages(group.rewards, settings.adv_eps, divide_by_std=divide)
         for trajectory, advantage in zip(group.samples, advantages, strict=True):
-            if not trajectory.output_ids:
+            if trajectory.n_trained == 0:
                 continue
             if settings.drop_truncated and trajectory.truncated:
                 continue
             chosen.append((trajectory, advantage))
-    scales = loss_scales(
-        [len(t.output_ids) for t, _ in chosen], settings.loss_agg, settings.agg_tokens
-    )
+    scales = loss_scales([t.n_trained for t, _ in chosen], settings.loss_agg, settings.agg_tokens)
     return [
         replace(_sample(trajectory, advantage), loss_scale=scale)
         for (trajectory, advantage), scale in zip(chosen, scales, strict=True)
@@ -186,6 +196,8 @@ def collate(samples: Sequence[TokenSample], pad_id: int) -> TrainBatch:
     out_mask = _padded_rows([[1] * len(s.output_ids) for s in samples], out_width, 0, False)
     attention_mask = torch.tensor([p + o for p, o in zip(prompt_mask, out_mask, strict=True)])
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # An episode's context tokens are inputs (attended to) but not trained.
+    loss_mask = _padded_rows([s.trained_mask() for s in samples], out_width, 0, False)
 
     def per_token(rows: list[list[float]], dtype: torch.dtype) -> Tensor:
         # Padding gets 0 so that exp(π − p) and exp(p − μ) stay finite there.
@@ -195,7 +207,7 @@ def collate(samples: Sequence[TokenSample], pad_id: int) -> TrainBatch:
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        loss_mask=torch.tensor(out_mask, dtype=torch.bool),
+        loss_mask=torch.tensor(loss_mask, dtype=torch.bool),
         behav_logprobs=per_token([s.behav_logprobs for s in samples], torch.float32),
         prox_logprobs=per_token([s.prox_logprobs for s in samples], torch.float32),
         versions=per_token([s.versions for s in samples], torch.long),

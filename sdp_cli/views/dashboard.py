@@ -431,7 +431,8 @@ def _training_panel(state: RunFold) -> Panel:
         f"last step: waited {format_duration(last and last.wait_s)} · trained "
         f"{format_duration(last and last.step_s)} · weight update "
         f"{format_duration(last and last.update_s)}"
-        f"{_eval_line(state.last_eval)}",
+        f"{_eval_line(state.last_eval)}"
+        f"{_episodes_line(state)}",
         style="dim",
     )
     return Panel(Group(table, details), title="training", title_align="left")
@@ -444,6 +445,18 @@ def _health_panel(state: RunFold) -> Panel:
         )
     table = health_table(state.health.summary(), state.health.summary_by_lag(), "")
     return Panel(table, title="off-policy health (run so far, by lag)", title_align="left")
+
+
+def _episodes_line(state: RunFold) -> str:
+    """Multi-turn runs: model turns per episode, environment against generation seconds."""
+    tally = state.episodes
+    if not tally.episodes:
+        return ""
+    return (
+        f"\nepisodes {tally.episodes}: {tally.turns_per_episode:.2f} turns each · generation "
+        f"{format_duration(tally.generate_s)} · environment {format_duration(tally.env_s)} "
+        f"({tally.env_fraction:.0%})"
+    )
 
 
 def _eval_line(last: EvalEvent | None) -> str:

@@ -44,6 +44,51 @@ HISTORY = 120
 
 
 @dataclass
+class EpisodeTally:
+    """Episodes of the finished rollouts (multi-turn tasks): their model turns, seconds
+    generating against seconds in the environment, and why they ended."""
+
+    episodes: int = 0
+    turns: int = 0
+    tool_calls: int = 0
+    generate_s: float = 0.0
+    env_s: float = 0.0
+    ends: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def turns_per_episode(self) -> float:
+        return self.turns / self.episodes if self.episodes else 0.0
+
+    @property
+    def env_fraction(self) -> float:
+        """The environment's share of an episode's time (generation + environment)."""
+        total = self.generate_s + self.env_s
+        return self.env_s / total if total > 0 else 0.0
+
+    def add(self, event: RolloutFinishedEvent) -> None:
+        turns = event.episode_turns or []
+        self.episodes += len(turns)
+        self.turns += sum(turns)
+        self.tool_calls += sum(event.episode_tool_calls or [])
+        self.generate_s += sum(event.episode_generate_s or [])
+        self.env_s += sum(event.episode_env_s or [])
+        self.ends.update(event.episode_end or [])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "episodes": self.episodes,
+            "turns_per_episode": round(self.turns_per_episode, 3),
+            "tool_calls_per_episode": round(self.tool_calls / self.episodes, 3)
+            if self.episodes
+            else 0.0,
+            "generate_s": round(self.generate_s, 3),
+            "env_s": round(self.env_s, 3),
+            "env_fraction": round(self.env_fraction, 4),
+            "ends": dict(self.ends.most_common()),
+        }
+
+
+@dataclass
 class VersionTally:
     submitted: int = 0
     accepted: int = 0
@@ -143,6 +188,8 @@ class RunFold:
     samples_per_s: deque[float] = field(default_factory=_history)
     # Off-policy health of the steps, per run and by lag (the dashboard and inspect-staleness).
     health: RunHealth = field(default_factory=RunHealth)
+    # Multi-turn runs: the episodes of every finished rollout (none for single-turn runs).
+    episodes: EpisodeTally = field(default_factory=EpisodeTally)
 
     @property
     def rejected(self) -> int:
@@ -181,6 +228,7 @@ class RunFold:
         view.server_incidents = list(self.server_incidents)
         view.poison_errors = deque(self.poison_errors, maxlen=5)
         view.health = self.health.copy()
+        view.episodes = copy.deepcopy(self.episodes)
         for name in ("rewards", "losses", "gen_tokens_per_s", "samples_per_s"):
             setattr(view, name, deque(getattr(self, name), maxlen=HISTORY))
         return view
@@ -228,6 +276,8 @@ def _on_rollout_submitted(fold: RunFold, event: RolloutSubmittedEvent, ts: float
 
 
 def _on_rollout_finished(fold: RunFold, event: RolloutFinishedEvent, ts: float | None) -> None:
+    if event.episode_turns:
+        fold.episodes.add(event)
     if event.accepted:
         fold.accepted += 1
         fold.tally(event.version).accepted += 1

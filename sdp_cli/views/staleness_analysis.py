@@ -162,6 +162,9 @@ class StalenessSummary:
     health_by_lag: dict[str, dict[str, float]] = field(default_factory=dict)
     # task.curriculum: each level in force, in order: step, position, level, reason.
     curriculum: list[dict[str, Any]] = field(default_factory=list)
+    # Multi-turn runs: episodes, model turns per episode, generation and environment seconds,
+    # the environment's share of them and why episodes ended (EpisodeTally.as_dict); {} else.
+    episodes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def poison_requests(self) -> int:
@@ -223,6 +226,7 @@ class StalenessSummary:
             "health": dict(self.health),
             "health_by_lag": {lag: dict(row) for lag, row in self.health_by_lag.items()},
             "curriculum": [dict(row) for row in self.curriculum],
+            "episodes": dict(self.episodes),
         }
 
 
@@ -283,6 +287,7 @@ def staleness_summary(
             {"step": e.step, "position": e.position, "level": e.level, "reason": e.reason}
             for e in fold.curriculum
         ],
+        episodes=fold.episodes.as_dict() if fold.episodes.episodes else {},
     )
     return _with_advice(partial)
 

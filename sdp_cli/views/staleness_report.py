@@ -193,6 +193,8 @@ def render_summary(
         parts.append(_eval_accuracy_line(summary))
     if summary.curriculum:
         parts.append(_curriculum_line(summary))
+    if summary.episodes:
+        parts.append(episodes_line(summary.episodes))
     if summary.health:
         parts.append(
             health_table(summary.health, summary.health_by_lag, "off-policy health by lag")
@@ -207,6 +209,17 @@ def render_summary(
             )
         )
     return Group(*parts)
+
+
+def episodes_line(episodes: dict[str, Any]) -> Text:
+    """Multi-turn runs: turns per episode, generation against environment seconds, ends."""
+    ends = ", ".join(f"{reason} {n}" for reason, n in episodes.get("ends", {}).items())
+    return Text(
+        f"episodes {episodes['episodes']}: {episodes['turns_per_episode']:.2f} model turns "
+        f"and {episodes.get('tool_calls_per_episode', 0.0):.2f} tool results each; "
+        f"generation {episodes['generate_s']:.1f}s, environment {episodes['env_s']:.1f}s "
+        f"({episodes['env_fraction']:.0%} of episode time); ended: {ends}"
+    )
 
 
 def _eval_accuracy_line(summary: StalenessSummary) -> RenderableType:

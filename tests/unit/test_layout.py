@@ -29,9 +29,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tasks": ANYONE | {"config"},
     "model": ANYONE | {"config"},
     "rollout": ANYONE | {"config", "inference", "tasks"},
+    # Multi-turn episodes build on the rollout's trajectories and workflow.
+    "episodes": ANYONE | {"config", "inference", "tasks", "rollout"},
+    # The OpenAI-compatible gateway drives episodes for agent programs.
+    "gateway": ANYONE | {"config", "inference", "tasks", "rollout", "episodes"},
     "weight_sync": ANYONE | {"config", "inference", "rollout"},
     "launcher": ANYONE | {"config", "inference", "model", "weight_sync"},
-    "orchestrator": ANYONE | {"config", "inference", "tasks", "rollout", "weight_sync"},
+    "orchestrator": ANYONE | {"config", "inference", "tasks", "rollout", "episodes", "weight_sync"},
     # The torch trainer implements what the orchestration asks of it (orchestrator.loop.Trainer,
     # orchestrator.run_state); nothing but commands/ imports it.
     "trainer": ANYONE | {"config", "rollout", "orchestrator", "weight_sync"},
@@ -43,6 +47,8 @@ MAY_IMPORT: dict[str, set[str]] = {
         "tasks",
         "model",
         "rollout",
+        "episodes",
+        "gateway",
         "launcher",
         "weight_sync",
         "orchestrator",

@@ -292,6 +292,25 @@ def test_prompts_that_leave_no_room_for_the_completion(
     )
 
 
+def test_episodes_must_fit_the_context_and_a_micro_batch(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    episodes = ["task=feedback", "task.base=reverse", f"model.path={tiny_model_dir}"]
+    code, output = dry_run(tmp_path, *episodes)
+    assert code == 0, output
+    assert "episodes fit: at most 255 tokens" in output
+    refused(
+        tmp_path,
+        "rollout.max_episode_tokens",
+        *episodes,
+        "rollout.max_episode_tokens=300",
+        hint="server.max_model_len − 1 = 255",
+    )
+    refused(
+        tmp_path, "train.micro_batch_tokens", *episodes, "train.micro_batch_tokens=100", hint="255"
+    )
+
+
 def test_launch_servers_checks_the_head_size_before_starting(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["launch-servers", f"run.dir={tmp_path}/run", "model.num_heads=8", "server=cpu"]

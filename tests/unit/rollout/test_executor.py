@@ -13,6 +13,7 @@ import pytest
 
 from sdp_cli.config.rollout_settings import RolloutConfig, Strategy
 from sdp_cli.config.train_settings import ProxMode
+from sdp_cli.errors import EpisodeRejected
 from sdp_cli.events.event_log import EventRecorder
 from sdp_cli.events.event_schema import (
     BatchTakenEvent,
@@ -379,6 +380,42 @@ def test_none_and_errors_are_rejected_and_the_rest_flows(started: Any) -> None:
     assert conservation_holds(snap)
     errors = [e for e in sink.of(RolloutFinishedEvent) if e.reason == "error"]
     assert "reward function crashed" in (errors[0].error or "")
+
+
+def test_an_environment_failure_is_a_rejection_logged_once_per_kind(
+    started: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Episodes whose environment raises are rejected with reason environment, each kind of
+    failure logged once, and they never count toward the executor giving up."""
+
+    class EnvFailingWorkflow:
+        async def run(self, rollout_id: int, executor_version: int, gate: Gate) -> Any:
+            if 1 <= rollout_id <= 6:
+                kind = "step timeout" if rollout_id % 2 else "step RuntimeError"
+                raise EpisodeRejected(kind, f"rollout {rollout_id}")
+            return RolloutGroup(rollout_id, [trajectory([executor_version])])
+
+    sink = EventRecorder()
+    ex = RolloutExecutor(
+        EnvFailingWorkflow(),
+        rollout_cfg(batch_size=2, max_staleness=0),
+        events=sink,
+        max_consecutive_errors=2,
+    )
+    started(ex)
+    with caplog.at_level("WARNING"):
+        batch = ex.take(2, timeout=5)
+        wait_until(lambda: ex.snapshot()["rejected_by_reason"].get("environment", 0) >= 6)
+    # Six failures in a row did not stop the executor (max_consecutive_errors=2).
+    assert [g.rollout_id for g in batch] == [0, 7]
+    assert conservation_holds(ex.snapshot())
+    rejected = [e for e in sink.of(RolloutFinishedEvent) if e.reason == "environment"]
+    assert {e.error.split(":")[0] for e in rejected if e.error} == {
+        "step timeout",
+        "step RuntimeError",
+    }
+    logged = [r for r in caplog.records if "shown once per kind" in r.getMessage()]
+    assert len(logged) == 2
 
 
 def test_a_workflow_that_always_fails_fails_take_fast(started: Any) -> None:

@@ -1,0 +1,207 @@
+"""Multi-turn episodes on real vLLM CPU servers with the tiny model: a 3-turn episode with a
+weight update in the middle of turn 2 (the turn continues as a new segment), where the trained
+tokens are exactly the sampled ones; and `sdp train conf=conf/examples/tiny-multiturn.yaml`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdp_cli.cli import app
+from sdp_cli.config.rollout_settings import RolloutConfig
+from sdp_cli.config.task_settings import TaskConfig
+from sdp_cli.episodes.messages import MessageFormat
+from sdp_cli.episodes.multiturn import EpisodeLimits, MultiTurnWorkflow
+from sdp_cli.events.event_log import read_events
+from sdp_cli.events.event_schema import RolloutFinishedEvent, TrainStepEvent
+from sdp_cli.inference import Completion, InferenceClient, SamplingParams
+from sdp_cli.launcher import ServerFleet
+from sdp_cli.orchestrator.sample_log import read_samples
+from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
+from sdp_cli.tasks import decode_completion, get_task, load_tokenizer
+from sdp_cli.tasks.chat import PromptFormat
+from sdp_cli.tasks.environment import EnvTask
+from sdp_cli.trainer.batch import SampleSettings, collate, flatten_groups
+from sdp_cli.weight_sync.disk import DiskTransport
+from tests import REPO
+from tests.integration.test_inference_vllm import RecordingTransport, current_version
+
+pytestmark = pytest.mark.vllm
+TURNS = 3
+EPISODES = 8
+
+
+class AlwaysWrong:
+    """Asks a question, and after every answer says it is wrong: episodes of max_turns turns."""
+
+    def reset(self, instance: Any) -> list[dict[str, str]]:
+        return [{"role": "user", "content": str(instance["question"])}]
+
+    def step(self, model_message: str) -> Any:
+        return [{"role": "user", "content": "no, try again."}], False, 0.0
+
+
+class UpdateAtTurnTwo:
+    """The client, plus a weight update started shortly after the first turn-2 request (each
+    episode calls `generate` once per turn; the first EPISODES calls are the turn-1 ones)."""
+
+    def __init__(self, client: InferenceClient, weights: Path, version: int) -> None:
+        self.client = client
+        self.weights = weights
+        self.version = version
+        self.calls = 0
+        self.update: asyncio.Task[Any] | None = None
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        gate: Any = None,
+        score_from: int | None = None,
+    ) -> Completion:
+        self.calls += 1
+        if self.calls == EPISODES + 1:
+            self.update = asyncio.create_task(self._update())
+        return await self.client.generate(
+            prompt_ids, sampling, max_new_tokens, gate=gate, score_from=score_from
+        )
+
+    async def _update(self) -> None:
+        await asyncio.sleep(0.05)
+        await DiskTransport(self.client).load_weights(str(self.weights), self.version)
+
+
+def model_runs(trajectory: Trajectory) -> list[list[int]]:
+    """The indices of each model turn's tokens, in order."""
+    runs: list[list[int]] = []
+    previous = False
+    for i, trained in enumerate(trajectory.trained or []):
+        if trained and not previous:
+            runs.append([])
+        if trained:
+            runs[-1].append(i)
+        previous = trained
+    return runs
+
+
+def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sampled_ids(
+    vllm_fleet: ServerFleet, tiny_model_dir: Path, write_tiny_weights: Callable[..., Path]
+) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    cfg = replace(TaskConfig(), name="reverse")
+    task = EnvTask("always_wrong", get_task(cfg, tokenizer), AlwaysWrong)
+    first, second = write_tiny_weights(11), write_tiny_weights(12)
+    recorder = RecordingTransport()
+
+    async def go() -> tuple[int, list[Trajectory]]:
+        async with InferenceClient(
+            vllm_fleet.pool, transport=recorder, score_continuations=True
+        ) as client:
+            old = current_version(vllm_fleet) + 1
+            await DiskTransport(client).load_weights(str(first), old)
+            generator = UpdateAtTurnTwo(client, second, old + 1)
+            flow = MultiTurnWorkflow(
+                task,
+                generator,
+                MessageFormat(PromptFormat.from_config(cfg, tokenizer)),
+                lambda ids: decode_completion(tokenizer, ids, task.stop_token_ids),
+                replace(RolloutConfig(), max_turns=TURNS),
+                EpisodeLimits(TURNS, 255, 40, 10.0),
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            prompt = task.sample_prompt(0)
+            episodes = await asyncio.gather(
+                *(
+                    flow.play(prompt, SamplingParams(seed=1000 * i, ignore_eos=True), None)
+                    for i in range(EPISODES)
+                )
+            )
+            assert generator.update is not None
+            await generator.update
+            # Every token of each episode under the second weights, which the servers hold.
+            scores.extend([await client.score(e.prompt_ids, e.output_ids) for e in episodes])
+            return old, list(episodes)
+
+    scores: list[list[float]] = []
+    old, episodes = asyncio.run(go())
+    split_in_turn_two = 0
+    for index, episode in enumerate(episodes):
+        runs = model_runs(episode)
+        assert len(runs) == TURNS and episode.end_reason == "max_turns"
+        versions = [[episode.versions[i] for i in run] for run in runs]
+        flat = [v for turn in versions for v in turn]
+        # Across turns and segments the versions only move forward, old → new.
+        assert flat == sorted(flat) and set(flat) <= {old, old + 1}
+        split = (
+            set(versions[0]) == {old}
+            and set(versions[1]) == {old, old + 1}
+            and set(versions[2]) == {old + 1}
+        )
+        split_in_turn_two += split
+        if split:
+            # The continuation in turn 2 scored the episode from its first output token under
+            # the new weights: the recompute takes these for turn 1 and turn 2's first part.
+            assert episode.prefix_version == old + 1 and episode.prefix_logprobs is not None
+            k = len(episode.prefix_logprobs)
+            assert k > len(runs[0]) + 1
+            assert episode.prefix_logprobs == pytest.approx(scores[index][:k], abs=1e-3)
+        # Every request was the episode's exact ids so far, and what the servers answered is
+        # the episode's model tokens, in order.
+        full = episode.prompt_ids + episode.output_ids
+        # (Episodes share their prompt: an answer is this episode's when it continues it.)
+        answers = [
+            r
+            for r in recorder.reports
+            if full[: len(r.request_ids) + len(r.answer_ids)] == r.request_ids + r.answer_ids
+        ]
+        sampled = [t for r in answers for t in r.answer_ids]
+        assert sampled == [episode.output_ids[i] for run in runs for i in run]
+    assert split_in_turn_two >= 1, "no episode was interrupted in turn 2 (of 3) by the update"
+    # The trainer's batch trains exactly those tokens.
+    group = RolloutGroup(0, episodes)
+    batch = collate(flatten_groups([group], SampleSettings()), pad_id=0)
+    for row, episode in enumerate(episodes):
+        trained = batch.output_ids[row][batch.loss_mask[row]].tolist()
+        assert trained == [
+            t for t, m in zip(episode.output_ids, episode.trained or [], strict=True) if m
+        ]
+
+
+def test_sdp_train_runs_the_tiny_multiturn_example(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"conf={REPO / 'conf/examples/tiny-multiturn.yaml'}",
+            f"run.dir={run_dir}",
+            "train.steps=4",
+            "eval.every=2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    events = list(read_events(run_dir / "events.jsonl"))
+    steps = [e for e in events if isinstance(e, TrainStepEvent)]
+    assert len(steps) == 4
+    finished = [e for e in events if isinstance(e, RolloutFinishedEvent) and e.accepted]
+    turns = [n for e in finished for n in e.episode_turns or []]
+    assert finished and len(turns) == 4 * len(finished)
+    assert min(turns) >= 2
+    records = [r for r in read_samples(run_dir / "samples.jsonl") if r["kind"] == "trained"]
+    assert records
+    for record in records:
+        roles = [t["role"] for t in record["turns"]]
+        assert roles[0] == "user" and roles.count("assistant") >= 2
+        assert all(t["trained"] == (t["role"] == "assistant") for t in record["turns"])
+    report = CliRunner().invoke(app, ["inspect-staleness", str(run_dir), "--json"])
+    assert report.exit_code == 0, report.output
+    summary = json.loads(report.output)
+    assert summary["episodes"]["turns_per_episode"] >= 2
