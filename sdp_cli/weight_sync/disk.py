@@ -28,6 +28,7 @@ from sdp_cli.weight_sync.vllm_http import (
     resume_server,
     set_server_version,
     update_server_weights,
+    update_server_weights_keep,
 )
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,11 @@ class DiskTransport:
     """The vLLM servers behind an inference client, loading exported directories
     (a `transport.WeightTransport`)."""
 
-    def __init__(self, client: InferenceClient) -> None:
+    def __init__(self, client: InferenceClient, keep_requests: bool = False) -> None:
+        """`keep_requests` (train.update_mode=keep): a reload pauses the servers with keep, so
+        requests in flight finish in place under the new weights instead of returning."""
         self._client = client
+        self._keep_requests = keep_requests
 
     async def load_weights(self, weights: Path | str | None, version: int) -> dict[str, float]:
         """Load `weights_dir` as `version` on every ready server at once (pause with abort →
@@ -108,7 +112,8 @@ class DiskTransport:
         http = self._client.http()
         try:
             local_path = await self._client.pool.weights_path_for(server.index, path, version)
-            timings = await update_server_weights(
+            update = update_server_weights_keep if self._keep_requests else update_server_weights
+            timings = await update(
                 http, server.address, local_path, version, self._client.update_timeout_s
             )
         except (httpx.HTTPError, OSError) as exc:
