@@ -86,10 +86,17 @@ class SimulatedWorkflow:
                 target - done, done, score_prefix=self._score_continuations and done > 0
             )
             if segment.token_ids:
-                segments += 1
+                token_versions = segment.token_versions()
+                # Segments are runs of one version, as the inference client counts them: a
+                # request frozen across a reload (update_mode=keep) makes two.
+                segments += sum(
+                    1
+                    for i, v in enumerate(token_versions)
+                    if v != (token_versions[i - 1] if i else versions[-1] if versions else None)
+                )
                 output_ids += segment.token_ids
                 logprobs += segment.logprobs
-                versions += [segment.version] * len(segment.token_ids)
+                versions += token_versions
                 if segment.prefix_logprobs is not None:
                     prefix_logprobs, prefix_version = segment.prefix_logprobs, segment.version
         return Trajectory(
