@@ -1,5 +1,6 @@
 """The disk transport: the trainer writes `weights_dir/v{N}/` and every vLLM server reloads
-it (pause with abort → reload_weights → update_weight_version → resume, `vllm_http`). With
+it (pause with abort → reload_weights → update_weight_version → resume, `vllm_http`; with
+`keep_requests`, train.update_mode=keep, the pause is with keep and nothing is aborted). With
 Ray the servers cannot read the exported directory, and the pool's stager
 (`launcher.ray_fleet.RayWeightsStager`) copies it to each server's node before the reload.
 
@@ -45,8 +46,8 @@ class DiskTransport:
         self._keep_requests = keep_requests
 
     async def load_weights(self, weights: Path | str | None, version: int) -> dict[str, float]:
-        """Load `weights_dir` as `version` on every ready server at once (pause with abort →
-        reload_weights → update_weight_version → resume, each server within update_timeout_s).
+        """Load `weights_dir` as `version` on every ready server at once (pause with abort or
+        keep → reload_weights → update_weight_version → resume, each within update_timeout_s).
         The pool records the target first, so a server that is restarting, or that fails here
         and is handed to the supervisor for a restart, is given these weights before it serves
         again. Returns the slowest server's seconds per phase, the total, and server counts."""
