@@ -142,6 +142,27 @@ def cmd_samples(
     show_samples(run_dir, last=last, kind=kind, step=step)
 
 
+@app.command("export")
+@user_errors
+def cmd_export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (run.dir of sdp train).")],
+    out: Annotated[Path, typer.Option("--out", help="A new directory to write.")],
+    step: Annotated[
+        int | None,
+        typer.Option("--step", help="The weights after this step (default: the newest kept)."),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="LoRA runs: merge the adapter into the base model's weights."),
+    ] = False,
+) -> None:
+    """Write a run's trained weights where a server loads them: the LoRA adapter (vLLM, peft),
+    or with --merge (and for full fine-tuning) a Hugging Face model directory with tokenizer."""
+    from sdp_cli.commands.export_run import export_command
+
+    export_command(run_dir, out, step, merge)
+
+
 @app.command("simulate")
 @user_errors
 def cmd_simulate(

@@ -22,6 +22,8 @@ from sdp_cli.launcher.command import (
     CPU_HEAD_SIZES,
     check_cpu_extra_args,
     check_vllm_installed,
+    flag_value,
+    lora_server_args,
     server_device,
     servers_may_be_remote,
 )
@@ -57,9 +59,38 @@ def preflight(cfg: SdpConfig) -> list[str]:
         *check_task(cfg.task),
         *check_servers(cfg.server, cfg.ray),
         *check_trainer_device(cfg),
+        *check_lora(cfg),
         *check_run_dir(cfg),
         *check_memory_weights_dir(cfg),
     ]
+
+
+# Modules vLLM 0.32 serves no adapter on (an adapter there would not load on the servers).
+UNSERVED_LORA_MODULES = ("lm_head", "embed_tokens", "embed")
+
+
+def check_lora(cfg: SdpConfig) -> list[str]:
+    """train.lora: what the servers could not serve, refused before anything starts."""
+    lora = cfg.train.lora
+    if lora.rank == 0:
+        return []
+    for module in lora.target_modules:
+        if any(module == name or module.endswith("." + name) for name in UNSERVED_LORA_MODULES):
+            raise ConfigError(
+                "train.lora.target_modules",
+                f"{module}: vLLM serves adapters on the decoder's linear projections only",
+                "name linear projections (e.g. [q_proj, v_proj]) or leave it [] for all of them",
+            )
+    flags = lora_server_args(lora)
+    given = flag_value(list(cfg.server.extra_args), "--max-lora-rank")
+    if given is not None and (not given.isdigit() or int(given) < lora.rank):
+        raise ConfigError(
+            "server.extra_args",
+            f"--max-lora-rank {given} is below train.lora.rank ({lora.rank}): the servers "
+            "would refuse the adapter",
+            "leave --max-lora-rank out (sdp passes the smallest vLLM rank that fits)",
+        )
+    return [f"LoRA rank {lora.rank}: servers start with {' '.join(flags)}"]
 
 
 def check_model(cfg: SdpConfig) -> list[str]:

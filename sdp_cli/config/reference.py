@@ -48,15 +48,18 @@ def explained_yaml(cfg: SdpConfig) -> str:
     """The resolved config as YAML, each key followed by its help and allowed values."""
     values: Any = OmegaConf.structured(cfg)
     lines: list[str] = []
-    group = ""
+    groups: list[str] = []
     for key, _, rule in declared_keys():
-        head, _, name = key.rpartition(".")
-        if head != group and head:
-            lines.append(f"{head}:")
-        group = head
-        indent = "  " * key.count(".")
+        *heads, name = key.split(".")
+        # A header per group level that changed (train:, then   lora: inside it).
+        same = 0
+        while same < min(len(groups), len(heads)) and groups[same] == heads[same]:
+            same += 1
+        for depth in range(same, len(heads)):
+            lines.append(f"{'  ' * depth}{heads[depth]}:")
+        groups = heads
         value = yaml_value(OmegaConf.select(values, key))
-        lines.append(f"{indent}{name or head}: {value}{_comment(rule)}")
+        lines.append(f"{'  ' * len(heads)}{name}: {value}{_comment(rule)}")
     return "\n".join(lines) + "\n"
 
 

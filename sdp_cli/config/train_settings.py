@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from sdp_cli.config.server_settings import Device
@@ -62,6 +62,39 @@ class TrainDtype(StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
+
+
+# vLLM 0.32's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoraConfig:
+    """`train.lora.*`: train a LoRA adapter (peft) instead of every weight."""
+
+    rank: int = setting(
+        0,
+        ge=0,
+        le=VLLM_LORA_RANKS[-1],
+        help="LoRA rank; 0 trains every weight (full fine-tuning). With a rank, only the "
+        "adapter is trained, and each weight update sends only the adapter to the servers",
+        why="vLLM serves adapters up to rank 512",
+    )
+    alpha: float = setting(
+        16.0, gt=0, help="LoRA alpha: the adapter's output is scaled by alpha / rank"
+    )
+    dropout: float = setting(
+        0.0,
+        ge=0,
+        lt=1,
+        help="dropout on the adapter's input in the trainer's loss passes only (the servers and "
+        "the scoring passes use none, so above 0 the trainer's ratios see a noisier policy)",
+    )
+    target_modules: list[str] = setting(
+        factory=list,
+        help="module names (or name suffixes) that get an adapter; []: every linear "
+        "projection of the decoder (peft's all-linear; the LM head is left out)",
+    )
 
 
 @dataclass
@@ -254,3 +287,4 @@ class TrainConfig:
         "pointwise ops between them: most of the memory saved for a few percent of the speed); "
         "full (keep each decoder layer's input, recompute the layer)",
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from sdp_cli.inference.adapters import adapter_version
 from sdp_cli.inference.client_errors import (
     NoServerAvailableError,
     PoisonRequestError,
@@ -182,6 +183,11 @@ class InferenceClient:
 
         payload, attempts = await self._with_retries("POST", GENERATE_PATH, body)
         answer = parse_generate_answer(payload)
+        adapter = adapter_version(payload.get("model"))
+        if adapter is not None:
+            # A request keeps the adapter it named to its last token, even one that reached
+            # the server after it had loaded the next version (whose spans it would carry).
+            answer.versions = [adapter] * len(answer.token_ids)
         if prefix_start is not None:
             answer.prefix_logprobs = parse_prefix_logprobs(
                 payload, token_ids, prefix_start, aborted=answer.finish_reason == "abort"
@@ -307,7 +313,7 @@ class InferenceClient:
             # Only once a server is routable again is the death it served counted for sure.
             server = await self._acquire(avoid)
             if witness.deaths(self.pool):
-                self.pool.release(server.index)
+                self.pool.release(server.index, server.adapter)
                 async with connections.suspects:
                     self._refuse_poison(witness, path, errors)
                     server = await self._acquire(avoid)
@@ -344,11 +350,14 @@ class InferenceClient:
         on, and only the second tells that the request reached it."""
         try:
             payload = body() if body is not None else None
+            if payload is not None and server.adapter is not None:
+                # LoRA: the adapter of the version this server holds (inference/adapters.py).
+                payload["model"] = server.adapter
             return await self._attempt(
                 connections, server, method, path, payload, errors, witness, fresh
             )
         finally:
-            self.pool.release(server.index)
+            self.pool.release(server.index, server.adapter)
 
     async def _attempt(
         self,

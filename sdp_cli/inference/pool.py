@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+from sdp_cli.inference.adapters import adapter_prefix, adapters_to_unload
 
 
 class ServerState(StrEnum):
@@ -36,6 +39,8 @@ class ServerStatus:
     crashes: int = 0
     # Why the supervisor gave the server up (state dead), with its log's last error.
     dead_because: str | None = None
+    # With LoRA: the adapter of the server's version, which its requests name as "model".
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class _Entry:
     status: ServerStatus
     restart_reason: str | None = None
     suspect_until: float = 0.0
+    # With LoRA: every adapter loaded on the server and not unloaded yet, and how many
+    # requests in flight named each.
+    loaded_adapters: list[str] = field(default_factory=list)
+    adapter_requests: Counter[str] = field(default_factory=Counter)
 
 
 class ServerPool:
@@ -78,6 +87,8 @@ class ServerPool:
         # requested for, and loads the target weights into them before they serve again.
         self.supervised = False
         self._stager: WeightsStager | None = None
+        # The names of this pool's LoRA adapters start with it (inference/adapters.py).
+        self.adapter_prefix = adapter_prefix()
         for address in addresses:
             self.add(address, state=state, version=version)
 
@@ -227,12 +238,42 @@ class ServerPool:
             ]
             chosen = min(preferred or routable, key=lambda e: e.status.in_flight)
             chosen.status = replace(chosen.status, in_flight=chosen.status.in_flight + 1)
+            if chosen.status.adapter is not None:
+                chosen.adapter_requests[chosen.status.adapter] += 1
             return chosen.status
 
-    def release(self, index: int) -> None:
+    def release(self, index: int, adapter: str | None = None) -> None:
+        """A request acquired on server `index` is over; `adapter` is the one it named."""
         with self._lock:
             entry = self._entries[index]
             entry.status = replace(entry.status, in_flight=max(0, entry.status.in_flight - 1))
+            if adapter is not None and entry.adapter_requests[adapter] > 0:
+                entry.adapter_requests[adapter] -= 1
+
+    # ---- LoRA adapters ------------------------------------------------------------------
+
+    def set_adapter(self, index: int, adapter: str | None) -> None:
+        """Server `index` serves its version under `adapter` now (None: its own weights)."""
+        with self._lock:
+            entry = self._entries[index]
+            if adapter is not None and adapter not in entry.loaded_adapters:
+                entry.loaded_adapters.append(adapter)
+        self._update(index, adapter=adapter)
+
+    def unloadable_adapters(self, index: int) -> list[str]:
+        """The adapters server `index` may unload now (`adapters_to_unload`)."""
+        with self._lock:
+            entry = self._entries[index]
+            return adapters_to_unload(
+                entry.loaded_adapters, entry.status.adapter, entry.adapter_requests
+            )
+
+    def forget_adapter(self, index: int, adapter: str) -> None:
+        """Server `index` holds `adapter` no more (unloaded, or the server restarted)."""
+        with self._lock:
+            loaded = self._entries[index].loaded_adapters
+            if adapter in loaded:
+                loaded.remove(adapter)
 
     def report_unreachable(self, index: int) -> None:
         """A connection to this server failed: prefer the others for a moment."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from sdp_cli.config.schema import SdpConfig
 from sdp_cli.config.server_settings import ServerBackend
 from sdp_cli.events.event_log import EventSink
+from sdp_cli.launcher.command import with_lora_serving
 from sdp_cli.launcher.fleet import ServerFleet
 
 
@@ -20,12 +21,14 @@ def make_fleet(
     events: EventSink | None = None,
     observe_servers: bool = False,
 ) -> ServerFleet:
-    """An unstarted fleet of `cfg.server.count` servers on the configured backend."""
+    """An unstarted fleet of `cfg.server.count` servers on the configured backend (serving
+    LoRA adapters when train.lora.rank > 0)."""
+    server = with_lora_serving(cfg.server, cfg.train.lora, model_dir)
     if cfg.server.backend == ServerBackend.ray:
         from sdp_cli.launcher.ray_fleet import RayServerFleet
 
         return RayServerFleet(
-            cfg.server,
+            server,
             cfg.ray,
             model_dir,
             run_dir,
@@ -35,7 +38,7 @@ def make_fleet(
             observe_servers=observe_servers,
         )
     return ServerFleet(
-        cfg.server,
+        server,
         model_dir,
         run_dir,
         registry_path=registry_path,

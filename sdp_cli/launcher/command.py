@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from sdp_cli.config.server_settings import Device, RayConfig, ServerBackend, ServerConfig
+from sdp_cli.config.train_settings import VLLM_LORA_RANKS, LoraConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
+from sdp_cli.weight_sync.adapter_export import model_projection_names
 
 __all__ = [
     "CPU_HEAD_SIZES",
@@ -16,9 +19,12 @@ __all__ = [
     "check_cpu_extra_args",
     "check_vllm_installed",
     "cpu_scheduler_args",
+    "flag_value",
+    "lora_server_args",
     "server_device",
     "vllm_command",
     "vllm_env",
+    "with_lora_serving",
 ]
 
 
@@ -26,6 +32,12 @@ __all__ = [
 CPU_DEFAULT_BATCHED_TOKENS = 2048
 # Flags that would let the CPU scheduler split a prefill again (see cpu_scheduler_args).
 CHUNKING_FLAGS = ("--enable-chunked-prefill", "--long-prefill-token-threshold")
+
+# Adapters one engine step may batch: a weight update's new version and the old one that
+# requests already running still name (inference/adapters.py).
+MAX_LORAS = 2
+# What lets vLLM load and unload adapters while it serves.
+LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 # Head sizes vLLM 0.32's CPU attention serves (CPUAttentionBackend.get_supported_head_sizes);
 # another fails at the first request, after the server has started.
@@ -129,7 +141,7 @@ def check_cpu_extra_args(server: ServerConfig) -> None:
                 "rewind the seeded generator of a split prefill (the engine dies)",
                 f"remove {flag}; sdp runs CPU servers with --no-enable-chunked-prefill",
             )
-    budget = _flag_value(args, "--max-num-batched-tokens")
+    budget = flag_value(args, "--max-num-batched-tokens")
     if budget is not None and (not budget.isdigit() or int(budget) < server.max_model_len):
         raise ConfigError(
             "server.extra_args",
@@ -139,7 +151,7 @@ def check_cpu_extra_args(server: ServerConfig) -> None:
         )
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
+def flag_value(args: list[str], flag: str) -> str | None:
     """The value of the last `flag VALUE` or `flag=VALUE` in args, or None."""
     value = None
     for index, arg in enumerate(args):
@@ -150,8 +162,41 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return value
 
 
+def lora_server_args(lora: LoraConfig, targets: list[str] | None = None) -> list[str]:
+    """The server flags for train.lora: LoRA on, the smallest rank vLLM allows that holds the
+    adapter's, and LoRA layers on the adapter's `targets` only; none at rank 0.
+
+    Why the targets: without them vLLM wraps the LM head too, and vLLM 0.32's CPU LoRA path
+    then fails on every request with prompt logprobs (the proximal recompute, continuation
+    scores): the LM head's LoRA uses the sampled positions' adapter indices for the prompt's
+    positions, and the engine dies ("einsum(): subscript b has size ..."). sdp never trains
+    an adapter on the LM head (preflight refuses it), so leaving it plain costs nothing."""
+    if lora.rank == 0:
+        return []
+    max_rank = min(rank for rank in VLLM_LORA_RANKS if rank >= lora.rank)
+    flags = ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(MAX_LORAS)]
+    if targets:
+        flags += ["--lora-target-modules", *targets]
+    return flags
+
+
+def with_lora_serving(server: ServerConfig, lora: LoraConfig, model_dir: Path) -> ServerConfig:
+    """`server` with the LoRA flags of `lora` before its own extra_args (which win); the
+    adapter's modules are `train.lora.target_modules`, or every linear projection of the
+    model in `model_dir` but its LM head."""
+    if lora.rank == 0:
+        return server
+    flags = lora_server_args(lora, list(lora.target_modules) or model_projection_names(model_dir))
+    if not flags:
+        return server
+    return replace(server, extra_args=[*flags, *server.extra_args])
+
+
 def vllm_env(server: ServerConfig, cuda_devices: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if "--enable-lora" in server.extra_args:
+        # /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with it.
+        env[LORA_RUNTIME_ENV] = "True"
     # Enables /pause, /resume, /collective_rpc and /update_weight_version.
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")

@@ -24,6 +24,14 @@ from sdp_cli.config.train_settings import LossAgg, ProxMode, TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.orchestrator.run_state import TrainState
 from sdp_cli.rollout.trajectory import RolloutGroup
+from sdp_cli.trainer.adapter import (
+    adapter_config,
+    adapter_dropout,
+    adapter_tensors,
+    read_checkpoint_adapter,
+    with_lora,
+    write_checkpoint_adapter,
+)
 from sdp_cli.trainer.batch import (
     SampleSettings,
     TokenSample,
@@ -40,6 +48,7 @@ from sdp_cli.trainer.packing import PackedRows, pack_batch
 from sdp_cli.trainer.recompute_activations import enable_gradient_checkpointing
 from sdp_cli.trainer.schedule import lr_at
 from sdp_cli.trainer.token_stats import k3, masked_mean, token_entropy
+from sdp_cli.weight_sync.adapter_export import export_adapter
 from sdp_cli.weight_sync.export import export_weights
 
 
@@ -76,13 +85,13 @@ def load_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `model`'s parameters, with torch's fused kernel: one pass over each tensor
+    """AdamW over `model`'s trainable parameters (the adapter's alone with LoRA), with
+    torch's fused kernel: one pass over each tensor
     with no temporaries. The default on CPU (one tensor at a time, `foreach=False`) allocates
     two tensors the size of the largest parameter (SmolLM2-135M's embedding) and is several
     times slower (docs/benchmarks.md)."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay, fused=True)
 
 
 def _pad_id(model: PreTrainedModel) -> int:
@@ -116,6 +125,12 @@ class Actor:
         self.train_config = train
         self.device = torch_device(train.device)
         self.model = load_model(self.model_dir, self.device)
+        # With train.lora.rank, the adapter is injected into self.model, which stays the
+        # Hugging Face model (every method below reads its decoder and head as before);
+        # `self.peft` switches the adapter off for the KL reference and names its tensors.
+        self.peft = (
+            with_lora(self.model, train.lora, self.model_dir) if train.lora.rank > 0 else None
+        )
         self.pad_id = _pad_id(self.model)
         self.loss_settings = LossSettings.from_config(train)
         rollout = rollout or RolloutConfig()
@@ -126,8 +141,10 @@ class Actor:
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.logit_chunk_tokens = train.logit_chunk_tokens if has_plain_lm_head(self.model) else 0
         enable_gradient_checkpointing(self.model, train.gradient_checkpointing)
-        # The frozen initial model of the KL penalty; none is loaded when train.kl_coef = 0.
-        self.reference = load_model(self.model_dir, self.device) if train.kl_coef > 0 else None
+        # The frozen initial model of the KL penalty; none is loaded when train.kl_coef = 0,
+        # nor with LoRA: the reference is then this model with its adapter switched off.
+        loads_reference = train.kl_coef > 0 and self.peft is None
+        self.reference = load_model(self.model_dir, self.device) if loads_reference else None
         if self.reference is not None:
             self.reference.requires_grad_(False)
         self.step_extras: dict[str, float] = {}
@@ -212,6 +229,9 @@ class Actor:
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TrainBatch) -> Tensor | None:
+        if self.peft is not None and self.train_config.kl_coef > 0:
+            with self.peft.disable_adapter():
+                return self.logprobs(batch)
         if self.reference is None:
             return None
         return self.logprobs(batch, self.reference)
@@ -248,7 +268,11 @@ class Actor:
         max_norm = self.train_config.grad_clip
         # A non-positive grad_clip disables clipping; the norm is still reported.
         limit = max_norm if max_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit).item())
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable(), limit).item())
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer steps (the adapter's alone with LoRA)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def train_step(self, groups: Sequence[RolloutGroup], version: int) -> dict[str, float]:
         """One optimizer step on `groups`, training version `version` → `version + 1`.
@@ -274,8 +298,10 @@ class Actor:
         self.optimizer.zero_grad(set_to_none=True)
         stats = LossStats()
         extra = _ExtraStats()
+        dropout = self.peft is not None and self.train_config.lora.dropout > 0
         for batch, prox_pass in zip(batches, recomputed, strict=True):
-            logprobs, entropy = self.logprobs_and_entropy(batch)
+            with adapter_dropout(self.model, dropout):
+                logprobs, entropy = self.logprobs_and_entropy(batch)
             extra.add(batch, entropy, logprobs)
             prox = select_proximal(
                 self.prox_mode,
@@ -331,10 +357,17 @@ class Actor:
         return finite
 
     def save_tensors(self, target: Path) -> None:
-        """Write the weights and optimizer state of a checkpoint into `target`."""
+        """Write the weights (the adapter alone with LoRA) and optimizer state of a checkpoint
+        into `target`."""
+        if self.peft is not None:
+            write_checkpoint_adapter(target, self.peft, self.model, self.optimizer)
+            return
         write_model_tensors(target, self.model, self.optimizer)
 
     def load_tensors(self, path: Path) -> None:
+        if self.peft is not None:
+            read_checkpoint_adapter(path, self.peft, self.optimizer)
+            return
         read_model_tensors(path, self.model, self.optimizer)
 
     def reference_penalty(self, batch: TrainBatch, logprobs: Tensor, extra: _ExtraStats) -> Tensor:
@@ -358,7 +391,10 @@ class Actor:
         self, weights_dir: Path, version: int, dtype: torch.dtype | str | None = None
     ) -> Path:
         """Write `weights_dir/v{version}/` for the servers, in their `dtype` (a torch dtype, or
-        vLLM's --dtype name; None: the trainer's); keeps the newest train.keep_weights."""
+        vLLM's --dtype name; None: the trainer's); keeps the newest train.keep_weights. With
+        LoRA only the adapter is written (vLLM converts it to its own dtype)."""
+        if self.peft is not None:
+            return self.export_adapter(weights_dir, version, adapter_tensors(self.peft, self.model))
         return export_weights(
             self.model,
             self.model_dir,
@@ -366,6 +402,16 @@ class Actor:
             version,
             self.train_config.keep_weights,
             dtype=dtype,
+        )
+
+    def export_adapter(self, weights_dir: Path, version: int, tensors: dict[str, Tensor]) -> Path:
+        assert self.peft is not None
+        return export_adapter(
+            tensors,
+            adapter_config(self.peft),
+            weights_dir,
+            version,
+            self.train_config.keep_weights,
         )
 
 

@@ -73,6 +73,12 @@ def write_model_tensors(
 def read_model_tensors(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> None:
+    if (path / "adapter").is_dir():
+        raise ConfigError(
+            "train.lora.rank",
+            f"checkpoint {path} holds a LoRA adapter, and this run trains every weight",
+            "resume with the train.lora settings the run was started with",
+        )
     if not (path / MODEL_FILE).is_file():
         raise ConfigError(
             "train.world_size",

@@ -37,6 +37,7 @@ from sdp_cli.config.train_settings import TrainConfig
 from sdp_cli.errors import ConfigError
 from sdp_cli.rollout.trajectory import RolloutGroup
 from sdp_cli.trainer.actor import Actor, make_optimizer, step_summary
+from sdp_cli.trainer.adapter import CHECKPOINT_ADAPTER_DIR, adapter_config, adapter_tensors
 from sdp_cli.trainer.batch import (
     TokenSample,
     TrainBatch,
@@ -59,6 +60,7 @@ from sdp_cli.trainer.distributed import (
     uses_sharded_trainer,
 )
 from sdp_cli.trainer.loss import LossStats
+from sdp_cli.weight_sync.adapter_export import write_adapter_dir
 from sdp_cli.weight_sync.export import export_weights
 
 # torch.distributed.checkpoint directory inside a step-N checkpoint.
@@ -161,7 +163,9 @@ class ShardedActor(Actor):
         # per thread: gather on this rank's device.
         with self._on_rank_device():
             self.channel.send(Command.export)
-            state = self.full_state_dict()
+            state = self._export_state()
+        if self.peft is not None:
+            return self.export_adapter(weights_dir, version, state)
         return export_weights(
             self.model,
             self.model_dir,
@@ -222,10 +226,17 @@ class ShardedActor(Actor):
         max_norm = self.train_config.grad_clip
         limit = max_norm if max_norm > 0 else float("inf")
         # The norm of DTensor gradients is computed over the full (unsharded) gradient.
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable(), limit)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         return float(norm.item())
+
+    def _export_state(self) -> dict[str, Tensor]:
+        """What a weight update sends, gathered from every rank: the adapter in peft's names
+        with LoRA (each rank gets it), else the full state dict on rank 0."""
+        if self.peft is not None:
+            return adapter_tensors(self.peft, self.model)
+        return self.full_state_dict()
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """Every parameter in full on rank 0's CPU (empty on the other ranks)."""
@@ -236,6 +247,13 @@ class ShardedActor(Actor):
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.save(state, checkpoint_id=str(target / SHARDED_DIR))
+        if self.peft is not None:
+            # Also the adapter alone, servable (`sdp export`): gathered on every rank.
+            tensors = adapter_tensors(self.peft, self.model)
+            if self.info.rank == 0:
+                write_adapter_dir(
+                    target / CHECKPOINT_ADAPTER_DIR, tensors, adapter_config(self.peft)
+                )
 
     def _load_sharded(self, path: Path) -> None:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -260,7 +278,7 @@ class ShardedActor(Actor):
                 stats, *_ = self._rank_step(self.channel.scatter(None), int(payload))
                 self.channel.gather(stats)
             elif command == Command.export:
-                self.full_state_dict()
+                self._export_state()
             elif command == Command.save:
                 self._save_sharded(Path(payload))
             elif command == Command.load:

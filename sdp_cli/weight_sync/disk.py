@@ -6,6 +6,12 @@ Ray the servers cannot read the exported directory, and the pool's stager
 
 A server that starts or restarts during a run is given the pool's target weights the same way
 (`load_target_weights`), so a weight update never misses one.
+
+With LoRA (the exported directory holds an adapter) each server keeps the base model and loads
+the version's adapter under a new name instead of reloading its weights
+(`vllm_http.update_server_adapter`); requests then name that adapter (`inference/adapters.py`),
+and after the resume the server unloads the adapters no request names any more. A restarted
+server is the base model plus the target's adapter.
 """
 
 from __future__ import annotations
@@ -18,16 +24,21 @@ from pathlib import Path
 
 import httpx
 
+from sdp_cli.inference.adapters import adapter_name
 from sdp_cli.inference.client import InferenceClient
 from sdp_cli.inference.client_errors import NoServerAvailableError, WeightUpdateError
 from sdp_cli.inference.pool import ServerPool, ServerState, ServerStatus
+from sdp_cli.weight_sync.adapter_export import is_adapter_dir
 from sdp_cli.weight_sync.vllm_http import (
     PHASES,
     PhaseTimings,
+    check_adapter_dir,
     check_weights_dir,
     pause_server,
     resume_server,
     set_server_version,
+    unload_adapter,
+    update_server_adapter,
     update_server_weights,
     update_server_weights_keep,
 )
@@ -53,7 +64,7 @@ class DiskTransport:
         again. Returns the slowest server's seconds per phase, the total, and server counts."""
         if weights is None:
             raise ValueError("vLLM servers load weights from a directory; the export gave none")
-        path = str(check_weights_dir(weights))
+        path = str(checked_weights_dir(weights))
         self._client.pool.set_target_weights(path, version)
         targets = [s for s in self._client.pool.snapshot() if s.state == ServerState.ready]
         if not targets and self._client.pool.all_dead():
@@ -112,10 +123,14 @@ class DiskTransport:
     ) -> PhaseTimings | None:
         http = self._client.http()
         try:
-            local_path = await self._client.pool.weights_path_for(server.index, path, version)
-            update = update_server_weights_keep if self._keep_requests else update_server_weights
-            timings = await update(
-                http, server.address, local_path, version, self._client.update_timeout_s
+            timings = await sync_server(
+                self._client.pool,
+                http,
+                server.index,
+                path,
+                version,
+                self._client.update_timeout_s,
+                keep_requests=self._keep_requests,
             )
         except (httpx.HTTPError, OSError) as exc:
             # Unpause it in case it can still serve, then let the supervisor restart it: its
@@ -125,6 +140,9 @@ class DiskTransport:
             self._client.pool.request_restart(server.index, f"weight update failed: {exc!r}")
             return None
         self._client.pool.set_version(server.index, version)
+        await unload_unused_adapters(
+            self._client.pool, http, server.index, self._client.update_timeout_s
+        )
         return timings
 
 
@@ -138,8 +156,59 @@ async def load_target_weights(
         target = pool.target()
         if target.weights_dir is None:
             await set_server_version(http, address, target.version, timeout_s)
+            pool.set_adapter(index, None)
         else:
-            path = await pool.weights_path_for(index, target.weights_dir, target.version)
-            await update_server_weights(http, address, path, target.version, timeout_s)
+            await sync_server(pool, http, index, target.weights_dir, target.version, timeout_s)
         if pool.mark_ready_if_current(index, target.version):
+            await unload_unused_adapters(pool, http, index, timeout_s)
             return
+
+
+def checked_weights_dir(weights: Path | str) -> Path:
+    """The exported directory, checked for what vLLM needs: a whole model, or an adapter."""
+    if is_adapter_dir(weights):
+        return check_adapter_dir(weights)
+    return check_weights_dir(weights)
+
+
+async def sync_server(
+    pool: ServerPool,
+    http: httpx.AsyncClient,
+    index: int,
+    weights_dir: str,
+    version: int,
+    timeout_s: float,
+    keep_requests: bool = False,
+) -> PhaseTimings:
+    """Load `weights_dir` as `version` on server `index` (the whole protocol): reload the
+    weights, or load the adapter under the version's name and route its requests to it.
+    `keep_requests` (train.update_mode=keep, full weights only): pause with keep."""
+    address = pool.status(index).address
+    path = await pool.weights_path_for(index, weights_dir, version)
+    if not is_adapter_dir(weights_dir):
+        update = update_server_weights_keep if keep_requests else update_server_weights
+        return await update(http, address, path, version, timeout_s)
+    if keep_requests:
+        # Requests in flight name the previous version's adapter: frozen and resumed, their
+        # later tokens would be that adapter's yet carry the new version. The config refuses
+        # the combination (config/validate.py); this is the last line.
+        raise ValueError("train.update_mode=keep does not apply to LoRA adapters")
+    adapter = adapter_name(pool.adapter_prefix, version)
+    timings = await update_server_adapter(http, address, path, adapter, version, timeout_s)
+    pool.set_adapter(index, adapter)
+    return timings
+
+
+async def unload_unused_adapters(
+    pool: ServerPool, http: httpx.AsyncClient, index: int, timeout_s: float
+) -> None:
+    """Unload the adapters server `index` loaded before and no request in flight names (the
+    others wait for a later update). Best effort: a server that fails it still serves."""
+    address = pool.status(index).address
+    for adapter in pool.unloadable_adapters(index):
+        try:
+            await unload_adapter(http, address, adapter, timeout_s)
+        except (httpx.HTTPError, OSError) as exc:
+            log.warning("unloading adapter %s on %s failed: %r", adapter, address, exc)
+            continue
+        pool.forget_adapter(index, adapter)

@@ -135,6 +135,77 @@ async def server_version(http: httpx.AsyncClient, address: str, timeout_s: float
     return str(response.json()["weight_version"])
 
 
+# ---- LoRA adapters (train.lora.rank > 0) ---------------------------------------------------
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The absolute adapter directory, or WeightsDirError if vLLM could not load it."""
+    path = Path(adapter_dir).expanduser().resolve()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise WeightsDirError(f"adapter directory '{path}' has no {name}")
+    return path
+
+
+async def update_server_adapter(
+    http: httpx.AsyncClient,
+    address: str,
+    adapter_dir: str,
+    adapter: str,
+    version: int,
+    timeout_s: float,
+) -> PhaseTimings:
+    """The protocol with a LoRA adapter instead of full weights: pause with abort → load the
+    adapter under its version's name (`reload` times it) → version → resume. The base model
+    stays; the old adapters are unloaded after the resume (`unload_adapter`), once no request
+    names them. Raises httpx errors on any failure."""
+    deadline = _Deadline(timeout_s)
+    timings = PhaseTimings()
+
+    start = time.perf_counter()
+    await pause_server(http, address, deadline.left())
+    timings.pause = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await load_adapter(http, address, adapter, adapter_dir, deadline.left())
+    timings.reload = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await set_server_version(http, address, version, deadline.left())
+    timings.version = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await resume_server(http, address, deadline.left())
+    timings.resume = time.perf_counter() - start
+    return timings
+
+
+async def load_adapter(
+    http: httpx.AsyncClient, address: str, adapter: str, adapter_dir: str, timeout_s: float
+) -> None:
+    """`POST /v1/load_lora_adapter`: vLLM reads the adapter and serves it under `adapter`."""
+    response = await http.post(
+        f"{address}/v1/load_lora_adapter",
+        json={"lora_name": adapter, "lora_path": adapter_dir},
+        timeout=timeout_s,
+    )
+    response.raise_for_status()
+
+
+async def unload_adapter(
+    http: httpx.AsyncClient, address: str, adapter: str, timeout_s: float
+) -> bool:
+    """`POST /v1/unload_lora_adapter`; False when the server does not know the name (it
+    restarted since), True when it dropped it."""
+    response = await http.post(
+        f"{address}/v1/unload_lora_adapter", json={"lora_name": adapter}, timeout=timeout_s
+    )
+    if response.status_code in (400, 404):
+        return False
+    response.raise_for_status()
+    return True
+
+
 async def pause_server_keep(http: httpx.AsyncClient, address: str, timeout_s: float) -> None:
     """`POST /pause?mode=keep&clear_cache=false`: running requests freeze where they are, with
     their KV cache, and go on after the resume; requests that arrive meanwhile wait in vLLM's
