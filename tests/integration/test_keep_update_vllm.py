@@ -124,24 +124,41 @@ def test_a_keep_update_of_every_layer_samples_over_the_old_kv_cache(
     the KV cache the old ones computed: their logprobs are what sampled them (exact for the
     decoupled loss), yet not what a fresh prefill under the new weights gives."""
     first, second = write_tiny_weights(1), write_tiny_weights(2)
-    prompt = [1, 9, 6, 7]
+    # Several completions, so that some are still generating when the update comes however
+    # fast the machine is at the moment.
+    prompts = [[1, 9 + i, 6, 7] for i in range(8)]
 
-    async def go() -> tuple[int, Completion, list[float]]:
+    async def go() -> tuple[int, list[Completion], list[list[float]]]:
         async with InferenceClient(vllm_fleet.pool) as client:
             old = current_version(vllm_fleet) + 1
             await DiskTransport(client).load_weights(str(first), old)
-            task = asyncio.create_task(
-                client.generate(prompt, SamplingParams(seed=3, ignore_eos=True), LENGTH)
-            )
+            tasks = [
+                asyncio.create_task(
+                    client.generate(p, SamplingParams(seed=3 + i, ignore_eos=True), LENGTH)
+                )
+                for i, p in enumerate(prompts)
+            ]
             await asyncio.sleep(0.2)
             await DiskTransport(client, keep_requests=True).load_weights(str(second), old + 1)
-            completion = await task
-            return old, completion, await client.score(prompt, completion.output_ids)
+            completions = list(await asyncio.gather(*tasks))
+            fresh = [
+                await client.score(p, c.output_ids)
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+            return old, completions, fresh
 
-    old, completion, fresh = run(go())
-    assert completion.n_requests == 1 and set(completion.versions) == {old, old + 1}
-    after = [i for i, v in enumerate(completion.versions) if v == old + 1]
-    gaps = [abs(completion.logprobs[i] - fresh[i]) for i in after]
+    old, completions, fresh = run(go())
+    assert all(c.n_requests == 1 for c in completions)
+    split = [
+        (c, f) for c, f in zip(completions, fresh, strict=True) if set(c.versions) == {old, old + 1}
+    ]
+    assert split, "no completion was generating during the keep update"
+    gaps = [
+        abs(c.logprobs[i] - f[i])
+        for c, f in split
+        for i, v in enumerate(c.versions)
+        if v == old + 1
+    ]
     assert sum(gaps) / len(gaps) > 1e-3
 
 
