@@ -24,6 +24,7 @@ from sdp_cli.commands.preflight import RUN_FILES, check_run_dir, holds_run, pref
 from sdp_cli.config import SdpConfig, config_to_yaml
 from sdp_cli.config.run_plan import RunPlan, plan_run
 from sdp_cli.config.server_settings import Device
+from sdp_cli.config.train_settings import UpdateMode
 from sdp_cli.episodes.messages import MessageFormat
 from sdp_cli.episodes.multiturn import EpisodeLimits, MultiTurnWorkflow
 from sdp_cli.errors import ConfigError
@@ -291,7 +292,7 @@ def train(cfg: SdpConfig, console: Console) -> TrainSummary:
             cfg,
             run.actor,
             executor,
-            DiskTransport(client),
+            DiskTransport(client, keep_requests=cfg.train.update_mode == UpdateMode.keep),
             events,
             data_positions=positions.state,
             start=run.state,

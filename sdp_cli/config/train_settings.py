@@ -51,6 +51,13 @@ class LrSchedule(StrEnum):
     cosine = "cosine"
 
 
+class UpdateMode(StrEnum):
+    """How the servers take new weights (docs/design.md, Weight-update protocol)."""
+
+    abort = "abort"
+    keep = "keep"
+
+
 class TrainDtype(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -207,6 +214,13 @@ class TrainConfig:
         "effect at max_staleness 0 (the next batch needs the new weights), before a "
         "checkpoint or the run's end, or with rollout.recompute_on=trainer (the trainer scores "
         "the buffer at the servers' version, after the reload)",
+    )
+    update_mode: UpdateMode = setting(
+        UpdateMode.abort,
+        help="how a weight update treats requests in flight: abort (they return with their "
+        "tokens so far and continue as new segments under the new weights, re-prefilled) or "
+        "keep (the servers freeze them, reload, and resume them in place: no abort, no "
+        "resubmission, no re-prefill; tokens after the resume carry the new version)",
     )
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"

@@ -285,6 +285,13 @@ class WeightUpdateEvent(Event):
     # Seconds the trainer waited for the update: total_s, or less when it took its next batch
     # before the reload and trained on it meanwhile (train.overlap_reload). None in older logs.
     trainer_wait_s: float | None = None
+    # Seconds the servers generated nothing for this update ("pause per update"): abort mode,
+    # from the first abort (or the reload's pause) until the executor resumed and
+    # resubmitted; keep mode, from the reload's pause until the executor resumed. Re-prefilling
+    # the aborted completions comes on top in abort mode. None in older logs.
+    generation_pause_s: float | None = None
+    # train.update_mode of the update: "abort" or "keep". None in older logs (abort).
+    update_mode: str | None = None
 
 
 # The keys of a `health` record of TrainStepEvent (one per lag in `health_by_lag`), in display

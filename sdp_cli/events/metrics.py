@@ -174,7 +174,10 @@ class MetricsSink:
             self._scalars(finite_values(event, CAPACITY_TERMS, "capacity"), self._step)
         elif isinstance(event, WeightUpdateEvent):
             phases = {f"update/{name}": float(value) for name, value in event.phases.items()}
-            self._scalars({**phases, "update/total_s": event.total_s}, self._step)
+            scalars = {**phases, "update/total_s": event.total_s}
+            if event.generation_pause_s is not None:
+                scalars["update/generation_pause_s"] = event.generation_pause_s
+            self._scalars(scalars, self._step)
         elif isinstance(event, SampleDroppedEvent):
             self._drops[event.reason] += 1
             self._scalars({f"drops/{event.reason}": float(self._drops[event.reason])}, self._step)

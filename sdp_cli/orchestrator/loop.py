@@ -17,6 +17,7 @@ from typing import Protocol
 from sdp_cli.common.faults import hold_point
 from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import UpdateMode
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import (
@@ -105,6 +106,7 @@ class TrainingLoop:
             plan.proximal_recompute,
             events,
             settle_timeout_s=cfg.train.update_timeout_s,
+            keep_requests=cfg.train.update_mode == UpdateMode.keep,
         )
         self.data_positions = data_positions
         self.step = start.step

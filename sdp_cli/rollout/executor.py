@@ -368,9 +368,25 @@ class RolloutExecutor:
 
     async def resume_async(self) -> None:
         self._paused = False
+        self._finish_open.set()
         self._gate_open.set()
         self._wake.set()
         self._wake_early_scoring()
+
+    async def hold_finishes_async(self) -> None:
+        """Until the next version change (or resume), rollouts that finish wait before they
+        enter the buffer, and are then accepted at the new version. With
+        train.update_mode=keep the servers are not aborted before the reload, so this is what
+        closes the buffer for the update's last recompute pass (docs/design.md, Weight-update
+        protocol)."""
+        self._finish_open.clear()
+
+    @property
+    def accepts_at_version(self) -> int:
+        """The version at which a group finishing now is accepted: the next one while
+        finishes are held."""
+        held = self._loop is not None and not self._finish_open.is_set()
+        return self._control.version + 1 if held else self._control.version
 
     async def set_version_async(self, version: int) -> int:
         async with self._buffer_lock:
@@ -378,6 +394,8 @@ class RolloutExecutor:
                 groups = (item.group for item in self._control.buffered())
                 self._recompute_missed += count_missing_recompute(groups, self._control.version)
             dropped = self._control.set_version(version)
+        # Held finishes go on now, in later loop steps, so at the new version.
+        self._finish_open.set()
         if dropped:
             self._release_dropped_soon()
         self._wake.set()
@@ -452,6 +470,8 @@ class RolloutExecutor:
         self._early_idle = asyncio.Event()
         self._early_idle.set()
         self._rollouts_changed = asyncio.Event()
+        self._finish_open = asyncio.Event()
+        self._finish_open.set()
         self._submitter = loop.create_task(self._submit_loop())
         if self._score_early:
             self._early_scorer = loop.create_task(self._early_scoring_loop())
@@ -505,6 +525,8 @@ class RolloutExecutor:
         reason: RejectReason | None = None
         try:
             group = await self._workflow.run(rollout_id, version, self._gate_for(rollout_id))
+            if not self._finish_open.is_set():
+                await self._finish_open.wait()
         except asyncio.CancelledError:
             self._tasks.pop(rollout_id, None)
             self._record(lambda: self._control.cancel(rollout_id))

@@ -13,6 +13,7 @@ from typing import Any
 
 from sdp_cli.config.run_plan import plan_run
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import UpdateMode
 from sdp_cli.errors import SdpError
 from sdp_cli.events.event_log import EventSink
 from sdp_cli.events.event_schema import Event, RunFinishedEvent
@@ -42,6 +43,7 @@ def run_simulation(
         events = SimulatedTimeSink(events, sim_time)
         events.emit(run_started_event(cfg, plan, mode="simulate"))
     pool = SimulatedFleet(cfg.server.count, sim, rng, sim_time, events)
+    pool.keep_requests = cfg.train.update_mode == UpdateMode.keep
     pool.report_states()
     workflow = SimulatedWorkflow(
         pool,
@@ -64,7 +66,7 @@ def run_simulation(
         scorer=pool.score_many,
         loop_factory=VirtualTimeLoop if sim_time.virtual else asyncio.new_event_loop,
     )
-    workflow.executor_version = lambda: executor.version
+    workflow.executor_version = lambda: executor.accepts_at_version
     check = ProximalCheck(cfg.train.prox_mode)
     trainer = SimulatedTrainer(executor, pool, cfg, plan, sim_time, check, events)
     wall_started = time.perf_counter()

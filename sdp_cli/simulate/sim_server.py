@@ -12,7 +12,10 @@ weight update. A pause in abort mode works like vLLM's: requests decoding return
 the tokens produced so far and `finish_reason="abort"`, requests waiting for a slot or for their
 prefill return with none, requests that arrive while paused wait until resume, and everything
 decoded after a weight update carries the new version. The client turns an abort into a new
-segment.
+segment. A pause with keep (train.update_mode=keep) freezes requests instead: a token in
+progress completes only after the resume, and the request goes on where it was, without a new
+prefill; tokens completed after the reload carry the new version, so one segment can span
+versions (`SimulatedSegment.versions`).
 
 Logprobs stand for the weights that computed them: a token's is `simulated_logprob(position,
 version)`, from its sampling, from a scoring call (under the version the servers hold when it
@@ -46,9 +49,15 @@ class SimulatedSegment:
     logprobs: list[float]
     version: int
     finish_reason: str  # "length" or "abort"
+    # Per output token, the version that sampled it; None when all are `version`. A request
+    # frozen by a pause with keep spans the reload.
+    versions: list[int] | None = None
     # The logprobs of the output tokens before the segment under `version`, from its prefill,
     # when the request asked for them and brought tokens (a continuation's scores).
     prefix_logprobs: list[float] | None = None
+
+    def token_versions(self) -> list[int]:
+        return self.versions if self.versions is not None else [self.version] * len(self.token_ids)
 
 
 @dataclass(eq=False)
@@ -96,6 +105,8 @@ class SimulatedServer:
         self.aborted = 0
         # Counts pauses with abort, so a request waiting for a slot knows it was aborted.
         self._aborts = 0
+        # Resolved by the resume that ends a pause with keep; None while not paused so.
+        self._resumed: asyncio.Future[None] | None = None
 
     async def generate(
         self, max_tokens: int, position: int = 0, score_prefix: bool = False
@@ -136,13 +147,17 @@ class SimulatedServer:
                 return self._segment(0, version, "abort")
             if sim.token_latency_s <= 0 and sim.token_latency_per_seq_s <= 0:
                 return self._segment(max_tokens, version, "length", position)
-            produced, reason = await self._tokens(request, max_tokens)
-            return self._segment(produced, version, reason, position)
+            spans: list[list[int]] = []
+            produced, reason = await self._tokens(request, max_tokens, spans)
+            return self._segment(produced, version, reason, position, spans)
         finally:
             self._end_busy(request)
 
-    async def _tokens(self, request: _Decoding, max_tokens: int) -> tuple[int, str]:
-        """Decode up to `max_tokens` tokens; how many, and "length" or "abort"."""
+    async def _tokens(
+        self, request: _Decoding, max_tokens: int, spans: list[list[int]]
+    ) -> tuple[int, str]:
+        """Decode up to `max_tokens` tokens; how many, and "length" or "abort". `spans` gets
+        [version, tokens] runs: the version the server holds when each token completes."""
         # Only a server that prefills can stall a token: without, one wait per token.
         stalls = self._sim.prefill_s > 0
         self._decoders += 1
@@ -159,9 +174,18 @@ class SimulatedServer:
                 await asyncio.wait((request.aborted,), timeout=self._time.loop_seconds(latency))
                 if stalls:
                     await self._wait_out_prefills(request, latency, started, stalled_before)
+                if self._resumed is not None and not request.aborted.done():
+                    # Frozen by a pause with keep: the token completes after the reload.
+                    await asyncio.wait(
+                        (request.aborted, self._resumed), return_when=asyncio.FIRST_COMPLETED
+                    )
                 if request.aborted.done():
                     return produced, "abort"
                 produced += 1
+                if spans and spans[-1][0] == self.version:
+                    spans[-1][1] += 1
+                else:
+                    spans.append([self.version, 1])
         finally:
             self._decoders -= 1
         return produced, "length"
@@ -257,8 +281,15 @@ class SimulatedServer:
             await asyncio.wait((request.aborted,), timeout=self._time.loop_seconds(max(wait_s, 0)))
 
     def _segment(
-        self, n_tokens: int, version: int, finish_reason: str, position: int = 0
+        self,
+        n_tokens: int,
+        version: int,
+        finish_reason: str,
+        position: int = 0,
+        spans: list[list[int]] | None = None,
     ) -> SimulatedSegment:
+        if spans and (len(spans) > 1 or spans[0][0] != version):
+            return self._spanning_segment(n_tokens, version, finish_reason, position, spans)
         self.tokens_out += n_tokens
         offset = self.tokens_out
         return SimulatedSegment(
@@ -267,6 +298,38 @@ class SimulatedServer:
             version=version,
             finish_reason=finish_reason,
         )
+
+    def _spanning_segment(
+        self,
+        n_tokens: int,
+        version: int,
+        finish_reason: str,
+        position: int,
+        spans: list[list[int]],
+    ) -> SimulatedSegment:
+        """A segment whose tokens were sampled under more than one version (pause with keep):
+        each token's logprob is of the weights that sampled it."""
+        self.tokens_out += n_tokens
+        offset = self.tokens_out
+        versions: list[int] = []
+        logprobs: list[float] = []
+        for span_version, count in spans:
+            start = position + len(versions)
+            logprobs += simulated_logprobs(start, start + count, span_version)
+            versions += [span_version] * count
+        return SimulatedSegment(
+            token_ids=[(offset + i) % _VOCAB for i in range(n_tokens)],
+            logprobs=logprobs,
+            version=version,
+            finish_reason=finish_reason,
+            versions=versions,
+        )
+
+    def pause_keep(self) -> None:
+        """`POST /pause?mode=keep`: requests freeze where they are until the resume."""
+        self._open.clear()
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
 
     def pause_abort(self) -> None:
         """`POST /pause?mode=abort`: in-flight requests return what they have so far."""
@@ -279,6 +342,9 @@ class SimulatedServer:
 
     def resume(self) -> None:
         self._open.set()
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     def _start_busy(self, request: _Decoding) -> None:
         if not self._active:
@@ -313,6 +379,8 @@ class SimulatedFleet:
         self._time = time
         self._events: EventSink = events if events is not None else NullEventLog()
         self.version = 0
+        # train.update_mode=keep: a reload pauses with keep instead of abort.
+        self.keep_requests = False
 
     def report_states(self) -> None:
         """A `server_state` event per server, as the real fleet writes when one changes."""
@@ -361,10 +429,14 @@ class SimulatedFleet:
             server.resume()
 
     async def load_weights(self, weights: Path | None, version: int) -> dict[str, float]:
-        """Pause with abort, reload (`simulate.update_s`), set the version, resume, on every
-        server. The simulated weights are not files: `weights` is unused."""
+        """Pause with abort (with keep under `keep_requests`), reload (`simulate.update_s`),
+        set the version, resume, on every server. The simulated weights are not files:
+        `weights` is unused."""
         for server in self.servers:
-            server.pause_abort()
+            if self.keep_requests:
+                server.pause_keep()
+            else:
+                server.pause_abort()
         if self._sim.update_s > 0:
             await self._time.sleep(self._sim.update_s)
         for server in self.servers:

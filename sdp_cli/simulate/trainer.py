@@ -16,6 +16,7 @@ from typing import Any
 
 from sdp_cli.config.run_plan import RunPlan
 from sdp_cli.config.schema import SdpConfig
+from sdp_cli.config.train_settings import UpdateMode
 from sdp_cli.events.event_log import EventSink, NullEventLog
 from sdp_cli.events.event_schema import TrainStepEvent
 from sdp_cli.rollout.executor import RolloutExecutor
@@ -85,6 +86,7 @@ class SimulatedTrainer:
             events if events is not None else NullEventLog(),
             settle_timeout_s=time.loop_seconds(cfg.train.update_timeout_s),
             abort_every_s=time.loop_seconds(1.0),
+            keep_requests=cfg.train.update_mode == UpdateMode.keep,
         )
 
     async def run(self) -> TrainerReport:

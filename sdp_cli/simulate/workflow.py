@@ -130,10 +130,18 @@ class SimulatedWorkflow:
                 target - done, done, score_prefix=score and done > start
             )
             if segment.token_ids:
-                out.segments += 1
+                token_versions = segment.token_versions()
+                # Segments are runs of one version, as the inference client counts them: a
+                # request frozen across a reload (update_mode=keep) makes two.
+                previous = out.versions[-1] if out.versions else None
+                out.segments += sum(
+                    1
+                    for i, v in enumerate(token_versions)
+                    if v != (token_versions[i - 1] if i else previous)
+                )
                 out.output_ids += segment.token_ids
                 out.logprobs += segment.logprobs
-                out.versions += [segment.version] * len(segment.token_ids)
+                out.versions += token_versions
                 out.trained += [True] * len(segment.token_ids)
                 if segment.prefix_logprobs is not None:
                     out.prefix_logprobs, out.prefix_version = (

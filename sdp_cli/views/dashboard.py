@@ -488,7 +488,16 @@ def _weight_update_panel(state: RunFold) -> Panel:
     for name in ordered:
         seconds = phases[name]
         table.add_row(name.removesuffix("_s"), bar(seconds, total, 16, "blue"), f"{seconds:.2f}s")
-    return Panel(Group(head, table), title="weight update", title_align="left")
+    return Panel(Group(head, table, _pause_line(state)), title="weight update", title_align="left")
+
+
+def _pause_line(state: RunFold) -> Text:
+    """ "Pause per update": the seconds the servers generated nothing, last and mean."""
+    pauses = state.generation_pauses
+    if not pauses:
+        return Text("")
+    mean = sum(pauses) / len(pauses)
+    return Text(f"pause per update ({state.update_mode}): last {pauses[-1]:.3f}s, mean {mean:.3f}s")
 
 
 def short_node(node: str | None) -> str:

@@ -175,6 +175,10 @@ class RunFold:
     # The trainer's share of the updates: a reload it trained through is not time it waited.
     update_s: float = 0.0
     phases: Counter[str] = field(default_factory=Counter)
+    # Seconds the servers generated nothing, per update that reports it ("pause per update"),
+    # and the update mode of the last one.
+    generation_pauses: list[float] = field(default_factory=list)
+    update_mode: str | None = None
     servers: dict[int, ServerStateEvent] = field(default_factory=dict)
     # Every restart or give-up with its reason (the log's last error included), in order.
     server_incidents: list[ServerStateEvent] = field(default_factory=list)
@@ -351,6 +355,9 @@ def _on_weight_update(fold: RunFold, event: WeightUpdateEvent, ts: float | None)
     fold.phases.update(event.phases)
     waited = event.trainer_wait_s
     fold.update_s += event.total_s if waited is None else waited
+    if event.generation_pause_s is not None:
+        fold.generation_pauses.append(event.generation_pause_s)
+    fold.update_mode = event.update_mode or "abort"
     fold.set_version(event.version)
 
 

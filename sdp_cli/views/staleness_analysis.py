@@ -141,6 +141,9 @@ class StalenessSummary:
     time: TimeSplit
     weight_updates: int
     weight_update_phases: dict[str, float]
+    # "Pause per update": seconds the servers generated nothing in each update, summarised
+    # (mode, updates, mean_s, max_s, total_s); None in logs without it.
+    pause_per_update: dict[str, Any] | None
     # Capacity events with no room left, by the term that was exhausted (both may be).
     capacity_exhausted: dict[str, int]
     last_capacity: dict[str, int] | None
@@ -216,6 +219,7 @@ class StalenessSummary:
             "time": self.time.to_dict(),
             "weight_updates": self.weight_updates,
             "weight_update_phases": dict(self.weight_update_phases),
+            "pause_per_update": self.pause_per_update,
             "capacity_exhausted": dict(self.capacity_exhausted),
             "last_capacity": dict(self.last_capacity) if self.last_capacity else None,
             "warnings": [a.to_dict() for a in self.advice],
@@ -273,6 +277,7 @@ def staleness_summary(
         time=TimeSplit(fold.wait_s, fold.train_s, fold.update_s, wall_s),
         weight_updates=fold.weight_updates,
         weight_update_phases=dict(fold.phases),
+        pause_per_update=pause_per_update(fold),
         capacity_exhausted=dict(sorted(fold.exhausted.items())),
         last_capacity=_last_capacity(fold.capacity),
         capacity_series=_relative_series(fold),
@@ -551,3 +556,18 @@ def _mean(values: list[int]) -> float | None:
 
 def _string_keys(counts: Mapping[int, int]) -> dict[str, int]:
     return {str(k): v for k, v in counts.items()}
+
+
+def pause_per_update(fold: RunFold) -> dict[str, Any] | None:
+    """The seconds the servers generated nothing per weight update (abort mode: from the first
+    abort to the resume; keep mode: the reload's pause), as the updates reported them."""
+    pauses = fold.generation_pauses
+    if not pauses:
+        return None
+    return {
+        "mode": fold.update_mode,
+        "updates": len(pauses),
+        "mean_s": sum(pauses) / len(pauses),
+        "max_s": max(pauses),
+        "total_s": sum(pauses),
+    }

@@ -409,9 +409,17 @@ def _weight_update_line(summary: StalenessSummary) -> RenderableType | None:
         f"{name.removesuffix('_s')} {seconds / n:.2f}"
         for name, seconds in summary.weight_update_phases.items()
     )
+    pause = summary.pause_per_update
+    paused = (
+        f"\npause per update ({pause['mode']}): mean {pause['mean_s']:.3f} s, "
+        f"max {pause['max_s']:.3f} s"
+        if pause
+        else ""
+    )
     return Text(
         f"{n} weight updates, mean {summary.time.weight_update_s / n:.2f} s"
-        + (f" ({phases})" if phases else ""),
+        + (f" ({phases})" if phases else "")
+        + paused,
         style="dim",
     )
 

@@ -1,5 +1,6 @@
 """The disk transport: the trainer writes `weights_dir/v{N}/` and every vLLM server reloads
-it (pause with abort → reload_weights → update_weight_version → resume, `vllm_http`). With
+it (pause with abort → reload_weights → update_weight_version → resume, `vllm_http`; with
+`keep_requests`, train.update_mode=keep, the pause is with keep and nothing is aborted). With
 Ray the servers cannot read the exported directory, and the pool's stager
 (`launcher.ray_fleet.RayWeightsStager`) copies it to each server's node before the reload.
 
@@ -39,6 +40,7 @@ from sdp_cli.weight_sync.vllm_http import (
     unload_adapter,
     update_server_adapter,
     update_server_weights,
+    update_server_weights_keep,
 )
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,15 @@ class DiskTransport:
     """The vLLM servers behind an inference client, loading exported directories
     (a `transport.WeightTransport`)."""
 
-    def __init__(self, client: InferenceClient) -> None:
+    def __init__(self, client: InferenceClient, keep_requests: bool = False) -> None:
+        """`keep_requests` (train.update_mode=keep): a reload pauses the servers with keep, so
+        requests in flight finish in place under the new weights instead of returning."""
         self._client = client
+        self._keep_requests = keep_requests
 
     async def load_weights(self, weights: Path | str | None, version: int) -> dict[str, float]:
-        """Load `weights_dir` as `version` on every ready server at once (pause with abort →
-        reload_weights → update_weight_version → resume, each server within update_timeout_s).
+        """Load `weights_dir` as `version` on every ready server at once (pause with abort or
+        keep → reload_weights → update_weight_version → resume, each within update_timeout_s).
         The pool records the target first, so a server that is restarting, or that fails here
         and is handed to the supervisor for a restart, is given these weights before it serves
         again. Returns the slowest server's seconds per phase, the total, and server counts."""
@@ -119,7 +124,13 @@ class DiskTransport:
         http = self._client.http()
         try:
             timings = await sync_server(
-                self._client.pool, http, server.index, path, version, self._client.update_timeout_s
+                self._client.pool,
+                http,
+                server.index,
+                path,
+                version,
+                self._client.update_timeout_s,
+                keep_requests=self._keep_requests,
             )
         except (httpx.HTTPError, OSError) as exc:
             # Unpause it in case it can still serve, then let the supervisor restart it: its
@@ -167,16 +178,24 @@ async def sync_server(
     weights_dir: str,
     version: int,
     timeout_s: float,
+    keep_requests: bool = False,
 ) -> PhaseTimings:
     """Load `weights_dir` as `version` on server `index` (the whole protocol): reload the
-    weights, or load the adapter under the version's name and route its requests to it."""
+    weights, or load the adapter under the version's name and route its requests to it.
+    `keep_requests` (train.update_mode=keep, full weights only): pause with keep."""
     address = pool.status(index).address
     path = await pool.weights_path_for(index, weights_dir, version)
     if not is_adapter_dir(weights_dir):
-        timings = await update_server_weights(http, address, path, version, timeout_s)
+        update = update_server_weights_keep if keep_requests else update_server_weights
+        timings = await update(http, address, path, version, timeout_s)
         # Whole weights: requests name the served model again, no adapter.
         pool.set_adapter(index, None)
         return timings
+    if keep_requests:
+        # Requests in flight name the previous version's adapter: frozen and resumed, their
+        # later tokens would be that adapter's yet carry the new version. The config refuses
+        # the combination (config/validate.py); this is the last line.
+        raise ValueError("train.update_mode=keep does not apply to LoRA adapters")
     adapter = adapter_name(pool.adapter_prefix, version)
     timings = await update_server_adapter(http, address, path, adapter, version, timeout_s)
     pool.set_adapter(index, adapter)

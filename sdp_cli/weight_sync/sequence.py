@@ -24,6 +24,13 @@ continuation) scores (the common case: the trainer gets it after the export, and
 on behind it); else after
 step 3, when the buffer is final (steps 4 and 5 behind it); else the update runs to the end.
 
+Keep mode (`keep_requests`, train.update_mode=keep): the servers are never aborted. Step 3
+holds finishes instead: rollouts that finish from then until the version change wait and are
+accepted at v+1, so the second pass still covers every sample that enters the buffer under v,
+without stopping generation. Step 4 pauses with keep: requests in flight freeze with their KV
+cache, and after the resume go on under v+1 (their later tokens carry v+1). No segment is
+resubmitted and none re-prefilled.
+
 It runs as a coroutine on the executor's loop.
 """
 
@@ -65,6 +72,10 @@ class UpdateResult:
     trainer_wait_s: float = 0.0
     # The next step's batch, taken at the new version before the reload (take_next).
     next_batch: list[RolloutGroup] | None = None
+    # The loop's clock when the servers stopped generating for this update (the first abort,
+    # or the reload's pause), and the seconds until the executor resumed ("pause per update").
+    generation_stopped_at: float | None = None
+    generation_pause_s: float = 0.0
 
 
 class WeightUpdate:
@@ -78,11 +89,14 @@ class WeightUpdate:
         *,
         settle_timeout_s: float = 60.0,
         abort_every_s: float = 1.0,
+        keep_requests: bool = False,
     ) -> None:
         """`recompute`: whether p_t comes from the servers' recompute (steps 2 and 3;
         `RunPlan.proximal_recompute`). `settle_timeout_s` bounds step 3; the servers are asked to
         abort again every `abort_every_s` meanwhile (a request in transit during one abort
-        arrives after it)."""
+        arrives after it). `keep_requests` (train.update_mode=keep): the servers are never
+        aborted; requests in flight finish in place across the reload, and step 3 holds what
+        finishes instead of aborting (see "keep mode" in the module docstring)."""
         self._executor = executor
         self._servers = servers
         self._export = export
@@ -90,6 +104,7 @@ class WeightUpdate:
         self._events = events
         self._settle_timeout_s = settle_timeout_s
         self._abort_every_s = abort_every_s
+        self._keep_requests = keep_requests
         # The reload, version change and resume of an update that returned early.
         self._finishing: asyncio.Future[None] | None = None
         # How long the last reload took: how long a next batch is worth waiting for.
@@ -160,7 +175,13 @@ class WeightUpdate:
         executor = self._executor
         try:
             early = await _timed(result, "recompute_s", first_pass)
-            result.settled = await _timed(result, "abort_s", self._stop_generation())
+            if self._keep_requests:
+                # Nothing finishes into the buffer under v after this: what finishes until the
+                # version change is accepted at v+1, as if it had finished after the reload.
+                await _timed(result, "hold_s", executor.hold_finishes_async())
+            else:
+                result.generation_stopped_at = asyncio.get_running_loop().time()
+                result.settled = await _timed(result, "abort_s", self._stop_generation())
             late = await _timed(result, "recompute_s", executor.recompute_async(result.version - 1))
         finally:
             if not first_pass.done():
@@ -183,13 +204,17 @@ class WeightUpdate:
         if first_pass is not None:
             await self._score(result, first_pass)
         hold_point("weight_update")
+        loop = asyncio.get_running_loop()
+        if result.generation_stopped_at is None:
+            result.generation_stopped_at = loop.time()
         result.server_phases = await _timed(
             result, "reload_s", self._servers.load_weights(result.weights_dir, result.version)
         )
         await _timed(result, "set_version_s", self._executor.set_version_async(result.version))
         await _timed(result, "resume_s", self._executor.resume_async())
+        result.generation_pause_s = loop.time() - result.generation_stopped_at
         self._last_reload_s = result.phases["reload_s"]
-        result.total_s = asyncio.get_running_loop().time() - result.started_at
+        result.total_s = loop.time() - result.started_at
         if result.next_batch is None:
             result.trainer_wait_s = result.total_s
         self._emit_update(result)
@@ -230,6 +255,8 @@ class WeightUpdate:
                 weights_dir=None if result.weights_dir is None else str(result.weights_dir),
                 total_s=result.total_s,
                 trainer_wait_s=result.trainer_wait_s,
+                generation_pause_s=result.generation_pause_s,
+                update_mode="keep" if self._keep_requests else "abort",
             )
         )
 

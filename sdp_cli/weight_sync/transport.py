@@ -4,8 +4,9 @@ The update sequence (`sequence.WeightUpdate`) decides when: it pauses the execut
 trainer export, recomputes, aborts, reloads, sets the version and resumes. A transport decides
 how the servers stop generating and take new weights: `disk.DiskTransport` has vLLM servers
 read an exported directory (with Ray, the pool's stager copies it to each server's node first);
-`sdp simulate` has simulated servers. LoRA adapters, updates that keep requests running, or
-NCCL broadcasts are further transports.
+`sdp simulate` has simulated servers. Updates that keep requests running are a mode of both
+(`keep_requests`, train.update_mode=keep); LoRA adapters or NCCL broadcasts are further
+transports.
 """
 
 from __future__ import annotations

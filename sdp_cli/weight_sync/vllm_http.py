@@ -204,3 +204,49 @@ async def unload_adapter(
         return False
     response.raise_for_status()
     return True
+
+
+async def pause_server_keep(http: httpx.AsyncClient, address: str, timeout_s: float) -> None:
+    """`POST /pause?mode=keep&clear_cache=false`: running requests freeze where they are, with
+    their KV cache, and go on after the resume; requests that arrive meanwhile wait in vLLM's
+    queue (docs/design.md, Weight-update protocol)."""
+    params = {"mode": "keep", "clear_cache": "false"}
+    response = await http.post(f"{address}/pause", params=params, timeout=timeout_s)
+    response.raise_for_status()
+
+
+async def update_server_weights_keep(
+    http: httpx.AsyncClient,
+    address: str,
+    weights_dir: str,
+    version: int,
+    timeout_s: float,
+) -> PhaseTimings:
+    """The protocol with `train.update_mode=keep`: pause with keep → reload → version →
+    resume, within `timeout_s`. Nothing is aborted: requests in flight finish in place, and
+    their tokens sampled after the resume carry `version` in their `weight_versions` spans.
+    Raises httpx errors on any failure."""
+    deadline = _Deadline(timeout_s)
+    timings = PhaseTimings()
+
+    start = time.perf_counter()
+    await pause_server_keep(http, address, deadline.left())
+    timings.pause = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await _post(
+        http,
+        f"{address}/collective_rpc",
+        deadline,
+        json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}},
+    )
+    timings.reload = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await set_server_version(http, address, version, deadline.left())
+    timings.version = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await resume_server(http, address, deadline.left())
+    timings.resume = time.perf_counter() - start
+    return timings

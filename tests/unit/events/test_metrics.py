@@ -37,7 +37,15 @@ def emit_a_short_run(sink: MetricsSink) -> None:
                 step=step, version=step, reward=0.1 * step, loss=1.0 - step, entropy=2.0, kl=0.01
             )
         )
-        sink.emit(WeightUpdateEvent(version=step + 1, phases={"reload_s": 0.05}, total_s=0.1))
+        sink.emit(
+            WeightUpdateEvent(
+                version=step + 1,
+                phases={"reload_s": 0.05},
+                total_s=0.1,
+                generation_pause_s=0.06,
+                update_mode="keep",
+            )
+        )
     sink.emit(
         SampleDroppedEvent(
             rollout_id=9, reason="head_lag", point="purge", head_lag=3, tail_lag=1, version=3
@@ -86,6 +94,8 @@ def test_tensorboard_gets_the_event_fields_by_trainer_step(tmp_path: Path) -> No
     assert scalars["eval/pass@4"] == [(3, 0.5)]
     assert scalars["drops/head_lag"] == [(3, 1.0)]
     assert [s for s, _ in scalars["update/reload_s"]] == [1, 2, 3]
+    # "Pause per update", a first-class curve in either update mode.
+    assert [v for _, v in scalars["update/generation_pause_s"]] == pytest.approx([0.06] * 3)
     assert scalars["lag/tokens_lag_1"][0] == (0, 4.0)
     # The event log is still written in full, through the schema.
     logged = list(read_events(tmp_path / "events.jsonl"))

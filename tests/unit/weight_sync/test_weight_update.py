@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,52 @@ def test_missing_recompute_counts_samples_with_unscored_previous_version_tokens(
 
     groups = [group([0, 1]), group([1, 1]), group([0, 1], recompute_version=1), group([0])]
     assert count_missing_recompute(groups, 1) == 2
+
+
+def test_keep_mode_holds_what_finishes_after_the_last_pass_and_never_aborts() -> None:
+    """train.update_mode=keep: no abort reaches the servers; a rollout that finishes after the
+    second pass, while the servers reload, waits outside the buffer and is accepted at v+1, so
+    no buffered sample misses the recompute; its v−1 tokens keep p = μ (it was not buffered
+    under v), as the proximal rule says."""
+    servers = GatedReloadServers()
+    scorer = SlowScorer(servers, delay=0.0)
+    executor = make_executor(servers, scorer, max_concurrent=2)
+    servers.release(FIRST)
+    executor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while executor.snapshot()["queue_size"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        events = EventRecorder()
+        update = WeightUpdate(executor, servers, no_export, True, events, keep_requests=True)
+        # Hand the trainer no batch, so that run() returns after the reload.
+        pool = ThreadPoolExecutor(1)
+        done = pool.submit(executor.run_sync, update.run(1), 10)
+        while servers.calls[-1:] != ["load started"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        servers.release(FIRST + 1)
+        time.sleep(0.2)
+        # Finished, but held: not in the buffer under version 1.
+        assert executor.snapshot()["queue_size"] == 1
+        executor.run_sync(servers.open_reload())
+        result = done.result(timeout=10)
+        pool.shutdown()
+        while executor.snapshot()["queue_size"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "abort" not in servers.calls
+        assert result.settled and "abort_s" not in result.phases
+        assert executor.snapshot()["recompute_missed"] == 0
+        groups = executor.take(2, timeout=5)
+    finally:
+        executor.stop()
+    by_id = {g.rollout_id: g.samples[0] for g in groups}
+    assert by_id[FIRST].recompute_version == 1
+    assert by_id[FIRST].proximal_logprobs()[:3] == [SCORE] * 3
+    assert by_id[FIRST + 1].proximal_logprobs() == [-1.0] * 5
+    (event,) = events.of(WeightUpdateEvent)
+    assert event.update_mode == "keep"
+    assert event.generation_pause_s is not None
+    assert 0 < event.generation_pause_s <= event.total_s
