@@ -1,5 +1,5 @@
 """Multi-turn episodes on real vLLM CPU servers with the tiny model: a 3-turn episode with a
-weight update in the middle of turn 2 (the turn continues as a new segment), where the trained
+weight update in the middle of a turn (the turn continues as a new segment), where the trained
 tokens are exactly the sampled ones; and `sdp train conf=conf/examples/tiny-multiturn.yaml`."""
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class UpdateAtTurnTwo:
         )
 
     async def _update(self) -> None:
-        await asyncio.sleep(0.05)
+        # Long enough for the turn-2 request to reach a server, well short of its 60 tokens.
+        await asyncio.sleep(0.02)
         await DiskTransport(self.client).load_weights(str(self.weights), self.version)
 
 
@@ -90,6 +91,28 @@ def model_runs(trajectory: Trajectory) -> list[list[int]]:
             runs[-1].append(i)
         previous = trained
     return runs
+
+
+def served_in_context(
+    full: list[int], start: int, length: int, recorder: RecordingTransport
+) -> bool:
+    """Whether full[start:start+length] is a chain of server answers, each to a request of
+    exactly the ids before it. Episodes share their prompt, so another episode's answer to the
+    same request may match too: any answer that does is the same tokens in the same context."""
+    position, end = start, start + length
+    while position < end:
+        matches = [
+            len(r.answer_ids)
+            for r in recorder.reports
+            if r.answer_ids
+            and r.request_ids == full[:position]
+            and full[position : position + len(r.answer_ids)] == r.answer_ids
+            and position + len(r.answer_ids) <= end
+        ]
+        if not matches:
+            return False
+        position += max(matches)
+    return True
 
 
 def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sampled_ids(
@@ -114,7 +137,7 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
                 MessageFormat(PromptFormat.from_config(cfg, tokenizer)),
                 lambda ids: decode_completion(tokenizer, ids, task.stop_token_ids),
                 replace(RolloutConfig(), max_turns=TURNS),
-                EpisodeLimits(TURNS, 255, 40, 10.0),
+                EpisodeLimits(TURNS, 255, 60, 10.0),
                 eos_token_id=tokenizer.eos_token_id,
             )
             prompt = task.sample_prompt(0)
@@ -132,39 +155,37 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
 
     scores: list[list[float]] = []
     old, episodes = asyncio.run(go())
-    split_in_turn_two = 0
+    split_turns: list[int] = []
+    seen: list[list[set[int]]] = []
     for index, episode in enumerate(episodes):
         runs = model_runs(episode)
         assert len(runs) == TURNS and episode.end_reason == "max_turns"
         versions = [[episode.versions[i] for i in run] for run in runs]
+        seen.append([set(turn) for turn in versions])
         flat = [v for turn in versions for v in turn]
         # Across turns and segments the versions only move forward, old → new.
         assert flat == sorted(flat) and set(flat) <= {old, old + 1}
-        split = (
-            set(versions[0]) == {old}
-            and set(versions[1]) == {old, old + 1}
-            and set(versions[2]) == {old + 1}
-        )
-        split_in_turn_two += split
-        if split:
-            # The continuation in turn 2 scored the episode from its first output token under
-            # the new weights: the recompute takes these for turn 1 and turn 2's first part.
-            assert episode.prefix_version == old + 1 and episode.prefix_logprobs is not None
-            k = len(episode.prefix_logprobs)
-            assert k > len(runs[0]) + 1
-            assert episode.prefix_logprobs == pytest.approx(scores[index][:k], abs=1e-3)
-        # Every request was the episode's exact ids so far, and what the servers answered is
-        # the episode's model tokens, in order.
+        split = next((j for j, turn in enumerate(versions) if set(turn) == {old, old + 1}), None)
+        if split is None:
+            continue
+        split_turns.append(split)
+        # The turns before the split are old, those after it new.
+        assert all(set(turn) == {old} for turn in versions[:split])
+        assert all(set(turn) == {old + 1} for turn in versions[split + 1 :])
+        # The continuation of the split turn scored the episode from its first output token
+        # under the new weights: the recompute takes these for every token before it.
+        assert episode.prefix_version == old + 1 and episode.prefix_logprobs is not None
+        k = len(episode.prefix_logprobs)
+        assert k > runs[split][0]
+        assert episode.prefix_logprobs == pytest.approx(scores[index][:k], abs=1e-3)
+        # Every model token was answered by a server to a request that was exactly the
+        # episode's ids before it, run by run and segment by segment.
         full = episode.prompt_ids + episode.output_ids
-        # (Episodes share their prompt: an answer is this episode's when it continues it.)
-        answers = [
-            r
-            for r in recorder.reports
-            if full[: len(r.request_ids) + len(r.answer_ids)] == r.request_ids + r.answer_ids
-        ]
-        sampled = [t for r in answers for t in r.answer_ids]
-        assert sampled == [episode.output_ids[i] for run in runs for i in run]
-    assert split_in_turn_two >= 1, "no episode was interrupted in turn 2 (of 3) by the update"
+        for run in runs:
+            assert served_in_context(full, len(episode.prompt_ids) + run[0], len(run), recorder)
+    # Where the update lands depends on the servers' pace: in turn 1 of some episodes and in
+    # turn 2 of others on a quiet machine (the unit tests place it in turn 2 of 3 exactly).
+    assert split_turns, f"no turn continued across the update: versions {seen}"
     # The trainer's batch trains exactly those tokens.
     group = RolloutGroup(0, episodes)
     batch = collate(flatten_groups([group], SampleSettings()), pad_id=0)
