@@ -40,7 +40,6 @@ from sdp_cli.weight_sync.vllm_http import (
     unload_adapter,
     update_server_adapter,
     update_server_weights,
-    update_server_weights_keep,
 )
 
 log = logging.getLogger(__name__)
@@ -186,8 +185,9 @@ async def sync_server(
     address = pool.status(index).address
     path = await pool.weights_path_for(index, weights_dir, version)
     if not is_adapter_dir(weights_dir):
-        update = update_server_weights_keep if keep_requests else update_server_weights
-        timings = await update(http, address, path, version, timeout_s)
+        timings = await update_server_weights(
+            http, address, path, version, timeout_s, keep_requests=keep_requests
+        )
         # Whole weights: requests name the served model again, no adapter.
         pool.set_adapter(index, None)
         return timings

@@ -73,15 +73,19 @@ async def update_server_weights(
     weights_dir: str,
     version: int,
     timeout_s: float,
+    keep_requests: bool = False,
 ) -> PhaseTimings:
     """Run the whole protocol on one server within `timeout_s`. In-flight requests come back
     with finish_reason "abort" and their tokens so far; requests arriving meanwhile wait in
-    vLLM's queue until the resume. Raises httpx errors on any failure."""
+    vLLM's queue until the resume. With `keep_requests` (train.update_mode=keep) the pause
+    keeps them instead: they finish in place, and their tokens sampled after the resume carry
+    `version` in their `weight_versions` spans. Raises httpx errors on any failure."""
     deadline = _Deadline(timeout_s)
     timings = PhaseTimings()
 
     start = time.perf_counter()
-    await pause_server(http, address, deadline.left())
+    pause = pause_server_keep if keep_requests else pause_server
+    await pause(http, address, deadline.left())
     timings.pause = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -213,40 +217,3 @@ async def pause_server_keep(http: httpx.AsyncClient, address: str, timeout_s: fl
     params = {"mode": "keep", "clear_cache": "false"}
     response = await http.post(f"{address}/pause", params=params, timeout=timeout_s)
     response.raise_for_status()
-
-
-async def update_server_weights_keep(
-    http: httpx.AsyncClient,
-    address: str,
-    weights_dir: str,
-    version: int,
-    timeout_s: float,
-) -> PhaseTimings:
-    """The protocol with `train.update_mode=keep`: pause with keep → reload → version →
-    resume, within `timeout_s`. Nothing is aborted: requests in flight finish in place, and
-    their tokens sampled after the resume carry `version` in their `weight_versions` spans.
-    Raises httpx errors on any failure."""
-    deadline = _Deadline(timeout_s)
-    timings = PhaseTimings()
-
-    start = time.perf_counter()
-    await pause_server_keep(http, address, deadline.left())
-    timings.pause = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await _post(
-        http,
-        f"{address}/collective_rpc",
-        deadline,
-        json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}},
-    )
-    timings.reload = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await set_server_version(http, address, version, deadline.left())
-    timings.version = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await resume_server(http, address, deadline.left())
-    timings.resume = time.perf_counter() - start
-    return timings
