@@ -33,7 +33,7 @@ from sdp_cli.episodes.turns import TurnSession
 from sdp_cli.errors import EpisodeRejected
 from sdp_cli.inference.types import Gate, SamplingParams
 from sdp_cli.rollout.positions import DataPositions
-from sdp_cli.rollout.rlvr import Generator, sample_seed
+from sdp_cli.rollout.rlvr import Generator, sample_seed, stop_token_ids
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt
 from sdp_cli.tasks.environment import ChatMessage, Environment, EnvStep, EnvTask, instance_of
@@ -128,9 +128,7 @@ class MultiTurnWorkflow:
         self.decode = decode
         self.rollout = rollout
         self.limits = limits
-        stops = [] if eos_token_id is None else [eos_token_id]
-        stops += [t for t in task.stop_token_ids if t not in stops]
-        self.stop_token_ids = tuple(stops)
+        self.stop_token_ids = stop_token_ids(eos_token_id, task.stop_token_ids)
         self.run_seed = run_seed
         self.positions = positions
         self.threads = env_threads(rollout)

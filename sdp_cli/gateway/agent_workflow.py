@@ -44,7 +44,7 @@ from sdp_cli.gateway.openai_server import Gateway
 from sdp_cli.inference.protocol import SERVED_MODEL_NAME
 from sdp_cli.inference.types import Gate, SamplingParams
 from sdp_cli.rollout.positions import DataPositions
-from sdp_cli.rollout.rlvr import Generator, sample_seed
+from sdp_cli.rollout.rlvr import Generator, sample_seed, stop_token_ids
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 from sdp_cli.tasks.base import Prompt, Task, decode_completion, encode_prompt
 from sdp_cli.tasks.chat import PromptFormat
@@ -150,9 +150,7 @@ class AgentWorkflow:
         self.rollout = rollout
         self.limits = limits
         self.agent_timeout_s = agent_timeout_s
-        stops = [] if eos_token_id is None else [eos_token_id]
-        stops += [t for t in task.stop_token_ids if t not in stops]
-        self.stop_token_ids = tuple(stops)
+        self.stop_token_ids = stop_token_ids(eos_token_id, task.stop_token_ids)
         self.run_seed = run_seed
         self.positions = positions
         self.model_name = model_name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from sdp_cli.config.rollout_settings import Overlong, RolloutConfig
@@ -47,6 +47,13 @@ def overlong_penalty(n_tokens: int, rollout: RolloutConfig) -> float:
     return rollout.overlong_penalty * min(excess / buffer, 1.0)
 
 
+def stop_token_ids(eos_token_id: int | None, task_stops: Iterable[int]) -> tuple[int, ...]:
+    """EOS, then the task's own stop tokens (a chat template's end-of-turn token), once each."""
+    stops = [] if eos_token_id is None else [eos_token_id]
+    stops += [t for t in task_stops if t not in stops]
+    return tuple(stops)
+
+
 def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
     """A per-completion sampling seed that is stable across runs and resumes."""
     return zlib.crc32(f"{run_seed}:{rollout_id}:{sample_index}".encode()) & 0x7FFFFFFF
@@ -67,10 +74,7 @@ class RLVRWorkflow:
         self.generator = generator
         self.decode = decode
         self.rollout = rollout
-        # EOS, and the task's own stop tokens (a chat template's end-of-turn token).
-        stops = [] if eos_token_id is None else [eos_token_id]
-        stops += [t for t in getattr(task, "stop_token_ids", ()) if t not in stops]
-        self.stop_token_ids = tuple(stops)
+        self.stop_token_ids = stop_token_ids(eos_token_id, getattr(task, "stop_token_ids", ()))
         self.run_seed = run_seed
         # The same object the executor settles positions in (rollout/positions.py).
         self.positions = positions
