@@ -10,6 +10,7 @@ before any server is touched, and a server that fails the protocol is restarted.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,35 @@ class _Deadline:
         return left
 
 
-async def _post(
-    http: httpx.AsyncClient, url: str, deadline: _Deadline, **kwargs: object
-) -> httpx.Response:
-    response = await http.post(url, timeout=deadline.left(), **kwargs)  # type: ignore[arg-type]
-    response.raise_for_status()
-    return response
+async def _run_protocol(
+    http: httpx.AsyncClient,
+    address: str,
+    version: int,
+    timeout_s: float,
+    pause: Callable[[httpx.AsyncClient, str, float], Awaitable[None]],
+    load: Callable[[float], Awaitable[None]],
+) -> PhaseTimings:
+    """pause → load (timed as `reload`) → version → resume on one server, all within
+    `timeout_s`, each phase timed."""
+    deadline = _Deadline(timeout_s)
+    timings = PhaseTimings()
+
+    start = time.perf_counter()
+    await pause(http, address, deadline.left())
+    timings.pause = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await load(deadline.left())
+    timings.reload = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await set_server_version(http, address, version, deadline.left())
+    timings.version = time.perf_counter() - start
+
+    start = time.perf_counter()
+    await resume_server(http, address, deadline.left())
+    timings.resume = time.perf_counter() - start
+    return timings
 
 
 async def update_server_weights(
@@ -80,31 +104,17 @@ async def update_server_weights(
     vLLM's queue until the resume. With `keep_requests` (train.update_mode=keep) the pause
     keeps them instead: they finish in place, and their tokens sampled after the resume carry
     `version` in their `weight_versions` spans. Raises httpx errors on any failure."""
-    deadline = _Deadline(timeout_s)
-    timings = PhaseTimings()
-
-    start = time.perf_counter()
     pause = pause_server_keep if keep_requests else pause_server
-    await pause(http, address, deadline.left())
-    timings.pause = time.perf_counter() - start
 
-    start = time.perf_counter()
-    await _post(
-        http,
-        f"{address}/collective_rpc",
-        deadline,
-        json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}},
-    )
-    timings.reload = time.perf_counter() - start
+    async def reload(timeout: float) -> None:
+        response = await http.post(
+            f"{address}/collective_rpc",
+            json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}},
+            timeout=timeout,
+        )
+        response.raise_for_status()
 
-    start = time.perf_counter()
-    await set_server_version(http, address, version, deadline.left())
-    timings.version = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await resume_server(http, address, deadline.left())
-    timings.resume = time.perf_counter() - start
-    return timings
+    return await _run_protocol(http, address, version, timeout_s, pause, reload)
 
 
 async def pause_server(
@@ -163,25 +173,11 @@ async def update_server_adapter(
     adapter under its version's name (`reload` times it) → version → resume. The base model
     stays; the old adapters are unloaded after the resume (`unload_adapter`), once no request
     names them. Raises httpx errors on any failure."""
-    deadline = _Deadline(timeout_s)
-    timings = PhaseTimings()
 
-    start = time.perf_counter()
-    await pause_server(http, address, deadline.left())
-    timings.pause = time.perf_counter() - start
+    async def load(timeout: float) -> None:
+        await load_adapter(http, address, adapter, adapter_dir, timeout)
 
-    start = time.perf_counter()
-    await load_adapter(http, address, adapter, adapter_dir, deadline.left())
-    timings.reload = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await set_server_version(http, address, version, deadline.left())
-    timings.version = time.perf_counter() - start
-
-    start = time.perf_counter()
-    await resume_server(http, address, deadline.left())
-    timings.resume = time.perf_counter() - start
-    return timings
+    return await _run_protocol(http, address, version, timeout_s, pause_server, load)
 
 
 async def load_adapter(
