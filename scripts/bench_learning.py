@@ -1,11 +1,13 @@
-"""Does RL raise held-out accuracy? SmolLM2 on reasoning-gym chain_sum, greedy evaluation on
-held-out prompts before training and every few steps, for a wall-time budget per run.
+"""Does RL raise held-out accuracy? SmolLM2 on reasoning-gym chain_sum (single-turn, long
+completions, or multi-turn episodes: `--workload`), greedy evaluation on held-out prompts before
+training and every few steps, for a wall-time budget per run.
 
 Each run is `sdp train conf=<workload's example>` in its own process with `eval.every`,
 `eval.n_prompts` held-out prompts at `eval.temperature=0`, and a large `train.steps`; when the
 budget is spent the run gets SIGINT (it stops cleanly and keeps its last checkpoint). The curve
 is read back from each run's `events.jsonl` (`eval` events): accuracy by step and by wall time
-since the process started, plus reward, KL and entropy per step.
+since the process started, plus reward, KL and entropy per step, and for episodes the model
+turns and tool calls per episode.
 
 Variants run one after another, each with the same budget, per seed:
 - `--compare KEY=A,B[,C]`: one sdp run per value of the config key (any `sdp train` override,
@@ -17,7 +19,8 @@ It prints one table per run, the curves side by side (accuracy by step, then at 
 a summary per variant (completions/s, accuracy at equal wall time, time to +10 points) and, last,
 one JSON object with all of it.
 
-    .venv/bin/python scripts/bench_learning.py [--workload chain_sum|long] [--minutes 45]
+    .venv/bin/python scripts/bench_learning.py [--workload chain_sum|long|feedback|tool_calc]
+        [--minutes 45]
         [--seeds 0,1] [--eval-prompts 128] [--eval-every 10] [--eval-fraction 0.7]
         [--compare KEY=A,B] [--peer trl] [--trl-generation transformers] [--out DIR]
         [extra overrides...]
@@ -42,12 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from sdp_cli.events.event_log import read_events
-from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
+from sdp_cli.events.event_schema import EvalEvent, RolloutFinishedEvent, TrainStepEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {
     "chain_sum": ROOT / "conf" / "examples" / "smollm2-chain-sum.yaml",
     "long": ROOT / "conf" / "examples" / "smollm2-long.yaml",
+    # Multi-turn episodes: up to 3 answers to a chain_sum question, with feedback after each
+    # wrong one.
+    "feedback": ROOT / "conf" / "examples" / "smollm2-feedback.yaml",
+    "tool_calc": ROOT / "conf" / "examples" / "smollm2-tool-calc.yaml",
 }
 EXAMPLE = WORKLOADS["chain_sum"]
 PEERS = ("trl",)
@@ -239,11 +246,39 @@ def curve(run_dir: Path, launched: float | None = None) -> dict[str, Any]:
         "curve": points,
         "reward_first_10": _mean([s.reward for s in steps[:10]]),
         "reward_last_10": _mean([s.reward for s in steps[-10:]]),
+        **episode_figures([e for e in events if isinstance(e, RolloutFinishedEvent)]),
         "kl_last": steps[-1].kl if steps else None,
         "entropy_last": steps[-1].entropy if steps else None,
         "completions_per_s": completions_per_s(steps, evals),
         "time_to_target_s": time_to_gain(points, TARGET_POINTS),
         "steps_per_minute": None,
+    }
+
+
+def episode_figures(rollouts: list[RolloutFinishedEvent]) -> dict[str, Any]:
+    """Multi-turn workloads: model turns and tool calls per episode, over the first and the last
+    tenth of the rollout groups that finished, and by the version the groups started at; empty
+    for single-turn runs."""
+    episodes = [r for r in rollouts if r.episode_turns]
+    if not episodes:
+        return {}
+    tenth = max(1, len(episodes) // 10)
+
+    def per_episode(field: str, groups: list[RolloutFinishedEvent]) -> float | None:
+        counts = [c for g in groups for c in (getattr(g, field) or [])]
+        return sum(counts) / len(counts) if counts else None
+
+    versions = sorted({g.head_version for g in episodes if g.head_version is not None})
+    by_version = {v: [g for g in episodes if g.head_version == v] for v in versions}
+    return {
+        "turns_first_tenth": per_episode("episode_turns", episodes[:tenth]),
+        "turns_last_tenth": per_episode("episode_turns", episodes[-tenth:]),
+        "tool_calls_first_tenth": per_episode("episode_tool_calls", episodes[:tenth]),
+        "tool_calls_last_tenth": per_episode("episode_tool_calls", episodes[-tenth:]),
+        "turns_by_version": {v: per_episode("episode_turns", g) for v, g in by_version.items()},
+        "tool_calls_by_version": {
+            v: per_episode("episode_tool_calls", g) for v, g in by_version.items()
+        },
     }
 
 
@@ -392,6 +427,13 @@ def main() -> None:
             )
             for point in result["curve"]:
                 print(f"  step {point['step']:>5}  accuracy {point['accuracy']:.3f}")
+            if "turns_first_tenth" in result:
+                print(
+                    "  per episode, first tenth of the rollouts → last: model turns "
+                    f"{_fmt(result['turns_first_tenth'])} → {_fmt(result['turns_last_tenth'])}, "
+                    f"tool calls {_fmt(result['tool_calls_first_tenth'])} → "
+                    f"{_fmt(result['tool_calls_last_tenth'])}"
+                )
     summary = summarize(results, args.minutes * 60, args.minutes)
     print_report(summary)
     gains = [r["gain_points"] for runs in results.values() for r in runs.values()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdp_cli.events.event_log import EventLog
-from sdp_cli.events.event_schema import EvalEvent, TrainStepEvent
+from sdp_cli.events.event_schema import EvalEvent, RolloutFinishedEvent, TrainStepEvent
 from tests import REPO
 
 SCRIPT = REPO / "scripts" / "bench_learning.py"
@@ -53,6 +53,38 @@ def test_curve_gives_accuracy_before_and_after_in_points(tmp_path: Path) -> None
     assert round(result["gain_points"], 6) == 15.0
     assert result["steps"] == 4
     assert [p["step"] for p in result["curve"]] == [0, 4]
+
+
+def test_curve_of_episodes_gives_turns_and_tool_calls_per_episode(tmp_path: Path) -> None:
+    with EventLog(tmp_path / "events.jsonl") as log:
+        log.emit(evaluation(0, 0.25))
+        for group in range(20):
+            turns = [3, 1] if group < 1 else [1, 1]
+            log.emit(
+                RolloutFinishedEvent(
+                    rollout_id=group,
+                    version=group // 4,
+                    accepted=True,
+                    head_version=group // 4,
+                    episode_turns=turns,
+                    episode_tool_calls=[group, 0],
+                )
+            )
+    result = load_script().curve(tmp_path)
+    # A tenth of 20 groups: the first 2 (4 and 2 turns in 4 episodes), the last 2.
+    assert result["turns_first_tenth"] == pytest.approx(6 / 4)
+    assert result["turns_last_tenth"] == 1.0
+    assert result["tool_calls_first_tenth"] == pytest.approx(1 / 4)
+    assert result["tool_calls_last_tenth"] == pytest.approx((18 + 19) / 4)
+    assert result["turns_by_version"][0] == pytest.approx(10 / 8)
+    assert result["turns_by_version"][4] == 1.0
+
+
+def test_a_single_turn_curve_has_no_episode_figures(tmp_path: Path) -> None:
+    with EventLog(tmp_path / "events.jsonl") as log:
+        log.emit(RolloutFinishedEvent(rollout_id=0, version=0, accepted=True, head_version=0))
+        log.emit(TrainStepEvent(step=0, version=0))
+    assert "turns_first_tenth" not in load_script().curve(tmp_path)
 
 
 def test_compare_takes_a_key_and_two_or_more_values_with_brackets_kept_whole() -> None:
