@@ -19,8 +19,9 @@ Figures per configuration (from each run's events.jsonl, steady steps only: afte
 - `train_step_s`: the median trainer step;
 - `peak_rss_gb`: the `sdp train` process's peak resident memory.
 
-LoRA rounds (abort mode: keep is refused with LoRA) run when the config has `train.lora.rank`
-(`--lora-rank`, 0 skips them); without it the JSON says why they were left out.
+LoRA rounds (both modes; in keep mode the requests in flight finish on the adapter they named)
+run when the config has `train.lora.rank` (`--lora-rank`, 0 skips them); without it the JSON
+says why they were left out.
 
     flock /tmp/sdp-vllm.lock .venv/bin/python scripts/bench_weight_sync.py [--steps 6]
         [--rounds 2] [--lora-rank 8] [sdp train overrides...]
@@ -128,11 +129,11 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def configurations(lora_rank: int, lora_missing: str | None) -> dict[str, list[str]]:
-    """Full weights in both modes; LoRA in abort mode (the config refuses keep with LoRA:
-    requests in flight name the previous version's adapter, docs/design.md)."""
+    """Full weights and, where the config has it, a LoRA adapter, each in both modes."""
     configs = {f"full/{mode}": [f"train.update_mode={mode}"] for mode in MODES}
     if lora_missing is None:
-        configs["lora/abort"] = ["train.update_mode=abort", f"train.lora.rank={lora_rank}"]
+        for mode in MODES:
+            configs[f"lora/{mode}"] = [f"train.update_mode={mode}", f"train.lora.rank={lora_rank}"]
     return configs
 
 

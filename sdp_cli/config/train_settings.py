@@ -220,7 +220,8 @@ class TrainConfig:
         help="how a weight update treats requests in flight: abort (they return with their "
         "tokens so far and continue as new segments under the new weights, re-prefilled) or "
         "keep (the servers freeze them, reload, and resume them in place: no abort, no "
-        "resubmission, no re-prefill; tokens after the resume carry the new version)",
+        "resubmission, no re-prefill; tokens after the resume carry the new version; with LoRA "
+        "they finish on the adapter they named, under its version)",
     )
     update_timeout_s: float = setting(
         120.0, gt=0, help="seconds one weight-update call to a server may take"

@@ -131,18 +131,6 @@ def _trainer_recompute_on_one_rank(cfg: DictConfig) -> None:
         )
 
 
-def _keep_mode_with_full_weights(cfg: DictConfig) -> None:
-    if cfg.train.update_mode == "keep" and cfg.train.lora.rank > 0:
-        raise ConfigError(
-            "train.update_mode",
-            "keep does not apply to LoRA (train.lora.rank = "
-            f"{cfg.train.lora.rank}): requests in flight name the previous version's adapter, "
-            "so the tokens they make after the reload would carry the new version while "
-            "sampled by the old adapter",
-            "set train.update_mode=abort, or train.lora.rank=0",
-        )
-
-
 def _node_rank_below_nnodes(cfg: DictConfig) -> None:
     train = cfg.train
     if train.node_rank >= train.nnodes:
@@ -241,7 +229,6 @@ def validate(cfg: DictConfig) -> None:
     _weight_floor_below_cap(cfg)
     _node_rank_below_nnodes(cfg)
     _trainer_recompute_on_one_rank(cfg)
-    _keep_mode_with_full_weights(cfg)
     _several_nodes_name_a_port(cfg)
     _gpu_ids_fit(cfg)
     _ray_settings(cfg)

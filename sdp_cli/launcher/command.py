@@ -32,9 +32,16 @@ CPU_DEFAULT_BATCHED_TOKENS = 2048
 # Flags that would let the CPU scheduler split a prefill again (see cpu_scheduler_args).
 CHUNKING_FLAGS = ("--enable-chunked-prefill", "--long-prefill-token-threshold")
 
-# Adapters one engine step may batch: a weight update's new version and the old one that
-# requests already running still name (inference/adapters.py).
-MAX_LORAS = 2
+# Adapters one engine step may batch: the current version's and the older ones that requests
+# still running name (inference/adapters.py). After an abort update that is one older; in keep
+# mode a long request can outlive several updates, and vLLM's scheduler holds back requests for
+# a new adapter while this many others run, so it leaves room for three.
+MAX_LORAS = 4
+# Adapters a server holds loaded. vLLM evicts the least recently used one past this, and a
+# running request whose adapter was evicted reloads it from its directory, which pruning may
+# have removed; sdp unloads every adapter no request names at each update, so the ones in use
+# (at most MAX_LORAS running, a few waiting) stay well below it.
+MAX_CPU_LORAS = 2 * MAX_LORAS
 # What lets vLLM load and unload adapters while it serves.
 LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
@@ -174,6 +181,7 @@ def lora_server_args(lora: LoraConfig, targets: list[str] | None = None) -> list
         return []
     max_rank = min(rank for rank in VLLM_LORA_RANKS if rank >= lora.rank)
     flags = ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(MAX_LORAS)]
+    flags += ["--max-cpu-loras", str(MAX_CPU_LORAS)]
     if targets:
         flags += ["--lora-target-modules", *targets]
     return flags

@@ -10,8 +10,10 @@ A server that starts or restarts during a run is given the pool's target weights
 With LoRA (the exported directory holds an adapter) each server keeps the base model and loads
 the version's adapter under a new name instead of reloading its weights
 (`vllm_http.update_server_adapter`); requests then name that adapter (`inference/adapters.py`),
-and after the resume the server unloads the adapters no request names any more. A restarted
-server is the base model plus the target's adapter.
+and after the resume the server unloads the adapters no request names any more. In keep mode
+the requests in flight are frozen and resumed, not aborted, and finish on the adapter they
+named, so their tokens keep its version. A restarted server is the base model plus the target's
+adapter.
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ async def sync_server(
 ) -> PhaseTimings:
     """Load `weights_dir` as `version` on server `index` (the whole protocol): reload the
     weights, or load the adapter under the version's name and route its requests to it.
-    `keep_requests` (train.update_mode=keep, full weights only): pause with keep."""
+    `keep_requests` (train.update_mode=keep): pause with keep, so requests in flight go on (with
+    LoRA, on the adapter they named)."""
     address = pool.status(index).address
     path = await pool.weights_path_for(index, weights_dir, version)
     if not is_adapter_dir(weights_dir):
@@ -191,13 +194,10 @@ async def sync_server(
         # Whole weights: requests name the served model again, no adapter.
         pool.set_adapter(index, None)
         return timings
-    if keep_requests:
-        # Requests in flight name the previous version's adapter: frozen and resumed, their
-        # later tokens would be that adapter's yet carry the new version. The config refuses
-        # the combination (config/validate.py); this is the last line.
-        raise ValueError("train.update_mode=keep does not apply to LoRA adapters")
     adapter = adapter_name(pool.adapter_prefix, version)
-    timings = await update_server_adapter(http, address, path, adapter, version, timeout_s)
+    timings = await update_server_adapter(
+        http, address, path, adapter, version, timeout_s, keep_requests=keep_requests
+    )
     pool.set_adapter(index, adapter)
     return timings
 

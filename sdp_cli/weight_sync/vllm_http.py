@@ -168,16 +168,21 @@ async def update_server_adapter(
     adapter: str,
     version: int,
     timeout_s: float,
+    keep_requests: bool = False,
 ) -> PhaseTimings:
-    """The protocol with a LoRA adapter instead of full weights: pause with abort → load the
-    adapter under its version's name (`reload` times it) → version → resume. The base model
-    stays; the old adapters are unloaded after the resume (`unload_adapter`), once no request
-    names them. Raises httpx errors on any failure."""
+    """The protocol with a LoRA adapter instead of full weights: pause → load the adapter
+    under its version's name (`reload` times it) → version → resume. The base model stays; the
+    old adapters are unloaded after the resume (`unload_adapter`), once no request names them.
+    With `keep_requests` (train.update_mode=keep) the pause keeps requests in flight: they
+    resume and finish on the adapter they named, the previous version's (a request is bound to
+    an adapter by name, and `load_inplace` is no way round it, docs/design.md). Raises httpx
+    errors on any failure."""
+    pause = pause_server_keep if keep_requests else pause_server
 
     async def load(timeout: float) -> None:
         await load_adapter(http, address, adapter, adapter_dir, timeout)
 
-    return await _run_protocol(http, address, version, timeout_s, pause_server, load)
+    return await _run_protocol(http, address, version, timeout_s, pause, load)
 
 
 async def load_adapter(

@@ -21,7 +21,7 @@ import pytest
 from sdp_cli.config import config_to_yaml, load_config
 from sdp_cli.config.train_settings import LoraConfig, TrainConfig
 from sdp_cli.events.event_log import EventLog
-from sdp_cli.inference import InferenceClient, SamplingParams, ServerState
+from sdp_cli.inference import Completion, InferenceClient, SamplingParams, ServerState
 from sdp_cli.inference.adapters import adapter_name
 from sdp_cli.launcher import ServerFleet
 from sdp_cli.launcher.command import with_lora_serving
@@ -158,3 +158,61 @@ def test_sdp_export_merge_writes_a_model_vllm_loads(
     assert lora_fleet.pool.status(0).adapter is None
     expected = actor.score([PROMPT], [OUTPUT])[0]
     assert served_logprobs(lora_fleet) == pytest.approx(expected, abs=TOLERANCE)
+
+
+def test_a_keep_update_lets_requests_in_flight_finish_on_the_adapter_they_named(
+    lora_fleet: ServerFleet, actor: Actor, tmp_path: Path
+) -> None:
+    """train.update_mode=keep with LoRA: the requests running at the update are frozen and
+    resumed, not aborted; they finish on their adapter, and every token carries its version and
+    its logprob; the old adapter stays loaded while they run; new requests get the new one."""
+    weights = tmp_path / "weights"
+    old = lora_fleet.pool.target().version + 1
+    train_once(actor, old - 1)
+    old_dir = actor.export_weights(weights, old)
+    train_once(actor, old)
+    new_dir = actor.export_weights(weights, old + 1)
+    prefix = lora_fleet.pool.adapter_prefix
+    # As many and as long as the full-weight keep test's, so that some are still running.
+    prompts = [[1, 5 + i, 6, 7] for i in range(8)]
+    length = 200
+
+    async def go() -> tuple[list[Completion], dict[str, float], set[str], list[int]]:
+        async with InferenceClient(lora_fleet.pool) as client:
+            await DiskTransport(client).load_weights(str(old_dir), old)
+            tasks = [
+                asyncio.create_task(
+                    client.generate(p, SamplingParams(seed=i, ignore_eos=True), length)
+                )
+                for i, p in enumerate(prompts)
+            ]
+            await asyncio.sleep(0.3)
+            timings = await DiskTransport(client, keep_requests=True).load_weights(
+                str(new_dir), old + 1
+            )
+            during = served_adapters(lora_fleet)
+            completions = list(await asyncio.gather(*tasks))
+            after = await client.generate(PROMPT, SamplingParams(seed=1, min_tokens=8), 8)
+            return completions, timings, during, after.versions
+
+    completions, timings, during, after = asyncio.run(go())
+    assert timings["failed"] == 0
+    assert adapter_name(prefix, old) in during, "no request was running at the keep update"
+    assert adapter_name(prefix, old + 1) in during
+    assert after == [old + 1] * 8
+    # Nothing aborted or resubmitted: one request each, to its full length, on the old adapter.
+    for completion in completions:
+        assert completion.n_requests == 1
+        assert completion.finish_reason == "length" and len(completion.output_ids) == length
+        assert completion.versions == [old] * length
+    # Their logprobs are the old adapter's: load it again as a later version and score them.
+    load(lora_fleet, old_dir, old + 2)
+
+    async def rescore() -> list[list[float]]:
+        async with InferenceClient(lora_fleet.pool) as client:
+            return await client.score_many(
+                [(p, c.output_ids) for p, c in zip(prompts, completions, strict=True)]
+            )
+
+    for completion, expected in zip(completions, asyncio.run(rescore()), strict=True):
+        assert completion.logprobs == pytest.approx(expected, abs=1e-3)

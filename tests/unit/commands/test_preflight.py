@@ -365,4 +365,4 @@ def test_lora_settings_the_servers_cannot_serve_are_refused(
 def test_a_lora_dry_run_names_the_server_flags(tmp_path: Path) -> None:
     code, output = dry_run(tmp_path, "train.lora.rank=8")
     assert code == 0, output
-    assert "--enable-lora --max-lora-rank 8 --max-loras 2" in output
+    assert "--enable-lora --max-lora-rank 8 --max-loras 4 --max-cpu-loras 8" in output

@@ -67,13 +67,7 @@ def test_the_trainer_scores_the_recompute_only_as_one_process() -> None:
     refused(["config", "show", "rollout.recompute_on=gpu"], "rollout.recompute_on", "server")
 
 
-def test_keep_mode_is_refused_with_lora_naming_both_keys() -> None:
-    refused(
-        ["config", "show", "train.update_mode=keep", "train.lora.rank=8"],
-        "train.update_mode",
-        "train.lora.rank",
-        "train.update_mode=abort",
-    )
+def test_update_mode_takes_abort_or_keep() -> None:
     refused(["config", "show", "train.update_mode=pause"], "train.update_mode", "abort", "keep")
 
 

@@ -104,6 +104,29 @@ def test_a_lora_update_loads_the_versions_adapter_and_requests_name_it(tmp_path:
     assert scoring["model"] == name
 
 
+def test_a_keep_update_of_an_adapter_pauses_with_keep_and_keeps_the_named_adapter_loaded(
+    tmp_path: Path,
+) -> None:
+    fake = lora_server()
+    pool = ServerPool([A])
+    client = make_client(pool, fake)
+    asyncio.run(DiskTransport(client).load_weights(str(adapter_dir(tmp_path, 1)), 1))
+    old = adapter_name(pool.adapter_prefix, 1)
+    # A request running on the v1 adapter when the keep update comes.
+    assert pool.acquire() is not None
+    fake.calls.clear()
+    keep = DiskTransport(client, keep_requests=True)
+    asyncio.run(keep.load_weights(str(adapter_dir(tmp_path, 2)), 2))
+    assert fake.paths(A) == ["/pause", "/v1/load_lora_adapter", "/update_weight_version", "/resume"]
+    pause = next(body for _, p, body in fake.calls if p == "/pause")
+    assert pause == {"mode": "keep", "clear_cache": "false"}
+    assert pool.status(0).adapter == adapter_name(pool.adapter_prefix, 2)
+    # The frozen request finishes on the v1 adapter, which stays loaded until it is back.
+    assert pool.unloadable_adapters(0) == []
+    pool.release(0, old)
+    assert pool.unloadable_adapters(0) == [old]
+
+
 def test_a_second_update_unloads_the_old_adapter_unless_a_request_names_it(
     tmp_path: Path,
 ) -> None:

@@ -192,13 +192,15 @@ def test_servers_start_with_lora_and_the_smallest_vllm_rank_that_fits(
         "--max-lora-rank",
         "16",
         "--max-loras",
-        "2",
+        "4",
+        "--max-cpu-loras",
+        "8",
     ]
     server = with_lora_serving(cfg.server, cfg.train.lora, tiny_model_dir)
     assert server.extra_args[-2:] == ["--seed", "3"]
     # LoRA layers on the decoder's projections only, never on the LM head.
-    targets = server.extra_args[6:-2]
-    assert server.extra_args[5] == "--lora-target-modules"
+    targets = server.extra_args[8:-2]
+    assert server.extra_args[7] == "--lora-target-modules"
     assert targets == model_projection_names(tiny_model_dir)
     assert "q_proj" in targets and "down_proj" in targets and "lm_head" not in targets
     assert vllm_env(server)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
