@@ -177,7 +177,9 @@ def test_a_keep_update_lets_requests_in_flight_finish_on_the_adapter_they_named(
     prompts = [[1, 5 + i, 6, 7] for i in range(8)]
     length = 200
 
-    async def go() -> tuple[list[Completion], dict[str, float], set[str], list[int]]:
+    Outcome = tuple[list[Completion], dict[str, float], set[str], list[bool], list[int]]
+
+    async def go() -> Outcome:
         async with InferenceClient(lora_fleet.pool) as client:
             await DiskTransport(client).load_weights(str(old_dir), old)
             tasks = [
@@ -186,18 +188,26 @@ def test_a_keep_update_lets_requests_in_flight_finish_on_the_adapter_they_named(
                 )
                 for i, p in enumerate(prompts)
             ]
-            await asyncio.sleep(0.3)
+            # Every request on the server under the old adapter before the update comes.
+            deadline = time.monotonic() + 60
+            while lora_fleet.pool.status(0).in_flight < len(prompts):
+                assert time.monotonic() < deadline, "the requests never reached the server"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
             timings = await DiskTransport(client, keep_requests=True).load_weights(
                 str(new_dir), old + 1
             )
             during = served_adapters(lora_fleet)
+            running = [not task.done() for task in tasks]
             completions = list(await asyncio.gather(*tasks))
             after = await client.generate(PROMPT, SamplingParams(seed=1, min_tokens=8), 8)
-            return completions, timings, during, after.versions
+            return completions, timings, during, running, after.versions
 
-    completions, timings, during, after = asyncio.run(go())
+    completions, timings, during, running, after = asyncio.run(go())
     assert timings["failed"] == 0
-    assert adapter_name(prefix, old) in during, "no request was running at the keep update"
+    assert any(running), "every request had finished before the keep update"
+    # The old adapter stays loaded while requests name it.
+    assert adapter_name(prefix, old) in during
     assert adapter_name(prefix, old + 1) in during
     assert after == [old + 1] * 8
     # Nothing aborted or resubmitted: one request each, to its full length, on the old adapter.
