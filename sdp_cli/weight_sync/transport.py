@@ -5,8 +5,9 @@ trainer export, recomputes, aborts, reloads, sets the version and resumes. A tra
 how the servers stop generating and take new weights: `disk.DiskTransport` has vLLM servers
 read an exported directory (with Ray, the pool's stager copies it to each server's node first);
 `sdp simulate` has simulated servers. Updates that keep requests running are a mode of both
-(`keep_requests`, train.update_mode=keep); LoRA adapters or NCCL broadcasts are further
-transports.
+(`keep_requests`, train.update_mode=keep). A LoRA adapter goes through the disk transport too
+(it sees an adapter directory and loads it under the version's name); an NCCL broadcast would be
+a further transport.
 """
 
 from __future__ import annotations
