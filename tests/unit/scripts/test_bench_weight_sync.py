@@ -53,6 +53,6 @@ def test_lora_rounds_are_added_only_where_the_config_has_lora() -> None:
     names = set(bench.configurations(8, missing))
     assert {"full/abort", "full/keep"} <= names
     assert ("lora/abort" in names) == has_lora
-    # The config refuses keep with LoRA.
-    assert "lora/keep" not in names
+    assert ("lora/keep" in names) == has_lora
+    assert set(bench.configurations(8, "--lora-rank 0")) == {"full/abort", "full/keep"}
     assert bench.lora_supported(bench.EXAMPLE, 0) == "--lora-rank 0"
