@@ -65,13 +65,14 @@ async def _run_protocol(
     address: str,
     version: int,
     timeout_s: float,
-    pause: Callable[[httpx.AsyncClient, str, float], Awaitable[None]],
     load: Callable[[float], Awaitable[None]],
+    keep_requests: bool,
 ) -> PhaseTimings:
-    """pause → load (timed as `reload`) → version → resume on one server, all within
-    `timeout_s`, each phase timed."""
+    """pause (with keep under `keep_requests`, else with abort) → load (timed as `reload`) →
+    version → resume on one server, all within `timeout_s`, each phase timed."""
     deadline = _Deadline(timeout_s)
     timings = PhaseTimings()
+    pause = pause_server_keep if keep_requests else pause_server
 
     start = time.perf_counter()
     await pause(http, address, deadline.left())
@@ -104,7 +105,6 @@ async def update_server_weights(
     vLLM's queue until the resume. With `keep_requests` (train.update_mode=keep) the pause
     keeps them instead: they finish in place, and their tokens sampled after the resume carry
     `version` in their `weight_versions` spans. Raises httpx errors on any failure."""
-    pause = pause_server_keep if keep_requests else pause_server
 
     async def reload(timeout: float) -> None:
         response = await http.post(
@@ -114,7 +114,7 @@ async def update_server_weights(
         )
         response.raise_for_status()
 
-    return await _run_protocol(http, address, version, timeout_s, pause, reload)
+    return await _run_protocol(http, address, version, timeout_s, reload, keep_requests)
 
 
 async def pause_server(
@@ -177,12 +177,11 @@ async def update_server_adapter(
     resume and finish on the adapter they named, the previous version's (a request is bound to
     an adapter by name, and `load_inplace` is no way round it, docs/design.md). Raises httpx
     errors on any failure."""
-    pause = pause_server_keep if keep_requests else pause_server
 
     async def load(timeout: float) -> None:
         await load_adapter(http, address, adapter, adapter_dir, timeout)
 
-    return await _run_protocol(http, address, version, timeout_s, pause, load)
+    return await _run_protocol(http, address, version, timeout_s, load, keep_requests)
 
 
 async def load_adapter(
