@@ -133,12 +133,16 @@ def cmd_samples(
         bool, typer.Option("--dropped", help="Only rollouts dropped as stale.")
     ] = False,
     trained: Annotated[bool, typer.Option("--trained", help="Only trained completions.")] = False,
+    evaluated: Annotated[
+        bool, typer.Option("--eval", help="Only held-out evaluation completions.")
+    ] = False,
     step: Annotated[int | None, typer.Option("--step", help="Only this training step.")] = None,
 ) -> None:
-    """Show trained and dropped completions of a run (prompt, text, reward, token versions)."""
+    """Show trained, dropped and held-out evaluation completions of a run (prompt, text,
+    reward, token versions)."""
     from sdp_cli.commands.samples import show_samples
 
-    kind = "dropped" if dropped else "trained" if trained else None
+    kind = "dropped" if dropped else "trained" if trained else "eval" if evaluated else None
     show_samples(run_dir, last=last, kind=kind, step=step)
 
 

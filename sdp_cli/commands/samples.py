@@ -1,4 +1,5 @@
-"""`sdp samples RUN_DIR`: the completions a run trained on and dropped, as a person reads them.
+"""`sdp samples RUN_DIR`: the completions a run trained on, dropped and evaluated, as a person
+reads them.
 An episode shows its turns, one line each: role, whether it is trained, its tokens and text."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def show_samples(
     step: int | None = None,
     console: Console | None = None,
 ) -> None:
-    """The `last` records (optionally only `trained` or `dropped` ones, or one step's)."""
+    """The `last` records (optionally only `trained`, `dropped` or `eval` ones, or one
+    step's)."""
     console = console or Console()
     records = [
         r

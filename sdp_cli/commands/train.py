@@ -372,7 +372,8 @@ def _plain_config(cfg: SdpConfig) -> dict[str, object]:
 def open_sample_log(
     stack: ExitStack, run: RunInputs, executor: RolloutExecutor
 ) -> SampleLog | None:
-    """samples.jsonl: a few trained completions per step and the dropped rollouts."""
+    """samples.jsonl: a few trained completions per step, the dropped rollouts and the
+    held-out evaluation completions."""
     log = run.cfg.log
     if log.samples_per_step == 0:
         return None
@@ -382,6 +383,7 @@ def open_sample_log(
         lambda ids: decode_completion(run.tokenizer, ids, stops),
         per_step=log.samples_per_step,
         with_dropped=log.dropped_samples,
+        with_eval=log.eval_samples,
     )
     executor.watch_drops(samples.dropped)
     stack.callback(samples.close)

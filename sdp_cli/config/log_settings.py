@@ -34,3 +34,7 @@ class LogConfig:
     dropped_samples: bool = setting(
         True, help="also write dropped rollouts (with their reason) to samples.jsonl"
     )
+    eval_samples: bool = setting(
+        True,
+        help="also write every held-out evaluation completion (kind eval) to samples.jsonl",
+    )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sdp_cli.config.eval_settings import EvalConfig
 from sdp_cli.config.rollout_settings import RolloutConfig
@@ -25,6 +26,19 @@ CORRECT_REWARD = 1.0 - 1e-9
 
 
 @dataclass(frozen=True)
+class EvalCompletion:
+    """One held-out completion (or episode), as samples.jsonl keeps it."""
+
+    prompt_index: int
+    prompt: str
+    completion: str
+    reward: float
+    # An episode's turns ({role, text, n_tokens, trained}) and why it ended.
+    turns: list[dict[str, Any]] | None = None
+    end_reason: str | None = None
+
+
+@dataclass(frozen=True)
 class EvalResult:
     accuracy: float
     pass_at_k: float
@@ -32,6 +46,8 @@ class EvalResult:
     mean_reward: float
     n_prompts: int
     seconds: float
+    # Every completion, prompt by prompt: what the model gets right and wrong.
+    completions: list[EvalCompletion] = field(default_factory=list)
 
 
 def summarize_rewards(rewards_per_prompt: Sequence[Sequence[float]]) -> tuple[float, float, float]:
@@ -82,22 +98,29 @@ class Evaluator:
             stop_token_ids=self.stop_token_ids,
         )
 
-    @staticmethod
-    async def _episode_reward(
-        episodes: MultiTurnWorkflow, prompt: Prompt, sampling: SamplingParams
-    ) -> float:
+    async def _episode(
+        self, episodes: MultiTurnWorkflow, index: int, prompt: Prompt, sampling: SamplingParams
+    ) -> EvalCompletion:
         try:
-            return (await episodes.play(prompt, sampling, None)).reward
-        except EpisodeRejected:
+            episode = await episodes.play(prompt, sampling, None)
+        except EpisodeRejected as error:
             # The environment failed on this prompt: it counts as not solved.
-            return 0.0
+            return EvalCompletion(index, prompt.text, "", 0.0, end_reason=f"rejected: {error}")
+        return EvalCompletion(
+            index,
+            prompt.text,
+            self.decode(list(episode.output_ids)),
+            float(episode.reward),
+            turns=episode.turns,
+            end_reason=episode.end_reason,
+        )
 
-    async def _rewards(self, index: int, prompt: Prompt) -> list[float]:
+    async def _completions(self, index: int, prompt: Prompt) -> list[EvalCompletion]:
         if self.episodes is not None:
             return list(
                 await asyncio.gather(
                     *(
-                        self._episode_reward(self.episodes, prompt, self.sampling(index, sample))
+                        self._episode(self.episodes, index, prompt, self.sampling(index, sample))
                         for sample in range(self.settings.n_samples)
                     )
                 )
@@ -110,15 +133,18 @@ class Evaluator:
                 for sample in range(self.settings.n_samples)
             )
         )
+        texts = [self.decode(c.output_ids) for c in completions]
         return [
-            float(self.task.reward(self.decode(c.output_ids), prompt.meta)) for c in completions
+            EvalCompletion(index, prompt.text, text, float(self.task.reward(text, prompt.meta)))
+            for text in texts
         ]
 
     async def run(self) -> EvalResult:
         started = time.monotonic()
-        rewards = await asyncio.gather(
-            *(self._rewards(index, prompt) for index, prompt in enumerate(self.prompts))
+        per_prompt = await asyncio.gather(
+            *(self._completions(index, prompt) for index, prompt in enumerate(self.prompts))
         )
+        rewards = [[c.reward for c in completions] for completions in per_prompt]
         accuracy, pass_at_k, mean_reward = summarize_rewards(rewards)
         return EvalResult(
             accuracy=accuracy,
@@ -127,4 +153,5 @@ class Evaluator:
             mean_reward=mean_reward,
             n_prompts=len(self.prompts),
             seconds=time.monotonic() - started,
+            completions=[c for completions in per_prompt for c in completions],
         )

@@ -233,6 +233,8 @@ class TrainingLoop:
                 seconds=result.seconds,
             )
         )
+        if self.samples is not None:
+            self.samples.evaluated(self.step, self.version, result.completions)
 
     def count_skipped(self, stats: dict[str, float]) -> None:
         if stats.get("skipped"):

@@ -3,7 +3,10 @@
 Every training step writes a few of the completions it trained on, and the rollouts dropped as
 stale are written with their reason (at most `log.samples_per_step` per version, since a purge
 can drop thousands). Each line: `kind` (`trained` or `dropped`), step, version, the prompt,
-the completion text, its reward, its token-version spans and its head and tail lag. An
+the completion text, its reward, its token-version spans and its head and tail lag. With
+`log.eval_samples`, every held-out evaluation completion is written too (`kind` `eval`: step,
+version, `prompt_index`, prompt, completion, reward), so what the model still gets wrong can be
+read. An
 episode's line also has its `turns` (`{role, text, n_tokens, trained}`), `end_reason`,
 `env_s` and `generate_s`; its `completion` is every token after the first prompt, model and
 environment turns together, and its version spans are over those tokens (a context token has
@@ -19,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdp_cli.orchestrator.evaluate import EvalCompletion
 from sdp_cli.rollout.trajectory import RolloutGroup, Trajectory
 
 SAMPLES_FILE = "samples.jsonl"
@@ -58,11 +62,13 @@ class SampleLog:
         decode: Callable[[list[int]], str],
         per_step: int,
         with_dropped: bool,
+        with_eval: bool = False,
     ) -> None:
         self.path = Path(path)
         self.decode = decode
         self.per_step = per_step
         self.with_dropped = with_dropped
+        self.with_eval = with_eval
         self._lock = threading.Lock()
         self._file = self.path.open("a", encoding="utf-8")
         self._dropped_at: dict[int, int] = {}
@@ -103,6 +109,24 @@ class SampleLog:
             {"kind": "dropped", "reason": reason, "point": point, "version": version}
             | self.record(group.samples[0], group, version)
         )
+
+    def evaluated(self, step: int, version: int, completions: Sequence[EvalCompletion]) -> None:
+        """Every completion of the held-out evaluation before training step `step`."""
+        if not self.with_eval:
+            return
+        for completion in completions:
+            record: dict[str, Any] = {
+                "kind": "eval",
+                "step": step,
+                "version": version,
+                "prompt_index": completion.prompt_index,
+                "prompt": completion.prompt,
+                "completion": completion.completion,
+                "reward": completion.reward,
+            }
+            if completion.turns is not None:
+                record |= {"turns": completion.turns, "end_reason": completion.end_reason}
+            self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False)

@@ -239,8 +239,13 @@ def test_sdp_train_runs_the_tiny_multiturn_example(tmp_path: Path) -> None:
     turns = [n for e in finished for n in e.episode_turns or []]
     assert finished and len(turns) == 4 * len(finished)
     assert min(turns) >= 2
-    records = [r for r in read_samples(run_dir / "samples.jsonl") if r["kind"] == "trained"]
+    all_records = list(read_samples(run_dir / "samples.jsonl"))
+    records = [r for r in all_records if r["kind"] == "trained"]
     assert records
+    # Each held-out evaluation (at steps 0, 2 and 4) wrote its episodes.
+    evaluated = [r for r in all_records if r["kind"] == "eval"]
+    assert {r["step"] for r in evaluated} == {0, 2, 4}
+    assert all(r["turns"][0]["role"] == "user" and r["end_reason"] for r in evaluated)
     for record in records:
         roles = [t["role"] for t in record["turns"]]
         assert roles[0] == "user" and roles.count("assistant") >= 2

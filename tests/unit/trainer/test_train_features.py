@@ -223,6 +223,15 @@ def test_evaluator_generates_every_held_out_prompt_k_times() -> None:
     assert result.accuracy == pytest.approx(0.5)
     assert result.pass_at_k == pytest.approx(0.5) and result.k == 3
     assert [evaluator.due(s) for s in range(5)] == [True, False, True, False, True]
+    # Every completion is kept, prompt by prompt, with its text and reward.
+    assert [(c.prompt_index, c.completion, c.reward) for c in result.completions] == [
+        (0, "2", 1.0),
+        (0, "2", 1.0),
+        (0, "2", 1.0),
+        (1, "0", 0.0),
+        (1, "0", 0.0),
+        (1, "0", 0.0),
+    ]
 
 
 # ---- samples.jsonl --------------------------------------------------------------------------
@@ -287,6 +296,55 @@ def test_sdp_samples_shows_the_records_and_filters_dropped(tmp_path: Path) -> No
     assert "2 of 2" not in only_dropped.output and "1 of 1" in only_dropped.output
     missing = runner.invoke(app, ["samples", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "samples.jsonl" in missing.output
+
+
+def test_sample_log_writes_every_eval_completion_only_when_asked(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdp_cli.cli import app
+    from sdp_cli.orchestrator.evaluate import EvalCompletion
+
+    completions = [
+        EvalCompletion(0, "4 - 9 =", "-3", 0.0),
+        EvalCompletion(1, "say hi", "hi", 1.0, turns=[{"role": "user"}], end_reason="done"),
+    ]
+    for with_eval in (False, True):
+        path = tmp_path / f"eval-{with_eval}" / "samples.jsonl"
+        path.parent.mkdir()
+        log = SampleLog(path, str, 2, with_dropped=True, with_eval=with_eval)
+        log.evaluated(step=10, version=10, completions=completions)
+        log.close()
+        records = list(read_samples(path))
+        if not with_eval:
+            assert records == []
+            continue
+        assert records == [
+            {
+                "kind": "eval",
+                "step": 10,
+                "version": 10,
+                "prompt_index": 0,
+                "prompt": "4 - 9 =",
+                "completion": "-3",
+                "reward": 0.0,
+            },
+            {
+                "kind": "eval",
+                "step": 10,
+                "version": 10,
+                "prompt_index": 1,
+                "prompt": "say hi",
+                "completion": "hi",
+                "reward": 1.0,
+                "turns": [{"role": "user"}],
+                "end_reason": "done",
+            },
+        ]
+        shown = CliRunner().invoke(
+            app, ["samples", str(path.parent), "--eval"], env={"COLUMNS": "200"}
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "2 of 2" in shown.output and "4 - 9 =" in shown.output
 
 
 def test_inspect_staleness_reports_eval_accuracy(tmp_path: Path) -> None:
