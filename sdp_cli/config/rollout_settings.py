@@ -71,8 +71,8 @@ class RolloutConfig:
         le=1,
         help="same_reward: the share of uninformative groups among the last "
         "uninformative_window finished ones at which a warning is logged; still at or above "
-        "it one window later, the run stops instead of generating forever without a batch "
-        "(1 = stop only when every group is uninformative)",
+        "it one window later with every group of the window uninformative, the run stops "
+        "instead of generating forever without a batch",
     )
     uninformative_window: int = setting(
         64,

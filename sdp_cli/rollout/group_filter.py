@@ -3,11 +3,12 @@ has every GRPO advantage 0 and teaches nothing, so it is not trained (docs/desig
 Dynamic sampling).
 
 A filtered group leaves the ledger as a drop at finish with reason `uninformative`: its slot
-comes back once and the executor generates another group in its place. When almost every group
-is uninformative that would go on forever, so the filter watches the share of uninformative
-groups among the last `uninformative_window` finished ones: at or above
-`max_uninformative_fraction` it warns once; still there one whole window later, it asks the run
-to stop.
+comes back once and the executor generates another group in its place. When every group is
+uninformative that would go on forever, so the filter watches the share of uninformative groups
+among the last `uninformative_window` finished ones: at or above `max_uninformative_fraction` it
+warns once; still there one whole window later, with not one informative group in the window, it
+asks the run to stop. A share just under 1 only slows the batches down (a run near the top of a
+task trains its last informative groups that way), so it never stops a run.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class GroupFilter:
             self._over_since = self._seen
             if self.warning is None:
                 self.warning = self._message(fraction, "generation goes on for now")
-        elif self._seen - self._over_since >= self.window and self.stop is None:
-            self.stop = self._message(fraction, "the run stops")
+        elif self._seen - self._over_since >= self.window and fraction == 1.0 and not self.stop:
+            self.stop = self._message(fraction, "the run stops: no group left to train")
         return informative
 
     def _message(self, fraction: float, outcome: str) -> str:
@@ -75,6 +76,5 @@ class GroupFilter:
             f"{fraction:.0%} of the last {self.window} groups had all rewards equal and were "
             f"not trained (rollout.max_uninformative_fraction={self.max_fraction:g}); "
             f"{outcome}. Use a larger rollout.n_samples, an easier task, or "
-            "rollout.filter_groups=none (or raise rollout.max_uninformative_fraction / "
-            "rollout.uninformative_window)"
+            "rollout.filter_groups=none (a longer rollout.uninformative_window waits longer)"
         )

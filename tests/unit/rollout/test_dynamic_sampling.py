@@ -57,6 +57,19 @@ def test_the_filter_warns_first_and_stops_one_window_later() -> None:
         assert key in gf.stop
 
 
+def test_a_share_above_the_limit_but_under_one_warns_and_never_stops() -> None:
+    # One informative group in four: 75 % uninformative, at the limit, for 50 windows. The
+    # batches come slowly but they come, so the run goes on.
+    gf = GroupFilter(max_fraction=0.75, window=4)
+    for index in range(200):
+        gf.observe(_group([0.0, 1.0] if index % 4 == 0 else [1.0, 1.0]))
+    assert gf.warning is not None and gf.stop is None
+    # A whole window without an informative group then stops it.
+    for _ in range(4):
+        gf.observe(_group([1.0, 1.0]))
+    assert gf.stop is not None and "no group left to train" in gf.stop
+
+
 def test_the_stop_clock_restarts_when_the_share_falls_below_the_limit() -> None:
     gf = GroupFilter(max_fraction=0.75, window=4)
     for _ in range(4):

@@ -52,7 +52,7 @@ def test_without_the_filter_nothing_is_uninformative() -> None:
     assert "uninformative" not in result["dropped"]
 
 
-def test_almost_only_uninformative_groups_warn_then_stop_the_run() -> None:
+def test_only_uninformative_groups_warn_then_stop_the_run() -> None:
     events = EventRecorder()
     with pytest.raises(ExecutorError, match=r"rollout\.filter_groups=none"):
         _run(
