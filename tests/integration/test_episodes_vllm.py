@@ -129,11 +129,12 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
     tokenizer = load_tokenizer(tiny_model_dir)
     cfg = replace(TaskConfig(), name="reverse")
     task = EnvTask("always_wrong", get_task(cfg, tokenizer), AlwaysWrong)
-    recorder = RecordingTransport()
 
     async def play_round(
         first: Path, second: Path, delay_s: float
-    ) -> tuple[int, list[Trajectory], list[list[float]]]:
+    ) -> tuple[int, list[Trajectory], list[list[float]], RecordingTransport]:
+        # A recorder per round: each round's answers are checked against its own requests.
+        recorder = RecordingTransport()
         async with InferenceClient(
             vllm_fleet.pool, transport=recorder, score_continuations=True
         ) as client:
@@ -160,12 +161,12 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
             await generator.update
             # Every token of each episode under the second weights, which the servers hold.
             scores = [await client.score(e.prompt_ids, e.output_ids) for e in episodes]
-            return old, list(episodes), scores
+            return old, list(episodes), scores, recorder
 
     seen: list[list[list[set[int]]]] = []
     for attempt, delay_s in enumerate(UPDATE_DELAYS_S):
         first, second = write_tiny_weights(11 + 2 * attempt), write_tiny_weights(12 + 2 * attempt)
-        old, episodes, scores = asyncio.run(play_round(first, second, delay_s))
+        old, episodes, scores, recorder = asyncio.run(play_round(first, second, delay_s))
         split_turns, versions = check_episodes(old, episodes, scores, recorder)
         seen.append(versions)
         if split_turns:
@@ -173,7 +174,11 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
     # Where the update lands depends on the servers' pace: in turn 1 of some episodes and in
     # turn 2 of others on a quiet machine (the unit tests place it in turn 2 of 3 exactly).
     assert split_turns, f"no turn continued across the update in any round: versions {seen}"
-    # The trainer's batch trains exactly those tokens.
+    assert_the_batch_trains_the_model_tokens(episodes)
+
+
+def assert_the_batch_trains_the_model_tokens(episodes: list[Trajectory]) -> None:
+    """The trainer's batch of these episodes trains exactly their model tokens."""
     group = RolloutGroup(0, episodes)
     batch = collate(flatten_groups([group], SampleSettings()), pad_id=0)
     for row, episode in enumerate(episodes):
