@@ -6,8 +6,7 @@ can drop thousands). Each line: `kind` (`trained` or `dropped`), step, version, 
 the completion text, its reward, its token-version spans and its head and tail lag. With
 `log.eval_samples`, every held-out evaluation completion is written too (`kind` `eval`: step,
 version, `prompt_index`, prompt, completion, reward), so what the model still gets wrong can be
-read. An
-episode's line also has its `turns` (`{role, text, n_tokens, trained}`), `end_reason`,
+read. An episode's line also has its `turns` (`{role, text, n_tokens, trained}`), `end_reason`,
 `env_s` and `generate_s`; its `completion` is every token after the first prompt, model and
 environment turns together, and its version spans are over those tokens (a context token has
 the version of the model token before it).
