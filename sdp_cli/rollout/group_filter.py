@@ -67,7 +67,7 @@ class GroupFilter:
             self._over_since = self._seen
             if self.warning is None:
                 self.warning = self._message(fraction, "generation goes on for now")
-        elif self._seen - self._over_since >= self.window and fraction == 1.0 and not self.stop:
+        elif self.stop is None and fraction == 1.0 and self._seen - self._over_since >= self.window:
             self.stop = self._message(fraction, "the run stops: no group left to train")
         return informative
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,15 @@ def served_in_context(
 UPDATE_DELAYS_S = (0.02, 0.0, 0.08)
 
 
+def update_rounds(
+    write_tiny_weights: Callable[..., Path], seed: int
+) -> Iterator[tuple[Path, Path, float]]:
+    """Per round: fresh first and second weights, and the delay of the update to the second."""
+    for attempt, delay_s in enumerate(UPDATE_DELAYS_S):
+        first = seed + 2 * attempt
+        yield write_tiny_weights(first), write_tiny_weights(first + 1), delay_s
+
+
 def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sampled_ids(
     vllm_fleet: ServerFleet, tiny_model_dir: Path, write_tiny_weights: Callable[..., Path]
 ) -> None:
@@ -164,8 +173,7 @@ def test_a_three_turn_episode_continues_across_a_weight_update_and_trains_the_sa
             return old, list(episodes), scores, recorder
 
     seen: list[list[list[set[int]]]] = []
-    for attempt, delay_s in enumerate(UPDATE_DELAYS_S):
-        first, second = write_tiny_weights(11 + 2 * attempt), write_tiny_weights(12 + 2 * attempt)
+    for first, second, delay_s in update_rounds(write_tiny_weights, 11):
         old, episodes, scores, recorder = asyncio.run(play_round(first, second, delay_s))
         split_turns, versions = check_episodes(old, episodes, scores, recorder)
         seen.append(versions)

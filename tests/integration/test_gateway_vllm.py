@@ -33,10 +33,10 @@ from sdp_cli.weight_sync.disk import DiskTransport
 from tests import REPO
 from tests.integration.test_episodes_vllm import (
     EPISODES,
-    UPDATE_DELAYS_S,
     UpdateAtTurnTwo,
     assert_the_batch_trains_the_model_tokens,
     model_runs,
+    update_rounds,
 )
 from tests.integration.test_inference_vllm import RecordingTransport, current_version
 
@@ -100,8 +100,7 @@ def test_openai_agents_through_the_gateway_train_the_ids_vllm_sampled(
             return old, list(episodes), recorder
 
     # Rounds as in the episode test: the servers' pace can move the update to a call boundary.
-    for attempt, delay_s in enumerate(UPDATE_DELAYS_S):
-        first, second = write_tiny_weights(21 + 2 * attempt), write_tiny_weights(22 + 2 * attempt)
+    for first, second, delay_s in update_rounds(write_tiny_weights, 21):
         old, episodes, recorder = asyncio.run(play_round(first, second, delay_s))
         split_calls = check_episodes(old, episodes, recorder)
         if split_calls:
